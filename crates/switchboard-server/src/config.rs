@@ -1,0 +1,61 @@
+//! Runtime limits and policies, shared by every protocol.
+
+use std::time::Duration;
+
+use switchboard_core::Keepalive;
+
+/// How the runtime serves a protocol. Every queue and buffer here is bounded; the defaults suit a
+/// chat server with thousands of mostly idle sockets.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Origins allowed to open a WebSocket (exact match on the `Origin` header). `None` allows
+    /// any. Requests without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Largest inbound WebSocket message; larger ones close the socket with 1009. `None` uses the
+    /// protocol's own default (64 KiB for most).
+    pub max_frame_bytes: Option<usize>,
+    /// Largest plain-HTTP request body; `None` uses the frame limit.
+    pub max_http_body_bytes: Option<usize>,
+    /// Outbound queue capacity per connection, in queue items. A full queue disconnects the
+    /// client with 1008 "slow consumer".
+    pub outbound_queue: usize,
+    /// WebSocket pings and the idle timeout, unless the protocol brings its own policy.
+    pub keepalive: Keepalive,
+    /// Open WebSocket connections at most; further upgrades get HTTP 503.
+    pub max_connections: usize,
+    /// Take the client IP from the last `X-Forwarded-For` entry (set by the proxy in front).
+    pub trust_proxy: bool,
+    /// How long shutdown waits for connections to finish their close handshake.
+    pub shutdown_grace: Duration,
+    /// How long a closing connection waits to flush its close frame and hear the peer's reply.
+    pub close_timeout: Duration,
+    /// tungstenite read buffer per socket. Its default is 128 KiB, allocated up front per socket;
+    /// 4 KiB keeps idle sockets cheap while larger messages still stream in.
+    pub read_buffer_bytes: usize,
+    /// Bytes tungstenite buffers before writing to the socket; frames of one batch are coalesced.
+    pub write_buffer_bytes: usize,
+    /// Hard bound on tungstenite's write buffer (its default is unbounded).
+    pub max_write_buffer_bytes: usize,
+    /// Listen backlog for the accept queue (tokio's default of 128 stalls connect bursts).
+    pub accept_backlog: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: None,
+            max_frame_bytes: None,
+            max_http_body_bytes: None,
+            outbound_queue: 256,
+            keepalive: Keepalive::default(),
+            max_connections: 10_000,
+            trust_proxy: false,
+            shutdown_grace: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(2),
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 16 * 1024,
+            max_write_buffer_bytes: 8 * 1024 * 1024,
+            accept_backlog: 4096,
+        }
+    }
+}

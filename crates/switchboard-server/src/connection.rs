@@ -1,0 +1,281 @@
+//! The per-socket task: reads frames into the protocol, writes the peer's queue to the socket,
+//! keeps the peer alive, and closes it for exactly one reason.
+
+use std::future::{Future, pending};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use switchboard_core::{CloseReason, Keepalive, Outgoing, Peer, PeerLink, Protocol};
+use tokio::io::AsyncReadExt;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace};
+
+pub(crate) type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Queue items written per flush; bounds the time one connection spends writing before it looks
+/// at its socket again.
+const MAX_BATCH: usize = 64;
+
+/// Everything the loop needs besides the protocol and the socket.
+pub(crate) struct ConnectionContext {
+    pub(crate) keepalive: Keepalive,
+    pub(crate) close_timeout: Duration,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// How the read/write loop ended.
+enum End {
+    /// We close: protocol request, slow consumer, idle, shutdown, oversized frame.
+    Close(CloseReason),
+    /// The peer sent a close frame.
+    PeerClosed(Option<CloseFrame>),
+    /// The socket failed or ended without a close handshake.
+    Gone(String),
+}
+
+/// Outcome of a write that can be interrupted by a close request.
+enum WriteOutcome {
+    Written,
+    Interrupted(CloseReason),
+    Failed(WsError),
+}
+
+pub(crate) async fn run<P: Protocol>(
+    protocol: Arc<P>,
+    mut conn: P::Conn,
+    mut socket: Socket,
+    peer: Peer,
+    mut link: PeerLink,
+    ctx: ConnectionContext,
+) {
+    let tick_every = protocol.tick_interval();
+    protocol.on_open(&mut conn, &peer).await;
+
+    let end = drive(
+        &*protocol,
+        &mut conn,
+        &mut socket,
+        &peer,
+        &mut link,
+        &ctx,
+        tick_every,
+    )
+    .await;
+
+    let reason = match &end {
+        End::Close(reason) => reason.clone(),
+        End::PeerClosed(frame) => frame.as_ref().map_or_else(
+            || CloseReason::new(1005, "peer closed"),
+            |f| CloseReason::new(u16::from(f.code), f.reason.to_string()),
+        ),
+        End::Gone(why) => CloseReason::new(1006, why.clone()),
+    };
+    // Mark the peer closed first so broadcasts stop queueing to it while it shuts down.
+    peer.close(reason.clone());
+    debug!(conn = %peer.id(), remote = %peer.remote(), code = reason.code, reason = %reason.reason, "connection closing");
+    protocol.on_close(conn, &peer).await;
+
+    match end {
+        End::Close(reason) => close_from_our_side(&mut socket, &mut link, &reason, &ctx).await,
+        End::PeerClosed(_) => {
+            // tungstenite queued the close reply; polling flushes it and ends the stream.
+            let _ = timeout(ctx.close_timeout, async {
+                while socket.next().await.is_some() {}
+            })
+            .await;
+        }
+        End::Gone(_) => {}
+    }
+}
+
+async fn drive<P: Protocol>(
+    protocol: &P,
+    conn: &mut P::Conn,
+    socket: &mut Socket,
+    peer: &Peer,
+    link: &mut PeerLink,
+    ctx: &ConnectionContext,
+    tick_every: Option<Duration>,
+) -> End {
+    let keepalive = ctx.keepalive;
+    let mut last_heard = Instant::now();
+    let idle = sleep_until(last_heard + keepalive.idle_timeout);
+    tokio::pin!(idle);
+    let mut pinger = keepalive.ping_interval.map(|every| {
+        let mut timer = interval_at(Instant::now() + every, every);
+        timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        timer
+    });
+    let mut ticker = tick_every.map(|every| {
+        let mut timer = interval_at(Instant::now() + every, every);
+        timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        timer
+    });
+
+    loop {
+        tokio::select! {
+            biased;
+            () = ctx.shutdown.cancelled() => return End::Close(CloseReason::shutdown()),
+            reason = peer.closing() => return End::Close(reason),
+            // Local work before remote work: drain what we owe the peer before reading more.
+            Some(item) = link.recv() => {
+                match write_batch(socket, link, peer, item, &ctx.shutdown).await {
+                    WriteOutcome::Written => {}
+                    WriteOutcome::Interrupted(reason) => return End::Close(reason),
+                    WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
+                }
+            }
+            incoming = socket.next() => {
+                last_heard = Instant::now();
+                match incoming {
+                    Some(Ok(Message::Text(text))) => protocol.on_text(conn, peer, text.as_str()).await,
+                    Some(Ok(Message::Binary(data))) => protocol.on_binary(conn, peer, &data).await,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Ok(Message::Close(frame))) => return End::PeerClosed(frame),
+                    Some(Err(WsError::Capacity(
+                        CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders,
+                    ))) => return End::Close(CloseReason::too_big()),
+                    Some(Err(WsError::Protocol(error))) => {
+                        return End::Close(CloseReason::new(CloseReason::PROTOCOL_ERROR, error.to_string()));
+                    }
+                    Some(Err(error)) => return End::Gone(error.to_string()),
+                    None => return End::Gone("connection ended".into()),
+                }
+            }
+            () = &mut idle => {
+                let deadline = last_heard + keepalive.idle_timeout;
+                if Instant::now() >= deadline {
+                    return End::Close(CloseReason::idle_timeout());
+                }
+                idle.as_mut().reset(deadline);
+            }
+            _ = tick_opt(&mut pinger) => {
+                trace!(conn = %peer.id(), "ping");
+                match guarded(socket.send(Message::Ping(Default::default())), peer, &ctx.shutdown).await {
+                    WriteOutcome::Written => {}
+                    WriteOutcome::Interrupted(reason) => return End::Close(reason),
+                    WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
+                }
+            }
+            _ = tick_opt(&mut ticker) => protocol.on_tick(conn, peer).await,
+        }
+    }
+}
+
+async fn tick_opt(timer: &mut Option<tokio::time::Interval>) -> Instant {
+    match timer {
+        Some(timer) => timer.tick().await,
+        None => pending().await,
+    }
+}
+
+/// Writes `first` and up to `MAX_BATCH - 1` more ready items, then flushes once.
+async fn write_batch(
+    socket: &mut Socket,
+    link: &mut PeerLink,
+    peer: &Peer,
+    first: Outgoing,
+    shutdown: &CancellationToken,
+) -> WriteOutcome {
+    let mut items = Vec::with_capacity(1);
+    items.push(first);
+    while items.len() < MAX_BATCH {
+        match link.try_recv() {
+            Some(item) => items.push(item),
+            None => break,
+        }
+    }
+    let write = async {
+        for item in items {
+            match item {
+                Outgoing::Frame(frame) => {
+                    socket.feed(Message::Text(frame.into_utf8_bytes())).await?
+                }
+                Outgoing::Batch(frames) => {
+                    for frame in frames {
+                        socket.feed(Message::Text(frame.into_utf8_bytes())).await?;
+                    }
+                }
+            }
+        }
+        socket.flush().await
+    };
+    guarded(write, peer, shutdown).await
+}
+
+/// Runs a socket write unless a close request or shutdown interrupts it (a peer that stopped
+/// reading would otherwise hold the write forever).
+async fn guarded(
+    write: impl Future<Output = Result<(), WsError>>,
+    peer: &Peer,
+    shutdown: &CancellationToken,
+) -> WriteOutcome {
+    tokio::select! {
+        biased;
+        reason = peer.closing() => WriteOutcome::Interrupted(reason),
+        () = shutdown.cancelled() => WriteOutcome::Interrupted(CloseReason::shutdown()),
+        result = write => match result {
+            Ok(()) => WriteOutcome::Written,
+            Err(error) => WriteOutcome::Failed(error),
+        },
+    }
+}
+
+/// Our side closes: flush what the peer is still owed (unless it is a slow consumer), send the
+/// close frame, and give the peer `close_timeout` to answer before the TCP connection is dropped.
+async fn close_from_our_side(
+    socket: &mut Socket,
+    link: &mut PeerLink,
+    reason: &CloseReason,
+    ctx: &ConnectionContext,
+) {
+    let slow = *reason == CloseReason::slow_consumer();
+    let too_big = reason.code == CloseReason::TOO_BIG;
+    let close_frame = CloseFrame {
+        code: CloseCode::from(reason.code),
+        reason: Utf8Bytes::from(reason.wire_reason()),
+    };
+    let handshake = async {
+        if slow {
+            link.discard_queued();
+        } else {
+            while let Some(item) = link.try_recv() {
+                let frames = match item {
+                    Outgoing::Frame(frame) => vec![frame],
+                    Outgoing::Batch(frames) => frames,
+                };
+                for frame in frames {
+                    socket.feed(Message::Text(frame.into_utf8_bytes())).await?;
+                }
+            }
+        }
+        socket.send(Message::Close(Some(close_frame))).await?;
+        if too_big {
+            // The rest of the oversized message is still arriving; read and discard it so the
+            // kernel does not answer our close with a reset that could destroy the close frame.
+            drain_raw(socket.get_mut()).await;
+        } else {
+            while let Some(Ok(_)) = socket.next().await {}
+        }
+        Ok::<(), WsError>(())
+    };
+    let _ = timeout(ctx.close_timeout, handshake).await;
+}
+
+async fn drain_raw(io: &mut TokioIo<Upgraded>) {
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = io.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The Switchboard runtime: serves any [`switchboard_core::Protocol`] over HTTP and WebSocket.
+//!
+//! [`router`] turns a protocol into an axum [`Router`] that answers `GET /healthz`, upgrades
+//! WebSocket requests (origin check, connection limit, protocol admission) and routes every other
+//! request to the protocol's plain HTTP handler. Mount it at the root with [`serve`], or nest it
+//! inside your own axum application next to your own routes. Each upgraded socket runs on its
+//! own task with a bounded outbound queue, keepalive, a frame-size limit and a clean close.
+//!
+//! ```no_run
+//! # async fn run<P: switchboard_core::Protocol>(protocol: P) -> std::io::Result<()> {
+//! use switchboard_server::{ServerConfig, bind, router, serve};
+//! let config = ServerConfig::default();
+//! let (app, handle) = router(std::sync::Arc::new(protocol), config.clone());
+//! let listener = bind("127.0.0.1:8000".parse().unwrap(), config.accept_backlog)?;
+//! tokio::spawn(switchboard_server::shutdown_on_signal(handle.clone()));
+//! serve(listener, app, &handle, config.shutdown_grace).await
+//! # }
+//! ```
+
+mod config;
+mod connection;
+mod upgrade;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use switchboard_core::Protocol;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::ServerConfig;
+
+/// Controls a running router: shutdown, drain, and live connection counts. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    active: Arc<AtomicUsize>,
+}
+
+impl ServerHandle {
+    fn new() -> Self {
+        Self {
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            active: Arc::default(),
+        }
+    }
+
+    /// Starts a graceful shutdown: stop accepting, close every socket with 1001.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Whether shutdown has started.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Resolves when shutdown starts.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.cancelled().await;
+    }
+
+    /// Open WebSocket connections right now.
+    pub fn connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `grace` for every connection task to finish; `true` if they all did.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.tracker.close();
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// Builds the router serving `protocol` with `config`, and the handle that controls it.
+///
+/// Serve it with [`serve`], or with `axum::serve` using
+/// `into_make_service_with_connect_info::<SocketAddr>()`: the runtime needs the peer address.
+pub fn router<P: Protocol>(protocol: Arc<P>, config: ServerConfig) -> (Router, ServerHandle) {
+    let handle = ServerHandle::new();
+    let state = Arc::new(upgrade::App::new(protocol, config, handle.clone()));
+    let router = Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(upgrade::entry::<P>)
+        .with_state(state);
+    (router, handle)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Binds a TCP listener with a deliberate accept backlog.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Serves `router` on `listener` until `handle` shuts down, then drains sockets for at most
+/// `grace`.
+///
+/// Accept errors (such as running out of file descriptors) are logged and retried after a pause
+/// by axum's listener; they never end the server.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    handle: &ServerHandle,
+    grace: Duration,
+) -> io::Result<()> {
+    let local = listener.local_addr()?;
+    info!(%local, "listening");
+    let shutdown = handle.shutdown.clone();
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            warn!(%error, "could not set TCP_NODELAY");
+        }
+    });
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
+    let open = handle.connections();
+    info!(open, "stopped accepting; closing connections");
+    if !handle.drain(grace).await {
+        warn!(
+            left = handle.connections(),
+            "drain timed out; dropping remaining connections"
+        );
+    }
+    Ok(())
+}
+
+/// Starts `handle`'s shutdown on SIGINT or SIGTERM.
+pub async fn shutdown_on_signal(handle: ServerHandle) {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("SIGINT received"),
+        () = terminate => info!("SIGTERM received"),
+    }
+    handle.shutdown();
+}

@@ -1,0 +1,285 @@
+//! The HTTP edge: WebSocket upgrades (checks, admission, handoff to a connection task) and
+//! plain HTTP requests routed to the protocol.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use switchboard_core::{
+    Handshake, HttpRequest, HttpResponse, Keepalive, Protocol, Reject, peer_channel,
+};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{debug, warn};
+
+use crate::connection::{self, ConnectionContext};
+use crate::{ServerConfig, ServerHandle};
+
+pub(crate) struct App<P> {
+    protocol: Arc<P>,
+    config: ServerConfig,
+    handle: ServerHandle,
+    ws_config: WebSocketConfig,
+    keepalive: Keepalive,
+    max_body: usize,
+}
+
+impl<P: Protocol> App<P> {
+    pub(crate) fn new(protocol: Arc<P>, config: ServerConfig, handle: ServerHandle) -> Self {
+        let max_frame = config
+            .max_frame_bytes
+            .unwrap_or_else(|| protocol.default_max_frame_bytes());
+        let write_buffer = config.write_buffer_bytes;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(config.read_buffer_bytes.max(256))
+            .write_buffer_size(write_buffer)
+            .max_write_buffer_size(config.max_write_buffer_bytes.max(write_buffer + 1))
+            .max_message_size(Some(max_frame))
+            .max_frame_size(Some(max_frame));
+        let keepalive = protocol.keepalive().unwrap_or(config.keepalive);
+        let max_body = config.max_http_body_bytes.unwrap_or(max_frame);
+        Self {
+            protocol,
+            config,
+            handle,
+            ws_config,
+            keepalive,
+            max_body,
+        }
+    }
+}
+
+/// Counts one open connection for as long as it lives.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        let before = active.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(active.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub(crate) async fn entry<P: Protocol>(
+    State(app): State<Arc<App<P>>>,
+    request: Request,
+) -> Response {
+    if is_websocket_upgrade(request.headers()) {
+        upgrade(app, request)
+    } else {
+        plain_http(app, request).await
+    }
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+fn error_response(status: u16, message: &str) -> Response {
+    to_response(HttpResponse::json_error(status, message))
+}
+
+fn to_response(response: HttpResponse) -> Response {
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, response.content_type)],
+        response.body,
+    )
+        .into_response()
+}
+
+fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
+    let headers = request.headers();
+    if request.method() != Method::GET {
+        return error_response(405, "WebSocket upgrades use GET");
+    }
+    let connection_has_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    if !connection_has_upgrade {
+        return error_response(400, "missing `Connection: upgrade`");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return error_response(400, "unsupported WebSocket version (need 13)");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return error_response(400, "missing Sec-WebSocket-Key");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if let (Some(allowed), Some(origin)) = (&app.config.allowed_origins, origin)
+        && !allowed.iter().any(|a| a == origin)
+    {
+        debug!(origin, "upgrade refused: origin not allowed");
+        return error_response(403, "origin not allowed");
+    }
+
+    let Some(ConnectInfo(remote)) = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied()
+    else {
+        warn!(
+            "no peer address: serve the router with into_make_service_with_connect_info::<SocketAddr>()"
+        );
+        return error_response(500, "server misconfigured: peer address unavailable");
+    };
+    let client_ip = client_ip(remote, headers, app.config.trust_proxy);
+
+    if app.handle.is_shutting_down() {
+        return error_response(503, "server shutting down");
+    }
+    let Some(slot) = ConnectionSlot::take(&app.handle.active, app.config.max_connections) else {
+        debug!(%remote, "upgrade refused: connection limit reached");
+        return error_response(503, "connection limit reached");
+    };
+
+    let handshake = Handshake {
+        path: request.uri().path(),
+        query: request.uri().query(),
+        remote,
+        client_ip,
+        origin,
+    };
+    let conn = match app.protocol.admit(&handshake) {
+        Ok(conn) => conn,
+        Err(reject) => {
+            debug!(%remote, %reject, "upgrade refused by protocol");
+            let message = match &reject {
+                Reject::NotFound => "not found".to_owned(),
+                other => other.to_string(),
+            };
+            return error_response(reject.status(), &message);
+        }
+    };
+
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let task_app = app.clone();
+    app.handle.tracker.spawn(async move {
+        let _slot = slot;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                debug!(%remote, %error, "upgrade failed");
+                return;
+            }
+        };
+        let socket = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(task_app.ws_config),
+        )
+        .await;
+        let (peer, link) = peer_channel(remote, task_app.config.outbound_queue);
+        debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
+        let ctx = ConnectionContext {
+            keepalive: task_app.keepalive,
+            close_timeout: task_app.config.close_timeout,
+            shutdown: task_app.handle.shutdown.clone(),
+        };
+        connection::run(task_app.protocol.clone(), conn, socket, peer, link, ctx).await;
+    });
+
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The client's IP: the TCP peer, or with a trusted proxy the last `X-Forwarded-For` entry (the
+/// address our proxy saw; earlier entries are client-supplied and could be forged).
+fn client_ip(remote: SocketAddr, headers: &HeaderMap, trust_proxy: bool) -> IpAddr {
+    let peer_ip = remote.ip().to_canonical();
+    if !trust_proxy {
+        return peer_ip;
+    }
+    // Only the very last entry is trusted; if it is garbage, fall back to the TCP peer rather
+    // than to an earlier, client-controlled entry.
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|entry| entry.trim().parse::<IpAddr>().ok())
+        .map_or(peer_ip, |ip| ip.to_canonical())
+}
+
+async fn plain_http<P: Protocol>(app: Arc<App<P>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, app.max_body).await else {
+        return error_response(413, "request body too large");
+    };
+    let request = HttpRequest {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        body,
+    };
+    match app.protocol.http(request).await {
+        Some(response) => to_response(response),
+        None => error_response(404, "not found"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_used_only_when_trusted() {
+        let remote: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 2.2.2.2"),
+        );
+        assert_eq!(client_ip(remote, &headers, false), remote.ip());
+        assert_eq!(
+            client_ip(remote, &headers, true),
+            "2.2.2.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(remote, &HeaderMap::new(), true), remote.ip());
+    }
+
+    #[test]
+    fn v4_mapped_addresses_are_canonical() {
+        let remote: SocketAddr = "[::ffff:127.0.0.2]:5000".parse().unwrap();
+        assert_eq!(
+            client_ip(remote, &HeaderMap::new(), false),
+            "127.0.0.2".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! ip-chat (in progress).
