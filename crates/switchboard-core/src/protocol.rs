@@ -21,6 +21,8 @@ pub struct Handshake<'a> {
     pub client_ip: IpAddr,
     /// The `Origin` header, if the client sent one (browsers always do).
     pub origin: Option<&'a str>,
+    /// The `Host` header (`host:port`), e.g. for building URLs that point back at this server.
+    pub host: Option<&'a str>,
 }
 
 impl Handshake<'_> {
@@ -70,6 +72,8 @@ pub struct HttpRequest {
     pub query: Option<String>,
     /// The body, already bounded by the server's body limit.
     pub body: Bytes,
+    /// The `Host` header, if any.
+    pub host: Option<String>,
 }
 
 /// A plain HTTP response from a protocol.

@@ -169,6 +169,7 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
         remote,
         client_ip,
         origin,
+        host: headers.get(header::HOST).and_then(|v| v.to_str().ok()),
     };
     let conn = match app.protocol.admit(&handshake) {
         Ok(conn) => conn,
@@ -247,6 +248,7 @@ async fn plain_http<P: Protocol>(app: Arc<App<P>>, request: Request) -> Response
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
         body,
+        host: parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned),
     };
     match app.protocol.http(request).await {
         Some(response) => to_response(response),
