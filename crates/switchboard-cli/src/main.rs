@@ -1,1 +1,107 @@
-fn main() {}
+//! `switchboard`: serve any Switchboard protocol from the command line.
+//!
+//! `switchboard serve --protocol <name> --listen <addr>` runs one protocol on the shared runtime.
+//! Every flag has an environment twin (`--listen` / `SWITCHBOARD_LISTEN`). Exit codes: 0 after a
+//! clean shutdown, 1 when the server cannot start or fails, 2 for invalid arguments.
+
+mod protocols;
+mod runtime;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// Command-line errors, turned into a message and an exit code by `main`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CliError {
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A multi-protocol realtime WebSocket server"
+)]
+struct Cli {
+    /// Log output format (filter with RUST_LOG, e.g. RUST_LOG=debug).
+    #[arg(
+        long,
+        value_enum,
+        env = "SWITCHBOARD_LOG_FORMAT",
+        default_value = "pretty",
+        global = true
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve one protocol over HTTP and WebSocket.
+    Serve(Box<protocols::ServeArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            return fail(&CliError::Failed(format!(
+                "could not start the async runtime: {error}"
+            )));
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => protocols::serve(*args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+fn fail(error: &CliError) -> ExitCode {
+    tracing::error!("{error}");
+    #[allow(
+        clippy::print_stderr,
+        reason = "the binary reports fatal errors on stderr"
+    )]
+    {
+        eprintln!("switchboard: error: {error}");
+    }
+    ExitCode::FAILURE
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

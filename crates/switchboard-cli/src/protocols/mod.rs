@@ -1,0 +1,47 @@
+//! `switchboard serve`: one module per protocol with its flags and how to build it.
+
+mod ip_chat;
+
+use std::net::SocketAddr;
+
+use clap::ValueEnum;
+
+use crate::CliError;
+use crate::runtime::{RuntimeArgs, Server};
+
+/// Protocols the binary can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ProtocolName {
+    /// Broadcast chat, users identified by IP.
+    IpChat,
+}
+
+/// `switchboard serve` flags: the protocol, where to listen, runtime limits, protocol options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// The protocol to serve.
+    #[arg(
+        long,
+        value_enum,
+        env = "SWITCHBOARD_PROTOCOL",
+        default_value = "ip-chat"
+    )]
+    protocol: ProtocolName,
+    /// Address to listen on.
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    #[command(flatten)]
+    ip_chat: ip_chat::Args,
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let server = Server {
+        listen: args.listen,
+        config: args.runtime.config(),
+    };
+    match args.protocol {
+        ProtocolName::IpChat => ip_chat::serve(&args.ip_chat, server).await,
+    }
+}

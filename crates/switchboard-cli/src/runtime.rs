@@ -1,0 +1,139 @@
+//! Runtime flags shared by every protocol, and the code that serves a protocol with them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_core::{Keepalive, Protocol};
+use switchboard_server::ServerConfig;
+
+use crate::CliError;
+
+/// Flags of the shared runtime (limits, keepalive, shutdown).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Runtime")]
+pub(crate) struct RuntimeArgs {
+    /// Origins allowed to open a WebSocket, comma-separated (default: any).
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub(crate) allowed_origins: Vec<String>,
+    /// Largest inbound WebSocket message in bytes; larger ones close the socket with 1009
+    /// (default: the protocol's, 64 KiB for most).
+    #[arg(long, env = "SWITCHBOARD_MAX_FRAME_BYTES")]
+    pub(crate) max_frame_bytes: Option<usize>,
+    /// Open WebSocket connections at most; further upgrades get HTTP 503.
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub(crate) max_connections: usize,
+    /// Outbound queue per connection (items); a full queue disconnects a slow consumer (1008).
+    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE", default_value_t = 256)]
+    pub(crate) outbound_queue: usize,
+    /// WebSocket ping interval, e.g. 30s; 0 disables pings.
+    #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) ping_interval: Duration,
+    /// Drop a peer silent for this long, e.g. 60s.
+    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub(crate) idle_timeout: Duration,
+    /// Trust the last X-Forwarded-For entry as the client IP (only behind your own proxy).
+    #[arg(long, env = "SWITCHBOARD_TRUST_PROXY")]
+    pub(crate) trust_proxy: bool,
+    /// How long shutdown waits for sockets to close, e.g. 5s.
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) shutdown_grace: Duration,
+    /// tungstenite read buffer per socket, in bytes.
+    #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES", default_value_t = 4096)]
+    pub(crate) read_buffer_bytes: usize,
+    /// TCP accept backlog.
+    #[arg(long, env = "SWITCHBOARD_ACCEPT_BACKLOG", default_value_t = 4096)]
+    pub(crate) accept_backlog: u32,
+}
+
+impl RuntimeArgs {
+    pub(crate) fn config(&self) -> ServerConfig {
+        ServerConfig {
+            allowed_origins: (!self.allowed_origins.is_empty())
+                .then(|| self.allowed_origins.clone()),
+            max_frame_bytes: self.max_frame_bytes,
+            outbound_queue: self.outbound_queue,
+            keepalive: Keepalive {
+                ping_interval: (!self.ping_interval.is_zero()).then_some(self.ping_interval),
+                idle_timeout: self.idle_timeout,
+            },
+            max_connections: self.max_connections,
+            trust_proxy: self.trust_proxy,
+            shutdown_grace: self.shutdown_grace,
+            read_buffer_bytes: self.read_buffer_bytes,
+            accept_backlog: self.accept_backlog,
+            ..ServerConfig::default()
+        }
+    }
+}
+
+/// Where and how to serve; `run` serves one protocol until SIGINT/SIGTERM.
+#[derive(Debug, Clone)]
+pub(crate) struct Server {
+    pub(crate) listen: SocketAddr,
+    pub(crate) config: ServerConfig,
+}
+
+impl Server {
+    pub(crate) async fn run<P: Protocol>(self, protocol: P) -> Result<(), CliError> {
+        self.run_shared(Arc::new(protocol)).await
+    }
+
+    pub(crate) async fn run_shared<P: Protocol>(self, protocol: Arc<P>) -> Result<(), CliError> {
+        let name = protocol.name();
+        let listener = switchboard_server::bind(self.listen, self.config.accept_backlog).map_err(
+            |source| CliError::Bind {
+                addr: self.listen,
+                source,
+            },
+        )?;
+        let grace = self.config.shutdown_grace;
+        let (router, handle) = switchboard_server::router(protocol, self.config);
+        tokio::spawn(switchboard_server::shutdown_on_signal(handle.clone()));
+        tracing::info!(protocol = name, listen = %self.listen, "serving");
+        switchboard_server::serve(listener, router, &handle, grace)
+            .await
+            .map_err(CliError::Serve)?;
+        tracing::info!("shut down cleanly");
+        Ok(())
+    }
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration `{text}` (try 500ms, 30s, 2m)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration `{text}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}
