@@ -3,6 +3,7 @@
 
 use std::future::{Future, pending};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -19,6 +20,8 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace};
 
+use crate::Counters;
+
 pub(crate) type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Queue items written per flush; bounds the time one connection spends writing before it looks
@@ -27,6 +30,7 @@ const MAX_BATCH: usize = 64;
 
 /// Everything the loop needs besides the protocol and the socket.
 pub(crate) struct ConnectionContext {
+    pub(crate) counters: Arc<Counters>,
     pub(crate) keepalive: Keepalive,
     pub(crate) close_timeout: Duration,
     pub(crate) shutdown: CancellationToken,
@@ -84,6 +88,17 @@ pub(crate) async fn run<P: Protocol>(
     debug!(conn = %peer.id(), remote = %peer.remote(), code = reason.code, reason = %reason.reason, "connection closing");
     protocol.on_close(conn, &peer).await;
 
+    if let End::Close(reason) = &end {
+        let counter = match reason.code {
+            _ if *reason == CloseReason::slow_consumer() => Some(&ctx.counters.slow_consumers),
+            _ if *reason == CloseReason::idle_timeout() => Some(&ctx.counters.idle_timeouts),
+            CloseReason::TOO_BIG => Some(&ctx.counters.oversized),
+            _ => None,
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     match end {
         End::Close(reason) => close_from_our_side(&mut socket, &mut link, &reason, &ctx).await,
         End::PeerClosed(_) => {

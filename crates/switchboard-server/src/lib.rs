@@ -24,7 +24,7 @@ mod upgrade;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -37,12 +37,36 @@ use tracing::{info, warn};
 
 pub use config::ServerConfig;
 
+/// Counters of a running router, for operators and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RuntimeStats {
+    /// WebSocket connections open now.
+    pub open_connections: usize,
+    /// WebSocket connections accepted since start.
+    pub accepted_total: u64,
+    /// Connections closed because their outbound queue overflowed.
+    pub slow_consumers_total: u64,
+    /// Connections closed for sending an oversized message.
+    pub oversized_total: u64,
+    /// Connections dropped by the idle timeout.
+    pub idle_timeouts_total: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) slow_consumers: AtomicU64,
+    pub(crate) oversized: AtomicU64,
+    pub(crate) idle_timeouts: AtomicU64,
+}
+
 /// Controls a running router: shutdown, drain, and live connection counts. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     active: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
 }
 
 impl ServerHandle {
@@ -51,6 +75,19 @@ impl ServerHandle {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             active: Arc::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// A snapshot of the runtime counters.
+    pub fn stats(&self) -> RuntimeStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        RuntimeStats {
+            open_connections: self.connections(),
+            accepted_total: load(&self.counters.accepted),
+            slow_consumers_total: load(&self.counters.slow_consumers),
+            oversized_total: load(&self.counters.oversized),
+            idle_timeouts_total: load(&self.counters.idle_timeouts),
         }
     }
 

@@ -202,7 +202,13 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
         .await;
         let (peer, link) = peer_channel(remote, task_app.config.outbound_queue);
         debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
+        task_app
+            .handle
+            .counters
+            .accepted
+            .fetch_add(1, Ordering::Relaxed);
         let ctx = ConnectionContext {
+            counters: task_app.handle.counters.clone(),
             keepalive: task_app.keepalive,
             close_timeout: task_app.config.close_timeout,
             shutdown: task_app.handle.shutdown.clone(),
@@ -248,7 +254,11 @@ async fn plain_http<P: Protocol>(app: Arc<App<P>>, request: Request) -> Response
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
         body,
-        host: parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned),
+        host: parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     };
     match app.protocol.http(request).await {
         Some(response) => to_response(response),

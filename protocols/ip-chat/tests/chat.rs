@@ -1,0 +1,301 @@
+//! ip-chat behaviour over real sockets: history, broadcast, reactions, identity, errors, limits.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+use serde_json::Value;
+use switchboard_ip_chat::{Config, IpChat};
+use switchboard_server::ServerConfig;
+use switchboard_testkit::{Client, TestServer, json};
+
+async fn start(config: Config) -> TestServer {
+    TestServer::start(IpChat::new(config), ServerConfig::default()).await
+}
+
+async fn send(client: &mut Client, text: &str) {
+    client
+        .send_json(&json!({"type": "send_message", "data": {"text": text}}))
+        .await;
+}
+
+async fn react(client: &mut Client, message_id: &Value, emoji: &str) {
+    client
+        .send_json(
+            &json!({"type": "add_reaction", "data": {"message_id": message_id, "emoji": emoji}}),
+        )
+        .await;
+}
+
+async fn expect_error(client: &mut Client) -> String {
+    let frame = client.recv_type("error").await;
+    frame["data"]["error"]
+        .as_str()
+        .expect("error text")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_message_reaches_everyone_including_the_sender() {
+    let server = start(Config::default()).await;
+    let mut alice = server.connect("/ws").await;
+    let mut bob = server.connect("/ws").await;
+    alice
+        .send_json(
+            &json!({"type": "send_message", "data": {"text": "hello", "author_name": "Alice"}}),
+        )
+        .await;
+
+    let seen_by_alice = alice.recv_type("message").await;
+    let seen_by_bob = bob.recv_type("message").await;
+    assert_eq!(seen_by_alice, seen_by_bob);
+    let data = &seen_by_alice["data"];
+    assert_eq!(data["text"], "hello");
+    assert_eq!(data["author_name"], "Alice");
+    assert_eq!(data["reactions"], json!({}));
+    assert!(data["created_at"].is_i64());
+    let id = data["id"].as_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+}
+
+#[tokio::test]
+async fn a_missing_null_or_blank_author_name_is_anonymous() {
+    let server = start(Config::default()).await;
+    let mut client = server.connect("/ws").await;
+    for data in [
+        json!({"text": "a"}),
+        json!({"text": "b", "author_name": null}),
+        json!({"text": "c", "author_name": "  "}),
+    ] {
+        client
+            .send_json(&json!({"type": "send_message", "data": data}))
+            .await;
+        assert_eq!(
+            client.recv_type("message").await["data"]["author_name"],
+            "Anonymous"
+        );
+    }
+}
+
+#[tokio::test]
+async fn history_is_replayed_oldest_first_and_bounded() {
+    let server = start(Config {
+        history_limit: 3,
+        ..Config::default()
+    })
+    .await;
+    let mut writer = server.connect("/ws").await;
+    for text in ["one", "two", "three", "four"] {
+        send(&mut writer, text).await;
+        writer.recv_type("message").await;
+    }
+    let mut late = server.connect("/ws").await;
+    for expected in ["two", "three", "four"] {
+        assert_eq!(late.recv_type("message").await["data"]["text"], expected);
+    }
+    late.expect_silence(std::time::Duration::from_millis(200))
+        .await;
+}
+
+#[tokio::test]
+async fn reactions_toggle_per_user_and_emoji() {
+    let server = start(Config::default()).await;
+    let mut alice = server.connect_from("/ws", [127, 0, 0, 1]).await;
+    let mut bob = server.connect_from("/ws", [127, 0, 0, 2]).await;
+    send(&mut alice, "react to me").await;
+    let message = alice.recv_type("message").await;
+    bob.recv_type("message").await;
+    let id = message["data"]["id"].clone();
+
+    react(&mut alice, &id, "👍").await;
+    let update = bob.recv_type("reaction_updated").await;
+    alice.recv_type("reaction_updated").await;
+    let alice_id = message["data"]["author_id"].clone();
+    assert_eq!(update["data"]["action"], "added");
+    assert_eq!(update["data"]["emoji"], "👍");
+    assert_eq!(update["data"]["user_id"], alice_id);
+    assert_eq!(update["data"]["message_id"], id);
+    assert_eq!(
+        update["data"]["message"]["reactions"],
+        json!({"👍": [alice_id]})
+    );
+    assert_eq!(update["data"]["message"]["text"], "react to me");
+
+    react(&mut bob, &id, "👍").await;
+    let update = alice.recv_type("reaction_updated").await;
+    bob.recv_type("reaction_updated").await;
+    let bob_id = update["data"]["user_id"].clone();
+    assert_ne!(bob_id, alice_id);
+    assert_eq!(
+        update["data"]["message"]["reactions"]["👍"],
+        json!([alice_id, bob_id])
+    );
+
+    react(&mut alice, &id, "👍").await;
+    react(&mut bob, &id, "👍").await;
+    alice.recv_type("reaction_updated").await;
+    let last = alice.recv_type("reaction_updated").await;
+    assert_eq!(last["data"]["action"], "removed");
+    assert_eq!(
+        last["data"]["message"]["reactions"],
+        json!({}),
+        "an emoji with no users disappears"
+    );
+
+    // Replays carry the current reactions.
+    react(&mut bob, &id, "🎉").await;
+    bob.recv_type("reaction_updated").await;
+    let mut late = server.connect("/ws").await;
+    assert_eq!(
+        late.recv_type("message").await["data"]["reactions"],
+        json!({"🎉": [bob_id]})
+    );
+}
+
+#[tokio::test]
+async fn identity_follows_the_ip_address() {
+    let server = start(Config::default()).await;
+    let mut first = server.connect_from("/ws", [127, 0, 0, 1]).await;
+    let mut same_ip = server.connect_from("/ws", [127, 0, 0, 1]).await;
+    let mut other_ip = server.connect_from("/ws", [127, 0, 0, 3]).await;
+    let mut ids = Vec::new();
+    for (i, client) in [&mut first, &mut same_ip, &mut other_ip]
+        .into_iter()
+        .enumerate()
+    {
+        let text = format!("who am I {i}");
+        send(client, &text).await;
+        let own = client
+            .recv_until(|f| f["data"]["text"] == text.as_str())
+            .await;
+        ids.push(own["data"]["author_id"].clone());
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert_ne!(ids[0], ids[2]);
+    assert!(
+        !ids[0].as_str().unwrap().contains("127.0.0"),
+        "the id must not disclose the IP"
+    );
+}
+
+#[tokio::test]
+async fn malformed_frames_get_the_format_error_and_the_socket_stays_open() {
+    let server = start(Config::default()).await;
+    let mut client = server.connect("/ws").await;
+    let bad = [
+        "not json",
+        "{}",
+        "[]",
+        r#"{"type":"dance","data":{}}"#,
+        r#"{"type":"send_message"}"#,
+        r#"{"type":"send_message","data":{}}"#,
+        r#"{"type":"send_message","data":{"text":42}}"#,
+        r#"{"type":"send_message","data":{"text":"x","author_name":7}}"#,
+        r#"{"type":"add_reaction","data":{"emoji":"x"}}"#,
+        r#"{"type":"add_reaction","data":{"message_id":"x","emoji":""}}"#,
+    ];
+    for text in bad {
+        client.send_text(text).await;
+        assert_eq!(
+            expect_error(&mut client).await,
+            "Invalid message format",
+            "for {text}"
+        );
+    }
+    client
+        .send(tokio_tungstenite::tungstenite::Message::binary(vec![
+            0xff, 0x00,
+        ]))
+        .await;
+    assert_eq!(expect_error(&mut client).await, "Invalid message format");
+    send(&mut client, "still here").await;
+    assert_eq!(
+        client.recv_type("message").await["data"]["text"],
+        "still here"
+    );
+}
+
+#[tokio::test]
+async fn text_must_be_non_blank_and_at_most_500_characters() {
+    let server = start(Config::default()).await;
+    let mut client = server.connect("/ws").await;
+    for blank in ["", "   ", "\n\t"] {
+        send(&mut client, blank).await;
+        assert_eq!(
+            expect_error(&mut client).await,
+            "message text cannot be empty"
+        );
+    }
+    // 500 four-byte characters are 2000 bytes: the limit counts characters.
+    let exactly = "😀".repeat(500);
+    send(&mut client, &exactly).await;
+    assert_eq!(
+        client.recv_type("message").await["data"]["text"],
+        exactly.as_str()
+    );
+    send(&mut client, &"😀".repeat(501)).await;
+    assert_eq!(
+        expect_error(&mut client).await,
+        "message too long (max 500 characters)"
+    );
+    send(&mut client, &"a".repeat(501)).await;
+    assert_eq!(
+        expect_error(&mut client).await,
+        "message too long (max 500 characters)"
+    );
+}
+
+#[tokio::test]
+async fn reacting_to_an_unknown_message_says_not_found() {
+    let server = start(Config::default()).await;
+    let mut client = server.connect("/ws").await;
+    for id in [json!(uuid::Uuid::new_v4().to_string()), json!("not-a-uuid")] {
+        react(&mut client, &id, "👍").await;
+        let error = expect_error(&mut client).await;
+        assert!(error.contains("not found"), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn the_rate_limit_is_per_user() {
+    let server = start(Config {
+        rate_limit: 60,
+        ..Config::default()
+    })
+    .await;
+    let mut spammer = server.connect_from("/ws", [127, 0, 0, 1]).await;
+    let mut other = server.connect_from("/ws", [127, 0, 0, 2]).await;
+    for i in 0..60 {
+        send(&mut spammer, &format!("m{i}")).await;
+        assert_eq!(
+            spammer.recv_type("message").await["data"]["text"],
+            format!("m{i}")
+        );
+    }
+    send(&mut spammer, "one too many").await;
+    assert_eq!(
+        expect_error(&mut spammer).await,
+        "Rate limit exceeded. Maximum 60 messages per minute."
+    );
+
+    let message = other
+        .recv_until(|f| f["type"] == "message" && f["data"]["text"] == "m59")
+        .await;
+    assert_eq!(message["type"], "message");
+    send(&mut other, "I am not limited").await;
+    let seen = other.recv_type("message").await;
+    assert_eq!(
+        seen["data"]["text"], "I am not limited",
+        "the spammer's rejected message was never broadcast"
+    );
+}
+
+#[tokio::test]
+async fn only_the_ws_path_is_served() {
+    let server = start(Config::default()).await;
+    let status = Client::refused_status(&server.ws_url("/elsewhere"), Default::default()).await;
+    assert_eq!(status, 404);
+    assert_eq!(server.http("GET", "/healthz", None).await.status, 200);
+}
