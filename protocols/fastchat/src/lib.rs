@@ -1,0 +1,581 @@
+//! fastchat: one-to-one direct chat over WebSocket, as specified in `shared/specs/fastchat.md`.
+//!
+//! Clients connect to `/ws`, identify with `HELLO {user_id, display_name}` and then open chats
+//! (`OPEN_CHAT`), send messages (`MSG`, acknowledged in two phases: `sent` by the server,
+//! `delivered` when the recipient answers `MSG_ACK`), signal typing (`TYPING`) and heartbeat
+//! (`PING`/`PONG`). Everyone identified receives `PRESENCE`, the list of every known user with an
+//! `online` flag, whenever it changes. Messages to a user who is offline wait in a bounded queue
+//! until that user's next HELLO. See `docs/protocols/fastchat.md` for every rule and error.
+//!
+//! [`FastChat`] implements [`switchboard_core::Protocol`]; serve it with `switchboard-server`:
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! use std::sync::Arc;
+//! use switchboard_fastchat::{Config, FastChat};
+//! use switchboard_server::{ServerConfig, bind, router, serve};
+//!
+//! let server = ServerConfig::default();
+//! let (app, handle) = router(Arc::new(FastChat::new(Config::default())), server.clone());
+//! let listener = bind(([127, 0, 0, 1], 8000).into(), server.accept_backlog)?;
+//! serve(listener, app, &handle, server.shutdown_grace).await
+//! # }
+//! ```
+//!
+//! Shared state is one bounded [`state::Registry`] behind a mutex, plus the core's
+//! [`Broadcaster`] (topics `fastchat:user:<id>` and `fastchat:presence`) and [`Presence`] (who is
+//! online, per socket) stores, which an embedder may replace. Liveness is the protocol's own:
+//! there are no WebSocket pings; a socket from which no frame arrived for `ping_interval +
+//! pong_timeout` is dropped.
+
+pub mod messages;
+pub mod sanitize;
+pub mod state;
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchboard_core::sync::lock;
+use switchboard_core::{
+    Broadcaster, Frame, Handshake, Keepalive, LocalBroadcaster, LocalPresence, Peer, Presence,
+    Protocol, RateLimiter, Reject,
+};
+use tracing::debug;
+use uuid::Uuid;
+
+use crate::messages::{ClientMessage, ErrorCode, Kind, frame, now_iso8601};
+use crate::state::{OpenError, QueueError, Registry, chat_id};
+
+/// The only path served.
+pub const WS_PATH: &str = "/ws";
+/// Presence room of online users (members are user ids, one entry per socket).
+const ONLINE_ROOM: &str = "fastchat:online";
+/// Topic of every identified socket, for `PRESENCE`.
+const PRESENCE_TOPIC: &str = "fastchat:presence";
+
+fn user_topic(id: Uuid) -> String {
+    format!("fastchat:user:{id}")
+}
+
+/// fastchat's limits and timings. Every collection the protocol keeps is bounded here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// How often clients are expected to PING. Default 15 s.
+    pub ping_interval: Duration,
+    /// Grace after a missed ping. A socket silent for `ping_interval + pong_timeout` (20 s by
+    /// default) is closed with 1001 "idle timeout". Default 5 s.
+    pub pong_timeout: Duration,
+    /// `MSG` per user per `rate_window` (0: unlimited). Default 60.
+    pub msg_rate_limit: usize,
+    /// `TYPING` per user per `rate_window` (0: unlimited). Default 10.
+    pub typing_rate_limit: usize,
+    /// The sliding rate-limit window. Default 60 s.
+    pub rate_window: Duration,
+    /// Users remembered (online or not). When full, the user offline the longest is forgotten
+    /// with their chats and queue; if everyone is online, HELLO from a new user gets
+    /// `UNAUTHORIZED`. Default 10 000.
+    pub max_users: usize,
+    /// Open chats per user; further `OPEN_CHAT`s get `RATE_LIMITED`. Default 200.
+    pub max_chats_per_user: usize,
+    /// Messages queued for one offline user; beyond it the sender gets `MESSAGE_FAILED`.
+    /// Default 100.
+    pub max_queued_per_user: usize,
+    /// Messages queued for all offline users together; beyond it senders get `MESSAGE_FAILED`.
+    /// Default 10 000.
+    pub max_queued_total: usize,
+    /// Accepted messages remembered for idempotent retries and delivery acks, oldest forgotten
+    /// first. Default 100 000.
+    pub max_tracked_messages: usize,
+    /// Largest inbound frame when the server config does not say otherwise; larger frames close
+    /// the socket with 1009. Default 16 KiB.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(15),
+            pong_timeout: Duration::from_secs(5),
+            msg_rate_limit: 60,
+            typing_rate_limit: 10,
+            rate_window: Duration::from_secs(60),
+            max_users: 10_000,
+            max_chats_per_user: 200,
+            max_queued_per_user: 100,
+            max_queued_total: 10_000,
+            max_tracked_messages: 100_000,
+            max_frame_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// How long a socket may stay silent: `ping_interval + pong_timeout`.
+    pub fn idle_timeout(&self) -> Duration {
+        self.ping_interval.saturating_add(self.pong_timeout)
+    }
+}
+
+/// The fastchat protocol: one value serves every connection.
+pub struct FastChat {
+    config: Config,
+    registry: Mutex<Registry>,
+    broadcaster: Arc<dyn Broadcaster>,
+    presence: Arc<dyn Presence>,
+    msg_limiter: RateLimiter,
+    typing_limiter: RateLimiter,
+}
+
+impl fmt::Debug for FastChat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FastChat")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-connection state: who this socket is, once it said HELLO.
+#[derive(Debug, Default)]
+pub struct Conn {
+    user: Option<Uuid>,
+}
+
+impl FastChat {
+    /// fastchat with in-process stores.
+    pub fn new(config: Config) -> Self {
+        Self::with_stores(
+            config,
+            Arc::new(LocalBroadcaster::new()),
+            Arc::new(LocalPresence::new()),
+        )
+    }
+
+    /// fastchat with the given fan-out and presence backends.
+    pub fn with_stores(
+        config: Config,
+        broadcaster: Arc<dyn Broadcaster>,
+        presence: Arc<dyn Presence>,
+    ) -> Self {
+        let keys = config.max_users.max(1);
+        Self {
+            registry: Mutex::new(Registry::new(&config)),
+            msg_limiter: RateLimiter::new(config.msg_rate_limit, config.rate_window)
+                .with_max_keys(keys),
+            typing_limiter: RateLimiter::new(config.typing_rate_limit, config.rate_window)
+                .with_max_keys(keys),
+            broadcaster,
+            presence,
+            config,
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn is_online(&self, id: Uuid) -> bool {
+        self.presence.is_present(ONLINE_ROOM, &id.to_string())
+    }
+
+    fn presence_frame(&self, registry: &Registry) -> Option<Frame> {
+        let users = registry.presence(&|id| self.is_online(id));
+        frame("PRESENCE", &messages::Presence { users })
+    }
+
+    fn send(peer: &Peer, frame: Option<Frame>) {
+        if let Some(frame) = frame {
+            // A full queue closes the peer (the runtime's policy); nothing else to do here.
+            let _ = peer.send(frame);
+        }
+    }
+
+    fn publish(&self, topic: &str, frame: Option<&Frame>) -> usize {
+        frame.map_or(0, |frame| self.broadcaster.publish(topic, frame, None))
+    }
+
+    fn error(peer: &Peer, code: ErrorCode, message: &str, details: Value) {
+        Self::send(peer, messages::error_frame(code, message, details));
+    }
+
+    fn hello(&self, conn: &mut Conn, peer: &Peer, user_id: Uuid, display_name: &str) {
+        if let Some(current) = conn.user
+            && current != user_id
+        {
+            let message = format!("user_id: this connection already said HELLO as {current}");
+            Self::error(
+                peer,
+                ErrorCode::Validation,
+                &message,
+                json!({"field": "user_id"}),
+            );
+            return;
+        }
+        let id = user_id.to_string();
+        let mut registry = lock(&self.registry);
+        let Some(registered) = registry.register(user_id, display_name, &|u| self.is_online(u))
+        else {
+            Self::error(
+                peer,
+                ErrorCode::Unauthorized,
+                "the server has no room for another user",
+                json!({}),
+            );
+            return;
+        };
+        let mut came_online = false;
+        if conn.user.is_none() {
+            self.broadcaster.subscribe(&user_topic(user_id), peer);
+            self.broadcaster.subscribe(PRESENCE_TOPIC, peer);
+            came_online = self.presence.join(ONLINE_ROOM, &id, peer.id());
+            conn.user = Some(user_id);
+        }
+        Self::send(
+            peer,
+            frame(
+                "HELLO_ACK",
+                &messages::HelloAck {
+                    user_id: &id,
+                    status: "connected",
+                },
+            ),
+        );
+        let presence = self.presence_frame(&registry);
+        if registered.new || registered.renamed || came_online {
+            self.publish(PRESENCE_TOPIC, presence.as_ref());
+        } else {
+            Self::send(peer, presence);
+        }
+        if came_online {
+            let queued = registry.take_queue(user_id);
+            if !queued.is_empty() {
+                debug!(user = %id, count = queued.len(), "delivering queued messages");
+                let _ = peer.send_batch(queued);
+            }
+        }
+    }
+
+    fn open_chat(&self, me: Uuid, peer: &Peer, target: Uuid) {
+        let details = json!({"target_user_id": target.to_string()});
+        if target == me {
+            let mut details = details;
+            details["field"] = json!("target_user_id");
+            Self::error(
+                peer,
+                ErrorCode::Validation,
+                "target_user_id: cannot open a chat with yourself",
+                details,
+            );
+            return;
+        }
+        let mut registry = lock(&self.registry);
+        let newly = match registry.open_chat(me, target) {
+            Ok(newly) => newly,
+            Err(OpenError::UserNotFound) => {
+                Self::error(
+                    peer,
+                    ErrorCode::UserNotFound,
+                    "target user not found",
+                    details,
+                );
+                return;
+            }
+            Err(OpenError::TooManyChats { opener }) => {
+                let message = if opener {
+                    "you have too many open chats"
+                } else {
+                    "the target user has too many open chats"
+                };
+                let mut details = details;
+                details["limit"] = json!(self.config.max_chats_per_user);
+                Self::error(peer, ErrorCode::RateLimited, message, details);
+                return;
+            }
+        };
+        let chat = chat_id(me, target).to_string();
+        let (me_s, target_s) = (me.to_string(), target.to_string());
+        let participants = if me <= target {
+            [me_s.as_str(), target_s.as_str()]
+        } else {
+            [target_s.as_str(), me_s.as_str()]
+        };
+        let opened_for = |other: &str, other_name: &str| {
+            frame(
+                "CHAT_OPENED",
+                &messages::ChatOpened {
+                    chat_id: &chat,
+                    participants,
+                    target_user_id: other,
+                    target_display_name: other_name,
+                },
+            )
+        };
+        let target_name = registry.display_name(target).unwrap_or_default();
+        let my_name = registry.display_name(me).unwrap_or_default();
+        self.publish(&user_topic(me), opened_for(&target_s, target_name).as_ref());
+        if newly {
+            self.publish(&user_topic(target), opened_for(&me_s, my_name).as_ref());
+        }
+    }
+
+    fn msg(&self, me: Uuid, peer: &Peer, to: Uuid, content: &str, client_id: Option<String>) {
+        let details = || match &client_id {
+            Some(id) => json!({"message_id": id, "to": to.to_string()}),
+            None => json!({"to": to.to_string()}),
+        };
+        let mut registry = lock(&self.registry);
+        if let Some(id) = &client_id
+            && let Some(record) = registry.message(id)
+        {
+            if record.from == me {
+                // Idempotent retry: answer with the current status, deliver nothing.
+                Self::send(
+                    peer,
+                    frame(
+                        "MSG_ACK",
+                        &messages::MsgAck {
+                            message_id: id,
+                            status: record.status.as_str(),
+                        },
+                    ),
+                );
+            } else {
+                let mut details = details();
+                details["field"] = json!("message_id");
+                Self::error(
+                    peer,
+                    ErrorCode::Validation,
+                    "message_id: already used by another sender",
+                    details,
+                );
+            }
+            return;
+        }
+        if !registry.knows(to) {
+            Self::error(
+                peer,
+                ErrorCode::UserNotFound,
+                "recipient not found",
+                details(),
+            );
+            return;
+        }
+        if !registry.chat_open(me, to) {
+            Self::error(
+                peer,
+                ErrorCode::ChatNotOpened,
+                "open a chat with the recipient first",
+                details(),
+            );
+            return;
+        }
+        let me_s = me.to_string();
+        if !self.msg_limiter.check(&me_s) {
+            let mut details = details();
+            details["limit"] = json!(self.config.msg_rate_limit);
+            details["window_secs"] = json!(self.config.rate_window.as_secs_f64());
+            Self::error(peer, ErrorCode::RateLimited, "too many messages", details);
+            return;
+        }
+        let message_id = client_id
+            .clone()
+            .unwrap_or_else(|| Uuid::new_v4().to_string());
+        let to_s = to.to_string();
+        let timestamp = now_iso8601();
+        let Some(incoming) = frame(
+            "MSG",
+            &messages::Msg {
+                from: &me_s,
+                to: &to_s,
+                content,
+                message_id: &message_id,
+                timestamp: &timestamp,
+            },
+        ) else {
+            return;
+        };
+        let live =
+            self.is_online(to) && self.broadcaster.publish(&user_topic(to), &incoming, None) > 0;
+        if !live && let Err(error) = registry.enqueue(to, incoming) {
+            let why = match error {
+                QueueError::UserQueueFull => "the recipient's offline queue is full",
+                QueueError::ServerQueueFull => "the server's offline queue is full",
+            };
+            let mut details = details();
+            details["message_id"] = json!(message_id);
+            Self::error(peer, ErrorCode::MessageFailed, why, details);
+            return;
+        }
+        registry.record(message_id.clone(), me, to);
+        drop(registry);
+        Self::send(
+            peer,
+            frame(
+                "MSG_ACK",
+                &messages::MsgAck {
+                    message_id: &message_id,
+                    status: "sent",
+                },
+            ),
+        );
+    }
+
+    fn msg_ack(&self, me: Uuid, message_id: &str) {
+        let mut registry = lock(&self.registry);
+        if let Some(sender) = registry.mark_delivered(message_id, me) {
+            let ack = frame(
+                "MSG_ACK",
+                &messages::MsgAck {
+                    message_id,
+                    status: "delivered",
+                },
+            );
+            self.publish(&user_topic(sender), ack.as_ref());
+        }
+    }
+
+    fn typing(&self, me: Uuid, peer: &Peer, is_typing: bool) {
+        let me_s = me.to_string();
+        if !self.typing_limiter.check(&me_s) {
+            let details = json!({
+                "limit": self.config.typing_rate_limit,
+                "window_secs": self.config.rate_window.as_secs_f64(),
+            });
+            Self::error(
+                peer,
+                ErrorCode::RateLimited,
+                "too many typing indicators",
+                details,
+            );
+            return;
+        }
+        let registry = lock(&self.registry);
+        let typing = frame(
+            "TYPING",
+            &messages::Typing {
+                user_id: &me_s,
+                is_typing,
+            },
+        );
+        for partner in registry.partners(me) {
+            self.publish(&user_topic(partner), typing.as_ref());
+        }
+    }
+}
+
+impl Protocol for FastChat {
+    type Conn = Conn;
+
+    fn name(&self) -> &'static str {
+        "fastchat"
+    }
+
+    fn admit(&self, handshake: &Handshake<'_>) -> Result<Conn, Reject> {
+        if handshake.path == WS_PATH {
+            Ok(Conn::default())
+        } else {
+            Err(Reject::NotFound)
+        }
+    }
+
+    async fn on_open(&self, _conn: &mut Conn, peer: &Peer) {
+        debug!(conn = %peer.id(), remote = %peer.remote(), "fastchat socket open");
+    }
+
+    async fn on_text(&self, conn: &mut Conn, peer: &Peer, text: &str) {
+        let (kind, data) = match messages::parse_envelope(text) {
+            Ok(parsed) => parsed,
+            Err(invalid) => {
+                let details = invalid
+                    .field
+                    .map_or_else(|| json!({}), |f| json!({"field": f}));
+                Self::error(peer, ErrorCode::Validation, &invalid.message, details);
+                return;
+            }
+        };
+        if conn.user.is_none() && !kind.allowed_before_hello() {
+            Self::error(peer, ErrorCode::Unauthorized, "send HELLO first", json!({}));
+            return;
+        }
+        let message = match messages::parse_body(kind, &data) {
+            Ok(message) => message,
+            Err(invalid) => {
+                let mut details = invalid
+                    .field
+                    .map_or_else(|| json!({}), |f| json!({"field": f}));
+                if kind == Kind::Msg
+                    && let Some(Value::String(id)) = data.get("message_id")
+                {
+                    details["message_id"] = json!(id);
+                }
+                Self::error(peer, ErrorCode::Validation, &invalid.message, details);
+                return;
+            }
+        };
+        match (message, conn.user) {
+            (ClientMessage::Ping, _) => {
+                let timestamp = now_iso8601();
+                Self::send(
+                    peer,
+                    frame(
+                        "PONG",
+                        &messages::Pong {
+                            timestamp: &timestamp,
+                        },
+                    ),
+                );
+            }
+            (
+                ClientMessage::Hello {
+                    user_id,
+                    display_name,
+                },
+                _,
+            ) => self.hello(conn, peer, user_id, &display_name),
+            (_, None) => Self::error(peer, ErrorCode::Unauthorized, "send HELLO first", json!({})),
+            (ClientMessage::OpenChat { target }, Some(me)) => self.open_chat(me, peer, target),
+            (
+                ClientMessage::Msg {
+                    to,
+                    content,
+                    message_id,
+                },
+                Some(me),
+            ) => self.msg(me, peer, to, &content, message_id),
+            (ClientMessage::MsgAck { message_id }, Some(me)) => self.msg_ack(me, &message_id),
+            (ClientMessage::Typing { is_typing }, Some(me)) => self.typing(me, peer, is_typing),
+        }
+    }
+
+    async fn on_close(&self, conn: Conn, peer: &Peer) {
+        let Some(user_id) = conn.user else {
+            return;
+        };
+        let id = user_id.to_string();
+        let mut registry = lock(&self.registry);
+        self.broadcaster
+            .unsubscribe(&user_topic(user_id), peer.id());
+        self.broadcaster.unsubscribe(PRESENCE_TOPIC, peer.id());
+        if self.presence.leave(ONLINE_ROOM, &id, peer.id()) {
+            registry.touch(user_id);
+            if let Some(presence) = self.presence_frame(&registry) {
+                self.broadcaster
+                    .publish(PRESENCE_TOPIC, &presence, Some(peer.id()));
+            }
+            debug!(user = %id, "user went offline");
+        }
+    }
+
+    fn keepalive(&self) -> Option<Keepalive> {
+        Some(Keepalive {
+            ping_interval: None,
+            idle_timeout: self.config.idle_timeout(),
+        })
+    }
+
+    fn default_max_frame_bytes(&self) -> usize {
+        self.config.max_frame_bytes
+    }
+}
