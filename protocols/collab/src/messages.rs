@@ -1,0 +1,399 @@
+//! The wire: `{"type": ..., "payload": {...}}` frames in both directions. Sans-IO.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use switchboard_core::Frame;
+use switchboard_core::envelope::typed_frame;
+
+use crate::ot::Operation;
+
+/// Longest `userId`, in characters.
+pub const MAX_USER_ID_CHARS: usize = 128;
+/// Longest `username`, in characters.
+pub const MAX_USERNAME_CHARS: usize = 128;
+/// Longest `language`, in characters.
+pub const MAX_LANGUAGE_CHARS: usize = 64;
+/// Largest `cursor` object, in bytes of JSON.
+pub const MAX_CURSOR_BYTES: usize = 1024;
+
+/// The error sent for a `type` this protocol does not know (wording fixed by the spec).
+pub const INVALID_TYPE: &str = "Invalid message type";
+
+/// A frame a client sends, parsed and validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    /// `join-session`.
+    Join(Join),
+    /// `leave-session`.
+    Leave,
+    /// `code-change`.
+    CodeChange(Change),
+    /// `cursor-move`, with the cursor object to relay.
+    CursorMove(Value),
+    /// `language-change`.
+    LanguageChange(String),
+    /// `execute-code`, with the payload to relay.
+    ExecuteCode(Map<String, Value>),
+    /// `execution-result`, with the payload to relay.
+    ExecutionResult(Map<String, Value>),
+}
+
+/// `join-session`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Join {
+    /// The identity this connection uses from now on.
+    pub user_id: String,
+    /// Display name; defaults to the `userId`.
+    #[serde(default)]
+    pub username: Option<String>,
+}
+
+/// What a `code-change` carries in `changes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The full text: replaces the document.
+    FullText(String),
+    /// An operation made on `base_version`.
+    Operation {
+        /// The version the operation was made on.
+        base_version: u64,
+        /// The operation.
+        op: Operation,
+    },
+}
+
+/// A frame that could not be accepted; `message` goes back in an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    /// The message for the client.
+    pub message: String,
+    /// The frame's `type`, when it was a known one (a refused `code-change` triggers a resync).
+    pub kind: Option<&'static str>,
+}
+
+impl ParseError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: None,
+        }
+    }
+
+    fn payload(kind: &'static str, detail: impl std::fmt::Display) -> Self {
+        Self {
+            message: format!("Invalid {kind} payload: {detail}"),
+            kind: Some(kind),
+        }
+    }
+}
+
+const KNOWN_TYPES: [&str; 7] = [
+    "join-session",
+    "leave-session",
+    "code-change",
+    "cursor-move",
+    "language-change",
+    "execute-code",
+    "execution-result",
+];
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Result<ClientMessage, ParseError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ParseError::new(format!("Malformed message: not valid JSON ({e})")))?;
+    let Value::Object(mut envelope) = value else {
+        return Err(ParseError::new(
+            "Malformed message: expected a JSON object {\"type\": ..., \"payload\": {...}}",
+        ));
+    };
+    let kind = match envelope.get("type") {
+        Some(Value::String(kind)) => kind.clone(),
+        Some(_) => {
+            return Err(ParseError::new(
+                "Malformed message: \"type\" must be a string",
+            ));
+        }
+        None => return Err(ParseError::new("Malformed message: missing \"type\"")),
+    };
+    let Some(kind) = KNOWN_TYPES.iter().copied().find(|k| *k == kind) else {
+        return Err(ParseError::new(INVALID_TYPE));
+    };
+    let payload = match envelope.remove("payload") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(payload)) => payload,
+        Some(_) => return Err(ParseError::payload(kind, "\"payload\" must be an object")),
+    };
+    match kind {
+        "join-session" => {
+            let join: Join = fields(kind, payload)?;
+            check_text(kind, "userId", &join.user_id, MAX_USER_ID_CHARS)?;
+            if let Some(name) = &join.username {
+                check_text(kind, "username", name, MAX_USERNAME_CHARS)?;
+            }
+            Ok(ClientMessage::Join(join))
+        }
+        "leave-session" => Ok(ClientMessage::Leave),
+        "code-change" => parse_change(kind, payload).map(ClientMessage::CodeChange),
+        "cursor-move" => {
+            let cursor = payload.get("cursor").cloned().unwrap_or(Value::Null);
+            if !cursor.is_object() {
+                return Err(ParseError::payload(
+                    kind,
+                    "\"cursor\" must be an object such as {\"line\": 4, \"column\": 10}",
+                ));
+            }
+            if cursor.to_string().len() > MAX_CURSOR_BYTES {
+                return Err(ParseError::payload(
+                    kind,
+                    format!("\"cursor\" is larger than {MAX_CURSOR_BYTES} bytes"),
+                ));
+            }
+            Ok(ClientMessage::CursorMove(cursor))
+        }
+        "language-change" => {
+            #[derive(Deserialize)]
+            struct LanguageChange {
+                language: String,
+            }
+            let change: LanguageChange = fields(kind, payload)?;
+            check_text(kind, "language", &change.language, MAX_LANGUAGE_CHARS)?;
+            Ok(ClientMessage::LanguageChange(change.language))
+        }
+        "execute-code" => {
+            optional_string(kind, &payload, "language")?;
+            optional_string(kind, &payload, "code")?;
+            Ok(ClientMessage::ExecuteCode(payload))
+        }
+        "execution-result" => {
+            optional_string(kind, &payload, "output")?;
+            optional_string(kind, &payload, "error")?;
+            Ok(ClientMessage::ExecutionResult(payload))
+        }
+        _ => Err(ParseError::new(INVALID_TYPE)),
+    }
+}
+
+fn fields<T: DeserializeOwned>(
+    kind: &'static str,
+    payload: Map<String, Value>,
+) -> Result<T, ParseError> {
+    serde_json::from_value(Value::Object(payload)).map_err(|e| ParseError::payload(kind, e))
+}
+
+fn check_text(
+    kind: &'static str,
+    field: &str,
+    value: &str,
+    max_chars: usize,
+) -> Result<(), ParseError> {
+    if value.trim().is_empty() {
+        return Err(ParseError::payload(
+            kind,
+            format!("\"{field}\" must not be empty"),
+        ));
+    }
+    if value.chars().count() > max_chars {
+        return Err(ParseError::payload(
+            kind,
+            format!("\"{field}\" is longer than {max_chars} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn optional_string(
+    kind: &'static str,
+    payload: &Map<String, Value>,
+    field: &str,
+) -> Result<(), ParseError> {
+    match payload.get(field) {
+        None | Some(Value::Null | Value::String(_)) => Ok(()),
+        Some(_) => Err(ParseError::payload(
+            kind,
+            format!("\"{field}\" must be a string or null"),
+        )),
+    }
+}
+
+fn parse_change(kind: &'static str, mut payload: Map<String, Value>) -> Result<Change, ParseError> {
+    match payload.remove("changes") {
+        Some(Value::String(text)) => Ok(Change::FullText(text)),
+        Some(Value::Object(op)) => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct WireOperation {
+                base_version: u64,
+                ops: Operation,
+            }
+            let op: WireOperation = serde_json::from_value(Value::Object(op))
+                .map_err(|e| ParseError::payload(kind, format!("\"changes\": {e}")))?;
+            Ok(Change::Operation {
+                base_version: op.base_version,
+                op: op.ops,
+            })
+        }
+        _ => Err(ParseError::payload(
+            kind,
+            "\"changes\" must be the full text (a string) or an operation {\"baseVersion\": <version>, \"ops\": [retain/insert/delete...]}",
+        )),
+    }
+}
+
+/// A participant as listed in `session-state` and the REST API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Participant {
+    /// The user's id.
+    pub user_id: String,
+    /// The user's display name.
+    pub username: String,
+}
+
+/// `session-state`, sent to a connection that joins (and after a refused `code-change`).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SessionState<'a> {
+    /// The whole document.
+    pub(crate) code: &'a str,
+    /// The session's language.
+    pub language: &'a str,
+    /// The document's version.
+    pub version: u64,
+    /// Everyone in the session, in join order.
+    pub participants: &'a [Participant],
+}
+
+/// `code-update`, sent to every other connection after an edit.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CodeUpdate<'a> {
+    /// The author.
+    pub user_id: &'a str,
+    /// The whole document after the edit.
+    pub(crate) code: &'a str,
+    /// The document's new version.
+    pub version: u64,
+    /// The edit as applied (transformed to the previous version).
+    pub ops: &'a Operation,
+}
+
+/// Encodes a server frame. Our own payload types always encode; should one ever fail, a plain
+/// error frame goes out instead of a panic.
+pub(crate) fn frame<T: Serialize + ?Sized>(kind: &str, payload: &T) -> Frame {
+    typed_frame(kind, "payload", payload).unwrap_or_else(|_| {
+        Frame::from_static(
+            r#"{"type":"error","payload":{"message":"internal error: a frame could not be encoded"}}"#,
+        )
+    })
+}
+
+/// `{"type": "error", "payload": {"message": message}}`.
+pub(crate) fn error_frame(message: &str) -> Frame {
+    frame("error", &serde_json::json!({ "message": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().message
+    }
+
+    #[test]
+    fn parses_every_client_message() {
+        let join = parse(r#"{"type":"join-session","payload":{"userId":"u1","username":"Ann"}}"#);
+        assert_eq!(
+            join,
+            Ok(ClientMessage::Join(Join {
+                user_id: "u1".into(),
+                username: Some("Ann".into())
+            }))
+        );
+        assert_eq!(
+            parse(r#"{"type":"leave-session"}"#),
+            Ok(ClientMessage::Leave)
+        );
+        assert_eq!(
+            parse(r#"{"type":"code-change","payload":{"userId":"x","changes":"abc"}}"#),
+            Ok(ClientMessage::CodeChange(Change::FullText("abc".into())))
+        );
+        let Ok(ClientMessage::CodeChange(Change::Operation { base_version, op })) = parse(
+            r#"{"type":"code-change","payload":{"changes":{"baseVersion":3,"ops":[1,"a",-1]}}}"#,
+        ) else {
+            panic!("operation not parsed")
+        };
+        assert_eq!((base_version, op.base_len(), op.target_len()), (3, 2, 2));
+        assert!(matches!(
+            parse(r#"{"type":"cursor-move","payload":{"cursor":{"line":1,"column":2}}}"#),
+            Ok(ClientMessage::CursorMove(_))
+        ));
+        assert_eq!(
+            parse(r#"{"type":"language-change","payload":{"language":"rust"}}"#),
+            Ok(ClientMessage::LanguageChange("rust".into()))
+        );
+        assert!(matches!(
+            parse(r#"{"type":"execute-code","payload":{"language":"python","code":"print(1)"}}"#),
+            Ok(ClientMessage::ExecuteCode(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"execution-result","payload":{"output":"2\n","error":null}}"#),
+            Ok(ClientMessage::ExecutionResult(_))
+        ));
+    }
+
+    #[test]
+    fn bad_frames_get_clear_messages() {
+        assert_eq!(err(r#"{"type":"dance"}"#), INVALID_TYPE);
+        assert_eq!(
+            err(r#"{"type":7}"#),
+            "Malformed message: \"type\" must be a string"
+        );
+        assert!(err("{nope").starts_with("Malformed message: not valid JSON"));
+        assert!(err("[1]").contains("expected a JSON object"));
+        assert!(err(r#"{"payload":{}}"#).contains("missing \"type\""));
+        assert!(err(r#"{"type":"join-session","payload":{}}"#).contains("missing field `userId`"));
+        assert!(
+            err(r#"{"type":"join-session","payload":{"userId":" "}}"#)
+                .contains("must not be empty")
+        );
+        assert!(err(r#"{"type":"code-change","payload":{}}"#).contains("\"changes\" must be"));
+        let bad_op =
+            parse(r#"{"type":"code-change","payload":{"changes":{"baseVersion":0,"ops":[true]}}}"#)
+                .unwrap_err();
+        assert_eq!(bad_op.kind, Some("code-change"));
+        assert!(
+            bad_op.message.contains("positive integer (retain)"),
+            "{}",
+            bad_op.message
+        );
+        assert!(
+            err(r#"{"type":"cursor-move","payload":{"cursor":3}}"#).contains("must be an object")
+        );
+        assert!(
+            err(r#"{"type":"execution-result","payload":{"output":1}}"#)
+                .contains("\"output\" must be a string")
+        );
+        assert!(err(r#"{"type":"language-change","payload":"x"}"#).contains("must be an object"));
+    }
+
+    #[test]
+    fn server_frames_use_the_payload_envelope() {
+        assert_eq!(
+            error_frame(INVALID_TYPE).as_str(),
+            r#"{"type":"error","payload":{"message":"Invalid message type"}}"#
+        );
+        let op = Operation::new().retain(1).insert("x");
+        let update = CodeUpdate {
+            user_id: "u",
+            code: "ax",
+            version: 4,
+            ops: &op,
+        };
+        assert_eq!(
+            frame("code-update", &update).as_str(),
+            r#"{"type":"code-update","payload":{"userId":"u","code":"ax","version":4,"ops":[1,"x"]}}"#
+        );
+    }
+}
