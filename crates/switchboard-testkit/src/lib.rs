@@ -117,6 +117,8 @@ pub struct ConnectOptions {
     pub origin: Option<String>,
     /// Shrink the client's kernel receive buffer (bytes), e.g. to make a slow reader quickly.
     pub recv_buffer: Option<u32>,
+    /// Extra request headers, e.g. `("x-forwarded-for", "203.0.113.9")`.
+    pub headers: Vec<(String, String)>,
 }
 
 /// A WebSocket client whose waits are bounded by [`TIMEOUT`].
@@ -141,6 +143,14 @@ impl Client {
                 "origin",
                 HeaderValue::from_str(origin).expect("origin header"),
             );
+        }
+        for (name, value) in &options.headers {
+            let name =
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .expect("header name");
+            request
+                .headers_mut()
+                .append(name, HeaderValue::from_str(value).expect("header value"));
         }
         let host = request.uri().host().unwrap_or("127.0.0.1").to_owned();
         let port = request.uri().port_u16().unwrap_or(80);

@@ -299,3 +299,42 @@ async fn only_the_ws_path_is_served() {
     assert_eq!(status, 404);
     assert_eq!(server.http("GET", "/healthz", None).await.status, 200);
 }
+
+#[tokio::test]
+async fn forwarded_for_counts_only_behind_a_trusted_proxy() {
+    use switchboard_testkit::ConnectOptions;
+
+    async fn author_id(server: &TestServer, forwarded: &str, text: &str) -> Value {
+        let options = ConnectOptions {
+            headers: vec![("x-forwarded-for".into(), forwarded.into())],
+            ..ConnectOptions::default()
+        };
+        let mut client = Client::connect_with(&server.ws_url("/ws"), options)
+            .await
+            .unwrap();
+        send(&mut client, text).await;
+        client.recv_until(|f| f["data"]["text"] == text).await["data"]["author_id"].clone()
+    }
+
+    let direct = start(Config::default()).await;
+    let a = author_id(&direct, "203.0.113.1", "a").await;
+    let b = author_id(&direct, "203.0.113.2", "b").await;
+    assert_eq!(a, b, "without --trust-proxy the header is ignored");
+
+    let proxied = TestServer::start(
+        IpChat::new(Config::default()),
+        ServerConfig {
+            trust_proxy: true,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let a = author_id(&proxied, "198.51.100.7, 203.0.113.1", "a").await;
+    let b = author_id(&proxied, "203.0.113.2", "b").await;
+    let c = author_id(&proxied, "203.0.113.1", "c").await;
+    assert_ne!(a, b, "different forwarded clients are different users");
+    assert_eq!(
+        a, c,
+        "only the last entry, added by the trusted proxy, counts"
+    );
+}
