@@ -112,9 +112,15 @@ impl Default for Config {
 }
 
 impl Config {
-    /// How long a socket may stay silent: `ping_interval + pong_timeout`.
+    /// The longest idle timeout honoured (7 days), so absurd settings cannot overflow timers.
+    pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    /// How long a socket may stay silent: `ping_interval + pong_timeout`, at most
+    /// [`Config::MAX_IDLE_TIMEOUT`].
     pub fn idle_timeout(&self) -> Duration {
-        self.ping_interval.saturating_add(self.pong_timeout)
+        self.ping_interval
+            .saturating_add(self.pong_timeout)
+            .min(Self::MAX_IDLE_TIMEOUT)
     }
 }
 
