@@ -1,0 +1,81 @@
+//! `--protocol collab`.
+
+use std::time::Duration;
+
+use switchboard_collab::{Collab, Config};
+
+use crate::CliError;
+use crate::runtime::{Server, parse_duration};
+
+/// collab options. The WebSocket frame limit defaults to what a full-text change of a maximal
+/// document needs (6 × `--collab-max-document-bytes` + 64 KiB); `--max-frame-bytes` overrides it.
+#[derive(Debug, Clone, clap::Args)]
+// A distinct group id: clap names a flattened group after the struct, and `Args` is taken.
+#[group(id = "collab_args")]
+#[command(next_help_heading = "collab")]
+pub(crate) struct Args {
+    /// Largest document in UTF-8 bytes; edits that would exceed it are refused.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_MAX_DOCUMENT_BYTES",
+        default_value_t = 1024 * 1024
+    )]
+    collab_max_document_bytes: usize,
+    /// Distinct users per session; a further user's join-session is refused.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_MAX_PARTICIPANTS",
+        default_value_t = 50
+    )]
+    collab_max_participants: usize,
+    /// Sessions in total; more (REST or first connect) get HTTP 503.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_MAX_SESSIONS",
+        default_value_t = 10_000
+    )]
+    collab_max_sessions: usize,
+    /// A session with no open socket is removed after this long, e.g. 1h.
+    #[arg(long, env = "SWITCHBOARD_COLLAB_IDLE_TTL", default_value = "1h", value_parser = parse_duration)]
+    collab_idle_ttl: Duration,
+    /// Recent operations kept per session to transform late edits; older bases must resync.
+    #[arg(long, env = "SWITCHBOARD_COLLAB_MAX_OP_LOG", default_value_t = 1000)]
+    collab_max_op_log: usize,
+    /// Approximate bytes of the per-session operation log (the newest entry always stays).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_MAX_OP_LOG_BYTES",
+        default_value_t = 2 * 1024 * 1024
+    )]
+    collab_max_op_log_bytes: usize,
+    /// Language of a session created without one.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_DEFAULT_LANGUAGE",
+        default_value = "javascript"
+    )]
+    collab_default_language: String,
+}
+
+pub(crate) async fn serve(args: &Args, mut server: Server) -> Result<(), CliError> {
+    let config = Config {
+        max_document_bytes: args.collab_max_document_bytes,
+        max_participants: args.collab_max_participants,
+        max_sessions: args.collab_max_sessions,
+        idle_ttl: args.collab_idle_ttl,
+        max_op_log: args.collab_max_op_log,
+        max_op_log_bytes: args.collab_max_op_log_bytes,
+        default_language: args.collab_default_language.clone(),
+    };
+    // A code-update carries the whole document and the operation, each up to a frame's worth of
+    // escaped JSON: let the socket's write buffer hold one.
+    let frame = server
+        .config
+        .max_frame_bytes
+        .unwrap_or_else(|| config.max_frame_bytes());
+    server.config.max_write_buffer_bytes = server
+        .config
+        .max_write_buffer_bytes
+        .max(frame.saturating_mul(2));
+    server.run(Collab::new(config)).await
+}
