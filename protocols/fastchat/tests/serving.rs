@@ -98,8 +98,8 @@ async fn frames_over_16_kib_close_the_socket_with_1009() {
 #[tokio::test]
 async fn a_silent_socket_is_dropped_and_presence_updated() {
     let config = Config {
-        ping_interval: Duration::from_millis(200),
-        pong_timeout: Duration::from_millis(100),
+        ping_interval: Duration::from_millis(500),
+        pong_timeout: Duration::from_millis(250),
         ..Config::default()
     };
     let idle = config.idle_timeout();
