@@ -17,7 +17,9 @@ pub struct ServerConfig {
     /// Largest plain-HTTP request body; `None` uses the frame limit.
     pub max_http_body_bytes: Option<usize>,
     /// Outbound queue capacity per connection, in queue items. A full queue disconnects the
-    /// client with 1008 "slow consumer".
+    /// client with 1008 "slow consumer". Items are handles to shared frames (40 bytes each), so
+    /// the bound is about backlog, not copies; it must absorb a broadcast burst that arrives
+    /// faster than a busy server schedules the connection's writer.
     pub outbound_queue: usize,
     /// WebSocket pings and the idle timeout, unless the protocol brings its own policy.
     pub keepalive: Keepalive,
@@ -46,7 +48,7 @@ impl Default for ServerConfig {
             allowed_origins: None,
             max_frame_bytes: None,
             max_http_body_bytes: None,
-            outbound_queue: 256,
+            outbound_queue: 1024,
             keepalive: Keepalive::default(),
             max_connections: 10_000,
             trust_proxy: false,
