@@ -1,0 +1,173 @@
+//! `--protocol reqack`.
+
+use std::time::Duration;
+
+use switchboard_reqack::{Config, ReqAck};
+
+use crate::CliError;
+use crate::runtime::{Server, parse_duration};
+
+/// reqack options (every limit is documented in docs/protocols/reqack.md).
+#[derive(Debug, Clone, clap::Args)]
+// A distinct group id: clap names a flattened group after the struct, and `Args` is taken.
+#[group(id = "reqack_args")]
+#[command(next_help_heading = "reqack")]
+pub(crate) struct Args {
+    /// Resend an event unacknowledged this long on a live socket, e.g. 10s.
+    #[arg(long, env = "SWITCHBOARD_REDELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    redelivery_timeout: Duration,
+    /// Unacknowledged events per user; a request that would add one more fails with OUTBOX_FULL.
+    #[arg(long, env = "SWITCHBOARD_REQACK_OUTBOX_LIMIT", default_value_t = 1_000)]
+    reqack_outbox_limit: usize,
+    /// Unacknowledged events across all users; more fail with OUTBOX_FULL.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_PENDING",
+        default_value_t = 100_000
+    )]
+    reqack_max_pending: usize,
+    /// Users tracked; when full, offline users with empty outboxes are forgotten.
+    #[arg(long, env = "SWITCHBOARD_REQACK_MAX_USERS", default_value_t = 100_000)]
+    reqack_max_users: usize,
+    /// Open sockets per user; more upgrades get HTTP 503.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_SOCKETS_PER_USER",
+        default_value_t = 16
+    )]
+    reqack_max_sockets_per_user: usize,
+    /// Stored messages (history, edits, receipts); the oldest is forgotten first.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGES",
+        default_value_t = 50_000
+    )]
+    reqack_max_messages: usize,
+    /// Open calls; the oldest is forgotten first.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_OPEN_CALLS",
+        default_value_t = 10_000
+    )]
+    reqack_max_open_calls: usize,
+    /// Participants per newCall besides the caller.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_CALL_PARTICIPANTS",
+        default_value_t = 32
+    )]
+    reqack_max_call_participants: usize,
+    /// Responses remembered for idempotent retries; the oldest is forgotten first.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_IDEMPOTENCY_CACHE",
+        default_value_t = 50_000
+    )]
+    reqack_idempotency_cache: usize,
+    /// Largest message text in bytes.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGE_BYTES",
+        default_value_t = 4_096
+    )]
+    reqack_max_message_bytes: usize,
+    /// Largest user id, request id, call id or clientMessageId in bytes.
+    #[arg(long, env = "SWITCHBOARD_REQACK_MAX_ID_BYTES", default_value_t = 128)]
+    reqack_max_id_bytes: usize,
+    /// history page size when the request gives no limit.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_HISTORY_DEFAULT_LIMIT",
+        default_value_t = 50
+    )]
+    reqack_history_default_limit: usize,
+    /// Largest history page; larger limits are clamped.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_HISTORY_PAGE_LIMIT",
+        default_value_t = 200
+    )]
+    reqack_history_page_limit: usize,
+    /// Requests and client events per user per rate window (0: unlimited).
+    #[arg(long, env = "SWITCHBOARD_REQACK_RATE_LIMIT", default_value_t = 100)]
+    reqack_rate_limit: usize,
+    /// The sliding rate-limit window, e.g. 10s.
+    #[arg(long, env = "SWITCHBOARD_REQACK_RATE_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    reqack_rate_window: Duration,
+}
+
+impl Args {
+    fn config(&self) -> Config {
+        Config {
+            redelivery_timeout: self.redelivery_timeout,
+            outbox_limit: self.reqack_outbox_limit,
+            max_pending_events: self.reqack_max_pending,
+            max_users: self.reqack_max_users,
+            max_sockets_per_user: self.reqack_max_sockets_per_user,
+            max_messages: self.reqack_max_messages,
+            max_open_calls: self.reqack_max_open_calls,
+            max_call_participants: self.reqack_max_call_participants,
+            idempotency_cache: self.reqack_idempotency_cache,
+            max_message_bytes: self.reqack_max_message_bytes,
+            max_id_bytes: self.reqack_max_id_bytes,
+            history_default_limit: self.reqack_history_default_limit,
+            history_page_limit: self.reqack_history_page_limit,
+            rate_limit: self.reqack_rate_limit,
+            rate_window: self.reqack_rate_window,
+        }
+    }
+}
+
+pub(crate) async fn serve(args: &Args, server: Server) -> Result<(), CliError> {
+    server.run(ReqAck::new(args.config())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn the_defaults_match_the_protocol_defaults() {
+        let cli = Cli::try_parse_from(["test"]).unwrap();
+        let config = cli.args.config();
+        let defaults = Config::default();
+        assert_eq!(config.redelivery_timeout, defaults.redelivery_timeout);
+        assert_eq!(config.outbox_limit, defaults.outbox_limit);
+        assert_eq!(config.max_pending_events, defaults.max_pending_events);
+        assert_eq!(config.max_users, defaults.max_users);
+        assert_eq!(config.max_sockets_per_user, defaults.max_sockets_per_user);
+        assert_eq!(config.max_messages, defaults.max_messages);
+        assert_eq!(config.max_open_calls, defaults.max_open_calls);
+        assert_eq!(config.max_call_participants, defaults.max_call_participants);
+        assert_eq!(config.idempotency_cache, defaults.idempotency_cache);
+        assert_eq!(config.max_message_bytes, defaults.max_message_bytes);
+        assert_eq!(config.max_id_bytes, defaults.max_id_bytes);
+        assert_eq!(config.history_default_limit, defaults.history_default_limit);
+        assert_eq!(config.history_page_limit, defaults.history_page_limit);
+        assert_eq!(config.rate_limit, defaults.rate_limit);
+        assert_eq!(config.rate_window, defaults.rate_window);
+    }
+
+    #[test]
+    fn flags_set_the_config() {
+        let cli = Cli::try_parse_from([
+            "test",
+            "--redelivery-timeout",
+            "250ms",
+            "--reqack-outbox-limit",
+            "7",
+        ])
+        .unwrap();
+        let config = cli.args.config();
+        assert_eq!(config.redelivery_timeout, Duration::from_millis(250));
+        assert_eq!(config.outbox_limit, 7);
+    }
+}
