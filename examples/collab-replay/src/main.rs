@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use switchboard_collab::ot::Operation;
-use switchboard_collab::{ClientDocument, Outgoing};
+use switchboard_collab::{ClientDocument, OutgoingEdit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
@@ -280,7 +280,7 @@ async fn pump(
     }
 }
 
-async fn send(socket: &mut Socket, out: &Outgoing) -> Result<(), Error> {
+async fn send(socket: &mut Socket, out: &OutgoingEdit) -> Result<(), Error> {
     let frame = json!({"type": "code-change", "payload": {"changes": {"baseVersion": out.base_version, "ops": out.op}}});
     socket.send(Message::text(frame.to_string())).await?;
     Ok(())

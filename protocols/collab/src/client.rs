@@ -18,7 +18,7 @@ use crate::ot::{Operation, OtError, transform};
 
 /// An operation to send as `code-change` `{baseVersion, ops}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
+pub struct OutgoingEdit {
     /// The version the operation is based on: the last version this client has seen.
     pub base_version: u64,
     /// The operation.
@@ -67,11 +67,11 @@ impl ClientDocument {
 
     /// A local edit: applies it to the text and returns what to send now, if anything (nothing
     /// while another operation is in flight; it is buffered instead).
-    pub fn edit(&mut self, op: Operation) -> Result<Option<Outgoing>, OtError> {
+    pub fn edit(&mut self, op: Operation) -> Result<Option<OutgoingEdit>, OtError> {
         self.text = op.apply(&self.text)?;
         if self.inflight.is_none() {
             self.inflight = Some(op.clone());
-            return Ok(Some(Outgoing {
+            return Ok(Some(OutgoingEdit {
                 base_version: self.version,
                 op,
             }));
@@ -85,10 +85,10 @@ impl ClientDocument {
 
     /// A `code-ack {version}`: the in-flight operation became `version`. Returns the buffered
     /// operation to send next, if any.
-    pub fn ack(&mut self, version: u64) -> Option<Outgoing> {
+    pub fn ack(&mut self, version: u64) -> Option<OutgoingEdit> {
         self.version = version;
         self.inflight = self.buffer.take();
-        self.inflight.clone().map(|op| Outgoing {
+        self.inflight.clone().map(|op| OutgoingEdit {
             base_version: version,
             op,
         })

@@ -42,7 +42,7 @@ use switchboard_core::{
 };
 use tracing::debug;
 
-pub use client::{ClientDocument, Outgoing};
+pub use client::{ClientDocument, OutgoingEdit};
 pub use document::{Applied, Document, DocumentLimits, EditError};
 pub use messages::{
     Change, ClientMessage, INVALID_TYPE, Join, MAX_CURSOR_BYTES, MAX_LANGUAGE_CHARS,

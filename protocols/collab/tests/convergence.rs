@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use proptest::prelude::*;
 use switchboard_collab::ot::{Operation, transform};
-use switchboard_collab::{ClientDocument, Document, DocumentLimits, EditError, Outgoing};
+use switchboard_collab::{ClientDocument, Document, DocumentLimits, EditError, OutgoingEdit};
 
 const ALPHABET: [&str; 6] = ["a", "b", "é", "🌍", "\n", "xy"];
 
@@ -74,7 +74,7 @@ enum ToClient {
 struct Simulation {
     server: Document,
     clients: Vec<ClientDocument>,
-    uplinks: Vec<VecDeque<Outgoing>>,
+    uplinks: Vec<VecDeque<OutgoingEdit>>,
     downlinks: Vec<VecDeque<ToClient>>,
     refused: usize,
 }
