@@ -101,6 +101,16 @@ impl Config {
             .saturating_add(FRAME_OVERHEAD)
     }
 
+    /// The largest frame the server sends: a `code-update` carrying a maximal document and an
+    /// operation inserting all of it, both fully escaped. The runtime's write buffer
+    /// (`ServerConfig::max_write_buffer_bytes`, 8 MiB by default) must hold one, or the receiving
+    /// socket is dropped; with the default limits this is about 12 MiB.
+    pub fn max_outbound_frame_bytes(&self) -> usize {
+        self.max_document_bytes
+            .saturating_mul(2 * JSON_ESCAPE_FACTOR)
+            .saturating_add(FRAME_OVERHEAD)
+    }
+
     fn document_limits(&self) -> DocumentLimits {
         DocumentLimits {
             max_bytes: self.max_document_bytes,

@@ -727,6 +727,26 @@ async fn a_maximal_document_fits_the_default_frame_limit_and_one_byte_more_is_re
     assert!(expect_error(&mut alice).await.contains("over the limit"));
 }
 
+/// The worst case outbound: a code-update with a maximal, fully escaped document and an operation
+/// inserting all of it. It needs a write buffer of `max_outbound_frame_bytes` (the CLI sets it).
+#[tokio::test]
+async fn a_worst_case_update_reaches_the_others_with_the_documented_write_buffer() {
+    let config = Config::default();
+    let server_config = ServerConfig {
+        max_write_buffer_bytes: config.max_outbound_frame_bytes(),
+        ..ServerConfig::default()
+    };
+    let max = config.max_document_bytes;
+    let server = TestServer::start(Collab::new(config), server_config).await;
+    let (mut alice, _) = join(&server, "s", "u-alice", "Alice").await;
+    let (mut bob, _) = join(&server, "s", "u-bob", "Bob").await;
+    alice.recv_type("participant-joined").await;
+    send_text(&mut alice, &"\u{1}".repeat(max)).await;
+    alice.recv_type("code-ack").await;
+    let update = bob.recv_type("code-update").await;
+    assert_eq!(update["payload"]["code"].as_str().unwrap().len(), max);
+}
+
 #[tokio::test]
 async fn a_maximal_document_reaches_the_other_participants() {
     let server = start(Config::default()).await;

@@ -67,15 +67,11 @@ pub(crate) async fn serve(args: &Args, mut server: Server) -> Result<(), CliErro
         max_op_log_bytes: args.collab_max_op_log_bytes,
         default_language: args.collab_default_language.clone(),
     };
-    // A code-update carries the whole document and the operation, each up to a frame's worth of
-    // escaped JSON: let the socket's write buffer hold one.
-    let frame = server
-        .config
-        .max_frame_bytes
-        .unwrap_or_else(|| config.max_frame_bytes());
+    // A code-update carries the whole document and the operation, each fully escaped in the
+    // worst case: let the socket's write buffer hold one (the runtime default is 8 MiB).
     server.config.max_write_buffer_bytes = server
         .config
         .max_write_buffer_bytes
-        .max(frame.saturating_mul(2));
+        .max(config.max_outbound_frame_bytes());
     server.run(Collab::new(config)).await
 }
