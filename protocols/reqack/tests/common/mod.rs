@@ -178,6 +178,12 @@ impl User {
         self.ok(&id, "history", json!({"chatId": "nobody"})).await;
     }
 
+    /// Forgets copies of `event` received so far (redeliveries that were already on their way
+    /// before the ack was processed; call after [`User::sync`]).
+    pub fn discard_copies(&mut self, event: &Value) {
+        self.backlog.retain(|v| v != event);
+    }
+
     /// Asserts that nothing but presence events is pending or arrives within `wait`.
     pub async fn quiet(&mut self, wait: Duration) {
         if let Some(v) = self.backlog.iter().find(|v| !is_presence(v)) {
