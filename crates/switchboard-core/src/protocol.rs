@@ -209,6 +209,12 @@ pub trait Protocol: Send + Sync + 'static {
         64 * 1024
     }
 
+    /// The largest frame this protocol sends. The runtime sizes each socket's write-buffer bound
+    /// to hold one, so a legitimate large frame is never mistaken for a stuck peer.
+    fn max_outbound_frame_bytes(&self) -> usize {
+        4 * 1024 * 1024
+    }
+
     /// Plain HTTP routes (a REST API, a status page). `None` means 404.
     fn http(&self, _request: HttpRequest) -> impl Future<Output = Option<HttpResponse>> + Send {
         async { None }

@@ -36,7 +36,8 @@ pub struct ServerConfig {
     pub read_buffer_bytes: usize,
     /// Bytes tungstenite buffers before writing to the socket; frames of one batch are coalesced.
     pub write_buffer_bytes: usize,
-    /// Hard bound on tungstenite's write buffer (its default is unbounded).
+    /// Hard bound on tungstenite's write buffer (its default is unbounded). The runtime raises it
+    /// to `write_buffer_bytes` + the protocol's `max_outbound_frame_bytes()` when that is larger.
     pub max_write_buffer_bytes: usize,
     /// Listen backlog for the accept queue (tokio's default of 128 stalls connect bursts).
     pub accept_backlog: u32,

@@ -102,9 +102,9 @@ impl Config {
     }
 
     /// The largest frame the server sends: a `code-update` carrying a maximal document and an
-    /// operation inserting all of it, both fully escaped. The runtime's write buffer
-    /// (`ServerConfig::max_write_buffer_bytes`, 8 MiB by default) must hold one, or the receiving
-    /// socket is dropped; with the default limits this is about 12 MiB.
+    /// operation inserting all of it, both fully escaped; with the default limits about 12 MiB.
+    /// Reported to the runtime through `Protocol::max_outbound_frame_bytes`, which sizes each
+    /// socket's write-buffer bound to hold one.
     pub fn max_outbound_frame_bytes(&self) -> usize {
         self.max_document_bytes
             .saturating_mul(2 * JSON_ESCAPE_FACTOR)
@@ -263,6 +263,10 @@ impl Protocol for Collab {
 
     fn default_max_frame_bytes(&self) -> usize {
         self.config.max_frame_bytes()
+    }
+
+    fn max_outbound_frame_bytes(&self) -> usize {
+        self.config.max_outbound_frame_bytes()
     }
 
     async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {

@@ -728,14 +728,12 @@ async fn a_maximal_document_fits_the_default_frame_limit_and_one_byte_more_is_re
 }
 
 /// The worst case outbound: a code-update with a maximal, fully escaped document and an operation
-/// inserting all of it. It needs a write buffer of `max_outbound_frame_bytes` (the CLI sets it).
+/// inserting all of it. The runtime sizes the write buffer from `max_outbound_frame_bytes` even
+/// with a default `ServerConfig`.
 #[tokio::test]
-async fn a_worst_case_update_reaches_the_others_with_the_documented_write_buffer() {
+async fn a_worst_case_update_reaches_the_others_with_the_default_server_config() {
     let config = Config::default();
-    let server_config = ServerConfig {
-        max_write_buffer_bytes: config.max_outbound_frame_bytes(),
-        ..ServerConfig::default()
-    };
+    let server_config = ServerConfig::default();
     let max = config.max_document_bytes;
     let server = TestServer::start(Collab::new(config), server_config).await;
     let (mut alice, _) = join(&server, "s", "u-alice", "Alice").await;
