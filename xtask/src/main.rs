@@ -1,18 +1,26 @@
-//! Project automation: `cargo xtask ci` runs exactly what CI runs.
+//! Project automation, in Rust instead of shell scripts (the cargo-xtask convention).
+//!
+//! - `cargo xtask ci`: exactly what CI runs — fmt check, clippy with warnings denied, tests.
+//! - `cargo xtask bench [--quick]`: release builds of the server and of a minimal baseline,
+//!   a fixed matrix of load runs against both, and the table in `docs/performance.md`.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
     reason = "a command-line tool"
 )]
 
+mod bench;
+
 use std::process::{Command, ExitCode};
 
 fn main() -> ExitCode {
-    let task = std::env::args().nth(1).unwrap_or_default();
+    let mut args = std::env::args().skip(1);
+    let task = args.next().unwrap_or_default();
     match task.as_str() {
         "ci" => ci(),
+        "bench" => bench::run(args.any(|a| a == "--quick")),
         _ => {
-            eprintln!("usage: cargo xtask ci");
+            eprintln!("usage: cargo xtask ci | cargo xtask bench [--quick]");
             ExitCode::from(2)
         }
     }
@@ -33,15 +41,21 @@ fn ci() -> ExitCode {
         &["test", "--workspace"],
     ];
     for step in steps {
-        eprintln!("$ cargo {}", step.join(" "));
-        let ok = Command::new(env!("CARGO"))
-            .args(*step)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("xtask ci: `cargo {}` failed", step.join(" "));
+        if !cargo(step) {
             return ExitCode::FAILURE;
         }
     }
     ExitCode::SUCCESS
+}
+
+fn cargo(args: &[&str]) -> bool {
+    eprintln!("$ cargo {}", args.join(" "));
+    let ok = Command::new(env!("CARGO"))
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("xtask: `cargo {}` failed", args.join(" "));
+    }
+    ok
 }

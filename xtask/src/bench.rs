@@ -1,0 +1,388 @@
+//! `cargo xtask bench`: the benchmark matrix behind `docs/performance.md`.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// One server under test.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Switchboard,
+    Baseline,
+}
+
+struct Running {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(18_000, |a| a.port())
+}
+
+fn start(server: Server, release: &Path) -> Result<Running, String> {
+    let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let child = match server {
+        Server::Switchboard => Command::new(release.join("switchboard"))
+            .args([
+                "serve",
+                "--protocol",
+                "ip-chat",
+                "--listen",
+                &addr.to_string(),
+                "--max-connections",
+                "20000",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn(),
+        Server::Baseline => Command::new(release.join("baseline-server"))
+            .arg(addr.to_string())
+            .stderr(Stdio::null())
+            .spawn(),
+    }
+    .map_err(|e| format!("could not start the server: {e}"))?;
+    let running = Running {
+        child,
+        url: format!("ws://{addr}/ws"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return Err("the server did not start listening".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(running)
+}
+
+fn start_reqack(release: &Path) -> Result<Running, String> {
+    let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let child = Command::new(release.join("switchboard"))
+        .args([
+            "serve",
+            "--protocol",
+            "reqack",
+            "--listen",
+            &addr.to_string(),
+            "--max-connections",
+            "20000",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("could not start the server: {e}"))?;
+    let running = Running {
+        child,
+        url: format!("ws://{addr}/ws"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return Err("the reqack server did not start listening".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(running)
+}
+
+/// Runs `switchboard bench <args>` and returns its JSON report.
+fn load(release: &Path, args: &[String]) -> Result<Value, String> {
+    eprintln!("  $ switchboard bench {}", args.join(" "));
+    let output = Command::new(release.join("switchboard"))
+        .arg("bench")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not run the load tool: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"bench\""))
+        .ok_or("the load tool printed no report")?;
+    let value: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    Ok(value["report"].clone())
+}
+
+fn fanout(
+    release: &Path,
+    server: Server,
+    subscribers: usize,
+    messages: usize,
+    rate: Option<f64>,
+) -> Result<Value, String> {
+    let running = start(server, release)?;
+    let mut args: Vec<String> = [
+        "fanout",
+        "--url",
+        &running.url,
+        "--pid",
+        &running.child.id().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend([
+        "--subscribers".into(),
+        subscribers.to_string(),
+        "--messages".into(),
+        messages.to_string(),
+    ]);
+    if let Some(rate) = rate {
+        args.extend(["--rate".into(), rate.to_string()]);
+    }
+    load(release, &args)
+}
+
+fn idle(release: &Path, server: Server, connections: usize) -> Result<Value, String> {
+    let running = start(server, release)?;
+    let pid = running.child.id().to_string();
+    let args = [
+        "idle",
+        "--url",
+        &running.url,
+        "--pid",
+        &pid,
+        "--connections",
+        &connections.to_string(),
+    ];
+    load(release, &args.map(str::to_owned))
+}
+
+fn reqack(release: &Path, users: usize, messages: usize) -> Result<Value, String> {
+    let running = start_reqack(release)?;
+    let args = [
+        "reqack",
+        "--url",
+        &running.url,
+        "--users",
+        &users.to_string(),
+        "--messages",
+        &messages.to_string(),
+    ];
+    load(release, &args.map(str::to_owned))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or_else(
+            || "?".into(),
+            |kib| format!("{:.0} GiB", kib as f64 / 1048576.0),
+        );
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores ({cpu}), {memory} RAM, Linux {}",
+        kernel.trim()
+    )
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(v, |v, key| &v[*key])
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
+fn ratio(ours: f64, theirs: f64) -> String {
+    if theirs.is_finite() && theirs > 0.0 && ours.is_finite() {
+        format!("{:.2}×", ours / theirs)
+    } else {
+        "–".into()
+    }
+}
+
+pub(crate) fn run(quick: bool) -> ExitCode {
+    if !crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "switchboard-cli",
+        "-p",
+        "baseline-server",
+    ]) {
+        return ExitCode::FAILURE;
+    }
+    let release = root().join("target/release");
+    match matrix(&release, quick) {
+        Ok(report) => {
+            let path = root().join("docs/performance.md");
+            if let Err(e) = std::fs::write(&path, report) {
+                eprintln!("xtask bench: could not write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            eprintln!("wrote {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xtask bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn matrix(release: &Path, quick: bool) -> Result<String, String> {
+    let (idle_sizes, big_fanout) = if quick {
+        (vec![1_000], 200)
+    } else {
+        (vec![10_000, 15_000], 1_000)
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "# Performance\n");
+    let _ = writeln!(
+        out,
+        "Written by `cargo xtask bench`{} on {}. Server and load generator share the machine, so\n\
+         every figure includes the load generator's competition for the same cores. The baseline\n\
+         is `benches/baseline-server`: a minimal tokio-tungstenite ip-chat broadcast server doing\n\
+         the same wire work with none of the platform around it. Ratios are Switchboard ÷ baseline.\n",
+        if quick { " --quick" } else { "" },
+        machine()
+    );
+
+    let _ = writeln!(out, "## ip-chat fan-out\n");
+    let _ = writeln!(
+        out,
+        "| run | server | deliveries/s | p50 µs | p99 µs | max µs | CPU µs/delivery | complete |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let mut fanout_ratios = Vec::new();
+    for (label, subs, messages, rate) in [
+        ("100 subs × 500 msgs", 100, 500, None),
+        ("1,000 subs × 500 msgs", big_fanout, 500, None),
+        (
+            "1,000 subs, steady 40 msgs/s (40k deliveries/s)",
+            big_fanout,
+            400,
+            Some(40.0),
+        ),
+    ] {
+        let ours = fanout(release, Server::Switchboard, subs, messages, rate)?;
+        let base = fanout(release, Server::Baseline, subs, messages, rate)?;
+        for (name, r) in [("switchboard", &ours), ("baseline", &base)] {
+            let _ = writeln!(
+                out,
+                "| {label} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+                num(r, &["deliveries_per_sec"]),
+                num(r, &["latency_us", "p50"]),
+                num(r, &["latency_us", "p99"]),
+                num(r, &["latency_us", "max"]),
+                num(r, &["server_cpu_per_delivery_us"]),
+                r["complete"]
+            );
+        }
+        fanout_ratios.push((label, ours, base));
+    }
+    let _ = writeln!(
+        out,
+        "\n| run | throughput ratio (target ≥ 0.9×) | CPU/delivery ratio (target ≤ 1.2×) | p99 ratio (target ≤ 2×) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|");
+    for (label, ours, base) in &fanout_ratios {
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} |",
+            ratio(
+                num(ours, &["deliveries_per_sec"]),
+                num(base, &["deliveries_per_sec"])
+            ),
+            ratio(
+                num(ours, &["server_cpu_per_delivery_us"]),
+                num(base, &["server_cpu_per_delivery_us"])
+            ),
+            ratio(
+                num(ours, &["latency_us", "p99"]),
+                num(base, &["latency_us", "p99"])
+            ),
+        );
+    }
+
+    let _ = writeln!(out, "\n## Idle sockets\n");
+    let _ = writeln!(
+        out,
+        "| sockets | server | connects/s | server RSS per socket | ratio |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for connections in idle_sizes {
+        let ours = idle(release, Server::Switchboard, connections)?;
+        let base = idle(release, Server::Baseline, connections)?;
+        let per = |r: &Value| num(r, &["rss_per_connection_bytes"]);
+        for (name, r) in [("switchboard", &ours), ("baseline", &base)] {
+            let _ = writeln!(
+                out,
+                "| {connections} | {name} | {:.0} | {:.2} KiB | {} |",
+                num(r, &["connects_per_sec"]),
+                per(r) / 1024.0,
+                if name == "switchboard" {
+                    ratio(per(&ours), per(&base))
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n## reqack\n");
+    let (users, messages) = if quick { (20, 20) } else { (100, 50) };
+    let r = reqack(release, users, messages)?;
+    let _ = writeln!(
+        out,
+        "| users × messages | request p50 µs | p99 µs | events/s | duplicates after ack | missing | exactly once |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| {users} × {messages} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+        num(&r, &["request_latency_us", "p50"]),
+        num(&r, &["request_latency_us", "p99"]),
+        num(&r, &["events_per_sec"]),
+        r["duplicates"],
+        r["missing"],
+        r["exactly_once"]
+    );
+    Ok(out)
+}
