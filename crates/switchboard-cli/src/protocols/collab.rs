@@ -57,7 +57,7 @@ pub(crate) struct Args {
     collab_default_language: String,
 }
 
-pub(crate) async fn serve(args: &Args, mut server: Server) -> Result<(), CliError> {
+pub(crate) async fn serve(args: &Args, server: Server) -> Result<(), CliError> {
     let config = Config {
         max_document_bytes: args.collab_max_document_bytes,
         max_participants: args.collab_max_participants,
@@ -67,11 +67,5 @@ pub(crate) async fn serve(args: &Args, mut server: Server) -> Result<(), CliErro
         max_op_log_bytes: args.collab_max_op_log_bytes,
         default_language: args.collab_default_language.clone(),
     };
-    // A code-update carries the whole document and the operation, each fully escaped in the
-    // worst case: let the socket's write buffer hold one (the runtime default is 8 MiB).
-    server.config.max_write_buffer_bytes = server
-        .config
-        .max_write_buffer_bytes
-        .max(config.max_outbound_frame_bytes());
     server.run(Collab::new(config)).await
 }
