@@ -70,7 +70,7 @@ pub async fn run(options: IdleOptions) -> Result<IdleReport, BenchError> {
             let _ = socket.close(None).await;
         }));
         opened += 1;
-        if opened % 1000 == 0 {
+        if opened.is_multiple_of(1000) {
             info!(opened, "connecting");
         }
     }

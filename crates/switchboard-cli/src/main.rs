@@ -4,8 +4,10 @@
 //! Every flag has an environment twin (`--listen` / `SWITCHBOARD_LISTEN`). Exit codes: 0 after a
 //! clean shutdown, 1 when the server cannot start or fails, 2 for invalid arguments.
 
+mod bench;
 mod protocols;
 mod runtime;
+mod teambot;
 
 use std::process::ExitCode;
 
@@ -56,6 +58,11 @@ enum LogFormat {
 enum Command {
     /// Serve one protocol over HTTP and WebSocket.
     Serve(Box<protocols::ServeArgs>),
+    /// Load-test a running server (traffic stays on 127.0.0.0/8).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Run the teambot client against a teambot server (exits 0 on goodbye, SIGINT or SIGTERM).
+    Teambot(Box<teambot::TeambotArgs>),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +82,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => protocols::serve(*args).await,
+            Command::Bench(command) => bench::run(command).await,
+            Command::Teambot(args) => teambot::run(*args).await,
         }
     });
     match result {
@@ -103,5 +112,19 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Catches clashing flag names or argument groups between protocol modules, which would
+    /// otherwise only panic when someone runs the binary.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -24,7 +24,7 @@ pub(crate) struct RuntimeArgs {
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub(crate) max_connections: usize,
     /// Outbound queue per connection (items); a full queue disconnects a slow consumer (1008).
-    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE", default_value_t = 256)]
+    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub(crate) outbound_queue: usize,
     /// WebSocket ping interval, e.g. 30s; 0 disables pings.
     #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
@@ -81,6 +81,11 @@ impl Server {
 
     pub(crate) async fn run_shared<P: Protocol>(self, protocol: Arc<P>) -> Result<(), CliError> {
         let name = protocol.name();
+        // Each socket is a file descriptor: take the whole hard limit, not the (often 1024) soft one.
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => tracing::info!(limit, "open-file limit"),
+            Err(error) => tracing::warn!(%error, "could not raise the open-file limit"),
+        }
         let listener = switchboard_server::bind(self.listen, self.config.accept_backlog).map_err(
             |source| CliError::Bind {
                 addr: self.listen,

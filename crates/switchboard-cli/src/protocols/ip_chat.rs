@@ -8,6 +8,7 @@ use crate::runtime::Server;
 /// ip-chat options.
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "ip-chat")]
+#[group(id = "ip_chat_args")]
 pub(crate) struct Args {
     /// Messages kept and replayed to new clients; the oldest is dropped first.
     #[arg(long, env = "SWITCHBOARD_HISTORY_LIMIT", default_value_t = 1000)]

@@ -1,6 +1,10 @@
 //! `switchboard serve`: one module per protocol with its flags and how to build it.
 
+mod collab;
+mod fastchat;
 mod ip_chat;
+mod reqack;
+mod teambot_sim;
 
 use std::net::SocketAddr;
 
@@ -14,6 +18,14 @@ use crate::runtime::{RuntimeArgs, Server};
 pub(crate) enum ProtocolName {
     /// Broadcast chat, users identified by IP.
     IpChat,
+    /// Direct one-to-one chat with HELLO identity, presence and delivery acks.
+    Fastchat,
+    /// Collaborative code editing with operational transformation.
+    Collab,
+    /// Request/response messaging with acknowledged, redelivered events.
+    Reqack,
+    /// Simulator of the teambot server: seeded scenario, chaos, healthcheck scorecard.
+    TeambotSim,
 }
 
 /// `switchboard serve` flags: the protocol, where to listen, runtime limits, protocol options.
@@ -34,6 +46,14 @@ pub(crate) struct ServeArgs {
     runtime: RuntimeArgs,
     #[command(flatten)]
     ip_chat: ip_chat::Args,
+    #[command(flatten)]
+    fastchat: fastchat::Args,
+    #[command(flatten)]
+    collab: collab::Args,
+    #[command(flatten)]
+    reqack: reqack::Args,
+    #[command(flatten)]
+    teambot_sim: teambot_sim::Args,
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<(), CliError> {
@@ -43,5 +63,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), CliError> {
     };
     match args.protocol {
         ProtocolName::IpChat => ip_chat::serve(&args.ip_chat, server).await,
+        ProtocolName::Fastchat => fastchat::serve(&args.fastchat, server).await,
+        ProtocolName::Collab => collab::serve(&args.collab, server).await,
+        ProtocolName::Reqack => reqack::serve(&args.reqack, server).await,
+        ProtocolName::TeambotSim => teambot_sim::serve(&args.teambot_sim, server).await,
     }
 }

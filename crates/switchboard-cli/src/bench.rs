@@ -1,0 +1,151 @@
+//! `switchboard bench`: load-test a running server (fan-out, idle sockets, reqack).
+#![allow(clippy::print_stdout, reason = "the report is the command's output")]
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use switchboard_bench::{Target, fanout, idle, reqack};
+
+use crate::CliError;
+use crate::runtime::parse_duration;
+
+/// `switchboard bench` commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// N subscribers and S senders on ip-chat: deliveries/s, latency, completeness.
+    Fanout(FanoutArgs),
+    /// Hold N idle sockets: connect rate and server memory per connection.
+    Idle(IdleArgs),
+    /// reqack users exchanging messages: request latency, event throughput, exactly-once.
+    Reqack(ReqackArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FanoutArgs {
+    /// Protocol under test (only ip-chat has a broadcast room).
+    #[arg(long, default_value = "ip-chat", value_parser = ["ip-chat"])]
+    protocol: String,
+    /// WebSocket URL on 127.0.0.0/8.
+    #[arg(long, default_value = "ws://127.0.0.1:8000/ws")]
+    url: String,
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Senders, each on its own loopback address (default: enough to stay within 60 messages
+    /// per sender per minute).
+    #[arg(long)]
+    senders: Option<usize>,
+    /// Messages in total.
+    #[arg(long, default_value_t = 500)]
+    messages: usize,
+    /// Messages per second across all senders (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Server pid, to measure its CPU per delivery.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Bound on waiting for deliveries after the last send.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IdleArgs {
+    /// WebSocket URL on 127.0.0.0/8.
+    #[arg(long, default_value = "ws://127.0.0.1:8000/ws")]
+    url: String,
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// Server pid, to measure its resident memory per connection.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Time to hold the sockets before measuring.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    settle: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ReqackArgs {
+    /// reqack WebSocket URL on 127.0.0.0/8 (without userId).
+    #[arg(long, default_value = "ws://127.0.0.1:8000/ws")]
+    url: String,
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    /// Messages each user sends.
+    #[arg(long, default_value_t = 100)]
+    messages: usize,
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
+    let fd_limit = switchboard_bench::raise_fd_limit();
+    tracing::info!(fd_limit, "open-file limit");
+    let failed = |e: switchboard_bench::BenchError| CliError::Failed(e.to_string());
+    match command {
+        BenchCommand::Fanout(args) => {
+            let senders = args
+                .senders
+                .unwrap_or_else(|| args.messages.div_ceil(60))
+                .max(1);
+            let options = fanout::FanoutOptions {
+                target: Target::parse(&args.url).map_err(failed)?,
+                subscribers: args.subscribers,
+                senders,
+                messages: args.messages,
+                rate: args.rate,
+                server_pid: args.pid,
+                timeout: args.timeout,
+                connect_concurrency: 256,
+            };
+            let report = fanout::run(options).await.map_err(failed)?;
+            print_report("fanout", &report);
+            if !report.complete {
+                return Err(CliError::Failed(format!(
+                    "{} of {} deliveries missing",
+                    report.expected_deliveries - report.deliveries,
+                    report.expected_deliveries
+                )));
+            }
+        }
+        BenchCommand::Idle(args) => {
+            let options = idle::IdleOptions {
+                target: Target::parse(&args.url).map_err(failed)?,
+                connections: args.connections,
+                server_pid: args.pid,
+                settle: args.settle,
+                connect_concurrency: 256,
+            };
+            print_report("idle", &idle::run(options).await.map_err(failed)?);
+        }
+        BenchCommand::Reqack(args) => {
+            let options = reqack::ReqackOptions {
+                target: Target::parse(&args.url).map_err(failed)?,
+                users: args.users.max(2),
+                messages: args.messages,
+                timeout: args.timeout,
+            };
+            let report = reqack::run(options).await.map_err(failed)?;
+            print_report("reqack", &report);
+            if !report.exactly_once {
+                return Err(CliError::Failed(format!(
+                    "{} events missing",
+                    report.missing
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A two-column table of the report's fields, then the report as one JSON line.
+fn print_report<T: Serialize>(name: &str, report: &T) {
+    let value = serde_json::to_value(report).unwrap_or_default();
+    println!("{name}");
+    if let Some(fields) = value.as_object() {
+        for (key, field) in fields {
+            println!("  {key:<28} {field}");
+        }
+    }
+    println!("{}", serde_json::json!({ "bench": name, "report": value }));
+}
