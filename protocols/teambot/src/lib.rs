@@ -1,6 +1,6 @@
 //! teambot: a resilient team-connection client, and a simulator of its server.
 //!
-//! The [teambot spec](../../../docs/protocols/teambot.md) describes a bot that holds one *global*
+//! The teambot spec (see `docs/protocols/teambot.md`) describes a bot that holds one *global*
 //! WebSocket (team membership: `team.join`, `team.connect`, `team.left`, `healthcheck`,
 //! `goodbye`) and one WebSocket per *team* (`hello`, `message`, `ping`/`pong`, `team.left`).
 //!
