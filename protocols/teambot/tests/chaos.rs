@@ -28,7 +28,7 @@ fn chaos_config(seed: u64) -> SimConfig {
         healthcheck_interval: Duration::from_millis(250),
         healthcheck_timeout: Duration::from_secs(3),
         team_drop_rate: 8.0,
-        global_drop_rate: 1.0,
+        global_drop_rate: 2.0,
         connect_delay_max: Duration::from_millis(80),
         refuse_connect_share: 0.1,
         refuse_upgrade_share: 0.1,

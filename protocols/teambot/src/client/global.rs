@@ -109,7 +109,7 @@ async fn session<H: TeamHandler>(
             () = shutdown.cancelled() => {
                 info!("shutdown requested: closing every socket");
                 shared.stop.cancel();
-                close_socket(&mut socket, config.io_timeout).await;
+                close_socket(&mut socket, config.io_timeout, |_| {}).await;
                 return End::Shutdown;
             }
             Some(team_id) = requests.recv() => {
@@ -128,7 +128,7 @@ async fn session<H: TeamHandler>(
                             |f| format!("server closed the global socket ({} {})", f.code, f.reason),
                         );
                         // Let tungstenite flush its close reply.
-                        close_socket(&mut socket, config.io_timeout).await;
+                        close_socket(&mut socket, config.io_timeout, |_| {}).await;
                         return End::Dropped(reason);
                     }
                     Some(Ok(_)) => continue,
@@ -140,7 +140,7 @@ async fn session<H: TeamHandler>(
                     Ok(Some(End::Goodbye)) => {
                         info!("goodbye received: closing every socket");
                         shared.stop.cancel();
-                        close_socket(&mut socket, config.io_timeout).await;
+                        close_socket(&mut socket, config.io_timeout, |_| {}).await;
                         return End::Goodbye;
                     }
                     Ok(Some(end)) => return end,
@@ -149,7 +149,7 @@ async fn session<H: TeamHandler>(
             }
             _ = pinger.tick() => {
                 if last_heard.elapsed() > silence_limit {
-                    close_socket(&mut socket, config.io_timeout).await;
+                    close_socket(&mut socket, config.io_timeout, |_| {}).await;
                     return End::Dropped(format!("nothing heard for {silence_limit:?}"));
                 }
                 if let Err(reason) = write(&mut socket, Message::Ping(Default::default()), config.io_timeout).await {

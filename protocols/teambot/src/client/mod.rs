@@ -356,20 +356,18 @@ async fn open(config: &TeamBotConfig, url: &str) -> Result<Socket, String> {
     }
 }
 
-/// Sends a close frame and waits (bounded) for the server's reply, returning the data frames that
-/// arrived meanwhile so the caller can still count them.
-async fn close_socket(socket: &mut Socket, io_timeout: Duration) -> Vec<String> {
+/// Sends a close frame and waits (bounded by `io_timeout`) for the server's reply, handing each
+/// text frame that arrives meanwhile to `late` so the caller can still count it.
+async fn close_socket(socket: &mut Socket, io_timeout: Duration, mut late: impl FnMut(&str)) {
     use futures::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
-    let mut late = Vec::new();
     let handshake = async {
         let _ = socket.close(None).await;
         while let Some(Ok(message)) = socket.next().await {
             if let Message::Text(text) = message {
-                late.push(text.to_string());
+                late(text.as_str());
             }
         }
     };
     let _ = tokio::time::timeout(io_timeout, handshake).await;
-    late
 }

@@ -188,7 +188,7 @@ async fn hold<H: TeamHandler>(
                             |f| format!("server closed the team socket ({} {})", f.code, f.reason),
                         );
                         // Flush tungstenite's close reply; frames cannot follow a close frame.
-                        count_late(shared, team, context, close_socket(socket, config.io_timeout).await);
+                        close_socket(socket, config.io_timeout, |frame| count_late(shared, team, context, frame)).await;
                         return End::Lost(reason);
                     }
                     Some(Ok(_)) => continue,
@@ -221,12 +221,10 @@ async fn hold<H: TeamHandler>(
     };
     // We close: stopped, left, or a missing pong. Messages that arrive during the close
     // handshake were received, so they count.
-    count_late(
-        shared,
-        team,
-        context,
-        close_socket(socket, config.io_timeout).await,
-    );
+    close_socket(socket, config.io_timeout, |frame| {
+        count_late(shared, team, context, frame);
+    })
+    .await;
     end
 }
 
@@ -304,17 +302,10 @@ fn on_event<H: TeamHandler>(
     None
 }
 
-/// Counts `message` frames that arrived while the socket was closing.
-fn count_late<H: TeamHandler>(
-    shared: &Shared<H>,
-    team: &Team,
-    context: &TeamContext,
-    frames: Vec<String>,
-) {
-    for frame in frames {
-        if let Ok(ServerEvent::Message { text }) = ServerEvent::parse(&frame) {
-            team.count_message(is_props(&text));
-            shared.handler.on_message(context, &text);
-        }
+/// Counts a `message` frame that arrived while the socket was closing.
+fn count_late<H: TeamHandler>(shared: &Shared<H>, team: &Team, context: &TeamContext, frame: &str) {
+    if let Ok(ServerEvent::Message { text }) = ServerEvent::parse(frame) {
+        team.count_message(is_props(&text));
+        shared.handler.on_message(context, &text);
     }
 }
