@@ -186,3 +186,34 @@ impl Protocol for ReqAck {
         lock(&self.state).redeliver_overdue(&conn.user, Instant::now());
     }
 }
+
+/// The wire codec's hot paths, public so benchmarks and fuzzers can drive them directly.
+pub mod codec {
+    use switchboard_core::Frame;
+
+    use crate::messages::{self, NewEvent, ServerEvent};
+
+    /// Parses one inbound frame with the default id limit; `true` if it is a well-formed
+    /// request, ack or client event.
+    pub fn parse_frame(text: &str) -> bool {
+        messages::parse(text, crate::Config::default().max_id_bytes).is_ok()
+    }
+
+    /// Encodes the `new` event a recipient gets for a message.
+    pub fn encode_new_event(
+        event_id: u64,
+        message_id: u64,
+        from: &str,
+        message: &str,
+    ) -> Option<Frame> {
+        let event = ServerEvent::New(NewEvent {
+            message_id,
+            from: from.to_owned(),
+            chat_id: from.to_owned(),
+            message: message.to_owned(),
+            client_message_id: None,
+            timestamp: messages::now_ms(),
+        });
+        messages::event_frame(event_id, messages::now_ms(), &event).ok()
+    }
+}
