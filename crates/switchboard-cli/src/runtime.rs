@@ -39,7 +39,7 @@ pub(crate) struct RuntimeArgs {
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub(crate) shutdown_grace: Duration,
     /// tungstenite read buffer per socket, in bytes.
-    #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES", default_value_t = 4096)]
+    #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES", default_value_t = 1024)]
     pub(crate) read_buffer_bytes: usize,
     /// TCP accept backlog.
     #[arg(long, env = "SWITCHBOARD_ACCEPT_BACKLOG", default_value_t = 4096)]

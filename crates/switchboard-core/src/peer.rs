@@ -4,14 +4,20 @@
 //! waits: when the queue is full the peer is a slow consumer and is closed with 1008, so one
 //! client that stops reading can never slow anybody else down.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
+use crate::sync::lock;
 use crate::{CloseReason, Frame};
+
+/// Queue capacity (in items) kept after a burst drains; anything larger is released so a socket
+/// that once lagged does not hold a large buffer forever.
+const RETAINED_QUEUE_CAPACITY: usize = 64;
 
 /// A process-unique connection id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,10 +70,24 @@ impl Delivery {
     }
 }
 
+/// The outbound queue. A plain deque behind a mutex rather than a channel: it allocates nothing
+/// until the first frame, so an idle socket costs a few dozen bytes here instead of a
+/// preallocated channel block (~1.3 KiB).
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Outgoing>,
+    /// Set when the runtime's end is gone; later pushes report `Delivery::Closed`.
+    detached: bool,
+}
+
 struct PeerInner {
     id: ConnId,
     remote: SocketAddr,
-    tx: mpsc::Sender<Outgoing>,
+    capacity: usize,
+    queue: Mutex<Queue>,
+    /// Wakes the runtime's end when the queue goes from empty to non-empty (one waiter; a
+    /// notification sent while nobody waits is kept as a permit).
+    ready: Notify,
     close_reason: OnceLock<CloseReason>,
     close_signal: Notify,
 }
@@ -104,14 +124,22 @@ impl Peer {
         if self.is_closing() {
             return Delivery::Closed;
         }
-        match self.0.tx.try_send(item) {
-            Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(CloseReason::slow_consumer());
-                Delivery::SlowConsumer
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Closed,
+        let mut queue = lock(&self.0.queue);
+        if queue.detached {
+            return Delivery::Closed;
         }
+        if queue.items.len() >= self.0.capacity {
+            drop(queue);
+            self.close(CloseReason::slow_consumer());
+            return Delivery::SlowConsumer;
+        }
+        let was_empty = queue.items.is_empty();
+        queue.items.push_back(item);
+        drop(queue);
+        if was_empty {
+            self.0.ready.notify_one();
+        }
+        Delivery::Queued
     }
 
     /// Asks the runtime to close this connection. The first reason given wins.
@@ -163,27 +191,39 @@ impl PartialEq for Peer {
 
 impl Eq for Peer {}
 
-/// The runtime's end of a peer: drains the queue and waits for close requests.
+/// The runtime's end of a peer: drains the queue and waits for close requests. There is exactly
+/// one link per peer; dropping it detaches the queue.
 #[derive(Debug)]
 pub struct PeerLink {
-    rx: mpsc::Receiver<Outgoing>,
     peer: Peer,
 }
 
 impl PeerLink {
-    /// The next queued item; `None` never happens while the link holds its own peer.
+    /// Waits for the next queued item. Always `Some`: the `Option` lets it sit in a `select!`
+    /// pattern like a channel receiver.
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        self.rx.recv().await
+        loop {
+            if let Some(item) = self.try_recv() {
+                return Some(item);
+            }
+            self.peer.0.ready.notified().await;
+        }
     }
 
     /// A queued item if one is ready.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        self.rx.try_recv().ok()
+        let mut queue = lock(&self.peer.0.queue);
+        let item = queue.items.pop_front();
+        if queue.items.is_empty() && queue.items.capacity() > RETAINED_QUEUE_CAPACITY {
+            queue.items.shrink_to(RETAINED_QUEUE_CAPACITY);
+        }
+        item
     }
 
     /// Drops everything still queued (used before a slow consumer's close frame).
     pub fn discard_queued(&mut self) {
-        while self.rx.try_recv().is_ok() {}
+        let mut queue = lock(&self.peer.0.queue);
+        queue.items = VecDeque::new();
     }
 
     /// The peer this link drains.
@@ -192,17 +232,26 @@ impl PeerLink {
     }
 }
 
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        let mut queue = lock(&self.peer.0.queue);
+        queue.detached = true;
+        queue.items = VecDeque::new();
+    }
+}
+
 /// Creates a peer with an outbound queue of `capacity` items (at least 1).
 pub fn peer_channel(remote: SocketAddr, capacity: usize) -> (Peer, PeerLink) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
     let peer = Peer(Arc::new(PeerInner {
         id: ConnId::next(),
         remote,
-        tx,
+        capacity: capacity.max(1),
+        queue: Mutex::new(Queue::default()),
+        ready: Notify::new(),
         close_reason: OnceLock::new(),
         close_signal: Notify::new(),
     }));
-    (peer.clone(), PeerLink { rx, peer })
+    (peer.clone(), PeerLink { peer })
 }
 
 #[cfg(test)]
@@ -236,6 +285,30 @@ mod tests {
         peer.close(CloseReason::normal("second"));
         assert_eq!(peer.closing().await.reason, "first");
         assert_eq!(waiter.await.unwrap().reason, "first");
+    }
+
+    #[tokio::test]
+    async fn recv_wakes_on_a_push_from_another_task() {
+        let (peer, mut link) = peer_channel(addr(), 4);
+        let pusher = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            peer.send(Frame::text("late"))
+        });
+        let item = tokio::time::timeout(std::time::Duration::from_secs(5), link.recv()).await;
+        assert!(matches!(item, Ok(Some(Outgoing::Frame(f))) if f.as_str() == "late"));
+        assert_eq!(pusher.await.unwrap(), Delivery::Queued);
+    }
+
+    #[test]
+    fn a_dropped_link_refuses_frames_and_a_drained_burst_gives_memory_back() {
+        let (peer, mut link) = peer_channel(addr(), 1000);
+        for _ in 0..500 {
+            assert!(peer.send(Frame::text("x")).is_queued());
+        }
+        while link.try_recv().is_some() {}
+        assert!(lock(&peer.0.queue).items.capacity() <= RETAINED_QUEUE_CAPACITY);
+        drop(link);
+        assert_eq!(peer.send(Frame::text("y")), Delivery::Closed);
     }
 
     #[test]

@@ -31,8 +31,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How long a closing connection waits to flush its close frame and hear the peer's reply.
     pub close_timeout: Duration,
-    /// tungstenite read buffer per socket. Its default is 128 KiB, allocated up front per socket;
-    /// 4 KiB keeps idle sockets cheap while larger messages still stream in.
+    /// tungstenite read buffer per socket, allocated up front. tungstenite's default is 128 KiB;
+    /// 1 KiB holds a typical chat frame in one read and keeps an idle socket near 4.6 KiB of
+    /// server memory in all (docs/performance.md). Larger messages still arrive, over more reads.
     pub read_buffer_bytes: usize,
     /// Bytes tungstenite buffers before writing to the socket; frames of one batch are coalesced.
     pub write_buffer_bytes: usize,
@@ -55,7 +56,7 @@ impl Default for ServerConfig {
             trust_proxy: false,
             shutdown_grace: Duration::from_secs(5),
             close_timeout: Duration::from_secs(2),
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 1024,
             write_buffer_bytes: 16 * 1024,
             max_write_buffer_bytes: 8 * 1024 * 1024,
             accept_backlog: 4096,

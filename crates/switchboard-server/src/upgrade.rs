@@ -220,7 +220,15 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
             close_timeout: task_app.config.close_timeout,
             shutdown: task_app.handle.shutdown.clone(),
         };
-        connection::run(task_app.protocol.clone(), conn, socket, peer, link, ctx).await;
+        Box::pin(connection::run(
+            task_app.protocol.clone(),
+            conn,
+            socket,
+            peer,
+            link,
+            ctx,
+        ))
+        .await;
     });
 
     Response::builder()
