@@ -287,9 +287,14 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
     let _ = writeln!(out, "## ip-chat fan-out\n");
     let _ = writeln!(
         out,
-        "| run | server | deliveries/s | p50 µs | p99 µs | max µs | CPU µs/delivery | complete |"
+        "Each fan-out row is the median of three runs on fresh servers (all three throughputs in the\n\
+         last column). CPU time comes from /proc in 10 ms ticks, so it is coarse for short runs.\n"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| run | server | deliveries/s | p50 µs | p99 µs | max µs | CPU µs/delivery | complete | runs (deliveries/s) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     let mut fanout_ratios = Vec::new();
     for (label, subs, messages, rate) in [
         ("100 subs × 500 msgs", 100, 500, None),
@@ -306,13 +311,14 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
         for (name, r) in [("switchboard", &ours), ("baseline", &base)] {
             let _ = writeln!(
                 out,
-                "| {label} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+                "| {label} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} |",
                 num(r, &["deliveries_per_sec"]),
                 num(r, &["latency_us", "p50"]),
                 num(r, &["latency_us", "p99"]),
                 num(r, &["latency_us", "max"]),
                 num(r, &["server_cpu_per_delivery_us"]),
-                r["complete"]
+                r["complete"],
+                r["samples"].as_str().unwrap_or("")
             );
         }
         fanout_ratios.push((label, ours, base));

@@ -29,7 +29,7 @@ pub use close::CloseReason;
 pub use error::Error;
 pub use frame::Frame;
 pub use history::{History, MemoryHistory};
-pub use peer::{ConnId, Delivery, Outgoing, Peer, PeerLink, peer_channel};
+pub use peer::{ConnId, Delivery, LinkEvent, Outgoing, Peer, PeerLink, peer_channel};
 pub use presence::{LocalPresence, Presence};
 pub use protocol::{Handshake, HttpRequest, HttpResponse, Keepalive, Protocol, Reject};
 pub use rate_limit::RateLimiter;

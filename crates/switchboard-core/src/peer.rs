@@ -51,6 +51,15 @@ pub enum Outgoing {
     Batch(Vec<Frame>),
 }
 
+/// What the runtime's end of a peer should do next.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// Write this to the socket.
+    Send(Outgoing),
+    /// Somebody asked to close the peer (the protocol, or a full queue).
+    Close(CloseReason),
+}
+
 /// What happened to a frame handed to [`Peer::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use = "a frame may not have been queued"]
@@ -146,6 +155,8 @@ impl Peer {
     pub fn close(&self, reason: CloseReason) {
         if self.0.close_reason.set(reason).is_ok() {
             self.0.close_signal.notify_waiters();
+            // The runtime waits on `ready` for its next event; a close is one.
+            self.0.ready.notify_one();
         }
     }
 
@@ -210,6 +221,20 @@ impl PeerLink {
         }
     }
 
+    /// Waits for the next thing to do: a close request wins over queued frames. One wait serves
+    /// both, so the runtime's loop registers a single waiter per idle period.
+    pub async fn next_event(&mut self) -> LinkEvent {
+        loop {
+            if let Some(reason) = self.peer.close_reason() {
+                return LinkEvent::Close(reason.clone());
+            }
+            if let Some(item) = self.try_recv() {
+                return LinkEvent::Send(item);
+            }
+            self.peer.0.ready.notified().await;
+        }
+    }
+
     /// A queued item if one is ready.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
         let mut queue = lock(&self.peer.0.queue);
@@ -218,6 +243,17 @@ impl PeerLink {
             queue.items.shrink_to(RETAINED_QUEUE_CAPACITY);
         }
         item
+    }
+
+    /// Moves up to `max` queued items into `out` under one lock (a burst costs one lock per
+    /// batch instead of one per frame).
+    pub fn take_into(&mut self, out: &mut Vec<Outgoing>, max: usize) {
+        let mut queue = lock(&self.peer.0.queue);
+        let n = queue.items.len().min(max);
+        out.extend(queue.items.drain(..n));
+        if queue.items.is_empty() && queue.items.capacity() > RETAINED_QUEUE_CAPACITY {
+            queue.items.shrink_to(RETAINED_QUEUE_CAPACITY);
+        }
     }
 
     /// Drops everything still queued (used before a slow consumer's close frame).
@@ -309,6 +345,24 @@ mod tests {
         assert!(lock(&peer.0.queue).items.capacity() <= RETAINED_QUEUE_CAPACITY);
         drop(link);
         assert_eq!(peer.send(Frame::text("y")), Delivery::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_close_request_wakes_the_link_ahead_of_queued_frames() {
+        let (peer, mut link) = peer_channel(addr(), 4);
+        assert!(peer.send(Frame::text("queued")).is_queued());
+        assert!(matches!(link.next_event().await, LinkEvent::Send(_)));
+        let closer = tokio::spawn({
+            let peer = peer.clone();
+            async move {
+                tokio::task::yield_now().await;
+                peer.close(CloseReason::normal("bye"));
+            }
+        });
+        let event =
+            tokio::time::timeout(std::time::Duration::from_secs(5), link.next_event()).await;
+        assert!(matches!(event, Ok(LinkEvent::Close(r)) if r.reason == "bye"));
+        closer.await.unwrap();
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! keeps the peer alive, and closes it for exactly one reason.
 
 use std::future::{Future, pending};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use switchboard_core::{CloseReason, Keepalive, Outgoing, Peer, PeerLink, Protocol};
+use switchboard_core::{CloseReason, Keepalive, LinkEvent, Outgoing, Peer, PeerLink, Protocol};
 use tokio::io::AsyncReadExt;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -17,7 +18,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, trace};
 
 use crate::Counters;
@@ -130,6 +131,10 @@ async fn drive<P: Protocol>(
     let mut last_heard = Instant::now();
     let idle = sleep_until(last_heard + keepalive.idle_timeout);
     tokio::pin!(idle);
+    // Created once: re-creating a cancellation future every iteration would register and
+    // deregister a waiter on each wake-up, the hottest path of a broadcast.
+    let shutdown = ctx.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let mut pinger = keepalive.ping_interval.map(|every| {
         let mut timer = interval_at(Instant::now() + every, every);
         timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -144,28 +149,37 @@ async fn drive<P: Protocol>(
     loop {
         tokio::select! {
             biased;
-            () = ctx.shutdown.cancelled() => return End::Close(CloseReason::shutdown()),
-            reason = peer.closing() => return End::Close(reason),
+            () = &mut shutdown => return End::Close(CloseReason::shutdown()),
             // Local work before remote work: drain what we owe the peer before reading more.
-            Some(item) = link.recv() => {
-                match Box::pin(write_batch(socket, link, peer, item, &ctx.shutdown)).await {
-                    WriteOutcome::Written => {}
-                    WriteOutcome::Interrupted(reason) => return End::Close(reason),
-                    WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
+            event = link.next_event() => match event {
+                LinkEvent::Close(reason) => return End::Close(reason),
+                LinkEvent::Send(item) => {
+                    match Box::pin(write_batch(socket, link, peer, item, shutdown.as_mut())).await {
+                        WriteOutcome::Written => {}
+                        WriteOutcome::Interrupted(reason) => return End::Close(reason),
+                        WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
+                    }
                 }
-            }
+            },
             incoming = socket.next() => {
                 last_heard = Instant::now();
                 match incoming {
-                    Some(Ok(Message::Text(text))) => Box::pin(protocol.on_text(conn, peer, text.as_str())).await,
-                    Some(Ok(Message::Binary(data))) => Box::pin(protocol.on_binary(conn, peer, &data)).await,
+                    Some(Ok(Message::Text(text))) => {
+                        Box::pin(protocol.on_text(conn, peer, text.as_str())).await;
+                    }
+                    Some(Ok(Message::Binary(data))) => {
+                        Box::pin(protocol.on_binary(conn, peer, &data)).await;
+                    }
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Ok(Message::Close(frame))) => return End::PeerClosed(frame),
                     Some(Err(WsError::Capacity(
                         CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders,
                     ))) => return End::Close(CloseReason::too_big()),
                     Some(Err(WsError::Protocol(error))) => {
-                        return End::Close(CloseReason::new(CloseReason::PROTOCOL_ERROR, error.to_string()));
+                        return End::Close(CloseReason::new(
+                            CloseReason::PROTOCOL_ERROR,
+                            error.to_string(),
+                        ));
                     }
                     Some(Err(error)) => return End::Gone(error.to_string()),
                     None => return End::Gone("connection ended".into()),
@@ -180,7 +194,8 @@ async fn drive<P: Protocol>(
             }
             _ = tick_opt(&mut pinger) => {
                 trace!(conn = %peer.id(), "ping");
-                match Box::pin(guarded(socket.send(Message::Ping(Default::default())), peer, &ctx.shutdown)).await {
+                let ping = socket.send(Message::Ping(Default::default()));
+                match Box::pin(guarded(ping, peer, shutdown.as_mut())).await {
                     WriteOutcome::Written => {}
                     WriteOutcome::Interrupted(reason) => return End::Close(reason),
                     WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
@@ -204,21 +219,15 @@ async fn write_batch(
     link: &mut PeerLink,
     peer: &Peer,
     first: Outgoing,
-    shutdown: &CancellationToken,
+    shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> WriteOutcome {
-    let mut items = Vec::with_capacity(1);
-    items.push(first);
-    while items.len() < MAX_BATCH {
-        match link.try_recv() {
-            Some(item) => items.push(item),
-            None => break,
-        }
-    }
+    let mut batch = Vec::new();
+    link.take_into(&mut batch, MAX_BATCH - 1);
     let write = async {
-        for item in items {
+        for item in std::iter::once(first).chain(batch) {
             match item {
                 Outgoing::Frame(frame) => {
-                    socket.feed(Message::Text(frame.into_utf8_bytes())).await?
+                    socket.feed(Message::Text(frame.into_utf8_bytes())).await?;
                 }
                 Outgoing::Batch(frames) => {
                     for frame in frames {
@@ -233,20 +242,21 @@ async fn write_batch(
 }
 
 /// Runs a socket write unless a close request or shutdown interrupts it (a peer that stopped
-/// reading would otherwise hold the write forever).
+/// reading would otherwise hold the write forever). The write is polled first, so a write that
+/// completes at once never registers a close waiter.
 async fn guarded(
     write: impl Future<Output = Result<(), WsError>>,
     peer: &Peer,
-    shutdown: &CancellationToken,
+    shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> WriteOutcome {
     tokio::select! {
         biased;
-        reason = peer.closing() => WriteOutcome::Interrupted(reason),
-        () = shutdown.cancelled() => WriteOutcome::Interrupted(CloseReason::shutdown()),
         result = write => match result {
             Ok(()) => WriteOutcome::Written,
             Err(error) => WriteOutcome::Failed(error),
         },
+        reason = peer.closing() => WriteOutcome::Interrupted(reason),
+        () = shutdown => WriteOutcome::Interrupted(CloseReason::shutdown()),
     }
 }
 
