@@ -134,7 +134,32 @@ fn load(release: &Path, args: &[String]) -> Result<Value, String> {
     Ok(value["report"].clone())
 }
 
+/// Runs a fan-out scenario `RUNS` times, each on a fresh server, and keeps the median run by
+/// throughput: a single sub-second run on a shared 2-core machine is too noisy to compare.
 fn fanout(
+    release: &Path,
+    server: Server,
+    subscribers: usize,
+    messages: usize,
+    rate: Option<f64>,
+) -> Result<Value, String> {
+    const RUNS: usize = 3;
+    let mut runs = (0..RUNS)
+        .map(|_| fanout_once(release, server, subscribers, messages, rate))
+        .collect::<Result<Vec<_>, _>>()?;
+    runs.sort_by(|a, b| {
+        num(a, &["deliveries_per_sec"]).total_cmp(&num(b, &["deliveries_per_sec"]))
+    });
+    let samples: Vec<String> = runs
+        .iter()
+        .map(|r| format!("{:.0}", num(r, &["deliveries_per_sec"])))
+        .collect();
+    let mut median = runs.swap_remove(RUNS / 2);
+    median["samples"] = Value::from(samples.join(" / "));
+    Ok(median)
+}
+
+fn fanout_once(
     release: &Path,
     server: Server,
     subscribers: usize,
@@ -288,7 +313,7 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
     let _ = writeln!(
         out,
         "Each fan-out row is the median of three runs on fresh servers (all three throughputs in the\n\
-         last column). CPU time comes from /proc in 10 ms ticks, so it is coarse for short runs.\n"
+         last column). Server CPU time is summed over its threads from /proc/<pid>/task/*/schedstat (ns).\n"
     );
     let _ = writeln!(
         out,
@@ -353,8 +378,10 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
         "| sockets | server | connects/s | server RSS per socket | ratio |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|");
+    let mut per_socket = f64::NAN;
     for connections in idle_sizes {
         let ours = idle(release, Server::Switchboard, connections)?;
+        per_socket = num(&ours, &["rss_per_connection_bytes"]);
         let base = idle(release, Server::Baseline, connections)?;
         let per = |r: &Value| num(r, &["rss_per_connection_bytes"]);
         for (name, r) in [("switchboard", &ours), ("baseline", &base)] {
@@ -371,6 +398,8 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
             );
         }
     }
+
+    out.push_str(&beyond_one_process(per_socket));
 
     let _ = writeln!(out, "\n## reqack\n");
     let (users, messages) = if quick { (20, 20) } else { (100, 50) };
@@ -391,4 +420,41 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
         r["exactly_once"]
     );
     Ok(out)
+}
+
+/// What 100,000 and 1,000,000 sockets would take, from this run's measured memory per socket.
+fn beyond_one_process(per_socket_bytes: f64) -> String {
+    let gib = |sockets: f64| sockets * per_socket_bytes / (1024.0 * 1024.0 * 1024.0);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").unwrap_or_default();
+    let ports =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let port_count = {
+        let mut bounds = ports
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u64>().ok());
+        match (bounds.next(), bounds.next()) {
+            (Some(low), Some(high)) if high >= low => high - low + 1,
+            _ => 28_232,
+        }
+    };
+    format!(
+        "\n## Beyond one process\n\n\
+         The open-file limit on these machines is 20,000 per process and cannot be raised, so the\n\
+         largest single-process run here is ~19,000 sockets. Past the limit the server does not\n\
+         crash or spin: accepting fails with `accept error: Too many open files`, logged at error\n\
+         level, and is retried after a one-second pause while existing sockets keep being served\n\
+         (test `running_out_of_file_descriptors_is_logged_and_survived` in\n\
+         `crates/switchboard-cli/tests/binary.rs`).\n\n\
+         | sockets | server user-space memory at {per:.2} KiB/socket | what else it needs |\n\
+         |---|---|---|\n\
+         | 100,000 | {m100k:.2} GiB | `ulimit -n` (soft and hard, e.g. systemd `LimitNOFILE`) above 100,000; `--max-connections 100000`; the load generator spread over ≥ {src100k} source addresses, because one source address reaches one server port from at most {port_count} ephemeral ports (`net.ipv4.ip_local_port_range` is {ports}) |\n\
+         | 1,000,000 | {m1m:.2} GiB | `fs.nr_open` (here {nr_open}) and `ulimit -n` above 1,000,000; ≥ {src1m} source addresses or several load machines; kernel socket memory on top (a few KiB per idle TCP socket, bounded by `net.ipv4.tcp_mem`); and fan-out sharded across rooms or nodes: at ~0.4 µs of CPU per delivery one message to a million sockets costs ~0.4 s of CPU, so one 2-core node sustains only a few such broadcasts per second |\n",
+        per = per_socket_bytes / 1024.0,
+        m100k = gib(100_000.0),
+        m1m = gib(1_000_000.0),
+        src100k = 100_000u64.div_ceil(port_count),
+        src1m = 1_000_000u64.div_ceil(port_count),
+        ports = ports.split_whitespace().collect::<Vec<_>>().join("–"),
+        nr_open = nr_open.trim(),
+    )
 }

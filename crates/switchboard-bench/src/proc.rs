@@ -11,6 +11,20 @@ pub struct ProcessSample {
     pub rss_bytes: u64,
 }
 
+/// CPU time of every thread of `pid` in nanoseconds, from `/proc/<pid>/task/*/schedstat`
+/// (utime/stime in /proc/<pid>/stat only count 10 ms ticks, too coarse for sub-second runs).
+fn schedstat_cpu(pid: u32) -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
 /// Samples `pid`; `None` when /proc is unavailable or the process is gone.
 pub fn sample_process(pid: u32) -> Option<ProcessSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -18,8 +32,10 @@ pub fn sample_process(pid: u32) -> Option<ProcessSample> {
     let after_name = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ is 100 on every Linux target we run on.
-    let cpu = Duration::from_millis(ticks * 10);
+    // USER_HZ is 100 on every Linux target we run on; prefer the nanosecond counters.
+    let cpu = schedstat_cpu(pid)
+        .filter(|cpu| !cpu.is_zero())
+        .unwrap_or(Duration::from_millis(ticks * 10));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib: u64 = status
         .lines()

@@ -101,3 +101,180 @@ fn invalid_arguments_exit_2() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// Waits (bounded) for a child to exit and returns its exit code.
+fn wait_exit_within(child: &mut Child, limit: Duration) -> i32 {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().expect("exited, not killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    panic!("the process did not exit within {limit:?}");
+}
+
+fn teambot_sim() -> (Child, SocketAddr) {
+    start(&[
+        "--protocol",
+        "teambot-sim",
+        "--sim-teams",
+        "3",
+        "--sim-duration",
+        "1500ms",
+        "--sim-join-window",
+        "300ms",
+        "--sim-leaving-teams",
+        "1",
+        "--sim-message-rate",
+        "60",
+        "--sim-healthcheck-interval",
+        "300ms",
+        "--sim-quiet-period",
+        "200ms",
+    ])
+}
+
+#[tokio::test]
+async fn the_teambot_client_exits_0_on_goodbye_with_a_perfect_scorecard() {
+    let (mut sim, addr) = teambot_sim();
+    let mut bot = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["teambot", "--url", &format!("ws://{addr}/global")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the teambot client");
+    assert_eq!(
+        wait_exit_within(&mut bot, Duration::from_secs(20)),
+        0,
+        "goodbye ends the client with 0"
+    );
+
+    let scorecard = switchboard_testkit::http_request(addr, "GET", "/scorecard", None)
+        .await
+        .json();
+    assert_eq!(scorecard["perfect"], true, "{scorecard}");
+    let _ = sim.kill();
+    let _ = sim.wait();
+}
+
+#[tokio::test]
+async fn the_teambot_client_exits_0_on_sigterm() {
+    let (mut sim, addr) = teambot_sim();
+    let mut bot = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "--log-format",
+            "json",
+            "teambot",
+            "--url",
+            &format!("ws://{addr}/global"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the teambot client");
+    // Signal only once the client is connected, so the signal handler is certainly installed.
+    let stderr = bot.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("global socket connected") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the client reported its global connection");
+    let killed = Command::new("kill")
+        .args(["-TERM", &bot.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(wait_exit_within(&mut bot, Duration::from_secs(10)), 0);
+    let _ = sim.kill();
+    let _ = sim.wait();
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_is_logged_and_survived() {
+    // The server gets a soft and hard limit of 64 descriptors; 80 clients exhaust it.
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            "ulimit -n 64 && exec \"$0\" --log-format json serve --listen 127.0.0.1:0",
+        ])
+        .arg(env!("CARGO_BIN_EXE_switchboard"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard under ulimit");
+    let stderr = child.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let (error_tx, error_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let message = entry["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if message == "listening" {
+                let _ = addr_tx.send(
+                    entry["fields"]["local"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<SocketAddr>()
+                        .unwrap(),
+                );
+            } else if message.contains("accept error") {
+                let _ = error_tx.send(message);
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server reported its address");
+
+    let mut clients = Vec::new();
+    for _ in 0..80 {
+        // Past the limit the kernel still completes TCP handshakes into the backlog, so a
+        // connect may succeed while the upgrade cannot; keep whatever we get.
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            clients.push(stream);
+        }
+    }
+    let error = error_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server logged the accept error");
+    assert!(error.contains("Too many open files"), "{error}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server must keep running"
+    );
+
+    // Once descriptors are free again, the server serves as before.
+    drop(clients);
+    let url = format!("ws://{addr}/ws");
+    let mut client = None;
+    for _ in 0..50 {
+        if let Ok(c) = Client::connect_with(&url, Default::default()).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut client = client.expect("the server recovered after descriptors were released");
+    client
+        .send_json(&json!({"type": "send_message", "data": {"text": "back"}}))
+        .await;
+    assert_eq!(client.recv_type("message").await["data"]["text"], "back");
+    let _ = child.kill();
+    let _ = child.wait();
+}
