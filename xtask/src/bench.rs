@@ -11,7 +11,9 @@ use serde_json::Value;
 /// One server under test.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Server {
-    Switchboard,
+    /// `switchboard serve --protocol <name>`.
+    Switchboard(&'static str),
+    /// `benches/baseline-server` (ip-chat wire work only).
     Baseline,
 }
 
@@ -52,11 +54,11 @@ fn free_port() -> u16 {
 fn start(server: Server, release: &Path) -> Result<Running, String> {
     let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let child = match server {
-        Server::Switchboard => Command::new(release.join("switchboard"))
+        Server::Switchboard(protocol) => Command::new(release.join("switchboard"))
             .args([
                 "serve",
                 "--protocol",
-                "ip-chat",
+                protocol,
                 "--listen",
                 &addr.to_string(),
                 "--max-connections",
@@ -79,36 +81,6 @@ fn start(server: Server, release: &Path) -> Result<Running, String> {
     while TcpStream::connect(addr).is_err() {
         if Instant::now() > deadline {
             return Err("the server did not start listening".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(running)
-}
-
-fn start_reqack(release: &Path) -> Result<Running, String> {
-    let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let child = Command::new(release.join("switchboard"))
-        .args([
-            "serve",
-            "--protocol",
-            "reqack",
-            "--listen",
-            &addr.to_string(),
-            "--max-connections",
-            "20000",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("could not start the server: {e}"))?;
-    let running = Running {
-        child,
-        url: format!("ws://{addr}/ws"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            return Err("the reqack server did not start listening".into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -205,7 +177,7 @@ fn idle(release: &Path, server: Server, connections: usize) -> Result<Value, Str
 }
 
 fn reqack(release: &Path, users: usize, messages: usize) -> Result<Value, String> {
-    let running = start_reqack(release)?;
+    let running = start(Server::Switchboard("reqack"), release)?;
     let args = [
         "reqack",
         "--url",
@@ -331,7 +303,13 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
             Some(40.0),
         ),
     ] {
-        let ours = fanout(release, Server::Switchboard, subs, messages, rate)?;
+        let ours = fanout(
+            release,
+            Server::Switchboard("ip-chat"),
+            subs,
+            messages,
+            rate,
+        )?;
         let base = fanout(release, Server::Baseline, subs, messages, rate)?;
         for (name, r) in [("switchboard", &ours), ("baseline", &base)] {
             let _ = writeln!(
@@ -380,7 +358,7 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
     let _ = writeln!(out, "|---|---|---|---|---|");
     let mut per_socket = f64::NAN;
     for connections in idle_sizes {
-        let ours = idle(release, Server::Switchboard, connections)?;
+        let ours = idle(release, Server::Switchboard("ip-chat"), connections)?;
         per_socket = num(&ours, &["rss_per_connection_bytes"]);
         let base = idle(release, Server::Baseline, connections)?;
         let per = |r: &Value| num(r, &["rss_per_connection_bytes"]);

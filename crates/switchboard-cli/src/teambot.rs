@@ -104,24 +104,12 @@ pub(crate) async fn run(args: TeambotArgs) -> Result<(), CliError> {
 }
 
 async fn wait_for_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+    match switchboard_server::stop_signal().await {
+        switchboard_server::StopSignal::Interrupt => {
+            tracing::info!("SIGINT received: closing every socket");
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+        switchboard_server::StopSignal::Terminate => {
+            tracing::info!("SIGTERM received: closing every socket");
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received: closing every socket"),
-        () = terminate => tracing::info!("SIGTERM received: closing every socket"),
     }
 }

@@ -187,8 +187,17 @@ pub async fn serve(
     Ok(())
 }
 
-/// Starts `handle`'s shutdown on SIGINT or SIGTERM.
-pub async fn shutdown_on_signal(handle: ServerHandle) {
+/// A process signal that asks for a graceful stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// Ctrl-C.
+    Interrupt,
+    /// `kill` / a service manager.
+    Terminate,
+}
+
+/// Resolves on the first SIGINT or SIGTERM. Used by the server and by clients (teambot) alike.
+pub async fn stop_signal() -> StopSignal {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
@@ -206,8 +215,16 @@ pub async fn shutdown_on_signal(handle: ServerHandle) {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => info!("SIGINT received"),
-        () = terminate => info!("SIGTERM received"),
+        () = ctrl_c => StopSignal::Interrupt,
+        () = terminate => StopSignal::Terminate,
+    }
+}
+
+/// Starts `handle`'s shutdown on SIGINT or SIGTERM.
+pub async fn shutdown_on_signal(handle: ServerHandle) {
+    match stop_signal().await {
+        StopSignal::Interrupt => info!("SIGINT received"),
+        StopSignal::Terminate => info!("SIGTERM received"),
     }
     handle.shutdown();
 }
