@@ -161,7 +161,12 @@ fn fanout_once(
     load(release, &args)
 }
 
-fn idle(release: &Path, server: Server, connections: usize) -> Result<Value, String> {
+fn idle(
+    release: &Path,
+    server: Server,
+    connections: usize,
+    in_flight: usize,
+) -> Result<Value, String> {
     let running = start(server, release)?;
     let pid = running.child.id().to_string();
     let args = [
@@ -172,6 +177,8 @@ fn idle(release: &Path, server: Server, connections: usize) -> Result<Value, Str
         &pid,
         "--connections",
         &connections.to_string(),
+        "--concurrency",
+        &in_flight.to_string(),
     ];
     load(release, &args.map(str::to_owned))
 }
@@ -358,9 +365,9 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
     let _ = writeln!(out, "|---|---|---|---|---|");
     let mut per_socket = f64::NAN;
     for connections in idle_sizes {
-        let ours = idle(release, Server::Switchboard("ip-chat"), connections)?;
+        let ours = idle(release, Server::Switchboard("ip-chat"), connections, 256)?;
         per_socket = num(&ours, &["rss_per_connection_bytes"]);
-        let base = idle(release, Server::Baseline, connections)?;
+        let base = idle(release, Server::Baseline, connections, 256)?;
         let per = |r: &Value| num(r, &["rss_per_connection_bytes"]);
         for (name, r) in [("switchboard", &ours), ("baseline", &base)] {
             let _ = writeln!(
@@ -375,6 +382,37 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
                 }
             );
         }
+    }
+
+    let burst = if quick { 1_000 } else { 10_000 };
+    let in_flight = 2_000;
+    let _ = writeln!(out, "\n## Connect burst\n");
+    let _ = writeln!(
+        out,
+        "{burst} connections with {in_flight} in flight at once. A maximum connect time of a second or\n\
+         more means a SYN was dropped and retransmitted (a stall); Switchboard listens with a backlog\n\
+         of 4,096 through `TcpSocket::listen` instead of tokio's default `TcpListener::bind`.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| server | connects/s | p50 ms | p99 ms | max ms | stalled |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for (name, server) in [
+        ("switchboard", Server::Switchboard("ip-chat")),
+        ("baseline", Server::Baseline),
+    ] {
+        let r = idle(release, server, burst, in_flight)?;
+        let max = num(&r, &["connect_ms", "max"]);
+        let _ = writeln!(
+            out,
+            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {} |",
+            num(&r, &["connects_per_sec"]),
+            num(&r, &["connect_ms", "p50"]),
+            num(&r, &["connect_ms", "p99"]),
+            max,
+            if max >= 1000.0 { "yes" } else { "no" }
+        );
     }
 
     out.push_str(&beyond_one_process(per_socket));

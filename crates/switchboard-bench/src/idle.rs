@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::{BenchError, Target, connect_from, sample_process, source_address};
+use crate::{BenchError, Percentiles, Target, connect_from, sample_process, source_address};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -40,6 +40,9 @@ pub struct IdleReport {
     pub rss_after_bytes: Option<u64>,
     /// `(after - before) / connections`, bytes.
     pub rss_per_connection_bytes: Option<f64>,
+    /// Time from starting a connect to the completed upgrade, milliseconds. A maximum near
+    /// 1,000 ms or more means a SYN was dropped and retransmitted: a stall.
+    pub connect_ms: Percentiles,
 }
 
 /// Opens `connections` sockets, measures, and closes them.
@@ -51,13 +54,19 @@ pub async fn run(options: IdleOptions) -> Result<IdleReport, BenchError> {
     let mut sockets = futures::stream::iter(0..options.connections)
         .map(|i| {
             let target = options.target.clone();
-            async move { connect_from(&target, source_address(3, i), i).await }
+            async move {
+                let started = Instant::now();
+                let socket = connect_from(&target, source_address(3, i), i).await?;
+                Ok::<_, BenchError>((socket, started.elapsed()))
+            }
         })
         .buffer_unordered(options.connect_concurrency.max(1));
     let mut holders = Vec::with_capacity(options.connections);
     let mut opened = 0usize;
+    let mut connect_ms = Vec::with_capacity(options.connections);
     while let Some(socket) = sockets.next().await {
-        let mut socket = socket?;
+        let (mut socket, took) = socket?;
+        connect_ms.push(took.as_secs_f64() * 1000.0);
         let mut stop = stop_rx.clone();
         // Reading keeps answering the server's pings (and drains any replay) while idle.
         holders.push(tokio::spawn(async move {
@@ -92,5 +101,6 @@ pub async fn run(options: IdleOptions) -> Result<IdleReport, BenchError> {
         rss_before_bytes: before.map(|s| s.rss_bytes),
         rss_after_bytes: after.map(|s| s.rss_bytes),
         rss_per_connection_bytes,
+        connect_ms: Percentiles::of(&mut connect_ms),
     })
 }

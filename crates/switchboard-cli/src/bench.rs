@@ -62,6 +62,9 @@ pub(crate) struct IdleArgs {
     /// Time to hold the sockets before measuring.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     settle: Duration,
+    /// Connection attempts in flight at once (raise it to test a connect burst).
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
 }
 
 #[derive(Debug, Args)]
@@ -114,7 +117,7 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
                 connections: args.connections,
                 server_pid: args.pid,
                 settle: args.settle,
-                connect_concurrency: 256,
+                connect_concurrency: args.concurrency,
             };
             print_report("idle", &idle::run(options).await.map_err(failed)?);
         }
