@@ -45,12 +45,13 @@ mod messages;
 mod outbox;
 mod state;
 mod store;
+mod web;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use switchboard_core::sync::lock;
-use switchboard_core::{Handshake, Peer, Protocol, Reject};
+use switchboard_core::{Handshake, HttpRequest, HttpResponse, Peer, Protocol, Reject};
 use tracing::{debug, error};
 
 pub use config::Config;
@@ -184,6 +185,11 @@ impl Protocol for ReqAck {
 
     async fn on_tick(&self, conn: &mut Conn, _peer: &Peer) {
         lock(&self.state).redeliver_overdue(&conn.user, Instant::now());
+    }
+
+    /// The browser demo client: `GET /` and its assets (see `web/`).
+    async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
+        web::serve(&request)
     }
 }
 
