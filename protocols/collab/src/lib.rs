@@ -29,6 +29,7 @@ mod document;
 mod messages;
 pub mod ot;
 mod sessions;
+mod web;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -269,8 +270,9 @@ impl Protocol for Collab {
         self.config.max_outbound_frame_bytes()
     }
 
+    /// The REST API (`/api/sessions...`) and the browser demo client (`GET /`, see `web/`).
     async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
-        self.rest(&request)
+        self.rest(&request).or_else(|| web::serve(&request))
     }
 }
 
