@@ -23,7 +23,8 @@
 //
 // Exports
 //   ROOT, BIN                  repo root; the binary ($SWITCHBOARD_BIN or target/debug/switchboard)
-//   startServer(protocol, extraArgs = [], { env, readyPath = '/healthz', timeoutMs = 15000 })
+//   startServer(protocol, extraArgs = [], { env, readyPath = '/healthz', timeoutMs = 15000, port })
+//       (`port`: reuse a known port, e.g. to restart a server and test a page's reconnect)
 //       -> { url: 'http://127.0.0.1:PORT', wsUrl: 'ws://127.0.0.1:PORT', port, host,
 //            output(): string (server stdout+stderr so far), stop(): Promise<void> }
 //       Picks a free port, spawns `BIN serve --protocol <protocol> --listen 127.0.0.1:PORT ...`,
@@ -35,8 +36,10 @@
 //   launchBrowser() -> playwright Browser (Debian's /usr/bin/chromium, or $CHROMIUM_PATH, headless,
 //       flags below; Playwright gives it a fresh empty temporary --user-data-dir and deletes it on
 //       close — it refuses an explicit --user-data-dir argument with launch()).
-//   openPage(browser, url, { mobile = false, viewport }) -> Page in a NEW browser context
-//       (separate cookies/localStorage = a separate user). Default timeout 10 s. Page errors and
+//   openPage(browser, url, { mobile = false, viewport, headers }) -> Page in a NEW browser context
+//       (separate cookies/localStorage = a separate user; `headers` are sent with every request,
+//       e.g. { 'X-Forwarded-For': '10.0.0.2' } with `serve --trust-proxy` to look like another
+//       IP). Mobile = 390x780 touch viewport. Default timeout 10 s. Page errors and
 //       console errors are collected in page.consoleErrors (array of strings) and printed.
 //   screenshot(page, name, { docs }) -> path of artifacts/screenshots/<name>.png;
 //       with docs: '<protocol>' it is also copied to docs/screenshots/<protocol>.png.
@@ -214,11 +217,11 @@ export function spawnBinary(args, { env = {}, name = 'switchboard' } = {}) {
 export async function startServer(
   protocol,
   extraArgs = [],
-  { env = {}, readyPath = '/healthz', timeoutMs = 15000 } = {},
+  { env = {}, readyPath = '/healthz', timeoutMs = 15000, port: fixedPort } = {},
 ) {
   let lastOutput = '';
-  for (let attempt = 0; attempt < 3; attempt++) {
-    const port = await freePort();
+  for (let attempt = 0; attempt < (fixedPort ? 1 : 3); attempt++) {
+    const port = fixedPort ?? (await freePort());
     const host = `127.0.0.1:${port}`;
     const child = spawnBinary(['serve', '--protocol', protocol, '--listen', host, ...extraArgs], {
       env,
@@ -267,8 +270,9 @@ export async function launchBrowser() {
 }
 
 /** A page in a fresh browser context (its own storage: a separate user), opened at `url`. */
-export async function openPage(browser, url, { mobile = false, viewport } = {}) {
+export async function openPage(browser, url, { mobile = false, viewport, headers } = {}) {
   const context = await browser.newContext({
+    extraHTTPHeaders: headers,
     viewport: viewport ?? (mobile ? { width: 390, height: 780 } : { width: 1100, height: 760 }),
     deviceScaleFactor: 1,
     isMobile: mobile,
