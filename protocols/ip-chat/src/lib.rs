@@ -12,6 +12,7 @@
 //! default to the in-memory implementations and can be replaced with [`IpChat::with_backends`].
 
 pub mod messages;
+mod web;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -19,8 +20,8 @@ use std::time::Duration;
 
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, Frame, Handshake, History, LocalBroadcaster, MemoryHistory, Peer, Protocol,
-    RateLimiter, Reject,
+    Broadcaster, Frame, Handshake, History, HttpRequest, HttpResponse, LocalBroadcaster,
+    MemoryHistory, Peer, Protocol, RateLimiter, Reject,
 };
 use tracing::warn;
 use uuid::Uuid;
@@ -299,5 +300,9 @@ impl Protocol for IpChat {
 
     async fn on_close(&self, _conn: Connection, peer: &Peer) {
         self.hub.unsubscribe(ROOM, peer.id());
+    }
+
+    async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
+        web::serve(&request)
     }
 }
