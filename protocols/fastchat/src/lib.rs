@@ -31,6 +31,7 @@
 pub mod messages;
 pub mod sanitize;
 pub mod state;
+mod web;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -39,8 +40,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, Frame, Handshake, Keepalive, LocalBroadcaster, LocalPresence, Peer, Presence,
-    Protocol, RateLimiter, Reject,
+    Broadcaster, Frame, Handshake, HttpRequest, HttpResponse, Keepalive, LocalBroadcaster,
+    LocalPresence, Peer, Presence, Protocol, RateLimiter, Reject,
 };
 use tracing::debug;
 use uuid::Uuid;
@@ -583,5 +584,9 @@ impl Protocol for FastChat {
 
     fn default_max_frame_bytes(&self) -> usize {
         self.config.max_frame_bytes
+    }
+
+    async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
+        web::serve(&request)
     }
 }
