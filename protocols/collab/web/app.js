@@ -35,6 +35,10 @@
   let inflight = null;  // sent, not acknowledged
   let buffer = null;    // local edits since, composed
 
+  // Counters for debugging (and for the browser test): how often OT actually had work to do.
+  const stats = { sent: 0, acks: 0, updates: 0, transformed: 0, composed: 0, resets: 0 };
+  window.collabStats = stats;
+
   const people = new Map(); // userId -> {username, cursor}
   let language = 'javascript';
   let worker = null;
@@ -148,6 +152,7 @@
   function resetDocument(code, v) {
     const [s, e] = selectionCp();
     text = code; version = v; inflight = null; buffer = null;
+    stats.resets += 1;
     el.editor.value = code;
     const len = OT.cpLen(code);
     setSelectionCp(Math.min(s, len), Math.min(e, len));
@@ -163,6 +168,7 @@
   }
 
   function sendInflight() {
+    stats.sent += 1;
     send('code-change', { changes: { baseVersion: version, ops: inflight } });
   }
 
@@ -174,10 +180,12 @@
     text = now;
     if (!joined) return;
     if (!inflight) { inflight = op; sendInflight(); }
-    else buffer = buffer ? OT.compose(buffer, op) : op;
+    else if (buffer) { buffer = OT.compose(buffer, op); stats.composed += 1; }
+    else buffer = op;
   }
 
   function onAck(v) {
+    stats.acks += 1;
     version = v;
     inflight = buffer;
     buffer = null;
@@ -189,6 +197,8 @@
     try {
       const expected = inflight ? OT.baseLen(inflight) : buffer ? OT.baseLen(buffer) : OT.cpLen(text);
       let op = OT.normalize(p.ops || [], expected);
+      stats.updates += 1;
+      if (inflight || buffer) stats.transformed += 1;
       if (inflight) [inflight, op] = OT.transform(inflight, op);
       if (buffer) [buffer, op] = OT.transform(buffer, op);
       const [s, e] = selectionCp();
@@ -229,6 +239,8 @@
     el.position.textContent = `Ln ${cursor.line}, Col ${cursor.column}`;
     const key = `${cursor.line}:${cursor.column}`;
     if (!joined) return;
+    const self = el.participants.querySelector(`li[data-user-id="${CSS.escape(userId)}"] .cursor`);
+    if (self) self.textContent = `Ln ${cursor.line}, Col ${cursor.column}`;
     lastCursorSent = Date.now();
     lastCursorKey = key;
     send('cursor-move', { cursor });
