@@ -48,6 +48,8 @@
 //   waitForText(locator, textOrRegExp, { timeout }) -> the locator's textContent once it contains
 //       the text / matches the RegExp.
 //   waitForCount(locator, n, { timeout }) -> waits until locator.count() === n.
+//   withTimeout(promise, ms, what) -> the promise's value, or throws after ms (timer cleared, so
+//       it never keeps the test process alive; a bare setTimeout in Promise.race would).
 //   Tip: put <link rel="icon" href="data:,"> in pages, or the favicon 404 shows up in consoleErrors.
 //   httpGet(url) -> { status, contentType, text, json() }
 //   freePort() -> a port that was free a moment ago on 127.0.0.1.
@@ -118,6 +120,19 @@ export async function waitUntil(fn, { timeout = 10000, interval = 50, message = 
       throw new Error(`timed out after ${timeout} ms: ${message}${why}`);
     }
     await sleep(interval);
+  }
+}
+
+/** `promise`, or a rejection `timed out after ms: what` (the timer never keeps node alive). */
+export async function withTimeout(promise, ms, what = 'operation') {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -202,10 +217,10 @@ export function spawnBinary(args, { env = {}, name = 'switchboard' } = {}) {
     stopping ??= (async () => {
       if (proc.exitCode !== null || proc.signalCode !== null) return;
       proc.kill('SIGTERM');
-      const done = await Promise.race([exited.then(() => true), sleep(5000).then(() => false)]);
+      const done = await withTimeout(exited, 5000, 'exit').then(() => true, () => false);
       if (!done) {
         proc.kill('SIGKILL');
-        await Promise.race([exited, sleep(2000)]);
+        await withTimeout(exited, 2000, 'exit after SIGKILL').catch(() => {});
       }
     })();
     return stopping;
