@@ -15,6 +15,7 @@
 
 mod scorecard;
 mod state;
+mod web;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -329,7 +330,7 @@ impl Protocol for TeambotSim {
         match (request.method.as_str(), request.path.as_str()) {
             ("GET", "/scorecard") => Some(HttpResponse::json(200, &self.scorecard())),
             (_, "/scorecard") => Some(HttpResponse::json_error(405, "method not allowed")),
-            _ => None,
+            _ => web::serve(&request),
         }
     }
 }
