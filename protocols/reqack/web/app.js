@@ -339,11 +339,16 @@
     return ['✓', 'sent', 'sent'];
   }
 
+  // Updates the list in place (keyed by message id) so that the live region announces only
+  // new messages, not the whole conversation again on every change.
+  const rendered = new Map(); // key -> {li, sig}
   function renderMessages() {
     const list = el.messages;
     const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-    list.textContent = '';
     const conv = current && convs.get(current);
+    if (list.dataset.peer !== (current || '')) { list.textContent = ''; rendered.clear(); }
+    const placeholder = list.querySelector('.empty');
+    if (placeholder) placeholder.remove();
     if (!conv) return;
     const msgs = [...conv.messages.values()].sort((a, b) => order(a) - order(b));
     if (msgs.length === 0) {
@@ -351,58 +356,68 @@
       li.className = 'empty';
       li.textContent = conv.historyLoaded ? 'No messages yet. Say hi!' : 'Loading…';
       list.append(li);
-      return;
     }
-    for (const msg of msgs) {
-      const mine = msg.from === me;
-      const li = document.createElement('li');
-      li.className = `msg${mine ? ' mine' : ''}${msg.deleted ? ' deleted' : ''}`;
-      if (typeof msg.messageId === 'number') li.dataset.messageId = String(msg.messageId);
-      const text = document.createElement('div');
-      text.className = 'text';
-      text.textContent = msg.deleted ? (mine ? 'You deleted this message' : 'This message was deleted') : msg.text;
-      const info = document.createElement('div');
-      info.className = 'info';
-      const time = document.createElement('time');
-      const date = new Date(msg.timestamp || Date.now());
-      time.dateTime = date.toISOString();
-      time.textContent = date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
-      info.append(time);
-      if (msg.edited && !msg.deleted) {
-        const e = document.createElement('span');
-        e.className = 'edited';
-        e.textContent = 'edited';
-        info.append(e);
-      }
-      if (mine && !msg.deleted) {
-        if (!msg.call && typeof msg.messageId === 'number') {
-          const actions = document.createElement('span');
-          actions.className = 'actions';
-          const edit = document.createElement('button');
-          edit.type = 'button'; edit.className = 'link edit'; edit.textContent = 'edit';
-          edit.setAttribute('aria-label', `Edit message: ${msg.text}`);
-          edit.addEventListener('click', () => startEdit(msg));
-          const del = document.createElement('button');
-          del.type = 'button'; del.className = 'link delete'; del.textContent = 'delete';
-          del.setAttribute('aria-label', `Delete message: ${msg.text}`);
-          del.addEventListener('click', () => deleteMessage(msg));
-          actions.append(edit, del);
-          info.append(actions);
-        }
-        const [symbol, label, cls] = tickFor(msg);
-        const tick = document.createElement('span');
-        tick.className = `tick ${cls}`;
-        tick.dataset.receipt = label;
-        tick.title = label;
-        tick.setAttribute('aria-label', label);
-        tick.textContent = symbol;
-        info.append(tick);
-      }
-      li.append(text, info);
-      list.append(li);
-    }
+    const keep = new Set();
+    msgs.forEach((msg, i) => {
+      const key = msg.key || (msg.key = `m${Math.random().toString(36).slice(2)}`);
+      keep.add(key);
+      const sig = JSON.stringify([msg.messageId, msg.text, msg.edited, msg.deleted, msg.receipt]);
+      let entry = rendered.get(key);
+      if (!entry) { entry = { li: document.createElement('li'), sig: '' }; rendered.set(key, entry); }
+      if (entry.sig !== sig) { fillMessage(entry.li, msg); entry.sig = sig; }
+      if (list.children[i] !== entry.li) list.insertBefore(entry.li, list.children[i] || null);
+    });
+    for (const [key, entry] of rendered) if (!keep.has(key)) { entry.li.remove(); rendered.delete(key); }
     if (atBottom || list.dataset.peer !== current) list.scrollTop = list.scrollHeight;
-    list.dataset.peer = current;
+    list.dataset.peer = current || '';
+  }
+
+  function fillMessage(li, msg) {
+    const mine = msg.from === me;
+    li.textContent = '';
+    li.className = `msg${mine ? ' mine' : ''}${msg.deleted ? ' deleted' : ''}`;
+    if (typeof msg.messageId === 'number') li.dataset.messageId = String(msg.messageId);
+    const text = document.createElement('div');
+    text.className = 'text';
+    text.textContent = msg.deleted ? (mine ? 'You deleted this message' : 'This message was deleted') : msg.text;
+    const info = document.createElement('div');
+    info.className = 'info';
+    const time = document.createElement('time');
+    const date = new Date(msg.timestamp || Date.now());
+    time.dateTime = date.toISOString();
+    time.textContent = date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    info.append(time);
+    if (msg.edited && !msg.deleted) {
+      const e = document.createElement('span');
+      e.className = 'edited';
+      e.textContent = 'edited';
+      info.append(e);
+    }
+    if (mine && !msg.deleted) {
+      if (!msg.call && typeof msg.messageId === 'number') {
+        const actions = document.createElement('span');
+        actions.className = 'actions';
+        const edit = document.createElement('button');
+        edit.type = 'button'; edit.className = 'link edit'; edit.textContent = 'edit';
+        edit.setAttribute('aria-label', `Edit message: ${msg.text}`);
+        edit.addEventListener('click', () => startEdit(msg));
+        const del = document.createElement('button');
+        del.type = 'button'; del.className = 'link delete'; del.textContent = 'delete';
+        del.setAttribute('aria-label', `Delete message: ${msg.text}`);
+        del.addEventListener('click', () => deleteMessage(msg));
+        actions.append(edit, del);
+        info.append(actions);
+      }
+      const [symbol, label, cls] = tickFor(msg);
+      const tick = document.createElement('span');
+      tick.className = `tick ${cls}`;
+      tick.dataset.receipt = label;
+      tick.title = label;
+      tick.setAttribute('aria-label', label);
+      tick.textContent = symbol;
+      info.append(tick);
+    }
+    li.append(text, info);
   }
 
   function order(msg) { return typeof msg.messageId === 'number' ? msg.messageId : Number.MAX_SAFE_INTEGER - 1e6 + msg.seq; }
@@ -432,7 +447,7 @@
     localSeq += 1;
     const clientMessageId = `${me}-c${Date.now().toString(36)}-${localSeq}`;
     const key = `local:${clientMessageId}`;
-    const msg = { messageId: key, seq: localSeq, from: me, to: peer, text, timestamp: Date.now(), receipt: 'sent' };
+    const msg = { messageId: key, key, seq: localSeq, from: me, to: peer, text, timestamp: Date.now(), receipt: 'sent' };
     conversation(peer).messages.set(key, msg);
     renderMessages();
     try {
