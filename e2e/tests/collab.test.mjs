@@ -4,8 +4,11 @@
 // output shared as execution-result) show on both pages.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import vm from 'node:vm';
 import {
-  startServer, launchBrowser, openPage, screenshot, waitForText, waitForCount, waitUntil, httpGet,
+  ROOT, startServer, launchBrowser, openPage, screenshot, waitForText, waitForCount, waitUntil, httpGet,
 } from '../lib/harness.mjs';
 
 let server, browser;
@@ -67,6 +70,41 @@ async function caretAt(page, where) {
     e.setSelectionRange(at, at);
   }, where);
 }
+
+test("the page's OT (ot.js) keeps the transform and compose laws on code points", () => {
+  const sandbox = {};
+  vm.runInNewContext(readFileSync(path.join(ROOT, 'protocols/collab/web/ot.js'), 'utf8'), sandbox);
+  const OT = sandbox.CollabOT;
+  let seed = 42;
+  const rnd = (n) => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n; };
+  const alphabet = ['a', 'b', 'é', '😀', '\n', ' '];
+  const randText = (n) => Array.from({ length: n }, () => alphabet[rnd(alphabet.length)]).join('');
+  const randOp = (text) => {
+    const len = [...text].length; const op = []; let i = 0;
+    while (i < len) {
+      const n = 1 + rnd(Math.min(3, len - i)); const kind = rnd(3);
+      if (kind === 0) { OT.push(op, n); i += n; } else if (kind === 1) { OT.push(op, -n); i += n; } else OT.push(op, randText(1 + rnd(3)));
+    }
+    if (rnd(2)) OT.push(op, randText(2));
+    return op;
+  };
+  for (let i = 0; i < 3000; i++) {
+    const s = randText(rnd(12)); const a = randOp(s); const b = randOp(s);
+    const [a2, b2] = OT.transform(a, b);
+    assert.equal(OT.apply(OT.apply(s, a), b2), OT.apply(OT.apply(s, b), a2), JSON.stringify({ s, a, b }));
+    const c = randOp(OT.apply(s, a));
+    assert.equal(OT.apply(s, OT.compose(a, c)), OT.apply(OT.apply(s, a), c));
+    const t = randText(rnd(12));
+    assert.equal(OT.apply(s, OT.diff(s, t)), t);
+  }
+  // Ties: the first argument's insert goes first, as on the server.
+  const [x2, y2] = OT.transform(['x'], ['y']);
+  assert.equal(OT.apply('x', y2), 'xy');
+  assert.equal(OT.apply('y', x2), 'xy');
+  // Editor offsets are UTF-16; the wire counts code points.
+  assert.equal(OT.toCp('é😀a', 3), 2);
+  assert.equal(OT.toU16('é😀a', 2), 3);
+});
 
 test('GET / serves the page; the REST API still works', async () => {
   const res = await httpGet(server.url + '/');
