@@ -29,8 +29,9 @@ async function join(page, name) {
 /** Records the app-level frames a page sends (to check PING and HELLO). */
 function recordSentFrames(page) {
   const sent = [];
+  sent.at = []; // when each frame was sent
   page.on('websocket', (ws) => ws.on('framesent', ({ payload }) => {
-    try { sent.push(JSON.parse(payload).type); } catch { /* not JSON */ }
+    try { sent.push(JSON.parse(payload).type); sent.at.push(Date.now()); } catch { /* not JSON */ }
   }));
   return sent;
 }
@@ -45,7 +46,6 @@ test('two users see each other, chat with typing and ticks, and survive a restar
   const alice = await openPage(browser, null);
   const aliceSent = recordSentFrames(alice);
   await alice.goto(server.url);
-  const startedAt = Date.now();
   await join(alice, 'Alice');
   await waitUntil(() => alice.locator('#nobody').isVisible(), { message: 'alice sees nobody else yet' });
   const aliceId = await alice.evaluate(() => localStorage.getItem('fastchat.userId'));
@@ -111,6 +111,12 @@ test('two users see each other, chat with typing and ticks, and survive a restar
   await screenshot(alice, 'fastchat-bob-offline');
 
   // App-level PING every 15 s (the server closes sockets silent for 20 s).
-  await waitUntil(() => aliceSent.includes('PING'), { timeout: Math.max(1000, 17000 - (Date.now() - startedAt)), interval: 200, message: 'a PING within 15 s' });
+  // The timer restarts with each connection: expect a PING within 15 s (+2 s slack) of the last HELLO.
+  const lastHello = aliceSent.lastIndexOf('HELLO');
+  const helloAt = aliceSent.at[lastHello];
+  await waitUntil(() => aliceSent.indexOf('PING', lastHello) !== -1,
+    { timeout: Math.max(1000, 17000 - (Date.now() - helloAt)), interval: 200, message: 'a PING within 15 s of HELLO' });
+  const pingAt = aliceSent.at[aliceSent.indexOf('PING', lastHello)];
+  assert.ok(pingAt - helloAt > 13000, `PING comes about 15 s after HELLO, not ${pingAt - helloAt} ms`);
   assert.deepEqual(alice.consoleErrors.filter((e) => !/WebSocket|ERR_CONNECTION_REFUSED/.test(e)), []);
 });
