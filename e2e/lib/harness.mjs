@@ -41,6 +41,7 @@
 //       e.g. { 'X-Forwarded-For': '10.0.0.2' } with `serve --trust-proxy` to look like another
 //       IP). Mobile = 390x780 touch viewport. Default timeout 10 s. Page errors and
 //       console errors are collected in page.consoleErrors (array of strings) and printed.
+//       url null: the page stays blank (attach listeners, e.g. page.on("websocket"), then goto).
 //   screenshot(page, name, { docs }) -> path of artifacts/screenshots/<name>.png;
 //       with docs: '<protocol>' it is also copied to docs/screenshots/<protocol>.png.
 //   waitUntil(fn, { timeout = 10000, interval = 50, message }) -> fn's first truthy value;
