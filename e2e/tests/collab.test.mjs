@@ -194,6 +194,19 @@ test('two participants edit one document concurrently and share cursors, languag
   await caretAt(alice, expected2.length);
   const lastLine = expected2.split('\n').length;
   await waitForText(person(bob, 'Alice').locator('.cursor'), `Ln ${lastLine}, Col 14`);
+  // ... and draws it over the editor with the name.
+  await waitForText(alice.locator('#carets .caret'), 'Bob');
+  await waitForText(bob.locator('#carets .caret'), 'Alice');
+  // Alice types before Bob's caret: her page moves his caret along until he sends a new one.
+  await caretAt(alice, 0);
+  await alice.keyboard.type('// ');
+  await waitForText(person(alice, 'Bob').locator('.cursor'), 'Ln 1, Col 13');
+  await waitUntil(async () => (await editorValue(bob)).startsWith('// /*'), { message: 'bob got the prefix' });
+  await alice.keyboard.press('Backspace');
+  await alice.keyboard.press('Backspace');
+  await alice.keyboard.press('Backspace');
+  await waitForText(person(alice, 'Bob').locator('.cursor'), 'Ln 1, Col 10');
+  await waitUntil(async () => (await editorValue(bob)) === expected2, { message: 'prefix removed on bob' });
 
   // Language switch propagates both ways.
   await bob.selectOption('#language', 'python');

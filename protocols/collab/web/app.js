@@ -11,7 +11,7 @@
     join: $('join'), joinForm: $('join-form'), username: $('username'), sessionInput: $('session-input'),
     createBtn: $('create-btn'), workspace: $('workspace'), language: $('language'), run: $('run'),
     position: $('position'), editor: $('editor'), participants: $('participants'), output: $('output'),
-    outputMeta: $('output-meta'), activity: $('activity'), error: $('error'),
+    outputMeta: $('output-meta'), activity: $('activity'), error: $('error'), carets: $('carets'),
   };
   const RUN_TIMEOUT_MS = 3000;
   const CURSOR_THROTTLE_MS = 100;
@@ -104,7 +104,7 @@
         if (inflight || buffer) showError('Your unsent edits were dropped: the document was reset from the server.');
         resetDocument(p.code || '', p.version || 0);
         people.clear();
-        for (const person of p.participants || []) people.set(person.userId, { username: person.username, cursor: null });
+        for (const person of p.participants || []) people.set(person.userId, { username: person.username, index: null });
         setLanguage(p.language || 'javascript');
         renderPeople();
         if (first) logActivity(`joined as ${username}`);
@@ -112,7 +112,7 @@
         break;
       }
       case 'participant-joined':
-        people.set(p.userId, { username: p.username, cursor: null });
+        people.set(p.userId, { username: p.username, index: null });
         renderPeople();
         logActivity(`${p.username} joined`);
         sendCursorNow();
@@ -126,7 +126,10 @@
       case 'code-update': onRemoteOp(p); break;
       case 'cursor-update': {
         const person = people.get(p.userId);
-        if (person && p.cursor && typeof p.cursor === 'object') { person.cursor = p.cursor; renderPeople(); }
+        if (person && p.cursor && typeof p.cursor === 'object' && Number.isFinite(p.cursor.line) && Number.isFinite(p.cursor.column)) {
+          person.index = indexOfLineCol(p.cursor);
+          renderPeople();
+        }
         break;
       }
       case 'language-updated':
@@ -178,6 +181,7 @@
     if (now === text) return;
     const op = OT.diff(text, now);
     text = now;
+    moveCursors(op);
     if (!joined) return;
     if (!inflight) { inflight = op; sendInflight(); }
     else if (buffer) { buffer = OT.compose(buffer, op); stats.composed += 1; }
@@ -205,6 +209,7 @@
       const { scrollTop, scrollLeft } = el.editor;
       text = OT.apply(text, op);
       version = p.version;
+      moveCursors(op);
       el.editor.value = text;
       setSelectionCp(OT.transformIndex(s, op), OT.transformIndex(e, op));
       el.editor.scrollTop = scrollTop; el.editor.scrollLeft = scrollLeft;
@@ -267,11 +272,73 @@
       who.textContent = id === userId ? `${person.username} (you)` : person.username;
       const cur = document.createElement('span');
       cur.className = 'cursor';
-      const c = id === userId ? caretPosition() : person.cursor;
+      const c = id === userId ? caretPosition() : person.index === null ? null : lineColOf(person.index);
       cur.textContent = c && Number.isFinite(c.line) ? `Ln ${c.line}, Col ${c.column}` : '—';
       cur.setAttribute('aria-label', c && Number.isFinite(c.line) ? `cursor at line ${c.line}, column ${c.column}` : 'no cursor yet');
       li.append(swatch, who, cur);
       el.participants.append(li);
+    }
+    drawCarets();
+  }
+
+  // Other participants' carets: kept as code-point indexes into our text, moved through every
+  // operation applied here until their next cursor-update, and drawn over the textarea.
+  function indexOfLineCol(cursor) {
+    const lines = text.split('\n');
+    const line = Math.min(Math.max(1, Math.trunc(cursor.line)), lines.length);
+    let index = 0;
+    for (let i = 0; i < line - 1; i++) index += OT.cpLen(lines[i]) + 1;
+    return index + Math.min(Math.max(1, Math.trunc(cursor.column)), OT.cpLen(lines[line - 1]) + 1) - 1;
+  }
+  function lineColOf(index) {
+    const before = text.slice(0, OT.toU16(text, index));
+    return { line: before.split('\n').length, column: OT.cpLen(before.slice(before.lastIndexOf('\n') + 1)) + 1 };
+  }
+  function moveCursors(op) {
+    let moved = false;
+    for (const [id, person] of people) {
+      if (id === userId || person.index === null) continue;
+      person.index = OT.transformIndex(person.index, op);
+      moved = true;
+    }
+    if (moved) renderPeople();
+  }
+
+  let mirror = null;
+  function drawCarets() {
+    const box = el.carets;
+    box.textContent = '';
+    if (!joined || el.workspace.hidden) return;
+    if (!mirror) {
+      mirror = document.createElement('div');
+      mirror.className = 'mirror';
+      mirror.setAttribute('aria-hidden', 'true');
+      box.parentElement.append(mirror);
+    }
+    const cs = getComputedStyle(el.editor);
+    for (const prop of ['font', 'padding', 'tabSize', 'letterSpacing', 'lineHeight', 'boxSizing']) mirror.style[prop] = cs[prop];
+    mirror.style.width = `${el.editor.clientWidth}px`;
+    const lineHeight = parseFloat(cs.lineHeight) || 20;
+    for (const [id, person] of people) {
+      if (id === userId || person.index === null) continue;
+      mirror.textContent = text.slice(0, OT.toU16(text, person.index));
+      const mark = document.createElement('span');
+      mark.textContent = '\u200b';
+      mirror.append(mark);
+      const x = mark.offsetLeft - el.editor.scrollLeft;
+      const y = mark.offsetTop - el.editor.scrollTop;
+      const caret = document.createElement('div');
+      caret.className = `caret${y < lineHeight ? ' below' : ''}`;
+      caret.dataset.userId = id;
+      caret.style.background = colorOf(id);
+      caret.style.height = `${lineHeight}px`;
+      caret.style.transform = `translate(${x}px, ${y}px)`;
+      const label = document.createElement('span');
+      label.className = 'caret-label';
+      label.style.background = colorOf(id);
+      label.textContent = person.username;
+      caret.append(label);
+      box.append(caret);
     }
   }
 
@@ -398,6 +465,8 @@
     setTimeout(() => { el.copyLink.textContent = 'copy invite link'; }, 2500);
   });
   el.editor.addEventListener('input', () => { processLocal(); scheduleCursor(); });
+  el.editor.addEventListener('scroll', drawCarets);
+  window.addEventListener('resize', drawCarets);
   for (const evt of ['keyup', 'mouseup', 'focus', 'select']) el.editor.addEventListener(evt, scheduleCursor);
   document.addEventListener('selectionchange', () => { if (document.activeElement === el.editor) scheduleCursor(); });
   el.editor.addEventListener('keydown', (e) => {
