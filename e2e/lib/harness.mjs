@@ -43,7 +43,8 @@
 //       console errors are collected in page.consoleErrors (array of strings) and printed.
 //       url null: the page stays blank (attach listeners, e.g. page.on("websocket"), then goto).
 //   screenshot(page, name, { docs }) -> path of artifacts/screenshots/<name>.png;
-//       with docs: '<protocol>' it is also copied to docs/screenshots/<protocol>.png.
+//       with docs: '<protocol>' it is also copied to docs/screenshots/<protocol>.png, but only
+//       when SWITCHBOARD_UPDATE_SCREENSHOTS=1 (so ordinary test runs leave the tree clean).
 //   waitUntil(fn, { timeout = 10000, interval = 50, message }) -> fn's first truthy value;
 //       throws `timed out: <message>` (with the last error, if fn threw) after the timeout.
 //   waitForText(locator, textOrRegExp, { timeout }) -> the locator's textContent once it contains
@@ -312,13 +313,16 @@ export async function openPage(browser, url, { mobile = false, viewport, headers
   return page;
 }
 
-/** Save a PNG to artifacts/screenshots/<name>.png; with { docs: '<protocol>' } also to docs/screenshots/. */
+/**
+ * Save a PNG to artifacts/screenshots/<name>.png; with { docs: '<protocol>' } and
+ * SWITCHBOARD_UPDATE_SCREENSHOTS=1 also to docs/screenshots/<protocol>.png (the README's pictures).
+ */
 export async function screenshot(page, name, { docs, fullPage = false } = {}) {
   const dir = path.join(ROOT, 'artifacts', 'screenshots');
   mkdirSync(dir, { recursive: true });
   const file = path.join(dir, `${name}.png`);
   await page.screenshot({ path: file, fullPage, animations: 'disabled', timeout: 10000 });
-  if (docs) {
+  if (docs && process.env.SWITCHBOARD_UPDATE_SCREENSHOTS === '1') {
     const docsDir = path.join(ROOT, 'docs', 'screenshots');
     mkdirSync(docsDir, { recursive: true });
     copyFileSync(file, path.join(docsDir, `${docs}.png`));
