@@ -22,6 +22,7 @@ mod protocol;
 pub mod query;
 mod rate_limit;
 pub mod sync;
+pub mod web;
 
 pub use backoff::Backoff;
 pub use broadcast::{Broadcaster, LocalBroadcaster};

@@ -32,6 +32,6 @@ async fn get_root_serves_the_demo_page_and_its_assets() {
         assert!(!asset.body.is_empty(), "{path}");
     }
     assert_eq!(server.http("GET", "/nope.js", None).await.status, 404);
-    assert_eq!(server.http("POST", "/", None).await.status, 404);
+    assert_eq!(server.http("POST", "/", None).await.status, 405);
     assert_eq!(server.http("GET", "/healthz", None).await.status, 200);
 }
