@@ -90,7 +90,7 @@ pub struct Config {
     /// first. Default 100 000.
     pub max_tracked_messages: usize,
     /// Largest inbound frame when the server config does not say otherwise; larger frames close
-    /// the socket with 1009. Default 16 KiB.
+    /// the socket with 1009. Default 64 KiB, the runtime default every protocol but collab uses.
     pub max_frame_bytes: usize,
 }
 
@@ -107,7 +107,7 @@ impl Default for Config {
             max_queued_per_user: 100,
             max_queued_total: 10_000,
             max_tracked_messages: 100_000,
-            max_frame_bytes: 16 * 1024,
+            max_frame_bytes: 64 * 1024,
         }
     }
 }

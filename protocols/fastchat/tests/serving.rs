@@ -44,7 +44,7 @@ fn keepalive_is_the_protocols_own_20_seconds_by_default() {
             idle_timeout: Duration::from_secs(20),
         })
     );
-    assert_eq!(chat.default_max_frame_bytes(), 16 * 1024);
+    assert_eq!(chat.default_max_frame_bytes(), 64 * 1024);
     assert_eq!(chat.name(), "fastchat");
 }
 
@@ -85,13 +85,13 @@ async fn upgrades_from_unlisted_origins_are_refused_with_403() {
 }
 
 #[tokio::test]
-async fn frames_over_16_kib_close_the_socket_with_1009() {
+async fn frames_over_64_kib_close_the_socket_with_1009() {
     let server = TestServer::start(FastChat::new(Config::default()), ServerConfig::default()).await;
     let mut client = server.connect("/ws").await;
-    client.send_text(&"x".repeat(16 * 1024)).await;
+    client.send_text(&"x".repeat(64 * 1024)).await;
     let error = client.recv_type("ERROR").await;
     assert_eq!(error["data"]["code"], "VALIDATION");
-    client.send_text(&"x".repeat(16 * 1024 + 1)).await;
+    client.send_text(&"x".repeat(64 * 1024 + 1)).await;
     assert_eq!(client.expect_close().await.code, CloseCode::Size);
 }
 
