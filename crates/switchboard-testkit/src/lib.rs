@@ -98,6 +98,60 @@ impl TestServer {
         http_request(self.addr, method, path, body).await
     }
 
+    /// Checks the demo page every protocol serves: `GET /` is an HTML document, each of `assets`
+    /// (e.g. `/app.js`) answers 200 with the content type of its extension and a body, unknown
+    /// paths are 404, `POST /` is 405 and `/healthz` still answers. Returns the page and the
+    /// assets' replies, in order, for the protocol's own checks.
+    pub async fn expect_demo_page(&self, assets: &[&str]) -> (HttpReply, Vec<HttpReply>) {
+        let page = self.http("GET", "/", None).await;
+        assert_eq!(page.status, 200, "GET /");
+        let headers = page.headers.to_ascii_lowercase();
+        assert!(
+            headers.contains("content-type: text/html; charset=utf-8"),
+            "{}",
+            page.headers
+        );
+        assert!(
+            page.body.starts_with("<!doctype html>"),
+            "GET / is not an HTML document"
+        );
+        let mut replies = Vec::with_capacity(assets.len());
+        for path in assets {
+            let asset = self.http("GET", path, None).await;
+            assert_eq!(asset.status, 200, "{path}");
+            let kind = match path.rsplit_once('.').map(|(_, ext)| ext) {
+                Some("js") => "text/javascript",
+                Some("css") => "text/css",
+                _ => "",
+            };
+            assert!(
+                asset.headers.to_ascii_lowercase().contains(kind),
+                "{path}: {}",
+                asset.headers
+            );
+            assert!(!asset.body.is_empty(), "{path} is empty");
+            replies.push(asset);
+        }
+        for unknown in ["/nope", "/nope.js"] {
+            assert_eq!(
+                self.http("GET", unknown, None).await.status,
+                404,
+                "{unknown}"
+            );
+        }
+        assert_eq!(
+            self.http("POST", "/", Some("{}")).await.status,
+            405,
+            "POST /"
+        );
+        assert_eq!(
+            self.http("GET", "/healthz", None).await.status,
+            200,
+            "/healthz"
+        );
+        (page, replies)
+    }
+
     /// Starts a graceful shutdown and waits (bounded) for the server task to return.
     pub async fn shutdown(self) -> std::io::Result<()> {
         self.handle.shutdown();
