@@ -44,6 +44,10 @@ pub(crate) struct RuntimeArgs {
     /// TCP accept backlog.
     #[arg(long, env = "SWITCHBOARD_ACCEPT_BACKLOG", default_value_t = 4096)]
     pub(crate) accept_backlog: u32,
+    /// Server-wide budget in bytes for the protocol's stored state (history, documents, queues,
+    /// outboxes); when it is reached new work is refused with the protocol's error.
+    #[arg(long, env = "SWITCHBOARD_MAX_STATE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub(crate) max_state_bytes: usize,
 }
 
 impl RuntimeArgs {
@@ -72,6 +76,8 @@ impl RuntimeArgs {
 pub(crate) struct Server {
     pub(crate) listen: SocketAddr,
     pub(crate) config: ServerConfig,
+    /// `--max-state-bytes`: each protocol's `Config::max_state_bytes`.
+    pub(crate) max_state_bytes: usize,
 }
 
 impl Server {

@@ -16,6 +16,7 @@ pub mod envelope;
 mod error;
 mod frame;
 mod history;
+pub mod limits;
 mod peer;
 mod presence;
 mod protocol;
@@ -30,7 +31,9 @@ pub use close::CloseReason;
 pub use error::Error;
 pub use frame::Frame;
 pub use history::{History, MemoryHistory};
-pub use peer::{ConnId, Delivery, LinkEvent, Outgoing, Peer, PeerLink, peer_channel};
+pub use limits::{BudgetExceeded, ClientKey, MemoryBudget, ShareRefused, Shares, TokenBuckets};
+pub use peer::{ConnId, Delivery, LinkEvent, Outgoing, Peer, PeerLink, peer_channel, peer_channel_bounded,
+};
 pub use presence::{LocalPresence, Presence};
 pub use protocol::{Handshake, HttpRequest, HttpResponse, Keepalive, Protocol, Reject};
 pub use rate_limit::RateLimiter;

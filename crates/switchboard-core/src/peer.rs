@@ -49,6 +49,26 @@ pub enum Outgoing {
     Frame(Frame),
     /// Several frames that take one queue slot, e.g. a history replay on connect.
     Batch(Vec<Frame>),
+    /// One binary message (e.g. the `echo` diagnostics protocol).
+    Binary(bytes::Bytes),
+}
+
+/// Bytes one queued handle costs besides its payload (the queue slot itself).
+const ITEM_OVERHEAD: usize = std::mem::size_of::<Outgoing>();
+
+impl Outgoing {
+    /// What this item counts against the peer's byte budget: its payload bytes (once per
+    /// recipient, even when the payload is shared) plus the queue slots it takes.
+    pub fn cost(&self) -> usize {
+        match self {
+            Self::Frame(frame) => frame.len().saturating_add(ITEM_OVERHEAD),
+            Self::Binary(data) => data.len().saturating_add(ITEM_OVERHEAD),
+            Self::Batch(frames) => frames.iter().fold(ITEM_OVERHEAD, |sum, frame| {
+                sum.saturating_add(frame.len())
+                    .saturating_add(std::mem::size_of::<Frame>())
+            }),
+        }
+    }
 }
 
 /// What the runtime's end of a peer should do next.
@@ -85,6 +105,8 @@ impl Delivery {
 #[derive(Debug, Default)]
 struct Queue {
     items: VecDeque<Outgoing>,
+    /// Sum of [`Outgoing::cost`] over `items`.
+    bytes: usize,
     /// Set when the runtime's end is gone; later pushes report `Delivery::Closed`.
     detached: bool,
 }
@@ -93,6 +115,7 @@ struct PeerInner {
     id: ConnId,
     remote: SocketAddr,
     capacity: usize,
+    max_bytes: usize,
     queue: Mutex<Queue>,
     /// Wakes the runtime's end when the queue goes from empty to non-empty (one waiter; a
     /// notification sent while nobody waits is kept as a permit).
@@ -121,6 +144,16 @@ impl Peer {
         self.push(Outgoing::Frame(frame))
     }
 
+    /// Queues one binary message without waiting, under the same bounds as [`Peer::send`].
+    pub fn send_binary(&self, data: bytes::Bytes) -> Delivery {
+        self.push(Outgoing::Binary(data))
+    }
+
+    /// Bytes queued now (see [`Outgoing::cost`]); what a stalled reader holds on the server.
+    pub fn queued_bytes(&self) -> usize {
+        lock(&self.0.queue).bytes
+    }
+
     /// Queues several frames in one queue slot, in order.
     pub fn send_batch(&self, frames: Vec<Frame>) -> Delivery {
         if frames.is_empty() {
@@ -137,12 +170,17 @@ impl Peer {
         if queue.detached {
             return Delivery::Closed;
         }
-        if queue.items.len() >= self.0.capacity {
+        let cost = item.cost();
+        // One item larger than the whole byte budget still goes through into an empty queue: a
+        // legitimate large frame must reach a reader that keeps up.
+        let over_bytes = queue.bytes > 0 && queue.bytes.saturating_add(cost) > self.0.max_bytes;
+        if queue.items.len() >= self.0.capacity || over_bytes {
             drop(queue);
             self.close(CloseReason::slow_consumer());
             return Delivery::SlowConsumer;
         }
         let was_empty = queue.items.is_empty();
+        queue.bytes = queue.bytes.saturating_add(cost);
         queue.items.push_back(item);
         drop(queue);
         if was_empty {
@@ -239,6 +277,9 @@ impl PeerLink {
     pub fn try_recv(&mut self) -> Option<Outgoing> {
         let mut queue = lock(&self.peer.0.queue);
         let item = queue.items.pop_front();
+        if let Some(item) = &item {
+            queue.bytes = queue.bytes.saturating_sub(item.cost());
+        }
         if queue.items.is_empty() && queue.items.capacity() > RETAINED_QUEUE_CAPACITY {
             queue.items.shrink_to(RETAINED_QUEUE_CAPACITY);
         }
@@ -250,7 +291,12 @@ impl PeerLink {
     pub fn take_into(&mut self, out: &mut Vec<Outgoing>, max: usize) {
         let mut queue = lock(&self.peer.0.queue);
         let n = queue.items.len().min(max);
+        let start = out.len();
         out.extend(queue.items.drain(..n));
+        let taken = out[start..]
+            .iter()
+            .fold(0usize, |sum, item| sum.saturating_add(item.cost()));
+        queue.bytes = queue.bytes.saturating_sub(taken);
         if queue.items.is_empty() && queue.items.capacity() > RETAINED_QUEUE_CAPACITY {
             queue.items.shrink_to(RETAINED_QUEUE_CAPACITY);
         }
@@ -260,6 +306,7 @@ impl PeerLink {
     pub fn discard_queued(&mut self) {
         let mut queue = lock(&self.peer.0.queue);
         queue.items = VecDeque::new();
+        queue.bytes = 0;
     }
 
     /// The peer this link drains.
@@ -273,15 +320,28 @@ impl Drop for PeerLink {
         let mut queue = lock(&self.peer.0.queue);
         queue.detached = true;
         queue.items = VecDeque::new();
+        queue.bytes = 0;
     }
 }
 
-/// Creates a peer with an outbound queue of `capacity` items (at least 1).
+/// Creates a peer with an outbound queue of `capacity` items (at least 1) and no byte bound.
 pub fn peer_channel(remote: SocketAddr, capacity: usize) -> (Peer, PeerLink) {
+    peer_channel_bounded(remote, capacity, usize::MAX)
+}
+
+/// Creates a peer whose outbound queue holds at most `capacity` items (at least 1) and
+/// `max_bytes` bytes ([`Outgoing::cost`]); a push over either bound closes it as a slow consumer.
+/// A single item larger than `max_bytes` is accepted into an empty queue.
+pub fn peer_channel_bounded(
+    remote: SocketAddr,
+    capacity: usize,
+    max_bytes: usize,
+) -> (Peer, PeerLink) {
     let peer = Peer(Arc::new(PeerInner {
         id: ConnId::next(),
         remote,
         capacity: capacity.max(1),
+        max_bytes,
         queue: Mutex::new(Queue::default()),
         ready: Notify::new(),
         close_reason: OnceLock::new(),
@@ -307,6 +367,29 @@ mod tests {
         assert_eq!(peer.send(Frame::text("4")), Delivery::Closed);
         assert_eq!(peer.closing().await, CloseReason::slow_consumer());
         assert!(link.try_recv().is_some());
+    }
+
+    #[test]
+    fn the_byte_budget_closes_a_peer_that_holds_too_many_bytes() {
+        let (peer, mut link) = peer_channel_bounded(addr(), 1000, 3 * (100 + ITEM_OVERHEAD));
+        let big = Frame::text("x".repeat(100));
+        for _ in 0..3 {
+            assert_eq!(peer.send(big.clone()), Delivery::Queued);
+        }
+        assert_eq!(peer.queued_bytes(), 3 * (100 + ITEM_OVERHEAD));
+        assert_eq!(peer.send(big.clone()), Delivery::SlowConsumer);
+        let mut out = Vec::new();
+        link.take_into(&mut out, 2);
+        assert_eq!(peer.queued_bytes(), 100 + ITEM_OVERHEAD);
+        assert!(link.try_recv().is_some());
+        assert_eq!(peer.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn one_item_larger_than_the_budget_reaches_an_empty_queue() {
+        let (peer, _link) = peer_channel_bounded(addr(), 10, 10);
+        assert!(peer.send(Frame::text("x".repeat(100))).is_queued());
+        assert_eq!(peer.send(Frame::text("y")), Delivery::SlowConsumer);
     }
 
     #[tokio::test]

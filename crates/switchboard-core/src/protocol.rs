@@ -47,6 +47,9 @@ pub enum Reject {
     /// 503: the server cannot take this connection now (a limit is reached).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// 429: this client holds its whole share of a pool, or is over its rate.
+    #[error("too many requests: {0}")]
+    TooMany(String),
 }
 
 impl Reject {
@@ -57,6 +60,7 @@ impl Reject {
             Self::BadRequest(_) => 400,
             Self::Forbidden(_) => 403,
             Self::Unavailable(_) => 503,
+            Self::TooMany(_) => 429,
         }
     }
 }
@@ -74,6 +78,9 @@ pub struct HttpRequest {
     pub body: Bytes,
     /// The `Host` header, if any.
     pub host: Option<String>,
+    /// The client's IP (proxy-resolved only when the server trusts a proxy), for per-client
+    /// shares such as "sessions created per client".
+    pub client_ip: IpAddr,
 }
 
 /// A plain HTTP response from a protocol.

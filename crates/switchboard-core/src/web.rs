@@ -69,6 +69,7 @@ mod tests {
             query: None,
             body: Default::default(),
             host: None,
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
         }
     }
 

@@ -234,6 +234,7 @@ async fn write_batch(
                         socket.feed(Message::Text(frame.into_utf8_bytes())).await?;
                     }
                 }
+                Outgoing::Binary(data) => socket.feed(Message::Binary(data)).await?,
             }
         }
         socket.flush().await
@@ -282,6 +283,10 @@ async fn close_from_our_side(
                 let frames = match item {
                     Outgoing::Frame(frame) => vec![frame],
                     Outgoing::Batch(frames) => frames,
+                    Outgoing::Binary(data) => {
+                        socket.feed(Message::Binary(data)).await?;
+                        continue;
+                    }
                 };
                 for frame in frames {
                     socket.feed(Message::Text(frame.into_utf8_bytes())).await?;

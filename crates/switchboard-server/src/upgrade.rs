@@ -261,6 +261,12 @@ fn client_ip(remote: SocketAddr, headers: &HeaderMap, trust_proxy: bool) -> IpAd
 
 async fn plain_http<P: Protocol>(app: Arc<App<P>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    let client_ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(remote)| {
+            client_ip(*remote, &parts.headers, app.config.trust_proxy)
+        });
     let Ok(body) = axum::body::to_bytes(body, app.max_body).await else {
         return error_response(413, "request body too large");
     };
@@ -274,6 +280,7 @@ async fn plain_http<P: Protocol>(app: Arc<App<P>>, request: Request) -> Response
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        client_ip,
     };
     match app.protocol.http(request).await {
         Some(response) => to_response(response),

@@ -831,6 +831,7 @@ mod tests {
             let frames = match item {
                 Outgoing::Frame(frame) => vec![frame],
                 Outgoing::Batch(frames) => frames,
+                Outgoing::Binary(_) => Vec::new(),
             };
             out.extend(
                 frames

@@ -60,6 +60,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let server = Server {
         listen: args.listen,
         config: args.runtime.config(),
+        max_state_bytes: args.runtime.max_state_bytes,
     };
     match args.protocol {
         ProtocolName::IpChat => ip_chat::serve(&args.ip_chat, server).await,

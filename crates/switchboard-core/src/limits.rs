@@ -1,0 +1,365 @@
+//! Shared bounds: a byte budget for protocol state, the client key every per-client share is
+//! counted under, per-key shares of a pool, and a per-key token bucket.
+//!
+//! "Bounded" in Switchboard means bounded in bytes as well as items, with a per-client share of
+//! every pool that one client could otherwise exhaust. These are the building blocks: protocols
+//! charge what they store to a [`MemoryBudget`], count what each client holds with [`Shares`]
+//! under a [`ClientKey`] (an IP, never a name the client picks), and rate-limit with
+//! [`TokenBuckets`], whose memory is constant per key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::sync::lock;
+
+/// A server-wide (or pool-wide) limit on bytes held, shared by everything that charges it.
+///
+/// Callers charge an estimate of what they store ([`MemoryBudget::try_reserve`]) before storing
+/// it and give it back ([`MemoryBudget::release`]) when they drop it. A refused reservation is the
+/// signal to reject the new work with the protocol's own error; existing state is never evicted
+/// to make room, so no client loses what it already has.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+/// A reservation did not fit in a [`MemoryBudget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("memory budget of {limit} bytes reached")]
+pub struct BudgetExceeded {
+    /// The budget's limit in bytes.
+    pub limit: usize,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub const fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// A budget that never refuses (still counts, for reporting).
+    pub const fn unlimited() -> Self {
+        Self::new(usize::MAX)
+    }
+
+    /// Charges `bytes` if they fit; on error nothing is charged.
+    pub fn try_reserve(&self, bytes: usize) -> Result<(), BudgetExceeded> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .map(|_| ())
+            .map_err(|_| BudgetExceeded { limit: self.limit })
+    }
+
+    /// Charges `bytes` whether or not they fit (for state that must be kept, e.g. an update to
+    /// something already stored); later reservations see the overshoot.
+    pub fn force_reserve(&self, bytes: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_add(bytes))
+            });
+    }
+
+    /// Gives `bytes` back. Releasing more than was charged clamps at zero.
+    pub fn release(&self, bytes: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+
+    /// Replaces a charge of `old` bytes by one of `new` bytes; refused (nothing changes) when the
+    /// growth does not fit.
+    pub fn try_resize(&self, old: usize, new: usize) -> Result<(), BudgetExceeded> {
+        if new <= old {
+            self.release(old - new);
+            Ok(())
+        } else {
+            self.try_reserve(new - old)
+        }
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl Default for MemoryBudget {
+    fn default() -> Self {
+        Self::unlimited()
+    }
+}
+
+/// The key every per-client share is counted under: the client's IPv4 address, or the /64 prefix
+/// of its IPv6 address (one subscriber usually holds a whole /64, so counting single IPv6
+/// addresses would let one client dodge every limit by changing its address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey(IpAddr);
+
+impl ClientKey {
+    /// The key of a client at `ip` (IPv4-mapped IPv6 addresses count as their IPv4 address).
+    pub fn from_ip(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Self(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                Self(IpAddr::V6(Ipv6Addr::from(prefix)))
+            }
+        }
+    }
+
+    /// The address the key stands for (an IPv4 address or an IPv6 /64 prefix).
+    pub fn ip(self) -> IpAddr {
+        self.0
+    }
+}
+
+impl From<IpAddr> for ClientKey {
+    fn from(ip: IpAddr) -> Self {
+        Self::from_ip(ip)
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// Why [`Shares::try_acquire`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ShareRefused {
+    /// This key already holds its whole share.
+    #[error("per-client limit of {0} reached")]
+    PerKey(usize),
+    /// The table of keys is full (a flood of distinct keys).
+    #[error("too many distinct clients ({0})")]
+    TooManyKeys(usize),
+}
+
+/// Per-key counts of a pool, each key limited to `per_key` units and the table to `max_keys`
+/// keys. A key disappears when its count returns to zero, so memory follows current holders.
+#[derive(Debug)]
+pub struct Shares<K> {
+    per_key: usize,
+    max_keys: usize,
+    counts: Mutex<HashMap<K, usize>>,
+}
+
+impl<K: Eq + Hash + Clone> Shares<K> {
+    /// At most `per_key` units per key (0: unlimited) and `max_keys` keys.
+    pub fn new(per_key: usize, max_keys: usize) -> Self {
+        Self {
+            per_key,
+            max_keys: max_keys.max(1),
+            counts: Mutex::default(),
+        }
+    }
+
+    /// The per-key limit (0: unlimited).
+    pub fn per_key(&self) -> usize {
+        self.per_key
+    }
+
+    /// Takes one unit for `key` if its share allows; pair with [`Shares::release`].
+    pub fn try_acquire(&self, key: &K) -> Result<(), ShareRefused> {
+        let mut counts = lock(&self.counts);
+        let held = counts.get(key).copied().unwrap_or(0);
+        if held == 0 && counts.len() >= self.max_keys {
+            return Err(ShareRefused::TooManyKeys(self.max_keys));
+        }
+        if self.per_key != 0 && held >= self.per_key {
+            return Err(ShareRefused::PerKey(self.per_key));
+        }
+        counts.insert(key.clone(), held.saturating_add(1));
+        Ok(())
+    }
+
+    /// Gives one unit of `key` back.
+    pub fn release(&self, key: &K) {
+        let mut counts = lock(&self.counts);
+        if let Some(held) = counts.get_mut(key) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                counts.remove(key);
+            }
+        }
+    }
+
+    /// Units `key` holds now.
+    pub fn held(&self, key: &K) -> usize {
+        lock(&self.counts).get(key).copied().unwrap_or(0)
+    }
+
+    /// Keys holding at least one unit.
+    pub fn keys(&self) -> usize {
+        lock(&self.counts).len()
+    }
+}
+
+/// Per-key token buckets: each key may spend `burst` tokens at once and regains `per_second`
+/// tokens a second. Memory is constant per key (unlike a sliding window of timestamps), and the
+/// table holds at most `max_keys` keys; when it is full, keys whose bucket has refilled are
+/// forgotten, and if none has, the new key is refused (fail closed under a flood of keys).
+#[derive(Debug)]
+pub struct TokenBuckets<K> {
+    burst: f64,
+    per_second: f64,
+    max_keys: usize,
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl<K: Eq + Hash + Clone> TokenBuckets<K> {
+    /// `burst` tokens at most, refilled at `per_second`; a `burst` of 0 disables limiting.
+    pub fn new(burst: u32, per_second: u32, max_keys: usize) -> Self {
+        Self {
+            burst: f64::from(burst),
+            per_second: f64::from(per_second),
+            max_keys: max_keys.max(1),
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Spends one token of `key` now; `false` means the key is over its rate.
+    pub fn check(&self, key: &K) -> bool {
+        self.check_at(key, Instant::now())
+    }
+
+    /// [`TokenBuckets::check`] at a given instant (an injected clock for tests).
+    pub fn check_at(&self, key: &K, now: Instant) -> bool {
+        if self.burst <= 0.0 {
+            return true;
+        }
+        let mut buckets = lock(&self.buckets);
+        if !buckets.contains_key(key) && buckets.len() >= self.max_keys {
+            let full_after = self.full_after();
+            buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+            if buckets.len() >= self.max_keys {
+                return false;
+            }
+        }
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long an untouched bucket takes to refill completely.
+    fn full_after(&self) -> Duration {
+        if self.per_second <= 0.0 {
+            return Duration::MAX;
+        }
+        Duration::try_from_secs_f64(self.burst / self.per_second).unwrap_or(Duration::MAX)
+    }
+
+    /// Keys tracked now.
+    pub fn keys(&self) -> usize {
+        lock(&self.buckets).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_refuses_what_does_not_fit_and_takes_back_releases() {
+        let budget = MemoryBudget::new(100);
+        assert!(budget.try_reserve(60).is_ok());
+        assert_eq!(
+            budget.try_reserve(41),
+            Err(BudgetExceeded { limit: 100 })
+        );
+        assert_eq!(budget.used(), 60);
+        assert!(budget.try_resize(60, 100).is_ok());
+        assert!(budget.try_reserve(1).is_err());
+        budget.release(1000);
+        assert_eq!(budget.used(), 0);
+        assert!(budget.try_reserve(usize::MAX).is_err());
+        budget.force_reserve(150);
+        assert!(budget.try_reserve(1).is_err());
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_64_prefix() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(ClientKey::from_ip(a), ClientKey::from_ip(b));
+        assert_ne!(ClientKey::from_ip(a), ClientKey::from_ip(c));
+        assert_eq!(ClientKey::from_ip(a).to_string(), "2001:db8:1:2::/64");
+        let mapped: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        assert_eq!(ClientKey::from_ip(mapped).to_string(), "127.0.0.2");
+    }
+
+    #[test]
+    fn shares_limit_each_key_and_the_table() {
+        let shares = Shares::new(2, 2);
+        assert!(shares.try_acquire(&"a").is_ok());
+        assert!(shares.try_acquire(&"a").is_ok());
+        assert_eq!(shares.try_acquire(&"a"), Err(ShareRefused::PerKey(2)));
+        assert!(shares.try_acquire(&"b").is_ok());
+        assert_eq!(shares.try_acquire(&"c"), Err(ShareRefused::TooManyKeys(2)));
+        shares.release(&"b");
+        assert!(shares.try_acquire(&"c").is_ok());
+        shares.release(&"a");
+        assert_eq!(shares.held(&"a"), 1);
+    }
+
+    #[test]
+    fn token_buckets_allow_a_burst_then_the_rate() {
+        let buckets = TokenBuckets::new(3, 2, 10);
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| buckets.check_at(&1, t0)));
+        assert!(!buckets.check_at(&1, t0));
+        assert!(buckets.check_at(&2, t0));
+        assert!(buckets.check_at(&1, t0 + Duration::from_millis(500)));
+        assert!(!buckets.check_at(&1, t0 + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn a_full_bucket_table_forgets_refilled_keys() {
+        let buckets = TokenBuckets::new(1, 1, 1);
+        let t0 = Instant::now();
+        assert!(buckets.check_at(&1, t0));
+        assert!(!buckets.check_at(&2, t0));
+        assert!(buckets.check_at(&2, t0 + Duration::from_secs(2)));
+        assert_eq!(buckets.keys(), 1);
+    }
+}
