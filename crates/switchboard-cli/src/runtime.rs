@@ -24,8 +24,52 @@ pub(crate) struct RuntimeArgs {
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub(crate) max_connections: usize,
     /// Outbound queue per connection (items); a full queue disconnects a slow consumer (1008).
-    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE", default_value_t = 16 * 1024)]
     pub(crate) outbound_queue: usize,
+    /// Outbound queue per connection in bytes (each recipient counts a shared frame in full);
+    /// over it the client is disconnected as a slow consumer (1008).
+    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub(crate) outbound_queue_bytes: usize,
+    /// Close a socket (1008) whose writes make no progress for this long, e.g. 10s.
+    #[arg(long, env = "SWITCHBOARD_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) write_timeout: Duration,
+    /// Close a socket (1008) that leaves an inbound message unfinished for this long, e.g. 10s.
+    #[arg(long, env = "SWITCHBOARD_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) message_timeout: Duration,
+    /// Server-wide bytes of partly received inbound messages; a socket that would exceed it is
+    /// closed with 1013.
+    #[arg(long, env = "SWITCHBOARD_REASSEMBLY_BUDGET_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub(crate) reassembly_budget_bytes: usize,
+    /// One client IP's share of --reassembly-budget-bytes.
+    #[arg(long, env = "SWITCHBOARD_REASSEMBLY_PER_IP_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub(crate) reassembly_per_ip_bytes: usize,
+    /// Open WebSocket connections per client IP (IPv6: per /64); the next upgrade gets HTTP 429
+    /// (0: no per-client limit).
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub(crate) max_connections_per_ip: usize,
+    /// HTTP requests and upgrades per client IP per second, after a burst of
+    /// --requests-per-ip-burst; over it HTTP 429.
+    #[arg(long, env = "SWITCHBOARD_REQUESTS_PER_IP_PER_SECOND", default_value_t = 100)]
+    pub(crate) requests_per_ip_per_second: u32,
+    /// Requests one client IP may make at once before the per-second rate applies (0: no limit).
+    #[arg(long, env = "SWITCHBOARD_REQUESTS_PER_IP_BURST", default_value_t = 512)]
+    pub(crate) requests_per_ip_burst: u32,
+    /// TCP connections not upgraded to WebSocket (plain HTTP, handshakes), server-wide; over it
+    /// a bare HTTP 503.
+    #[arg(long, env = "SWITCHBOARD_MAX_PENDING_CONNECTIONS", default_value_t = 4096)]
+    pub(crate) max_pending_connections: usize,
+    /// Not-yet-upgraded TCP connections per client IP; over it a bare HTTP 429 (0: no limit).
+    #[arg(long, env = "SWITCHBOARD_MAX_PENDING_PER_IP", default_value_t = 256)]
+    pub(crate) max_pending_per_ip: usize,
+    /// A request's headers must arrive within this long, e.g. 10s.
+    #[arg(long, env = "SWITCHBOARD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) header_read_timeout: Duration,
+    /// Largest request header block in bytes (at least 8192).
+    #[arg(long, env = "SWITCHBOARD_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub(crate) max_header_bytes: usize,
+    /// A plain HTTP request body must arrive within this long (else HTTP 408), e.g. 10s.
+    #[arg(long, env = "SWITCHBOARD_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) body_timeout: Duration,
     /// WebSocket ping interval, e.g. 30s; 0 disables pings.
     #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub(crate) ping_interval: Duration,
@@ -57,6 +101,19 @@ impl RuntimeArgs {
                 .then(|| self.allowed_origins.clone()),
             max_frame_bytes: self.max_frame_bytes,
             outbound_queue: self.outbound_queue,
+            outbound_queue_bytes: self.outbound_queue_bytes,
+            write_timeout: self.write_timeout,
+            message_timeout: self.message_timeout,
+            reassembly_budget_bytes: self.reassembly_budget_bytes,
+            reassembly_per_ip_bytes: self.reassembly_per_ip_bytes,
+            max_connections_per_ip: self.max_connections_per_ip,
+            requests_per_ip_per_second: self.requests_per_ip_per_second,
+            requests_per_ip_burst: self.requests_per_ip_burst,
+            max_pending_connections: self.max_pending_connections,
+            max_pending_per_ip: self.max_pending_per_ip,
+            header_read_timeout: self.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+            body_timeout: self.body_timeout,
             keepalive: Keepalive {
                 ping_interval: (!self.ping_interval.is_zero()).then_some(self.ping_interval),
                 idle_timeout: self.idle_timeout,

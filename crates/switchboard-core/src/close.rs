@@ -18,12 +18,16 @@ impl CloseReason {
     pub const GOING_AWAY: u16 = 1001;
     /// 1002: the peer broke the WebSocket protocol.
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// 1007: a text message was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// 1008: the peer violated a policy (slow consumer, too many sessions, ...).
     pub const POLICY: u16 = 1008;
     /// 1009: a message was larger than the configured limit.
     pub const TOO_BIG: u16 = 1009;
     /// 1011: the server hit an internal error.
     pub const INTERNAL: u16 = 1011;
+    /// 1013: the server is temporarily out of a shared resource; try again later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 
     /// A close with any code and reason.
     pub fn new(code: u16, reason: impl Into<Cow<'static, str>>) -> Self {
@@ -41,6 +45,26 @@ impl CloseReason {
     /// 1008 "slow consumer": the peer's outbound queue overflowed.
     pub fn slow_consumer() -> Self {
         Self::new(Self::POLICY, "slow consumer")
+    }
+
+    /// 1008 "write timeout": the socket accepted no bytes for the write timeout.
+    pub fn write_timeout() -> Self {
+        Self::new(Self::POLICY, "write timeout")
+    }
+
+    /// 1008 "message timeout": an inbound message was not completed in time.
+    pub fn message_timeout() -> Self {
+        Self::new(Self::POLICY, "message timeout")
+    }
+
+    /// 1013 "try again later": the server-wide budget for messages in flight is spent.
+    pub fn try_again_later() -> Self {
+        Self::new(Self::TRY_AGAIN_LATER, "server busy, try again later")
+    }
+
+    /// 1007 "invalid UTF-8": a text message was not valid UTF-8.
+    pub fn invalid_utf8() -> Self {
+        Self::new(Self::INVALID_PAYLOAD, "invalid UTF-8")
     }
 
     /// 1001 "server shutting down".

@@ -32,7 +32,8 @@ pub use error::Error;
 pub use frame::Frame;
 pub use history::{History, MemoryHistory};
 pub use limits::{BudgetExceeded, ClientKey, MemoryBudget, ShareRefused, Shares, TokenBuckets};
-pub use peer::{ConnId, Delivery, LinkEvent, Outgoing, Peer, PeerLink, peer_channel, peer_channel_bounded,
+pub use peer::{
+    ConnId, Delivery, LinkEvent, Outgoing, Peer, PeerLink, peer_channel, peer_channel_bounded,
 };
 pub use presence::{LocalPresence, Presence};
 pub use protocol::{Handshake, HttpRequest, HttpResponse, Keepalive, Protocol, Reject};

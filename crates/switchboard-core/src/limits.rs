@@ -302,10 +302,7 @@ mod tests {
     fn a_budget_refuses_what_does_not_fit_and_takes_back_releases() {
         let budget = MemoryBudget::new(100);
         assert!(budget.try_reserve(60).is_ok());
-        assert_eq!(
-            budget.try_reserve(41),
-            Err(BudgetExceeded { limit: 100 })
-        );
+        assert_eq!(budget.try_reserve(41), Err(BudgetExceeded { limit: 100 }));
         assert_eq!(budget.used(), 60);
         assert!(budget.try_resize(60, 100).is_ok());
         assert!(budget.try_reserve(1).is_err());

@@ -377,7 +377,7 @@ mod tests {
             assert_eq!(peer.send(big.clone()), Delivery::Queued);
         }
         assert_eq!(peer.queued_bytes(), 3 * (100 + ITEM_OVERHEAD));
-        assert_eq!(peer.send(big.clone()), Delivery::SlowConsumer);
+        assert_eq!(peer.send(big), Delivery::SlowConsumer);
         let mut out = Vec::new();
         link.take_into(&mut out, 2);
         assert_eq!(peer.queued_bytes(), 100 + ITEM_OVERHEAD);

@@ -22,8 +22,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, trace};
 
 use crate::Counters;
+use crate::metered::{Metered, Watch};
 
-pub(crate) type Socket = WebSocketStream<TokioIo<Upgraded>>;
+pub(crate) type Socket = WebSocketStream<Metered<TokioIo<Upgraded>>>;
 
 /// Queue items written per flush; bounds the time one connection spends writing before it looks
 /// at its socket again.
@@ -34,6 +35,9 @@ pub(crate) struct ConnectionContext {
     pub(crate) counters: Arc<Counters>,
     pub(crate) keepalive: Keepalive,
     pub(crate) close_timeout: Duration,
+    pub(crate) write_timeout: Duration,
+    pub(crate) message_timeout: Duration,
+    pub(crate) watch: Arc<Watch>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -96,6 +100,10 @@ pub(crate) async fn run<P: Protocol>(
         let counter = match reason.code {
             _ if *reason == CloseReason::slow_consumer() => Some(&ctx.counters.slow_consumers),
             _ if *reason == CloseReason::idle_timeout() => Some(&ctx.counters.idle_timeouts),
+            _ if *reason == CloseReason::write_timeout() => Some(&ctx.counters.write_timeouts),
+            _ if *reason == CloseReason::message_timeout() => Some(&ctx.counters.message_timeouts),
+            CloseReason::TRY_AGAIN_LATER => Some(&ctx.counters.reassembly_refusals),
+            CloseReason::INVALID_PAYLOAD => Some(&ctx.counters.invalid_utf8),
             CloseReason::TOO_BIG => Some(&ctx.counters.oversized),
             _ => None,
         };
@@ -129,8 +137,12 @@ async fn drive<P: Protocol>(
 ) -> End {
     let keepalive = ctx.keepalive;
     let mut last_heard = Instant::now();
-    let idle = sleep_until(last_heard + keepalive.idle_timeout);
-    tokio::pin!(idle);
+    // One timer for every inbound deadline: the idle timeout, and the message timeout of a
+    // message being received. The wrapper under tungstenite notices a message start while the
+    // read future is pending, in this same task poll, so the deadline arm (polled after the
+    // read arm) sees it without a wake-up of its own.
+    let deadline = sleep_until(last_heard + keepalive.idle_timeout);
+    tokio::pin!(deadline);
     // Created once: re-creating a cancellation future every iteration would register and
     // deregister a waiter on each wake-up, the hottest path of a broadcast.
     let shutdown = ctx.shutdown.cancelled();
@@ -154,7 +166,7 @@ async fn drive<P: Protocol>(
             event = link.next_event() => match event {
                 LinkEvent::Close(reason) => return End::Close(reason),
                 LinkEvent::Send(item) => {
-                    match Box::pin(write_batch(socket, link, peer, item, shutdown.as_mut())).await {
+                    match Box::pin(write_batch(socket, link, peer, item, shutdown.as_mut(), ctx)).await {
                         WriteOutcome::Written => {}
                         WriteOutcome::Interrupted(reason) => return End::Close(reason),
                         WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
@@ -175,6 +187,7 @@ async fn drive<P: Protocol>(
                     Some(Err(WsError::Capacity(
                         CapacityError::MessageTooLong { .. } | CapacityError::TooManyHeaders,
                     ))) => return End::Close(CloseReason::too_big()),
+                    Some(Err(WsError::Utf8(_))) => return End::Close(CloseReason::invalid_utf8()),
                     Some(Err(WsError::Protocol(error))) => {
                         return End::Close(CloseReason::new(
                             CloseReason::PROTOCOL_ERROR,
@@ -185,17 +198,13 @@ async fn drive<P: Protocol>(
                     None => return End::Gone("connection ended".into()),
                 }
             }
-            () = &mut idle => {
-                let deadline = last_heard + keepalive.idle_timeout;
-                if Instant::now() >= deadline {
-                    return End::Close(CloseReason::idle_timeout());
-                }
-                idle.as_mut().reset(deadline);
+            expired = inbound_deadline(deadline.as_mut(), &ctx.watch, last_heard, keepalive.idle_timeout, ctx.message_timeout) => {
+                return End::Close(expired);
             }
             _ = tick_opt(&mut pinger) => {
                 trace!(conn = %peer.id(), "ping");
                 let ping = socket.send(Message::Ping(Default::default()));
-                match Box::pin(guarded(ping, peer, shutdown.as_mut())).await {
+                match Box::pin(guarded(ping, peer, shutdown.as_mut(), ctx)).await {
                     WriteOutcome::Written => {}
                     WriteOutcome::Interrupted(reason) => return End::Close(reason),
                     WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
@@ -204,6 +213,46 @@ async fn drive<P: Protocol>(
             _ = tick_opt(&mut ticker) => Box::pin(protocol.on_tick(conn, peer)).await,
         }
     }
+}
+
+/// Resolves with the close reason when an inbound deadline passes: the reassembly budget refused
+/// this socket, a message is unfinished after `message_timeout`, or nothing was heard for
+/// `idle_timeout`. Re-evaluated on every poll of the connection's task.
+fn inbound_deadline<'a>(
+    mut timer: Pin<&'a mut tokio::time::Sleep>,
+    watch: &'a Watch,
+    last_heard: Instant,
+    idle_timeout: Duration,
+    message_timeout: Duration,
+) -> impl Future<Output = CloseReason> + 'a {
+    std::future::poll_fn(move |cx| {
+        loop {
+            if watch.over_budget() {
+                return std::task::Poll::Ready(CloseReason::try_again_later());
+            }
+            let idle_at = last_heard + idle_timeout;
+            let message_at = watch
+                .message_started()
+                .map(|started| started + message_timeout);
+            let (at, reason) = match message_at {
+                Some(message_at) if message_at < idle_at => {
+                    (message_at, CloseReason::message_timeout())
+                }
+                _ => (idle_at, CloseReason::idle_timeout()),
+            };
+            if Instant::now() >= at {
+                return std::task::Poll::Ready(reason);
+            }
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            match timer.as_mut().poll(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                // The deadline passed: loop once more to pick the reason.
+                std::task::Poll::Ready(()) => {}
+            }
+        }
+    })
 }
 
 async fn tick_opt(timer: &mut Option<tokio::time::Interval>) -> Instant {
@@ -220,6 +269,7 @@ async fn write_batch(
     peer: &Peer,
     first: Outgoing,
     shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
+    ctx: &ConnectionContext,
 ) -> WriteOutcome {
     let mut batch = Vec::new();
     link.take_into(&mut batch, MAX_BATCH - 1);
@@ -239,17 +289,19 @@ async fn write_batch(
         }
         socket.flush().await
     };
-    guarded(write, peer, shutdown).await
+    guarded(write, peer, shutdown, ctx).await
 }
 
-/// Runs a socket write unless a close request or shutdown interrupts it (a peer that stopped
-/// reading would otherwise hold the write forever). The write is polled first, so a write that
-/// completes at once never registers a close waiter.
+/// Runs a socket write unless a close request, shutdown or the write timeout interrupts it (a
+/// peer that stopped reading would otherwise hold the write, and its memory, forever). The
+/// write is polled first, so a write that completes at once never registers a waiter or timer.
 async fn guarded(
     write: impl Future<Output = Result<(), WsError>>,
     peer: &Peer,
     shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
+    ctx: &ConnectionContext,
 ) -> WriteOutcome {
+    ctx.watch.start_write();
     tokio::select! {
         biased;
         result = write => match result {
@@ -258,6 +310,18 @@ async fn guarded(
         },
         reason = peer.closing() => WriteOutcome::Interrupted(reason),
         () = shutdown => WriteOutcome::Interrupted(CloseReason::shutdown()),
+        () = stalled(&ctx.watch, ctx.write_timeout) => WriteOutcome::Interrupted(CloseReason::write_timeout()),
+    }
+}
+
+/// Resolves once the write under way has made no progress for `limit`.
+async fn stalled(watch: &Watch, limit: Duration) {
+    loop {
+        let at = watch.write_progress() + limit;
+        if Instant::now() >= at {
+            return;
+        }
+        tokio::time::sleep_until(at).await;
     }
 }
 
@@ -269,8 +333,16 @@ async fn close_from_our_side(
     reason: &CloseReason,
     ctx: &ConnectionContext,
 ) {
-    let slow = *reason == CloseReason::slow_consumer();
-    let too_big = reason.code == CloseReason::TOO_BIG;
+    // A peer that cannot take our frames gets none of the backlog, only the close frame.
+    let slow = *reason == CloseReason::slow_consumer() || *reason == CloseReason::write_timeout();
+    // The rest of an inbound message we refused may still be arriving.
+    let mid_message = reason.code == CloseReason::TOO_BIG
+        || *reason == CloseReason::message_timeout()
+        || reason.code == CloseReason::TRY_AGAIN_LATER;
+    if mid_message {
+        // What still arrives is discarded unread, so it must not count as buffered.
+        socket.get_mut().stop_counting();
+    }
     let close_frame = CloseFrame {
         code: CloseCode::from(reason.code),
         reason: Utf8Bytes::from(reason.wire_reason()),
@@ -294,7 +366,7 @@ async fn close_from_our_side(
             }
         }
         socket.send(Message::Close(Some(close_frame))).await?;
-        if too_big {
+        if mid_message {
             // The rest of the oversized message is still arriving; read and discard it so the
             // kernel does not answer our close with a reset that could destroy the close frame.
             drain_raw(socket.get_mut()).await;
@@ -306,7 +378,7 @@ async fn close_from_our_side(
     let _ = timeout(ctx.close_timeout, handshake).await;
 }
 
-async fn drain_raw(io: &mut TokioIo<Upgraded>) {
+async fn drain_raw(io: &mut Metered<TokioIo<Upgraded>>) {
     let mut buf = [0u8; 8192];
     while let Ok(n) = io.read(&mut buf).await {
         if n == 0 {

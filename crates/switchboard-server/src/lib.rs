@@ -19,6 +19,8 @@
 
 mod config;
 mod connection;
+mod edge;
+mod metered;
 mod upgrade;
 
 use std::io;
@@ -50,6 +52,22 @@ pub struct RuntimeStats {
     pub oversized_total: u64,
     /// Connections dropped by the idle timeout.
     pub idle_timeouts_total: u64,
+    /// Connections closed because their writes made no progress for the write timeout.
+    pub write_timeouts_total: u64,
+    /// Connections closed because an inbound message was not completed in time.
+    pub message_timeouts_total: u64,
+    /// Connections closed (1013) because the server-wide reassembly budget was spent.
+    pub reassembly_refusals_total: u64,
+    /// Connections closed (1007) for invalid UTF-8 in a text message.
+    pub invalid_utf8_total: u64,
+    /// Requests and connections refused (429) because one client held its whole share.
+    pub per_client_refusals_total: u64,
+    /// Requests refused (429) for the per-client request rate.
+    pub rate_limited_total: u64,
+    /// Connections refused (503) because too many were pending server-wide.
+    pub pending_refusals_total: u64,
+    /// Bytes of partly received inbound messages held now, server-wide.
+    pub reassembly_bytes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +76,13 @@ pub(crate) struct Counters {
     pub(crate) slow_consumers: AtomicU64,
     pub(crate) oversized: AtomicU64,
     pub(crate) idle_timeouts: AtomicU64,
+    pub(crate) write_timeouts: AtomicU64,
+    pub(crate) message_timeouts: AtomicU64,
+    pub(crate) reassembly_refusals: AtomicU64,
+    pub(crate) invalid_utf8: AtomicU64,
+    pub(crate) per_client_refusals: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) pending_refusals: AtomicU64,
 }
 
 /// Controls a running router: shutdown, drain, and live connection counts. Cheap to clone.
@@ -67,15 +92,28 @@ pub struct ServerHandle {
     tracker: TaskTracker,
     active: Arc<AtomicUsize>,
     counters: Arc<Counters>,
+    edge: edge::EdgeLimits,
+    reassembly: Arc<metered::ReassemblyPool>,
 }
 
 impl ServerHandle {
-    fn new() -> Self {
+    fn new(config: &ServerConfig) -> Self {
         Self {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             active: Arc::default(),
             counters: Arc::default(),
+            edge: edge::EdgeLimits {
+                max_pending: config.max_pending_connections,
+                max_pending_per_ip: config.max_pending_per_ip,
+                header_read_timeout: config.header_read_timeout,
+                max_header_bytes: config.max_header_bytes,
+                trust_proxy: config.trust_proxy,
+            },
+            reassembly: Arc::new(metered::ReassemblyPool::new(
+                config.reassembly_budget_bytes,
+                config.reassembly_per_ip_bytes,
+            )),
         }
     }
 
@@ -88,6 +126,14 @@ impl ServerHandle {
             slow_consumers_total: load(&self.counters.slow_consumers),
             oversized_total: load(&self.counters.oversized),
             idle_timeouts_total: load(&self.counters.idle_timeouts),
+            write_timeouts_total: load(&self.counters.write_timeouts),
+            message_timeouts_total: load(&self.counters.message_timeouts),
+            reassembly_refusals_total: load(&self.counters.reassembly_refusals),
+            invalid_utf8_total: load(&self.counters.invalid_utf8),
+            per_client_refusals_total: load(&self.counters.per_client_refusals),
+            rate_limited_total: load(&self.counters.rate_limited),
+            pending_refusals_total: load(&self.counters.pending_refusals),
+            reassembly_bytes: self.reassembly.used(),
         }
     }
 
@@ -125,7 +171,7 @@ impl ServerHandle {
 /// Serve it with [`serve`], or with `axum::serve` using
 /// `into_make_service_with_connect_info::<SocketAddr>()`: the runtime needs the peer address.
 pub fn router<P: Protocol>(protocol: Arc<P>, config: ServerConfig) -> (Router, ServerHandle) {
-    let handle = ServerHandle::new();
+    let handle = ServerHandle::new(&config);
     let state = Arc::new(upgrade::App::new(protocol, config, handle.clone()));
     let router = Router::new()
         .route("/healthz", get(healthz))
@@ -154,8 +200,12 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 /// Serves `router` on `listener` until `handle` shuts down, then drains sockets for at most
 /// `grace`.
 ///
-/// Accept errors (such as running out of file descriptors) are logged and retried after a pause
-/// by axum's listener; they never end the server.
+/// This is the edge the router was built for: HTTP/1.1 with a header-read timeout and a header
+/// size cap, and a cap on connections not yet upgraded to WebSocket, server-wide and per client
+/// (all from the [`ServerConfig`] given to [`router`]). An embedder that serves the router with
+/// its own loop (e.g. `axum::serve`) keeps every WebSocket limit but should bound its own
+/// HTTP edge. Accept errors (such as running out of file descriptors) are logged and retried
+/// after a pause; they never end the server.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -164,18 +214,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let local = listener.local_addr()?;
     info!(%local, "listening");
-    let shutdown = handle.shutdown.clone();
-    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            warn!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
+    edge::accept_loop(listener, router, handle, handle.edge).await;
     let open = handle.connections();
     info!(open, "stopped accepting; closing connections");
     if !handle.drain(grace).await {

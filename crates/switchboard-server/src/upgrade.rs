@@ -11,7 +11,8 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use switchboard_core::{
-    Handshake, HttpRequest, HttpResponse, Keepalive, Protocol, Reject, peer_channel,
+    ClientKey, Handshake, HttpRequest, HttpResponse, Keepalive, Protocol, Reject, Shares,
+    TokenBuckets, peer_channel_bounded,
 };
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -19,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{debug, warn};
 
 use crate::connection::{self, ConnectionContext};
+use crate::metered::{Metered, ReassemblyPool, Watch};
 use crate::{ServerConfig, ServerHandle};
 
 pub(crate) struct App<P> {
@@ -28,7 +30,17 @@ pub(crate) struct App<P> {
     ws_config: WebSocketConfig,
     keepalive: Keepalive,
     max_body: usize,
+    /// Open WebSocket connections per client.
+    per_client: Arc<Shares<ClientKey>>,
+    /// HTTP requests (upgrades included) per client and second.
+    request_rate: TokenBuckets<ClientKey>,
+    /// Bytes of inbound messages still being received, server-wide and per client.
+    reassembly: Arc<ReassemblyPool>,
 }
+
+/// Distinct clients tracked by the per-client tables; beyond it a flood of new addresses is
+/// refused until entries age out (each entry is a few dozen bytes: ~6 MiB at the bound).
+const MAX_TRACKED_CLIENTS: usize = 100_000;
 
 impl<P: Protocol> App<P> {
     pub(crate) fn new(protocol: Arc<P>, config: ServerConfig, handle: ServerHandle) -> Self {
@@ -51,6 +63,16 @@ impl<P: Protocol> App<P> {
             .max_frame_size(Some(max_frame));
         let keepalive = protocol.keepalive().unwrap_or(config.keepalive);
         let max_body = config.max_http_body_bytes.unwrap_or(max_frame);
+        let per_client = Arc::new(Shares::new(
+            config.max_connections_per_ip,
+            MAX_TRACKED_CLIENTS,
+        ));
+        let request_rate = TokenBuckets::new(
+            config.requests_per_ip_burst,
+            config.requests_per_ip_per_second,
+            MAX_TRACKED_CLIENTS,
+        );
+        let reassembly = handle.reassembly.clone();
         Self {
             protocol,
             config,
@@ -58,7 +80,22 @@ impl<P: Protocol> App<P> {
             ws_config,
             keepalive,
             max_body,
+            per_client,
+            request_rate,
+            reassembly,
         }
+    }
+}
+
+/// Holds one unit of a client's connection share for as long as the connection lives.
+struct ClientShare {
+    shares: Arc<Shares<ClientKey>>,
+    key: ClientKey,
+}
+
+impl Drop for ClientShare {
+    fn drop(&mut self) {
+        self.shares.release(&self.key);
     }
 }
 
@@ -86,6 +123,21 @@ pub(crate) async fn entry<P: Protocol>(
     State(app): State<Arc<App<P>>>,
     request: Request,
 ) -> Response {
+    if let Some(ConnectInfo(remote)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+        let key = ClientKey::from_ip(client_ip(
+            *remote,
+            request.headers(),
+            app.config.trust_proxy,
+        ));
+        if !app.request_rate.check(&key) {
+            app.handle
+                .counters
+                .rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(client = %key, "request refused: over the per-client request rate");
+            return error_response(429, "too many requests from this address");
+        }
+    }
     if is_websocket_upgrade(request.headers()) {
         upgrade(app, request)
     } else {
@@ -165,6 +217,19 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
     if app.handle.is_shutting_down() {
         return error_response(503, "server shutting down");
     }
+    let client_key = ClientKey::from_ip(client_ip);
+    if let Err(refused) = app.per_client.try_acquire(&client_key) {
+        app.handle
+            .counters
+            .per_client_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(client = %client_key, %refused, "upgrade refused: per-client connection share");
+        return error_response(429, "too many connections from this address");
+    }
+    let share = ClientShare {
+        shares: app.per_client.clone(),
+        key: client_key,
+    };
     let Some(slot) = ConnectionSlot::take(&app.handle.active, app.config.max_connections) else {
         debug!(%remote, "upgrade refused: connection limit reached");
         return error_response(503, "connection limit reached");
@@ -194,6 +259,7 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
     let task_app = app.clone();
     app.handle.tracker.spawn(async move {
         let _slot = slot;
+        let _share = share;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(error) => {
@@ -201,13 +267,20 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
                 return;
             }
         };
-        let socket = WebSocketStream::from_raw_socket(
+        let watch = Arc::new(Watch::default());
+        let io = Metered::new(
             TokioIo::new(upgraded),
-            Role::Server,
-            Some(task_app.ws_config),
-        )
-        .await;
-        let (peer, link) = peer_channel(remote, task_app.config.outbound_queue);
+            watch.clone(),
+            task_app.reassembly.clone(),
+            client_key,
+        );
+        let socket =
+            WebSocketStream::from_raw_socket(io, Role::Server, Some(task_app.ws_config)).await;
+        let (peer, link) = peer_channel_bounded(
+            remote,
+            task_app.config.outbound_queue,
+            task_app.config.outbound_queue_bytes,
+        );
         debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
         task_app
             .handle
@@ -218,6 +291,9 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
             counters: task_app.handle.counters.clone(),
             keepalive: task_app.keepalive,
             close_timeout: task_app.config.close_timeout,
+            write_timeout: task_app.config.write_timeout,
+            message_timeout: task_app.config.message_timeout,
+            watch,
             shutdown: task_app.handle.shutdown.clone(),
         };
         Box::pin(connection::run(
@@ -267,8 +343,15 @@ async fn plain_http<P: Protocol>(app: Arc<App<P>>, request: Request) -> Response
         .map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(remote)| {
             client_ip(*remote, &parts.headers, app.config.trust_proxy)
         });
-    let Ok(body) = axum::body::to_bytes(body, app.max_body).await else {
-        return error_response(413, "request body too large");
+    let body = match tokio::time::timeout(
+        app.config.body_timeout,
+        axum::body::to_bytes(body, app.max_body),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => return error_response(413, "request body too large"),
+        Err(_) => return error_response(408, "request body not received in time"),
     };
     let request = HttpRequest {
         method: parts.method.as_str().to_owned(),

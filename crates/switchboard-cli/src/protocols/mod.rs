@@ -1,6 +1,7 @@
 //! `switchboard serve`: one module per protocol with its flags and how to build it.
 
 mod collab;
+mod echo;
 mod fastchat;
 mod ip_chat;
 mod reqack;
@@ -26,6 +27,8 @@ pub(crate) enum ProtocolName {
     Reqack,
     /// Simulator of the teambot server: seeded scenario, chaos, healthcheck scorecard.
     TeambotSim,
+    /// Diagnostics: echoes every message on /ws unchanged (runtime conformance testing).
+    Echo,
 }
 
 /// `switchboard serve` flags: the protocol, where to listen, runtime limits, protocol options.
@@ -68,5 +71,6 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), CliError> {
         ProtocolName::Collab => collab::serve(&args.collab, server).await,
         ProtocolName::Reqack => reqack::serve(&args.reqack, server).await,
         ProtocolName::TeambotSim => teambot_sim::serve(&args.teambot_sim, server).await,
+        ProtocolName::Echo => echo::serve(server).await,
     }
 }
