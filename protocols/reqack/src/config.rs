@@ -19,6 +19,23 @@ use std::time::Duration;
 /// | `max_id_bytes` | 128 | user ids, request ids, `clientMessageId`s longer than this are refused |
 /// | `history_page_limit` | 200 (default page 50) | `history` pages are clamped |
 /// | `rate_limit` / `rate_window` | 100 per 10 s per user | `RATE_LIMITED`; 0 disables |
+/// | `max_state_bytes` | 256 MiB | everything stored is charged to one budget; new work that does not fit is refused |
+/// | `outbox_limit_bytes` | 1 MiB per user | `OUTBOX_FULL` |
+/// | `max_pending_bytes` | 64 MiB in all outboxes | `OUTBOX_FULL` |
+/// | `unclaimed_outbox_limit` / `_bytes` | 100 events / 64 KiB for a user that never connected | `OUTBOX_FULL` |
+/// | `unclaimed_ttl` | 1 h | events for a user that never connected are dropped after this |
+/// | `max_unclaimed_users_per_client` | 1,000 | `LIMIT_REACHED` |
+/// | `max_pending_per_client` / `_bytes` | 10,000 events / 8 MiB sent by one client and unacked | `OUTBOX_FULL` |
+/// | `client_rate_limit` | 1,000 per 10 s per client key | `RATE_LIMITED`; 0 disables |
+/// | `connect_rate_limit` | 60 per 10 s per client key | HTTP 429; 0 disables |
+/// | `max_clients` | 100,000 client keys in the rate table | refilled keys are forgotten; if none, new clients are refused |
+/// | `max_presence_fanout` | 10,000 | presence goes to at most this many users; the roster lists at most this many |
+/// | `max_message_store_bytes` | 64 MiB | the oldest stored message is forgotten |
+/// | `max_open_calls_bytes` | 16 MiB | the oldest open call is forgotten |
+/// | `idempotency_cache_bytes` | 16 MiB | the oldest cached response is forgotten |
+///
+/// A *client* is a [`switchboard_core::ClientKey`]: the IPv4 address (or IPv6 /64) the socket
+/// comes from, never a `userId`, which clients pick freely.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// An event not acknowledged this long after it was (re)sent to a live socket is sent again.
@@ -59,8 +76,51 @@ pub struct Config {
     /// Requests and client events per user per `rate_window`; 0 disables rate limiting. Acks are
     /// never limited, nor are retries answered from the idempotency cache.
     pub rate_limit: usize,
-    /// The sliding window of `rate_limit`.
+    /// The window of `rate_limit`, `client_rate_limit` and `connect_rate_limit`: each is a token
+    /// bucket of that many tokens refilled evenly over this window.
     pub rate_window: Duration,
+    /// Bytes of protocol state (users, outboxes, messages, calls, cached responses, rate
+    /// buckets) charged to one [`switchboard_core::MemoryBudget`]. New work that does not fit is
+    /// refused (`LIMIT_REACHED`, or HTTP 503 at upgrade); nothing stored is evicted for it.
+    pub max_state_bytes: usize,
+    /// Bytes of unacknowledged event frames one user may have waiting (`OUTBOX_FULL` beyond).
+    pub outbox_limit_bytes: usize,
+    /// Bytes of unacknowledged event frames across every outbox (`OUTBOX_FULL` beyond).
+    pub max_pending_bytes: usize,
+    /// Events a user that never connected may have waiting (`OUTBOX_FULL` beyond): anybody can
+    /// write to any `userId`, so outboxes nobody claimed stay small.
+    pub unclaimed_outbox_limit: usize,
+    /// Bytes of event frames a user that never connected may have waiting.
+    pub unclaimed_outbox_bytes: usize,
+    /// An event waiting for a user that never connected is dropped this long after it was
+    /// created; a user left with nothing is forgotten. Once the user connects, its events are
+    /// kept until acked like everybody's.
+    pub unclaimed_ttl: Duration,
+    /// Users that never connected which one client (the sender's client key) may have created by
+    /// writing to them; more fail with `LIMIT_REACHED`.
+    pub max_unclaimed_users_per_client: usize,
+    /// Unacknowledged events one client (the sender's client key) may have caused across every
+    /// outbox; more fail with `OUTBOX_FULL`.
+    pub max_pending_per_client: usize,
+    /// Bytes of unacknowledged event frames one client may have caused.
+    pub max_pending_bytes_per_client: usize,
+    /// Requests and client events per client key per `rate_window`, whatever `userId`s the
+    /// client uses; 0 disables.
+    pub client_rate_limit: usize,
+    /// Upgrades (connects, and so identity changes) per client key per `rate_window`; more get
+    /// HTTP 429. 0 disables.
+    pub connect_rate_limit: usize,
+    /// Client keys tracked by the rate buckets; when full, keys whose buckets refilled are
+    /// forgotten, and if none has, new clients are refused (`RATE_LIMITED`, HTTP 429).
+    pub max_clients: usize,
+    /// Presence events one connect or disconnect fans out (and roster entries a newcomer gets).
+    pub max_presence_fanout: usize,
+    /// Bytes of stored messages; beyond it the oldest is forgotten, as beyond `max_messages`.
+    pub max_message_store_bytes: usize,
+    /// Bytes of open calls; beyond it the oldest is forgotten, as beyond `max_open_calls`.
+    pub max_open_calls_bytes: usize,
+    /// Bytes of remembered responses; beyond it the oldest is forgotten.
+    pub idempotency_cache_bytes: usize,
 }
 
 impl Default for Config {
@@ -81,6 +141,22 @@ impl Default for Config {
             history_page_limit: 200,
             rate_limit: 100,
             rate_window: Duration::from_secs(10),
+            max_state_bytes: 256 * 1024 * 1024,
+            outbox_limit_bytes: 1024 * 1024,
+            max_pending_bytes: 64 * 1024 * 1024,
+            unclaimed_outbox_limit: 100,
+            unclaimed_outbox_bytes: 64 * 1024,
+            unclaimed_ttl: Duration::from_secs(3600),
+            max_unclaimed_users_per_client: 1_000,
+            max_pending_per_client: 10_000,
+            max_pending_bytes_per_client: 8 * 1024 * 1024,
+            client_rate_limit: 1_000,
+            connect_rate_limit: 60,
+            max_clients: 100_000,
+            max_presence_fanout: 10_000,
+            max_message_store_bytes: 64 * 1024 * 1024,
+            max_open_calls_bytes: 16 * 1024 * 1024,
+            idempotency_cache_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -90,6 +166,12 @@ impl Config {
     /// timeout, between 20 ms and 1 s.
     pub fn tick_interval(&self) -> Duration {
         (self.redelivery_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+
+    /// How often expired events of users that never connected are swept: a quarter of
+    /// `unclaimed_ttl`, between 10 ms and 1 s.
+    pub fn expiry_interval(&self) -> Duration {
+        (self.unclaimed_ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }
 

@@ -40,6 +40,7 @@
 //! (its own event id), redeliveries are batches, and delivery must be atomic with the outbox.
 
 mod config;
+mod cost;
 mod idempotency;
 mod messages;
 mod outbox;
@@ -47,16 +48,19 @@ mod state;
 mod store;
 mod web;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use switchboard_core::sync::lock;
-use switchboard_core::{Handshake, HttpRequest, HttpResponse, Peer, Protocol, Reject};
+use switchboard_core::{
+    ClientKey, Handshake, HttpRequest, HttpResponse, MemoryBudget, Peer, Protocol, Reject,
+};
 use tracing::{debug, error};
 
 pub use config::Config;
+pub use cost::worst_case_bytes;
 pub use messages::{ApiError, CallStatus, CallType, Direction, ErrorCode};
-pub use state::Stats;
+pub use state::{Memory, Stats};
 
 use messages::Inbound;
 use state::State;
@@ -65,22 +69,43 @@ use state::State;
 #[derive(Debug)]
 pub struct ReqAck {
     config: Config,
+    budget: Arc<MemoryBudget>,
     state: Mutex<State>,
+    /// Serializes presence fan-outs, which are sent outside the state lock: the online and
+    /// offline events of one user reach everybody in the order they were decided, and the state
+    /// lock is held only to allocate their ids.
+    presence: Mutex<()>,
 }
 
 /// Per-connection state: who this socket belongs to.
 #[derive(Debug)]
 pub struct Conn {
     user: String,
+    /// The client's address key: its shares and rate buckets.
+    client: ClientKey,
 }
 
 impl ReqAck {
     /// A server with `config` and empty state.
     pub fn new(config: Config) -> Self {
+        let budget = Arc::new(MemoryBudget::new(config.max_state_bytes));
         Self {
-            state: Mutex::new(State::new(config.clone())),
+            state: Mutex::new(State::new(config.clone(), budget.clone())),
+            budget,
+            presence: Mutex::new(()),
             config,
         }
+    }
+
+    /// Bytes of protocol state charged to the memory budget now (at most
+    /// [`Config::max_state_bytes`]).
+    pub fn state_bytes(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// Bytes charged per pool, and the budget's total and limit.
+    pub fn memory(&self) -> Memory {
+        lock(&self.state).memory()
     }
 
     /// The configuration in use.
@@ -129,13 +154,18 @@ impl Protocol for ReqAck {
             .query_param("userId")
             .filter(|u| !u.is_empty())
             .ok_or_else(|| Reject::BadRequest("missing `userId` query parameter".into()))?;
-        lock(&self.state).admit(&user)?;
-        Ok(Conn { user })
+        let client = ClientKey::from_ip(handshake.client_ip);
+        lock(&self.state).admit(&user, client, Instant::now())?;
+        Ok(Conn { user, client })
     }
 
     async fn on_open(&self, conn: &mut Conn, peer: &Peer) {
         debug!(user = %conn.user, conn = %peer.id(), "reqack socket open");
-        lock(&self.state).open(&conn.user, peer, Instant::now());
+        let _order = lock(&self.presence);
+        let fanout = lock(&self.state).open(&conn.user, peer, Instant::now());
+        if let Some(fanout) = fanout {
+            fanout.send();
+        }
     }
 
     async fn on_text(&self, conn: &mut Conn, peer: &Peer, text: &str) {
@@ -153,6 +183,7 @@ impl Protocol for ReqAck {
             } => {
                 let response = lock(&self.state).request(
                     &conn.user,
+                    conn.client,
                     &id,
                     payload_type.as_deref(),
                     payload,
@@ -166,7 +197,13 @@ impl Protocol for ReqAck {
                 event_type,
                 payload,
             } => {
-                let result = lock(&self.state).client_event(&conn.user, &event_type, payload, now);
+                let result = lock(&self.state).client_event(
+                    &conn.user,
+                    conn.client,
+                    &event_type,
+                    payload,
+                    now,
+                );
                 if let Err(error) = result {
                     Self::send_error(peer, &error);
                 }
@@ -176,7 +213,11 @@ impl Protocol for ReqAck {
 
     async fn on_close(&self, conn: Conn, peer: &Peer) {
         debug!(user = %conn.user, conn = %peer.id(), "reqack socket closed");
-        lock(&self.state).close(&conn.user, peer.id(), Instant::now());
+        let _order = lock(&self.presence);
+        let fanout = lock(&self.state).close(&conn.user, peer.id(), Instant::now());
+        if let Some(fanout) = fanout {
+            fanout.send();
+        }
     }
 
     fn tick_interval(&self) -> Option<Duration> {
@@ -184,7 +225,10 @@ impl Protocol for ReqAck {
     }
 
     async fn on_tick(&self, conn: &mut Conn, _peer: &Peer) {
-        lock(&self.state).redeliver_overdue(&conn.user, Instant::now());
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        state.expire_unclaimed(now);
+        state.redeliver_overdue(&conn.user, now);
     }
 
     /// The browser demo client: `GET /` and its assets (see `web/`).

@@ -2,10 +2,13 @@
 //! forgetting the oldest entry when full.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+use switchboard_core::{BudgetExceeded, MemoryBudget};
 
+use crate::cost::{CALL_OVERHEAD, MESSAGE_OVERHEAD, STRING_OVERHEAD};
 use crate::messages::{CallStatus, CallType, Direction};
 
 /// How far a message got, as told by its recipient's receipts. Only ever advances.
@@ -67,10 +70,39 @@ pub(crate) struct StoredMessage {
     pub(crate) deleted: bool,
 }
 
-/// The messages store. Ids come from one server-wide counter starting at 1.
+impl StoredMessage {
+    /// Bytes charged for this message (see [`crate::cost`]).
+    fn bytes(&self) -> usize {
+        let text = match &self.body {
+            Body::Text {
+                message,
+                client_message_id,
+                ..
+            } => message
+                .len()
+                .saturating_add(client_message_id.as_ref().map_or(0, String::len)),
+            Body::Call { .. } => 0,
+        };
+        // The names are held twice: in the message and in the conversation index key.
+        MESSAGE_OVERHEAD
+            .saturating_add(
+                self.from
+                    .len()
+                    .saturating_add(self.to.len())
+                    .saturating_mul(2),
+            )
+            .saturating_add(text)
+    }
+}
+
+/// The messages store. Ids come from one server-wide counter starting at 1. Bounded in items
+/// and bytes (forgetting the oldest), and charged to the protocol's budget.
 #[derive(Debug)]
 pub(crate) struct Messages {
     limit: usize,
+    limit_bytes: usize,
+    bytes: usize,
+    budget: Arc<MemoryBudget>,
     next_id: u64,
     by_id: BTreeMap<u64, StoredMessage>,
     /// Message ids per conversation (unordered pair of users), oldest first.
@@ -86,45 +118,97 @@ fn conversation(a: &str, b: &str) -> (String, String) {
 }
 
 impl Messages {
-    pub(crate) fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize, limit_bytes: usize, budget: Arc<MemoryBudget>) -> Self {
         Self {
             limit: limit.max(1),
+            limit_bytes,
+            bytes: 0,
+            budget,
             next_id: 1,
             by_id: BTreeMap::new(),
             conversations: HashMap::new(),
         }
     }
 
-    /// Stores a message and returns its id, forgetting the oldest message if the store is full.
-    pub(crate) fn insert(&mut self, from: &str, to: &str, timestamp: u64, body: Body) -> u64 {
+    /// The id the next stored message will get.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Stores a message and returns its id, forgetting the oldest messages while the store is
+    /// over its item or byte limit. Refused, with nothing changed, when the protocol's budget
+    /// has no room for it.
+    pub(crate) fn insert(
+        &mut self,
+        from: &str,
+        to: &str,
+        timestamp: u64,
+        body: Body,
+    ) -> Result<u64, BudgetExceeded> {
         let id = self.next_id;
-        self.next_id += 1;
-        while self.by_id.len() >= self.limit {
+        let message = StoredMessage {
+            message_id: id,
+            from: from.to_owned(),
+            to: to.to_owned(),
+            timestamp,
+            body,
+            receipt: Receipt::Sent,
+            deleted: false,
+        };
+        let bytes = message.bytes();
+        self.budget.try_reserve(bytes)?;
+        self.next_id = self.next_id.saturating_add(1);
+        while !self.by_id.is_empty()
+            && (self.by_id.len() >= self.limit
+                || self.bytes.saturating_add(bytes) > self.limit_bytes)
+        {
             self.evict_oldest();
         }
-        self.by_id.insert(
-            id,
-            StoredMessage {
-                message_id: id,
-                from: from.to_owned(),
-                to: to.to_owned(),
-                timestamp,
-                body,
-                receipt: Receipt::Sent,
-                deleted: false,
-            },
-        );
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.by_id.insert(id, message);
         self.conversations
             .entry(conversation(from, to))
             .or_default()
             .push_back(id);
-        id
+        Ok(id)
+    }
+
+    /// Replaces the text of live text message `id` (marking it edited). Refused, with nothing
+    /// changed, when the growth does not fit the budget.
+    pub(crate) fn edit(&mut self, id: u64, text: &str) -> Result<(), BudgetExceeded> {
+        let Some(stored) = self.by_id.get_mut(&id).filter(|m| !m.deleted) else {
+            return Ok(());
+        };
+        let old = stored.bytes();
+        let Body::Text {
+            message, edited, ..
+        } = &mut stored.body
+        else {
+            return Ok(());
+        };
+        let new = old.saturating_sub(message.len()).saturating_add(text.len());
+        self.budget.try_resize(old, new)?;
+        message.clear();
+        message.push_str(text);
+        *edited = true;
+        self.bytes = self.bytes.saturating_sub(old).saturating_add(new);
+        // A longer text may push the store over its byte limit: forget older messages.
+        while self.bytes > self.limit_bytes {
+            match self.by_id.first_key_value() {
+                Some((&oldest, _)) if oldest != id => self.evict_oldest(),
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     fn evict_oldest(&mut self) {
         let Some((id, message)) = self.by_id.pop_first() else {
             return;
         };
+        let bytes = message.bytes();
+        self.bytes = self.bytes.saturating_sub(bytes);
+        self.budget.release(bytes);
         let key = conversation(&message.from, &message.to);
         if let Some(ids) = self.conversations.get_mut(&key) {
             // The globally oldest message is the oldest of its conversation.
@@ -153,10 +237,15 @@ impl Messages {
     /// bounded by `limit` however many messages are deleted.
     pub(crate) fn delete(&mut self, id: u64) {
         if let Some(message) = self.by_id.get_mut(&id) {
+            let before = message.bytes();
             message.deleted = true;
             if let Body::Text { message, .. } = &mut message.body {
                 *message = String::new();
             }
+            let after = message.bytes();
+            let freed = before.saturating_sub(after);
+            self.bytes = self.bytes.saturating_sub(freed);
+            self.budget.release(freed);
         }
     }
 
@@ -188,6 +277,11 @@ impl Messages {
     pub(crate) fn len(&self) -> usize {
         self.by_id.len()
     }
+
+    /// Bytes charged for the stored messages.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// A call opened by `newCall`.
@@ -200,45 +294,74 @@ pub(crate) struct OpenCall {
 }
 
 impl OpenCall {
+    /// Bytes charged for this call, whose id is `call_id` (see [`crate::cost`]).
+    fn bytes(&self, call_id: &str) -> usize {
+        let ids = self
+            .participants
+            .iter()
+            .map(|p| p.len().saturating_add(STRING_OVERHEAD))
+            .fold(0usize, usize::saturating_add);
+        // The call id is held twice: as the map key and in the opening order.
+        CALL_OVERHEAD
+            .saturating_add(call_id.len().saturating_mul(2))
+            .saturating_add(self.caller.len())
+            .saturating_add(ids)
+    }
+
     /// Whether `user` is the caller or a participant.
     pub(crate) fn involves(&self, user: &str) -> bool {
         self.caller == user || self.participants.iter().any(|p| p == user)
     }
 }
 
-/// Open calls by id, forgetting the oldest when full.
+/// Open calls by id, bounded in items and bytes (forgetting the oldest), charged to the budget.
 #[derive(Debug)]
 pub(crate) struct Calls {
     limit: usize,
+    limit_bytes: usize,
+    bytes: usize,
+    budget: Arc<MemoryBudget>,
     open: HashMap<String, OpenCall>,
     /// Call ids in opening order; may hold ids of closed calls until compacted.
     order: VecDeque<String>,
 }
 
 impl Calls {
-    pub(crate) fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize, limit_bytes: usize, budget: Arc<MemoryBudget>) -> Self {
         Self {
             limit: limit.max(1),
+            limit_bytes,
+            bytes: 0,
+            budget,
             open: HashMap::new(),
             order: VecDeque::new(),
         }
     }
 
-    pub(crate) fn insert(&mut self, call_id: String, call: OpenCall) {
-        while self.open.len() >= self.limit {
+    /// Opens `call`, forgetting the oldest open calls while over the item or byte limit.
+    /// Refused, with nothing changed, when the budget has no room.
+    pub(crate) fn insert(&mut self, call_id: String, call: OpenCall) -> Result<(), BudgetExceeded> {
+        let bytes = call.bytes(&call_id);
+        self.budget.try_reserve(bytes)?;
+        while !self.open.is_empty()
+            && (self.open.len() >= self.limit
+                || self.bytes.saturating_add(bytes) > self.limit_bytes)
+        {
             match self.order.pop_front() {
                 Some(oldest) => {
-                    self.open.remove(&oldest);
+                    self.remove(&oldest);
                 }
                 None => break,
             }
         }
+        self.bytes = self.bytes.saturating_add(bytes);
         self.order.push_back(call_id.clone());
         self.open.insert(call_id, call);
         if self.order.len() > self.limit.saturating_mul(2) {
             let open = &self.open;
             self.order.retain(|id| open.contains_key(id));
         }
+        Ok(())
     }
 
     pub(crate) fn get(&self, call_id: &str) -> Option<&OpenCall> {
@@ -246,17 +369,30 @@ impl Calls {
     }
 
     pub(crate) fn remove(&mut self, call_id: &str) -> Option<OpenCall> {
-        self.open.remove(call_id)
+        let call = self.open.remove(call_id)?;
+        let bytes = call.bytes(call_id);
+        self.bytes = self.bytes.saturating_sub(bytes);
+        self.budget.release(bytes);
+        Some(call)
     }
 
     pub(crate) fn len(&self) -> usize {
         self.open.len()
+    }
+
+    /// Bytes charged for the open calls.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn messages(limit: usize) -> Messages {
+        Messages::new(limit, usize::MAX, Arc::default())
+    }
 
     fn text(message: &str) -> Body {
         Body::Text {
@@ -268,11 +404,11 @@ mod tests {
 
     #[test]
     fn history_is_per_conversation_newest_last_and_pages_backwards() {
-        let mut store = Messages::new(100);
-        let m1 = store.insert("a", "b", 1, text("1"));
-        let _other = store.insert("a", "c", 2, text("x"));
-        let m2 = store.insert("b", "a", 3, text("2"));
-        let m3 = store.insert("a", "b", 4, text("3"));
+        let mut store = messages(100);
+        let m1 = store.insert("a", "b", 1, text("1")).unwrap();
+        let _other = store.insert("a", "c", 2, text("x")).unwrap();
+        let m2 = store.insert("b", "a", 3, text("2")).unwrap();
+        let m3 = store.insert("a", "b", 4, text("3")).unwrap();
         let ids = |page: Vec<StoredMessage>| page.iter().map(|m| m.message_id).collect::<Vec<_>>();
         assert_eq!(ids(store.history("b", "a", None, 10)), [m1, m2, m3]);
         assert_eq!(ids(store.history("a", "b", None, 2)), [m2, m3]);
@@ -282,8 +418,8 @@ mod tests {
 
     #[test]
     fn deleted_messages_leave_history_but_keep_their_slot() {
-        let mut store = Messages::new(100);
-        let m1 = store.insert("a", "b", 1, text("secret"));
+        let mut store = messages(100);
+        let m1 = store.insert("a", "b", 1, text("secret")).unwrap();
         store.delete(m1);
         assert!(store.live(m1).is_none());
         assert!(store.history("a", "b", None, 10).is_empty());
@@ -292,32 +428,52 @@ mod tests {
 
     #[test]
     fn a_full_store_forgets_the_oldest_message() {
-        let mut store = Messages::new(2);
-        let m1 = store.insert("a", "b", 1, text("1"));
-        let m2 = store.insert("a", "c", 2, text("2"));
-        let m3 = store.insert("a", "b", 3, text("3"));
+        let mut store = messages(2);
+        let m1 = store.insert("a", "b", 1, text("1")).unwrap();
+        let m2 = store.insert("a", "c", 2, text("2")).unwrap();
+        let m3 = store.insert("a", "b", 3, text("3")).unwrap();
         assert_eq!(store.len(), 2);
         assert!(store.live(m1).is_none());
         assert!(store.live(m2).is_some());
         assert_eq!(store.history("a", "b", None, 10).len(), 1);
         assert_eq!(store.history("a", "b", None, 10)[0].message_id, m3);
-        let _m4 = store.insert("a", "d", 4, text("4"));
+        let _m4 = store.insert("a", "d", 4, text("4")).unwrap();
         assert!(!store.conversations.contains_key(&conversation("a", "c")));
     }
 
     #[test]
+    fn the_store_is_bounded_in_bytes_and_charges_the_budget() {
+        let budget = Arc::new(MemoryBudget::new(100_000));
+        let mut store = Messages::new(1_000, 2 * (MESSAGE_OVERHEAD + 4 + 100), budget.clone());
+        let big = "x".repeat(100);
+        let m1 = store.insert("a", "b", 1, text(&big)).unwrap();
+        store.insert("a", "b", 2, text(&big)).unwrap();
+        assert_eq!(budget.used(), store.bytes());
+        store.insert("a", "b", 3, text(&big)).unwrap();
+        assert_eq!(store.len(), 2, "the byte limit forgot the oldest");
+        assert!(store.live(m1).is_none());
+        assert_eq!(budget.used(), store.bytes());
+        let tight = Arc::new(MemoryBudget::new(10));
+        let mut refused = Messages::new(10, usize::MAX, tight.clone());
+        assert!(refused.insert("a", "b", 1, text("hi")).is_err());
+        assert_eq!((refused.len(), refused.next_id(), tight.used()), (0, 1, 0));
+    }
+
+    #[test]
     fn stored_messages_serialize_for_history() {
-        let mut store = Messages::new(10);
-        let id = store.insert(
-            "a",
-            "b",
-            7,
-            Body::Call {
-                call_type: CallType::Audio,
-                direction: Direction::Outgoing,
-                status: None,
-            },
-        );
+        let mut store = messages(10);
+        let id = store
+            .insert(
+                "a",
+                "b",
+                7,
+                Body::Call {
+                    call_type: CallType::Audio,
+                    direction: Direction::Outgoing,
+                    status: None,
+                },
+            )
+            .unwrap();
         let value = serde_json::to_value(store.live(id).unwrap()).unwrap();
         assert_eq!(
             value,
@@ -334,17 +490,17 @@ mod tests {
             call_type: CallType::Video,
             started: Instant::now(),
         };
-        let mut calls = Calls::new(2);
-        calls.insert("1".into(), call("a"));
-        calls.insert("2".into(), call("b"));
-        calls.insert("3".into(), call("c"));
+        let mut calls = Calls::new(2, usize::MAX, Arc::default());
+        calls.insert("1".into(), call("a")).unwrap();
+        calls.insert("2".into(), call("b")).unwrap();
+        calls.insert("3".into(), call("c")).unwrap();
         assert!(calls.get("1").is_none());
         assert_eq!(calls.len(), 2);
         assert!(calls.get("3").unwrap().involves("p"));
         assert!(!calls.get("3").unwrap().involves("x"));
         for i in 0..100 {
             let id = format!("x{i}");
-            calls.insert(id.clone(), call("a"));
+            calls.insert(id.clone(), call("a")).unwrap();
             calls.remove(&id);
         }
         assert!(calls.order.len() <= 4);

@@ -350,7 +350,12 @@ async fn fifty_users_two_thousand_messages_random_disconnects_exactly_once() {
         .unwrap_or(0x5eed_2026);
     let (protocol, server) = common::start(Config {
         redelivery_timeout: Duration::from_millis(300),
+        // 50 users share one loopback address here, where real users would have 50: the
+        // per-user and per-address rate limits are off, as is the connect rate (reconnects are
+        // the point of this test).
         rate_limit: 0,
+        client_rate_limit: 0,
+        connect_rate_limit: 0,
         outbox_limit: 10_000,
         ..Config::default()
     })

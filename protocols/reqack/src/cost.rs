@@ -1,0 +1,159 @@
+//! What each stored thing is charged in bytes, and the token bucket behind the rate limits.
+//!
+//! The charges are estimates of heap use: the bytes of the strings and frames an entry holds,
+//! plus a fixed overhead per entry that covers the map node, the struct and the string headers
+//! (rounded up). Every pool is bounded in items and in these bytes, and every charge also goes to
+//! the protocol's [`switchboard_core::MemoryBudget`], so `docs/protocols/reqack.md` can state
+//! the worst case as a formula of the limits (see [`worst_case_bytes`]).
+
+use std::time::{Duration, Instant};
+
+use crate::Config;
+
+/// Fixed overhead of one user: the `User` struct (counter, outbox header, socket list, rate
+/// bucket), its slot in the user table, and the slots it may hold in the online index and the
+/// expiry index.
+pub(crate) const USER_OVERHEAD: usize = 320;
+/// A user's name is held up to three times (user table, online index, expiry index).
+pub(crate) const USER_NAME_COPIES: usize = 3;
+/// Fixed overhead of one pending event: the B-tree slot, its times, its sender's client key and
+/// the per-client counters it may keep alive.
+pub(crate) const EVENT_OVERHEAD: usize = 128;
+/// Fixed overhead of one stored message: the B-tree slot, the struct, and its id in the
+/// conversation index (whose key holds both names once more).
+pub(crate) const MESSAGE_OVERHEAD: usize = 256;
+/// Fixed overhead of one open call: its map slot, the struct and its place in the opening order.
+pub(crate) const CALL_OVERHEAD: usize = 192;
+/// Per participant id in an open call (the `String` header).
+pub(crate) const STRING_OVERHEAD: usize = 24;
+/// Fixed overhead of one remembered response: map slot, FIFO slot, key and frame headers.
+pub(crate) const CACHE_OVERHEAD: usize = 160;
+/// One client key's rate buckets (requests and connects) and their table slot.
+pub(crate) const RATE_ENTRY: usize = 96;
+
+/// Bytes charged for a user named `name`.
+pub(crate) fn user_bytes(name: &str) -> usize {
+    USER_OVERHEAD.saturating_add(name.len().saturating_mul(USER_NAME_COPIES))
+}
+
+/// Bytes charged for a pending event whose frame is `frame_len` bytes.
+pub(crate) fn event_bytes(frame_len: usize) -> usize {
+    EVENT_OVERHEAD.saturating_add(frame_len)
+}
+
+/// The worst-case bytes of the whole protocol state under `config`: the sum of every pool's
+/// bound, capped by `max_state_bytes` (every charge goes through that budget). This is the
+/// formula documented in `docs/protocols/reqack.md` ("Limits and worst-case memory").
+pub fn worst_case_bytes(config: &Config) -> usize {
+    let id = config.max_id_bytes;
+    // Users: the table never holds more than `max_users`, each with a name of at most `id`.
+    let users = config
+        .max_users
+        .saturating_mul(USER_OVERHEAD.saturating_add(id.saturating_mul(USER_NAME_COPIES)));
+    // Pending events: bounded by their byte total (frames) plus the per-event overhead.
+    let pending = config
+        .max_pending_bytes
+        .saturating_add(config.max_pending_events.saturating_mul(EVENT_OVERHEAD));
+    // Stored messages, open calls and the response cache: each bounded in bytes, overhead
+    // included in their charge.
+    let stores = config
+        .max_message_store_bytes
+        .saturating_add(config.max_open_calls_bytes)
+        .saturating_add(config.idempotency_cache_bytes);
+    // Rate buckets: one entry per client key, at most `max_clients`.
+    let rates = config.max_clients.saturating_mul(RATE_ENTRY);
+    users
+        .saturating_add(pending)
+        .saturating_add(stores)
+        .saturating_add(rates)
+        .min(config.max_state_bytes)
+}
+
+/// A token bucket with constant memory: `limit` tokens at most, refilled evenly over `window`.
+/// Time comes from the caller (an injected clock).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket at `now`.
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            tokens: f64::MAX,
+            at: now,
+        }
+    }
+
+    /// Tokens available at `now` for a bucket of `limit` tokens per `window`.
+    fn available(&self, limit: usize, window: Duration, now: Instant) -> f64 {
+        let burst = usize_to_f64(limit);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        let window = window.as_secs_f64();
+        let refill = if window > 0.0 {
+            elapsed * burst / window
+        } else {
+            burst
+        };
+        (self.tokens.min(burst) + refill).min(burst)
+    }
+
+    /// Spends one token if there is one; `limit == 0` disables limiting.
+    pub(crate) fn take(&mut self, limit: usize, window: Duration, now: Instant) -> bool {
+        if limit == 0 {
+            return true;
+        }
+        self.tokens = self.available(limit, window, now);
+        self.at = self.at.max(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the bucket has refilled completely by `now` (it can be forgotten: a new one
+    /// would be identical).
+    pub(crate) fn is_full(&self, limit: usize, window: Duration, now: Instant) -> bool {
+        limit == 0 || self.available(limit, window, now) >= usize_to_f64(limit)
+    }
+}
+
+/// `usize` to `f64` for rate arithmetic (precision loss above 2^53 is irrelevant for limits).
+#[allow(clippy::cast_precision_loss, reason = "rate limits are far below 2^53")]
+fn usize_to_f64(n: usize) -> f64 {
+    n as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_the_burst_then_refills_over_the_window() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(10);
+        let mut bucket = Bucket::new(t0);
+        assert!((0..5).all(|_| bucket.take(5, window, t0)));
+        assert!(!bucket.take(5, window, t0));
+        assert!(!bucket.is_full(5, window, t0));
+        // 5 per 10 s: one token every 2 s.
+        assert!(bucket.take(5, window, t0 + Duration::from_secs(2)));
+        assert!(!bucket.take(5, window, t0 + Duration::from_secs(2)));
+        assert!(bucket.is_full(5, window, t0 + Duration::from_secs(60)));
+        assert!(bucket.take(0, window, t0), "0 disables the limit");
+    }
+
+    #[test]
+    fn the_worst_case_is_capped_by_the_state_budget() {
+        let config = Config::default();
+        assert!(worst_case_bytes(&config) <= config.max_state_bytes);
+        let small = Config {
+            max_state_bytes: 1_000,
+            ..Config::default()
+        };
+        assert_eq!(worst_case_bytes(&small), 1_000);
+    }
+}
