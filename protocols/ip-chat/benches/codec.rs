@@ -1,11 +1,11 @@
 //! ip-chat codec micro-benchmarks: parsing client frames, encoding broadcasts, toggling.
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use switchboard_ip_chat::messages::{
-    ChatMessage, ClientMessage, message_frame, reaction_frame, toggle_reaction,
+    ChatMessage, ClientMessage, ReactionLimits, Reactions, message_frame, reaction_frame,
+    toggle_reaction,
 };
 
 fn message() -> ChatMessage {
@@ -15,7 +15,7 @@ fn message() -> ChatMessage {
         author_id: uuid::Uuid::new_v4().to_string(),
         author_name: "Alice".into(),
         created_at: 1_700_000_000,
-        reactions: BTreeMap::new(),
+        reactions: Reactions::default(),
     }
 }
 
@@ -28,16 +28,20 @@ fn codec(c: &mut Criterion) {
     c.bench_function("ip-chat/encode message", |b| {
         b.iter(|| message_frame(black_box(&msg)))
     });
+    let limits = ReactionLimits {
+        max_distinct: 16,
+        max_users_per_emoji: 100,
+    };
     let mut reacted = message();
-    reacted
-        .reactions
-        .insert("👍".into(), (0..20).map(|i| format!("user-{i}")).collect());
+    for i in 0..20 {
+        let _ = toggle_reaction(&mut reacted, "👍", uuid::Uuid::from_u128(i), limits);
+    }
     c.bench_function("ip-chat/encode reaction_updated", |b| {
         b.iter(|| {
             reaction_frame(
                 black_box(&reacted),
                 "👍",
-                "user-1",
+                uuid::Uuid::from_u128(1),
                 switchboard_ip_chat::messages::ReactionAction::Added,
             )
         })
@@ -45,8 +49,8 @@ fn codec(c: &mut Criterion) {
     c.bench_function("ip-chat/toggle reaction twice", |b| {
         let mut m = message();
         b.iter(|| {
-            toggle_reaction(&mut m, "👍", "user-1", 64);
-            toggle_reaction(&mut m, "👍", "user-1", 64)
+            let _ = toggle_reaction(&mut m, "👍", uuid::Uuid::from_u128(1), limits);
+            toggle_reaction(&mut m, "👍", uuid::Uuid::from_u128(1), limits)
         })
     });
 }

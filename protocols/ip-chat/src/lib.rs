@@ -7,27 +7,39 @@
 //! never the address itself.
 //!
 //! [`IpChat`] implements [`switchboard_core::Protocol`]; serve it with `switchboard-server` or
-//! nest its router in your own axum application. History lives behind
-//! [`switchboard_core::History`] and fan-out behind [`switchboard_core::Broadcaster`]; both
-//! default to the in-memory implementations and can be replaced with [`IpChat::with_backends`].
+//! nest its router in your own axum application. Fan-out goes through a
+//! [`switchboard_core::Broadcaster`] (in-memory by default, replaceable with
+//! [`IpChat::with_broadcaster`]); the history is held here, bounded in items and bytes and charged
+//! to a [`MemoryBudget`].
+//!
+//! Every pool is bounded; `docs/protocols/ip-chat.md` ("Limits and worst-case memory") lists each
+//! limit, its default and its policy, and [`IpChat::worst_case_bytes`] is the formula given there.
 
 pub mod messages;
+mod rate;
 mod web;
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, Frame, Handshake, History, HttpRequest, HttpResponse, LocalBroadcaster,
-    MemoryHistory, Peer, Protocol, RateLimiter, Reject,
+    Broadcaster, ClientKey, Frame, Handshake, HttpRequest, HttpResponse, LocalBroadcaster,
+    MemoryBudget, Peer, Protocol, Reject,
 };
 use tracing::warn;
 use uuid::Uuid;
 
 use crate::messages::{
-    ChatMessage, ClientMessage, ReactionAction, error_frame, message_frame, reaction_frame,
+    ALLOCATION_OVERHEAD, ChatMessage, ClientMessage, ReactionAction, ReactionLimits,
+    ReactionRefused, error_frame, message_frame, reaction_frame,
+};
+use crate::rate::RateLimit;
+
+pub use crate::rate::{
+    BYTES_PER_KEY as RATE_LIMIT_BYTES_PER_KEY, SLOT_BYTES as RATE_LIMIT_SLOT_BYTES,
 };
 
 /// The fan-out topic every ip-chat socket subscribes to.
@@ -41,6 +53,13 @@ pub mod errors {
     pub const EMPTY: &str = "message text cannot be empty";
     /// A reaction to a message id that is not stored.
     pub const NOT_FOUND: &str = "message not found";
+    /// The encoded message would exceed `Config::max_message_bytes`.
+    pub const TOO_LARGE: &str = "message too large";
+    /// A reaction would make the message exceed `Config::max_message_bytes` (or the history
+    /// exceed `Config::max_history_bytes`).
+    pub const TOO_MANY_REACTIONS: &str = "too many reactions on this message";
+    /// The server-wide state budget (`Config::max_state_bytes`) is spent.
+    pub const STATE_FULL: &str = "server storage is full, try again later";
 }
 
 /// ip-chat limits. Every one is configurable; see `docs/protocols/ip-chat.md`.
@@ -48,10 +67,17 @@ pub mod errors {
 pub struct Config {
     /// Messages kept and replayed on connect; the oldest is dropped first.
     pub history_limit: usize,
-    /// `send_message` per user per sliding minute (0: unlimited).
+    /// Bytes the history may hold (as accounted, see [`IpChat::message_charge_bound`]); the
+    /// oldest messages are dropped first to make room for a new one. A reaction that would
+    /// exceed it is refused instead (nothing is dropped for a reaction).
+    pub max_history_bytes: usize,
+    /// `send_message` per client per minute (0: unlimited).
     pub rate_limit: usize,
-    /// `add_reaction` per user per sliding minute (0: unlimited).
+    /// `add_reaction` per client per minute (0: unlimited).
     pub reaction_rate_limit: usize,
+    /// Clients each rate limiter tracks at most; past it, clients whose budget has refilled are
+    /// forgotten, and if none has, new clients are refused with the rate-limit error.
+    pub max_rate_limit_keys: usize,
     /// Longest message text, in Unicode characters.
     pub max_text_chars: usize,
     /// Longest author name kept, in characters; longer names are cut.
@@ -60,18 +86,31 @@ pub struct Config {
     pub max_emoji_chars: usize,
     /// Distinct emoji one message may carry.
     pub max_distinct_reactions: usize,
+    /// Users one emoji may carry on one message.
+    pub max_reactions_per_emoji: usize,
+    /// Largest encoded `message` frame, reactions included; this also bounds every
+    /// `reaction_updated` broadcast (which carries the whole message, as the spec asks).
+    pub max_message_bytes: usize,
+    /// Server-wide byte budget for stored state (the history); when spent, new messages and
+    /// growing reactions are refused with an error, nothing stored is evicted for it.
+    pub max_state_bytes: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             history_limit: 1000,
+            max_history_bytes: 16 * 1024 * 1024,
             rate_limit: 60,
             reaction_rate_limit: 60,
+            max_rate_limit_keys: 100_000,
             max_text_chars: 500,
             max_author_name_chars: 100,
             max_emoji_chars: 32,
-            max_distinct_reactions: 64,
+            max_distinct_reactions: 16,
+            max_reactions_per_emoji: 100,
+            max_message_bytes: 8 * 1024,
+            max_state_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -85,17 +124,58 @@ pub struct StoredMessage {
     pub frame: Frame,
 }
 
+impl StoredMessage {
+    /// Bytes this message is charged: its slot in the history, the frame, every string and the
+    /// reactions at their capacities, plus [`ALLOCATION_OVERHEAD`] per allocation.
+    pub fn charged_bytes(&self) -> usize {
+        let m = &self.message;
+        std::mem::size_of::<Self>()
+            .saturating_add(self.frame.len())
+            .saturating_add(m.text.capacity())
+            .saturating_add(m.author_id.capacity())
+            .saturating_add(m.author_name.capacity())
+            .saturating_add(m.reactions.heap_bytes())
+            .saturating_add(ALLOCATION_OVERHEAD.saturating_mul(4))
+    }
+}
+
+/// The history: messages oldest first, with what each is charged.
+#[derive(Debug, Default)]
+struct Store {
+    items: VecDeque<(StoredMessage, usize)>,
+    bytes: usize,
+}
+
+/// What [`IpChat::stats`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages in the history.
+    pub messages: usize,
+    /// Bytes the history is charged (the sum of [`StoredMessage::charged_bytes`]).
+    pub history_bytes: usize,
+    /// Bytes charged to the state budget (`Config::max_state_bytes`).
+    pub state_bytes: usize,
+    /// Spare history slots, each [`std::mem::size_of::<StoredMessage>`] plus its charge slot.
+    pub history_spare_slots: usize,
+    /// Clients tracked by the two rate limiters together.
+    pub rate_limit_keys: usize,
+    /// Bytes held by the two rate-limiter tables.
+    pub rate_limit_bytes: usize,
+    /// The largest encoded `message` frame in the history.
+    pub largest_message_bytes: usize,
+}
+
 /// The ip-chat protocol.
 pub struct IpChat {
     config: Config,
-    history: Arc<dyn History<StoredMessage>>,
+    /// The history; holding this lock also serializes "store + publish" against "replay +
+    /// subscribe", so a connecting client sees every message exactly once and in order.
+    store: Mutex<Store>,
+    budget: MemoryBudget,
     hub: Arc<dyn Broadcaster>,
-    messages: RateLimiter,
-    reactions: RateLimiter,
+    messages: RateLimit,
+    reactions: RateLimit,
     identity_namespace: Uuid,
-    /// Serializes "store + publish" against "replay + subscribe", so a connecting client sees
-    /// every message exactly once and in order.
-    sequencer: Mutex<()>,
 }
 
 impl std::fmt::Debug for IpChat {
@@ -109,40 +189,109 @@ impl std::fmt::Debug for IpChat {
 /// Per-connection state: who this socket is.
 #[derive(Debug)]
 pub struct Connection {
-    user_id: String,
+    user: Uuid,
+    key: ClientKey,
 }
 
 impl IpChat {
-    /// ip-chat with in-memory history and fan-out.
+    /// ip-chat with in-memory fan-out.
     pub fn new(config: Config) -> Self {
-        let history = Arc::new(MemoryHistory::new(config.history_limit));
-        Self::with_backends(config, history, Arc::new(LocalBroadcaster::new()))
+        Self::with_broadcaster(config, Arc::new(LocalBroadcaster::new()))
     }
 
-    /// ip-chat over other history and fan-out backends.
-    pub fn with_backends(
-        config: Config,
-        history: Arc<dyn History<StoredMessage>>,
-        hub: Arc<dyn Broadcaster>,
-    ) -> Self {
+    /// ip-chat over another fan-out backend.
+    pub fn with_broadcaster(config: Config, hub: Arc<dyn Broadcaster>) -> Self {
         let minute = Duration::from_secs(60);
         Self {
-            messages: RateLimiter::new(config.rate_limit, minute),
-            reactions: RateLimiter::new(config.reaction_rate_limit, minute),
+            messages: RateLimit::new(config.rate_limit, minute, config.max_rate_limit_keys),
+            reactions: RateLimit::new(
+                config.reaction_rate_limit,
+                minute,
+                config.max_rate_limit_keys,
+            ),
+            budget: MemoryBudget::new(config.max_state_bytes),
+            store: Mutex::default(),
             config,
-            history,
             hub,
             identity_namespace: Uuid::new_v4(),
-            sequencer: Mutex::new(()),
         }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The author id for a client IP.
     pub fn user_id_for(&self, ip: IpAddr) -> String {
-        Uuid::new_v5(&self.identity_namespace, ip.to_string().as_bytes()).to_string()
+        self.user_for(ip).to_string()
     }
 
-    fn send_message(&self, user_id: &str, peer: &Peer, text: String, author_name: Option<String>) {
+    fn user_for(&self, ip: IpAddr) -> Uuid {
+        Uuid::new_v5(&self.identity_namespace, ip.to_string().as_bytes())
+    }
+
+    /// What the protocol holds now, as accounted.
+    pub fn stats(&self) -> Stats {
+        let store = lock(&self.store);
+        Stats {
+            messages: store.items.len(),
+            history_bytes: store.bytes,
+            state_bytes: self.budget.used(),
+            history_spare_slots: store.items.capacity().saturating_sub(store.items.len()),
+            rate_limit_keys: self.messages.keys().saturating_add(self.reactions.keys()),
+            rate_limit_bytes: self.messages.bytes().saturating_add(self.reactions.bytes()),
+            largest_message_bytes: store
+                .items
+                .iter()
+                .map(|(stored, _)| stored.frame.len())
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// The most one stored message can be charged under this configuration:
+    /// `S + 5·A + 2·M + D·(E + 2·A)`, where `S` is `size_of::<StoredMessage>()`, `A` is
+    /// [`ALLOCATION_OVERHEAD`], `M` is `max_message_bytes`, `D` is `max_distinct_reactions` and
+    /// `E` is the size of one reaction entry (emoji string + user list headers). Strings and
+    /// user ids are held in no more bytes than their JSON in the frame (which is at most `M`),
+    /// hence `2·M`.
+    pub fn message_charge_bound(&self) -> usize {
+        let entry = std::mem::size_of::<(String, Vec<Uuid>)>()
+            .saturating_add(ALLOCATION_OVERHEAD.saturating_mul(2));
+        std::mem::size_of::<StoredMessage>()
+            .saturating_add(ALLOCATION_OVERHEAD.saturating_mul(5))
+            .saturating_add(self.config.max_message_bytes.saturating_mul(2))
+            .saturating_add(self.config.max_distinct_reactions.saturating_mul(entry))
+    }
+
+    /// The worst-case bytes of protocol state, the formula of `docs/protocols/ip-chat.md`:
+    /// `min(H·C, max_history_bytes, max_state_bytes) + 2·H·P + R`, where `H` is
+    /// `history_limit`, `C` is [`IpChat::message_charge_bound`], `P` is one history slot's
+    /// header (the deque keeps at most `H` spare slots) and `R` the two rate-limiter tables at
+    /// `max(max_rate_limit_keys, 4) · RATE_LIMIT_BYTES_PER_KEY` each (0 when unlimited).
+    pub fn worst_case_bytes(&self) -> usize {
+        let h = self.config.history_limit;
+        let history = h
+            .saturating_mul(self.message_charge_bound())
+            .min(self.config.max_history_bytes)
+            .min(self.config.max_state_bytes);
+        let slots = h
+            .saturating_mul(2)
+            .saturating_mul(std::mem::size_of::<(StoredMessage, usize)>());
+        history
+            .saturating_add(slots)
+            .saturating_add(self.messages.max_bytes())
+            .saturating_add(self.reactions.max_bytes())
+    }
+
+    fn send_message(
+        &self,
+        conn: &Connection,
+        peer: &Peer,
+        text: String,
+        author_name: Option<String>,
+    ) {
         if text.trim().is_empty() {
             let _ = peer.send(error_frame(errors::EMPTY));
             return;
@@ -155,7 +304,7 @@ impl IpChat {
             let _ = peer.send(error_frame(&error));
             return;
         }
-        if !self.messages.check(user_id) {
+        if !self.messages.check_at(conn.key, Instant::now()) {
             let error = format!(
                 "Rate limit exceeded. Maximum {} messages per minute.",
                 self.config.rate_limit
@@ -170,10 +319,12 @@ impl IpChat {
                 .collect(),
             _ => "Anonymous".to_owned(),
         };
+        let mut text = text;
+        text.shrink_to_fit();
         let message = ChatMessage {
             id: Uuid::new_v4(),
             text,
-            author_id: user_id.to_owned(),
+            author_id: conn.user.to_string(),
             author_name,
             created_at: chrono::Utc::now().timestamp(),
             reactions: Default::default(),
@@ -185,15 +336,62 @@ impl IpChat {
                 return;
             }
         };
-        let _order = lock(&self.sequencer);
-        self.history.push(StoredMessage {
+        if frame.len() > self.config.max_message_bytes {
+            let _ = peer.send(error_frame(errors::TOO_LARGE));
+            return;
+        }
+        let stored = StoredMessage {
             message,
             frame: frame.clone(),
-        });
+        };
+        let mut store = lock(&self.store);
+        if let Err(error) = self.store_message(&mut store, stored) {
+            let _ = peer.send(error_frame(error));
+            return;
+        }
         self.hub.publish(ROOM, &frame, None);
     }
 
-    fn add_reaction(&self, user_id: &str, peer: &Peer, message_id: &str, emoji: &str) {
+    /// Stores a new message: drops the oldest while the history is over its item or byte limit,
+    /// then charges the budget (refusing, with nothing dropped for it, when the budget is spent).
+    fn store_message(&self, store: &mut Store, stored: StoredMessage) -> Result<(), &'static str> {
+        if self.config.history_limit == 0 {
+            // Nothing is kept: the message is only broadcast.
+            return Ok(());
+        }
+        let charge = stored.charged_bytes();
+        if charge > self.config.max_history_bytes {
+            return Err(errors::TOO_LARGE);
+        }
+        if self.budget.try_reserve(charge).is_err() {
+            // Dropping the oldest for the history's own caps would give bytes back; try once
+            // more after doing only what those caps demand anyway.
+            self.evict_for(store, charge);
+            if self.budget.try_reserve(charge).is_err() {
+                return Err(errors::STATE_FULL);
+            }
+        } else {
+            self.evict_for(store, charge);
+        }
+        store.items.push_back((stored, charge));
+        store.bytes = store.bytes.saturating_add(charge);
+        Ok(())
+    }
+
+    /// Drops the oldest messages until one more of `charge` bytes fits the item and byte caps.
+    fn evict_for(&self, store: &mut Store, charge: usize) {
+        while store.items.len() >= self.config.history_limit
+            || store.bytes.saturating_add(charge) > self.config.max_history_bytes
+        {
+            let Some((_, old)) = store.items.pop_front() else {
+                break;
+            };
+            store.bytes = store.bytes.saturating_sub(old);
+            self.budget.release(old);
+        }
+    }
+
+    fn add_reaction(&self, conn: &Connection, peer: &Peer, message_id: &str, emoji: &str) {
         let emoji_chars = emoji.chars().count();
         if emoji.trim().is_empty() || emoji_chars > self.config.max_emoji_chars {
             let _ = peer.send(error_frame(errors::INVALID_FORMAT));
@@ -203,7 +401,7 @@ impl IpChat {
             let _ = peer.send(error_frame(errors::NOT_FOUND));
             return;
         };
-        if !self.reactions.check(user_id) {
+        if !self.reactions.check_at(conn.key, Instant::now()) {
             let error = format!(
                 "Rate limit exceeded. Maximum {} reactions per minute.",
                 self.config.reaction_rate_limit
@@ -211,49 +409,88 @@ impl IpChat {
             let _ = peer.send(error_frame(&error));
             return;
         }
-        let max_distinct = self.config.max_distinct_reactions;
-        let _order = lock(&self.sequencer);
-        let mut outcome = None;
-        let updated = self.history.update(
-            &|stored: &StoredMessage| stored.message.id == id,
-            &mut |stored| {
-                outcome = toggle(stored, emoji, user_id, max_distinct);
-            },
-        );
-        match (updated, outcome) {
-            (None, _) => {
-                let _ = peer.send(error_frame(errors::NOT_FOUND));
+        let mut store = lock(&self.store);
+        match self.toggle(&mut store, id, emoji, conn.user) {
+            Ok(frame) => {
+                self.hub.publish(ROOM, &frame, None);
             }
-            (Some(_), None) => {
-                let error =
-                    format!("too many different reactions on this message (max {max_distinct})");
+            Err(error) => {
                 let _ = peer.send(error_frame(&error));
-            }
-            (Some(stored), Some(action)) => {
-                match reaction_frame(&stored.message, emoji, user_id, action) {
-                    Ok(frame) => {
-                        self.hub.publish(ROOM, &frame, None);
-                    }
-                    Err(error) => warn!(%error, "could not encode a reaction update"),
-                }
             }
         }
     }
-}
 
-/// Toggles the reaction and re-encodes the stored frame so later replays carry it.
-fn toggle(
-    stored: &mut StoredMessage,
-    emoji: &str,
-    user_id: &str,
-    max_distinct: usize,
-) -> Option<ReactionAction> {
-    let action = messages::toggle_reaction(&mut stored.message, emoji, user_id, max_distinct)?;
-    match message_frame(&stored.message) {
-        Ok(frame) => stored.frame = frame,
-        Err(error) => warn!(%error, "could not re-encode a message"),
+    /// Toggles `user`'s `emoji` on message `id` and returns the `reaction_updated` frame. An
+    /// addition that would break a bound is undone and refused with the error text to send;
+    /// existing reactions are kept either way.
+    fn toggle(
+        &self,
+        store: &mut Store,
+        id: Uuid,
+        emoji: &str,
+        user: Uuid,
+    ) -> Result<Frame, String> {
+        let limits = ReactionLimits {
+            max_distinct: self.config.max_distinct_reactions,
+            max_users_per_emoji: self.config.max_reactions_per_emoji,
+        };
+        let history_bytes = store.bytes;
+        let Some((stored, charged)) = store
+            .items
+            .iter_mut()
+            .rev()
+            .find(|(stored, _)| stored.message.id == id)
+        else {
+            return Err(errors::NOT_FOUND.to_owned());
+        };
+        let action = messages::toggle_reaction(&mut stored.message, emoji, user, limits).map_err(
+            |refused| match refused {
+                ReactionRefused::TooManyEmoji(max) => {
+                    format!("too many different reactions on this message (max {max})")
+                }
+                ReactionRefused::TooManyUsers(max) => {
+                    format!("too many reactions with this emoji on this message (max {max})")
+                }
+            },
+        )?;
+        let undo = |stored: &mut StoredMessage| {
+            let _ = messages::toggle_reaction(&mut stored.message, emoji, user, limits);
+        };
+        let frame = match message_frame(&stored.message) {
+            Ok(frame) => frame,
+            Err(error) => {
+                warn!(%error, "could not re-encode a message");
+                undo(stored);
+                return Err(errors::TOO_MANY_REACTIONS.to_owned());
+            }
+        };
+        let old_frame = std::mem::replace(&mut stored.frame, frame);
+        let charge = stored.charged_bytes();
+        let grows = charge > *charged;
+        let fits = stored.frame.len() <= self.config.max_message_bytes
+            && history_bytes
+                .saturating_sub(*charged)
+                .saturating_add(charge)
+                <= self.config.max_history_bytes;
+        if action == ReactionAction::Added && grows && !fits {
+            stored.frame = old_frame;
+            undo(stored);
+            return Err(errors::TOO_MANY_REACTIONS.to_owned());
+        }
+        if self.budget.try_resize(*charged, charge).is_err() {
+            stored.frame = old_frame;
+            undo(stored);
+            return Err(errors::STATE_FULL.to_owned());
+        }
+        let old_charge = std::mem::replace(charged, charge);
+        store.bytes = history_bytes
+            .saturating_sub(old_charge)
+            .saturating_add(charge);
+        reaction_frame(&stored.message, emoji, user, action).map_err(|error| {
+            warn!(%error, "could not encode a reaction update");
+            errors::INVALID_FORMAT.to_owned()
+        })
     }
-    Some(action)
 }
 
 impl Protocol for IpChat {
@@ -268,17 +505,17 @@ impl Protocol for IpChat {
             return Err(Reject::NotFound);
         }
         Ok(Connection {
-            user_id: self.user_id_for(handshake.client_ip),
+            user: self.user_for(handshake.client_ip),
+            key: ClientKey::from_ip(handshake.client_ip),
         })
     }
 
     async fn on_open(&self, _conn: &mut Connection, peer: &Peer) {
-        let _order = lock(&self.sequencer);
-        let replay: Vec<Frame> = self
-            .history
-            .snapshot()
-            .into_iter()
-            .map(|stored| stored.frame)
+        let store = lock(&self.store);
+        let replay: Vec<Frame> = store
+            .items
+            .iter()
+            .map(|(stored, _)| stored.frame.clone())
             .collect();
         let _ = peer.send_batch(replay);
         self.hub.subscribe(ROOM, peer);
@@ -287,10 +524,10 @@ impl Protocol for IpChat {
     async fn on_text(&self, conn: &mut Connection, peer: &Peer, text: &str) {
         match serde_json::from_str::<ClientMessage>(text) {
             Ok(ClientMessage::SendMessage(m)) => {
-                self.send_message(&conn.user_id, peer, m.text, m.author_name)
+                self.send_message(conn, peer, m.text, m.author_name)
             }
             Ok(ClientMessage::AddReaction(r)) => {
-                self.add_reaction(&conn.user_id, peer, &r.message_id, &r.emoji)
+                self.add_reaction(conn, peer, &r.message_id, &r.emoji)
             }
             Err(_) => {
                 let _ = peer.send(error_frame(errors::INVALID_FORMAT));
@@ -304,5 +541,141 @@ impl Protocol for IpChat {
 
     async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
         web::serve(&request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests fail by panicking"
+    )]
+
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// Fills every pool to its limit with worst-case content (texts and names of control
+    /// characters, which JSON escapes to six bytes each, every message full of reactions, both
+    /// rate-limiter tables full) and holds the accounting to the documented formula.
+    #[test]
+    fn filling_every_pool_stays_within_the_documented_formula() {
+        let config = Config {
+            history_limit: 12,
+            max_distinct_reactions: 5,
+            max_reactions_per_emoji: 40,
+            max_message_bytes: 6 * 1024,
+            max_rate_limit_keys: 50,
+            ..Config::default()
+        };
+        let chat = IpChat::new(config.clone());
+        let now = Instant::now();
+        for n in 0..200u32 {
+            let key = ClientKey::from_ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)));
+            chat.messages.check_at(key, now);
+            chat.reactions.check_at(key, now);
+        }
+        let mut store = lock(&chat.store);
+        // More messages than the history holds: the oldest go.
+        for n in 0..20u32 {
+            let message = ChatMessage {
+                id: Uuid::from_u128(u128::from(n) + 1),
+                text: "\u{1}".repeat(config.max_text_chars),
+                author_id: Uuid::from_u128(7).to_string(),
+                author_name: "\u{2}".repeat(config.max_author_name_chars),
+                created_at: i64::MAX,
+                reactions: Default::default(),
+            };
+            let frame = message_frame(&message).unwrap();
+            assert!(frame.len() <= config.max_message_bytes);
+            chat.store_message(&mut store, StoredMessage { message, frame })
+                .unwrap();
+        }
+        assert_eq!(store.items.len(), config.history_limit);
+        // Every stored message gets every reaction it can take, with the longest emoji.
+        let ids: Vec<Uuid> = store.items.iter().map(|(s, _)| s.message.id).collect();
+        let emoji: Vec<String> = (0..8)
+            .map(|e| {
+                char::from(b'a' + e)
+                    .to_string()
+                    .repeat(config.max_emoji_chars)
+            })
+            .collect();
+        let mut refused = 0;
+        for id in ids {
+            for (e, emoji) in emoji.iter().enumerate() {
+                for u in 0..50u128 {
+                    let user = Uuid::from_u128((e as u128) << 64 | u);
+                    if chat.toggle(&mut store, id, emoji, user).is_err() {
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        assert!(refused > 0);
+        let bound = chat.message_charge_bound();
+        let mut sum = 0usize;
+        for (stored, charged) in &store.items {
+            assert_eq!(*charged, stored.charged_bytes());
+            assert!(stored.frame.len() <= config.max_message_bytes);
+            assert!(*charged <= bound, "{charged} > {bound}");
+            sum += charged;
+        }
+        assert_eq!(sum, store.bytes);
+        let history_bytes = store.bytes;
+        drop(store);
+        let stats = chat.stats();
+        assert_eq!(stats.state_bytes, history_bytes);
+        assert_eq!(stats.rate_limit_keys, 100);
+        let slots = (stats.messages + stats.history_spare_slots)
+            * std::mem::size_of::<(StoredMessage, usize)>();
+        let total = stats.state_bytes + slots + stats.rate_limit_bytes;
+        assert!(
+            total <= chat.worst_case_bytes(),
+            "{total} > {} ({stats:?})",
+            chat.worst_case_bytes()
+        );
+    }
+
+    /// The numbers in `docs/protocols/ip-chat.md` for the default configuration (64-bit).
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn the_default_worst_case_is_the_documented_one() {
+        let chat = IpChat::new(Config::default());
+        assert_eq!(std::mem::size_of::<StoredMessage>(), 152);
+        assert_eq!(crate::rate::SLOT_BYTES, 41);
+        assert_eq!(chat.message_charge_bound(), 17_896);
+        assert_eq!(chat.worst_case_bytes(), 41_697_216);
+    }
+
+    #[test]
+    fn removing_reactions_gives_every_byte_back() {
+        let chat = IpChat::new(Config::default());
+        let mut store = lock(&chat.store);
+        let message = ChatMessage {
+            id: Uuid::from_u128(1),
+            text: "hi".into(),
+            author_id: Uuid::from_u128(7).to_string(),
+            author_name: "Anonymous".into(),
+            created_at: 0,
+            reactions: Default::default(),
+        };
+        let frame = message_frame(&message).unwrap();
+        chat.store_message(&mut store, StoredMessage { message, frame })
+            .unwrap();
+        let empty = store.bytes;
+        for u in 0..30u128 {
+            chat.toggle(&mut store, Uuid::from_u128(1), "👍", Uuid::from_u128(u))
+                .unwrap();
+        }
+        assert!(store.bytes > empty);
+        for u in 0..30u128 {
+            chat.toggle(&mut store, Uuid::from_u128(1), "👍", Uuid::from_u128(u))
+                .unwrap();
+        }
+        assert_eq!(store.bytes, empty);
+        drop(store);
+        assert_eq!(chat.stats().state_bytes, empty);
     }
 }

@@ -1,7 +1,5 @@
 //! The ip-chat wire format: `{"type": ..., "data": {...}}` both ways.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use switchboard_core::{Error, Frame, envelope::typed_frame};
 use uuid::Uuid;
@@ -49,8 +47,80 @@ pub struct ChatMessage {
     /// Unix seconds.
     pub created_at: i64,
     /// Emoji to the ids of users who reacted with it, in reaction order. No empty lists.
-    pub reactions: BTreeMap<String, Vec<String>>,
+    pub reactions: Reactions,
 }
+
+/// The reactions on one message: each emoji with the users who reacted with it, in the order
+/// the emoji first appeared. Encoded as the spec's JSON object `{emoji: [user id, ...]}`.
+///
+/// A user id is a UUID (16 bytes here rather than a 36-byte string), and every list is kept at
+/// exactly its length (no spare capacity), so the heap this holds is small and predictable; see
+/// [`Reactions::heap_bytes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reactions(Vec<(String, Vec<Uuid>)>);
+
+impl Reactions {
+    /// The users who reacted with `emoji`, if any did.
+    pub fn get(&self, emoji: &str) -> Option<&[Uuid]> {
+        self.0
+            .iter()
+            .find(|(e, _)| e == emoji)
+            .map(|(_, users)| users.as_slice())
+    }
+
+    /// Distinct emoji on the message.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nobody reacted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Reactions over all emoji (one per user and emoji).
+    pub fn total(&self) -> usize {
+        self.0
+            .iter()
+            .fold(0usize, |sum, (_, users)| sum.saturating_add(users.len()))
+    }
+
+    /// Each emoji with its users, in first-reaction order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[Uuid])> {
+        self.0
+            .iter()
+            .map(|(emoji, users)| (emoji.as_str(), users.as_slice()))
+    }
+
+    /// Heap bytes held: the entry table, each emoji string and each user list, at their
+    /// capacities, plus [`ALLOCATION_OVERHEAD`] per allocation.
+    pub fn heap_bytes(&self) -> usize {
+        let table = self
+            .0
+            .capacity()
+            .saturating_mul(std::mem::size_of::<(String, Vec<Uuid>)>());
+        self.0.iter().fold(table, |sum, (emoji, users)| {
+            sum.saturating_add(emoji.capacity())
+                .saturating_add(users.capacity().saturating_mul(std::mem::size_of::<Uuid>()))
+                .saturating_add(ALLOCATION_OVERHEAD.saturating_mul(2))
+        })
+    }
+}
+
+impl Serialize for Reactions {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (emoji, users) in &self.0 {
+            map.serialize_entry(emoji, users)?;
+        }
+        map.end()
+    }
+}
+
+/// What one heap allocation costs beyond its payload (allocator header and rounding), as
+/// charged by the accounting.
+pub const ALLOCATION_OVERHEAD: usize = 16;
 
 /// Whether a toggle added or removed a reaction.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -62,11 +132,29 @@ pub enum ReactionAction {
     Removed,
 }
 
+/// Why [`toggle_reaction`] refused to add a reaction (nothing changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReactionRefused {
+    /// The message already carries this many distinct emoji.
+    TooManyEmoji(usize),
+    /// This emoji already has this many users on the message.
+    TooManyUsers(usize),
+}
+
+/// Per-message reaction bounds applied by [`toggle_reaction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReactionLimits {
+    /// Distinct emoji one message may carry.
+    pub max_distinct: usize,
+    /// Users one emoji may carry on one message.
+    pub max_users_per_emoji: usize,
+}
+
 #[derive(Serialize)]
 struct ReactionUpdated<'a> {
     message_id: Uuid,
     emoji: &'a str,
-    user_id: &'a str,
+    user_id: Uuid,
     action: ReactionAction,
     message: &'a ChatMessage,
 }
@@ -76,16 +164,19 @@ struct ErrorData<'a> {
     error: &'a str,
 }
 
-/// `{"type":"message","data":message}`.
+/// `{"type":"message","data":message}`, held in an allocation of exactly its length (stored
+/// frames are charged by their length).
 pub fn message_frame(message: &ChatMessage) -> Result<Frame, Error> {
-    typed_frame("message", "data", message)
+    let frame = typed_frame("message", "data", message)?;
+    Ok(Frame::text(frame.as_str().to_owned()))
 }
 
-/// `{"type":"reaction_updated","data":{...}}` carrying the full updated message.
+/// `{"type":"reaction_updated","data":{...}}` carrying the full updated message (the spec asks
+/// for it; the per-message bounds keep it small).
 pub fn reaction_frame(
     message: &ChatMessage,
     emoji: &str,
-    user_id: &str,
+    user_id: Uuid,
     action: ReactionAction,
 ) -> Result<Frame, Error> {
     let data = ReactionUpdated {
@@ -105,32 +196,47 @@ pub fn error_frame(text: &str) -> Frame {
     })
 }
 
-/// Applies a reaction toggle by `user_id` to `message`. Returns `None` (and changes nothing) when
-/// adding a new emoji would exceed `max_distinct` emoji on the message.
+/// Applies a reaction toggle by `user` to `message`: removes the user's `emoji` reaction if there
+/// is one, otherwise adds it within `limits`. Removal always succeeds; a refused addition changes
+/// nothing. Applying the same toggle twice restores the message exactly (same order), which is
+/// how a caller undoes an addition that turned out too large. Lists are kept without spare
+/// capacity so their heap is exactly what [`Reactions::heap_bytes`] reports.
 pub fn toggle_reaction(
     message: &mut ChatMessage,
     emoji: &str,
-    user_id: &str,
-    max_distinct: usize,
-) -> Option<ReactionAction> {
-    if let Some(users) = message.reactions.get_mut(emoji) {
-        if let Some(at) = users.iter().position(|u| u == user_id) {
+    user: Uuid,
+    limits: ReactionLimits,
+) -> Result<ReactionAction, ReactionRefused> {
+    let entries = &mut message.reactions.0;
+    if let Some(slot) = entries.iter().position(|(e, _)| e == emoji) {
+        let Some((_, users)) = entries.get_mut(slot) else {
+            return Err(ReactionRefused::TooManyEmoji(limits.max_distinct));
+        };
+        if let Some(at) = users.iter().position(|u| *u == user) {
             users.remove(at);
+            users.shrink_to_fit();
             if users.is_empty() {
-                message.reactions.remove(emoji);
+                entries.remove(slot);
+                entries.shrink_to_fit();
             }
-            return Some(ReactionAction::Removed);
+            return Ok(ReactionAction::Removed);
         }
-        users.push(user_id.to_owned());
-        return Some(ReactionAction::Added);
+        if users.len() >= limits.max_users_per_emoji {
+            return Err(ReactionRefused::TooManyUsers(limits.max_users_per_emoji));
+        }
+        users.reserve_exact(1);
+        users.push(user);
+        return Ok(ReactionAction::Added);
     }
-    if message.reactions.len() >= max_distinct {
-        return None;
+    if entries.len() >= limits.max_distinct {
+        return Err(ReactionRefused::TooManyEmoji(limits.max_distinct));
     }
-    message
-        .reactions
-        .insert(emoji.to_owned(), vec![user_id.to_owned()]);
-    Some(ReactionAction::Added)
+    if limits.max_users_per_emoji == 0 {
+        return Err(ReactionRefused::TooManyUsers(0));
+    }
+    entries.reserve_exact(1);
+    entries.push((emoji.to_owned(), vec![user]));
+    Ok(ReactionAction::Added)
 }
 
 #[cfg(test)]
@@ -144,7 +250,7 @@ mod tests {
             author_id: "a".into(),
             author_name: "Anonymous".into(),
             created_at: 0,
-            reactions: BTreeMap::new(),
+            reactions: Reactions::default(),
         }
     }
 
@@ -175,40 +281,97 @@ mod tests {
         }
     }
 
+    const ROOMY: ReactionLimits = ReactionLimits {
+        max_distinct: 8,
+        max_users_per_emoji: 8,
+    };
+
+    fn user(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
     #[test]
     fn toggling_twice_removes_the_emoji_entirely() {
         let mut m = message();
         assert_eq!(
-            toggle_reaction(&mut m, "👍", "u1", 8),
-            Some(ReactionAction::Added)
+            toggle_reaction(&mut m, "👍", user(1), ROOMY),
+            Ok(ReactionAction::Added)
         );
         assert_eq!(
-            toggle_reaction(&mut m, "👍", "u2", 8),
-            Some(ReactionAction::Added)
+            toggle_reaction(&mut m, "👍", user(2), ROOMY),
+            Ok(ReactionAction::Added)
         );
-        assert_eq!(m.reactions["👍"], ["u1", "u2"]);
+        assert_eq!(m.reactions.get("👍"), Some(&[user(1), user(2)][..]));
         assert_eq!(
-            toggle_reaction(&mut m, "👍", "u1", 8),
-            Some(ReactionAction::Removed)
+            toggle_reaction(&mut m, "👍", user(1), ROOMY),
+            Ok(ReactionAction::Removed)
         );
         assert_eq!(
-            toggle_reaction(&mut m, "👍", "u2", 8),
-            Some(ReactionAction::Removed)
+            toggle_reaction(&mut m, "👍", user(2), ROOMY),
+            Ok(ReactionAction::Removed)
         );
         assert!(m.reactions.is_empty());
     }
 
     #[test]
-    fn distinct_emoji_are_bounded() {
+    fn distinct_emoji_and_users_per_emoji_are_bounded() {
+        let limits = ReactionLimits {
+            max_distinct: 1,
+            max_users_per_emoji: 2,
+        };
         let mut m = message();
-        assert!(toggle_reaction(&mut m, "a", "u", 1).is_some());
-        assert!(toggle_reaction(&mut m, "b", "u", 1).is_none());
-        assert!(toggle_reaction(&mut m, "a", "v", 1).is_some());
+        assert!(toggle_reaction(&mut m, "a", user(1), limits).is_ok());
+        assert_eq!(
+            toggle_reaction(&mut m, "b", user(1), limits),
+            Err(ReactionRefused::TooManyEmoji(1))
+        );
+        assert!(toggle_reaction(&mut m, "a", user(2), limits).is_ok());
+        assert_eq!(
+            toggle_reaction(&mut m, "a", user(3), limits),
+            Err(ReactionRefused::TooManyUsers(2))
+        );
+        // Removing is never refused.
+        assert_eq!(
+            toggle_reaction(&mut m, "a", user(1), limits),
+            Ok(ReactionAction::Removed)
+        );
+        assert_eq!(m.reactions.total(), 1);
+    }
+
+    #[test]
+    fn a_second_identical_toggle_undoes_an_addition_exactly() {
+        let mut m = message();
+        toggle_reaction(&mut m, "a", user(1), ROOMY).unwrap();
+        toggle_reaction(&mut m, "b", user(1), ROOMY).unwrap();
+        let before = m.clone();
+        let encoded = message_frame(&m).unwrap();
+        for (emoji, who) in [("a", user(2)), ("c", user(2))] {
+            toggle_reaction(&mut m, emoji, who, ROOMY).unwrap();
+            toggle_reaction(&mut m, emoji, who, ROOMY).unwrap();
+            assert_eq!(m, before);
+            assert_eq!(message_frame(&m).unwrap().as_str(), encoded.as_str());
+        }
+    }
+
+    #[test]
+    fn lists_hold_no_spare_capacity() {
+        let mut m = message();
+        for n in 0..5 {
+            toggle_reaction(&mut m, "a", user(n), ROOMY).unwrap();
+            toggle_reaction(&mut m, &format!("e{n}"), user(n), ROOMY).unwrap();
+        }
+        toggle_reaction(&mut m, "a", user(0), ROOMY).unwrap();
+        let exact = 6 * std::mem::size_of::<(String, Vec<Uuid>)>()
+            + 1
+            + 4 * 16
+            + 5 * (2 + 16)
+            + 6 * 2 * ALLOCATION_OVERHEAD;
+        assert_eq!(m.reactions.heap_bytes(), exact);
     }
 
     #[test]
     fn frames_have_the_spec_shape() {
-        let frame = reaction_frame(&message(), "👍", "u", ReactionAction::Added).unwrap();
+        let frame = reaction_frame(&message(), "👍", user(1), ReactionAction::Added).unwrap();
         let value: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
         assert_eq!(value["type"], "reaction_updated");
         assert_eq!(value["data"]["action"], "added");
