@@ -2,8 +2,17 @@
 //! operations applied most recently, against which late operations are transformed. Sans-IO.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
+use switchboard_core::MemoryBudget;
+
+use crate::budget::Charge;
 use crate::ot::{Operation, OtError, transform};
+
+/// Spare capacity a document's text may keep after an edit before it is shrunk: small enough to
+/// leave out of the worst-case formula's precision, large enough that typing does not reallocate
+/// the whole text on every keystroke.
+pub const TEXT_SLACK_BYTES: usize = 4096;
 
 /// Limits of one [`Document`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,8 +21,9 @@ pub struct DocumentLimits {
     pub max_bytes: usize,
     /// Operations kept for transforming late edits (0 accepts only edits on the latest version).
     pub max_log_ops: usize,
-    /// Approximate bytes the operation log may hold; the oldest entries go first. The newest
-    /// entry is always kept when `max_log_ops > 0`.
+    /// Bytes the operation log may hold (as [`Operation::weight`] counts them); the oldest
+    /// entries go first, and an operation heavier than this on its own is refused. A hard bound:
+    /// it holds for the newest entry too.
     pub max_log_bytes: usize,
 }
 
@@ -42,12 +52,13 @@ pub enum EditError {
         /// The server's version.
         current: u64,
     },
-    /// The operation does not fit the document it claims to be based on.
+    /// The operation does not fit the document it claims to be based on (this includes
+    /// operations whose counts add up past the largest integer).
     #[error(
         "the operation spans {spans} characters but the document at version {base} has {length}"
     )]
     TooLong {
-        /// Characters the operation retains or deletes.
+        /// Characters the operation retains or deletes (saturated at `usize::MAX`).
         spans: usize,
         /// The document's length at `base`.
         length: usize,
@@ -62,6 +73,27 @@ pub enum EditError {
         /// The limit.
         limit: usize,
     },
+    /// The operation alone is heavier than the whole operation log may be.
+    #[error(
+        "the operation takes {bytes} bytes, over the operation log's limit of {limit} bytes; send it as smaller edits"
+    )]
+    OperationTooLarge {
+        /// The operation's weight.
+        bytes: usize,
+        /// The log's byte limit.
+        limit: usize,
+    },
+    /// The server's memory budget for session state is used up; the document cannot grow.
+    #[error(
+        "the server's memory for sessions is full ({limit} bytes); the document cannot grow now"
+    )]
+    OutOfMemory {
+        /// The budget's limit in bytes.
+        limit: usize,
+    },
+    /// The version counter is exhausted (2^64 edits; never expected).
+    #[error("the document's version counter is exhausted")]
+    VersionExhausted,
     /// An internal inconsistency (never expected): reported instead of panicking.
     #[error("the operation could not be applied: {0}")]
     Ot(#[from] OtError),
@@ -76,21 +108,61 @@ pub struct Applied {
     pub version: u64,
 }
 
+#[derive(Debug, Clone)]
+struct LogEntry {
+    op: Operation,
+    weight: usize,
+}
+
 /// One document with its version and operation log.
+///
+/// Its text (capacity) and log are charged to a [`MemoryBudget`] while it lives: at most
+/// `max_bytes + TEXT_SLACK_BYTES + max_log_bytes`.
 #[derive(Debug, Clone)]
 pub struct Document {
     text: String,
     chars: usize,
     version: u64,
     /// `log[i]` took the document from version `version - log.len() + i` to the next one.
-    log: VecDeque<Operation>,
+    log: VecDeque<LogEntry>,
     log_bytes: usize,
     limits: DocumentLimits,
+    charge: Charge,
+}
+
+/// Shrinks `text` when it keeps more spare capacity than [`TEXT_SLACK_BYTES`].
+fn tighten(text: &mut String) {
+    if text.capacity().saturating_sub(text.len()) > TEXT_SLACK_BYTES {
+        text.shrink_to_fit();
+    }
 }
 
 impl Document {
-    /// A document at version 0. The caller checks `text` against the size limit.
+    /// A document at version 0, charged to a budget of its own that never refuses. The caller
+    /// checks `text` against the size limit.
     pub fn new(text: String, limits: DocumentLimits) -> Self {
+        let mut text = text;
+        tighten(&mut text);
+        let charge = Charge::forced(&Arc::new(MemoryBudget::unlimited()), text.capacity());
+        Self::build(text, limits, charge)
+    }
+
+    /// A document at version 0 whose text and log are charged to `budget`; refused with
+    /// [`EditError::OutOfMemory`] when the text does not fit. The caller checks `text` against
+    /// the size limit.
+    pub fn with_budget(
+        text: String,
+        limits: DocumentLimits,
+        budget: &Arc<MemoryBudget>,
+    ) -> Result<Self, EditError> {
+        let mut text = text;
+        tighten(&mut text);
+        let charge = Charge::try_new(budget, text.capacity())
+            .map_err(|e| EditError::OutOfMemory { limit: e.limit })?;
+        Ok(Self::build(text, limits, charge))
+    }
+
+    fn build(text: String, limits: DocumentLimits, charge: Charge) -> Self {
         Self {
             chars: text.chars().count(),
             text,
@@ -98,6 +170,7 @@ impl Document {
             log: VecDeque::new(),
             log_bytes: 0,
             limits,
+            charge,
         }
     }
 
@@ -113,7 +186,18 @@ impl Document {
 
     /// The oldest version an edit may be based on.
     pub fn oldest_version(&self) -> u64 {
-        self.version - self.log.len() as u64
+        self.version
+            .saturating_sub(u64::try_from(self.log.len()).unwrap_or(u64::MAX))
+    }
+
+    /// Bytes of the operation log now (at most `max_log_bytes`).
+    pub fn log_bytes(&self) -> usize {
+        self.log_bytes
+    }
+
+    /// Bytes this document has charged to its budget: text capacity plus operation log.
+    pub fn charged_bytes(&self) -> usize {
+        self.charge.bytes()
     }
 
     /// Applies `op`, made on version `base`, transforming it against every operation applied
@@ -124,28 +208,29 @@ impl Document {
             return Err(EditError::FutureVersion { base, current });
         }
         let oldest = self.oldest_version();
-        if base < oldest {
+        let Some(skip) = base.checked_sub(oldest) else {
             return Err(EditError::StaleVersion {
                 base,
                 oldest,
                 current,
             });
-        }
+        };
         // Lossless: base lies within [oldest, current] and the log length fits in memory.
-        let skip = usize::try_from(base - oldest).unwrap_or(usize::MAX);
-        let length = self.log.get(skip).map_or(self.chars, Operation::base_len);
-        let mut op = op;
-        if op.base_len() > length {
+        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+        let length = self
+            .log
+            .get(skip)
+            .map_or(self.chars, |entry| entry.op.base_len());
+        let Some(pad) = length.checked_sub(op.base_len()) else {
             return Err(EditError::TooLong {
                 spans: op.base_len(),
                 length,
                 base,
             });
-        }
-        let pad = length - op.base_len();
-        op = op.retain(pad);
+        };
+        let mut op = op.retain(pad);
         for applied in self.log.iter().skip(skip) {
-            op = transform(&op, applied)?.0;
+            op = transform(&op, &applied.op)?.0;
         }
         self.commit(op)
     }
@@ -166,36 +251,84 @@ impl Document {
         Ok(())
     }
 
+    /// Applies `op` to the latest text, logs it and settles the budget; nothing changes on error.
+    ///
+    /// Budget policy: if the text and the log with this operation do not fit, the operation is
+    /// applied with the session's log emptied (edits based on older versions will then resync);
+    /// if even the text alone does not fit, the edit is refused.
     fn commit(&mut self, op: Operation) -> Result<Applied, EditError> {
-        let text = op.apply(&self.text)?;
+        let mut text = op.apply(&self.text)?;
         self.check_size(text.len())?;
-        self.text = text;
-        self.chars = op.target_len();
-        self.version += 1;
-        self.log_bytes += op.weight();
-        self.log.push_back(op.clone());
-        self.trim_log();
-        Ok(Applied {
-            op,
-            version: self.version,
-        })
-    }
-
-    fn trim_log(&mut self) {
-        while self.log.len() > self.limits.max_log_ops
-            || (self.log.len() > 1 && self.log_bytes > self.limits.max_log_bytes)
-        {
-            match self.log.pop_front() {
-                Some(old) => self.log_bytes = self.log_bytes.saturating_sub(old.weight()),
-                None => break,
-            }
+        tighten(&mut text);
+        let version = self
+            .version
+            .checked_add(1)
+            .ok_or(EditError::VersionExhausted)?;
+        let mut logged = op.clone();
+        logged.shrink_to_fit();
+        let weight = logged.weight();
+        let keep = self.limits.max_log_ops > 0;
+        if keep && weight > self.limits.max_log_bytes {
+            return Err(EditError::OperationTooLarge {
+                bytes: weight,
+                limit: self.limits.max_log_bytes,
+            });
         }
+        // Plan which old entries go so that the new one fits both log limits.
+        let mut drop_count = 0usize;
+        let mut kept_bytes = self.log_bytes;
+        if keep {
+            let mut kept_ops = self.log.len();
+            for entry in &self.log {
+                let fits_ops = kept_ops < self.limits.max_log_ops;
+                let fits_bytes = kept_bytes.saturating_add(weight) <= self.limits.max_log_bytes;
+                if fits_ops && fits_bytes {
+                    break;
+                }
+                kept_bytes = kept_bytes.saturating_sub(entry.weight);
+                kept_ops = kept_ops.saturating_sub(1);
+                drop_count = drop_count.saturating_add(1);
+            }
+        } else {
+            drop_count = self.log.len();
+            kept_bytes = 0;
+        }
+        let new_log_bytes = if keep {
+            kept_bytes.saturating_add(weight)
+        } else {
+            0
+        };
+        let with_log = text.capacity().saturating_add(new_log_bytes);
+        let log_kept = match self.charge.try_resize(with_log) {
+            Ok(()) => true,
+            Err(_) => {
+                self.charge
+                    .try_resize(text.capacity())
+                    .map_err(|e| EditError::OutOfMemory { limit: e.limit })?;
+                false
+            }
+        };
+        if log_kept {
+            self.log.drain(..drop_count.min(self.log.len()));
+            if keep {
+                self.log.push_back(LogEntry { op: logged, weight });
+            }
+            self.log_bytes = new_log_bytes;
+        } else {
+            self.log.clear();
+            self.log_bytes = 0;
+        }
+        self.chars = op.target_len();
+        self.text = text;
+        self.version = version;
+        Ok(Applied { op, version })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ot::Component;
 
     fn limits() -> DocumentLimits {
         DocumentLimits {
@@ -285,28 +418,109 @@ mod tests {
     }
 
     #[test]
-    fn the_log_is_bounded_by_bytes_but_keeps_the_newest_entry() {
+    fn the_log_byte_limit_holds_for_the_newest_entry_too() {
+        let op_bytes = Operation::new().insert("abc").weight();
         let mut doc = Document::new(
             String::new(),
             DocumentLimits {
                 max_bytes: 1000,
                 max_log_ops: 10,
-                max_log_bytes: 1,
+                max_log_bytes: op_bytes + 10,
             },
         );
         doc.replace("abc").unwrap();
+        assert!(doc.log_bytes() <= op_bytes + 10);
+        // The next entry pushes the first one out.
         doc.replace("abcd").unwrap();
         assert_eq!(doc.oldest_version(), 1);
-        let zero = Document::new(
+        assert!(doc.log_bytes() <= op_bytes + 10);
+        // An entry heavier than the whole log is refused and changes nothing.
+        let heavy = doc.replace(&"x".repeat(200));
+        assert!(
+            matches!(heavy, Err(EditError::OperationTooLarge { limit, .. }) if limit == op_bytes + 10),
+            "{heavy:?}"
+        );
+        assert_eq!((doc.text(), doc.version()), ("abcd", 2));
+
+        let mut zero = Document::new(
             String::new(),
             DocumentLimits {
                 max_log_ops: 0,
                 ..limits()
             },
         );
-        let mut zero = zero;
         zero.replace("x").unwrap();
         assert_eq!(zero.oldest_version(), 1);
+        assert_eq!(zero.log_bytes(), 0);
         assert!(zero.apply_operation(0, Operation::new()).is_err());
+    }
+
+    #[test]
+    fn overflowing_counts_are_refused_and_change_nothing() {
+        let mut doc = Document::new("hello world".into(), limits());
+        // [-2^63, 2^63 + 11]: the counts wrap to 11 with unchecked addition.
+        let op: Operation =
+            serde_json::from_str(&format!("[{}, {}]", i64::MIN, (1u64 << 63) + 11)).unwrap();
+        assert_eq!(op.base_len(), usize::MAX);
+        assert!(matches!(
+            doc.apply_operation(0, op),
+            Err(EditError::TooLong {
+                spans: usize::MAX,
+                length: 11,
+                base: 0
+            })
+        ));
+        for extreme in [
+            vec![Component::Retain(usize::MAX), Component::Retain(usize::MAX)],
+            vec![Component::Delete(usize::MAX), Component::Insert("x".into())],
+            vec![Component::Retain(5), Component::Delete(usize::MAX - 2)],
+            vec![
+                Component::Delete(usize::MAX / 2 + 1),
+                Component::Delete(usize::MAX / 2 + 1),
+            ],
+        ] {
+            let op = Operation::from_components(extreme);
+            assert!(doc.apply_operation(0, op).is_err());
+        }
+        assert_eq!((doc.text(), doc.version()), ("hello world", 0));
+    }
+
+    #[test]
+    fn a_full_budget_empties_the_log_then_refuses_growth() {
+        let budget = Arc::new(MemoryBudget::new(300));
+        let limits = DocumentLimits {
+            max_bytes: 1000,
+            ..limits()
+        };
+        let mut doc = Document::with_budget("ab".into(), limits, &budget).unwrap();
+        assert_eq!(budget.used(), doc.charged_bytes());
+        // Text and log fit at first.
+        doc.replace("abc").unwrap();
+        assert_eq!(doc.oldest_version(), 0);
+        // Grow until the log no longer fits: the edit still lands, with the log emptied.
+        let mut text = "abc".to_owned();
+        let mut emptied = false;
+        for _ in 0..40 {
+            text.push('d');
+            match doc.replace(&text) {
+                Ok(applied) => {
+                    if doc.oldest_version() == applied.version {
+                        emptied = true;
+                        break;
+                    }
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+        assert!(emptied, "the log was never dropped for the budget");
+        assert!(budget.used() <= 300);
+        // Text that does not fit at all is refused.
+        assert!(matches!(
+            doc.replace(&"z".repeat(400)),
+            Err(EditError::OutOfMemory { limit: 300 })
+        ));
+        assert!(budget.used() <= 300);
+        drop(doc);
+        assert_eq!(budget.used(), 0);
     }
 }

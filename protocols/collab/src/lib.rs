@@ -24,6 +24,7 @@
 //! # let _ = app; Ok(()) }
 //! ```
 
+mod budget;
 mod client;
 mod document;
 mod messages;
@@ -38,21 +39,24 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, CloseReason, Frame, Handshake, HttpRequest, HttpResponse, LocalBroadcaster,
-    LocalPresence, Peer, Presence, Protocol, Reject,
+    Broadcaster, ClientKey, CloseReason, Frame, Handshake, HttpRequest, HttpResponse,
+    LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, Reject,
 };
 use tracing::debug;
 
 pub use client::{ClientDocument, OutgoingEdit};
-pub use document::{Applied, Document, DocumentLimits, EditError};
+pub use document::{Applied, Document, DocumentLimits, EditError, TEXT_SLACK_BYTES};
 pub use messages::{
-    Change, ClientMessage, INVALID_TYPE, Join, MAX_CURSOR_BYTES, MAX_LANGUAGE_CHARS,
+    Change, ClientMessage, ExecuteCode, INVALID_TYPE, Join, MAX_CURSOR_BYTES, MAX_LANGUAGE_CHARS,
     MAX_USER_ID_CHARS, MAX_USERNAME_CHARS, ParseError, Participant, parse,
 };
-pub use sessions::{MAX_SESSION_ID_LEN, is_valid_session_id};
+pub use sessions::{
+    MAX_SESSION_ID_LEN, PARTICIPANT_BYTES, SESSION_OVERHEAD_BYTES, is_valid_session_id,
+};
 
+use budget::RateBucket;
 use messages::{CodeUpdate, SessionState, error_frame, frame};
-use sessions::{Registry, Session};
+use sessions::{CreateError, CreationLimits, Registry, Session, Ttls};
 
 /// JSON escaping can turn one byte of text into six (`\u0001`); frames are sized for that.
 const JSON_ESCAPE_FACTOR: usize = 6;
@@ -68,13 +72,34 @@ pub struct Config {
     pub max_participants: usize,
     /// Sessions in total; creating more (REST or first connect) is refused with 503.
     pub max_sessions: usize,
-    /// A session with no open socket is removed after this long.
+    /// Live sessions one client (a [`ClientKey`]: IPv4 address or IPv6 /64) may have created;
+    /// more are refused with 429 (REST and upgrade). 0 means unlimited.
+    pub max_sessions_per_client: usize,
+    /// Sessions one client may create at once (token bucket burst); 0 disables the rate limit.
+    pub session_create_burst: u32,
+    /// Session creations a client regains per second.
+    pub session_create_per_second: u32,
+    /// A session someone joined is removed after having no open socket for this long.
     pub idle_ttl: Duration,
+    /// A session nobody ever joined is removed after having no open socket for this long (or
+    /// `idle_ttl` if that is shorter), so an abandoned flood of created sessions frees itself
+    /// quickly.
+    pub unjoined_ttl: Duration,
     /// Recent operations kept per session to transform late edits against. An edit based on an
     /// older version is refused and the client resyncs.
     pub max_op_log: usize,
-    /// Approximate bytes the per-session operation log may hold (the newest entry always stays).
+    /// Bytes the per-session operation log may hold ([`ot::Operation::weight`]); a hard bound,
+    /// also for the newest entry: an operation heavier than this is refused.
     pub max_op_log_bytes: usize,
+    /// Frames that fan out (`code-change`, `cursor-move`, `language-change`, `execute-code`,
+    /// `execution-result`) one connection may send at once; 0 disables the limit.
+    pub relay_burst: u32,
+    /// Such frames a connection regains per second.
+    pub relay_per_second: u32,
+    /// Bytes all sessions together may hold (documents, operation logs, participants and fixed
+    /// per-session overhead). When reached, new sessions, joins of new users and growing edits
+    /// are refused with the protocol's error; existing state is kept.
+    pub max_state_bytes: usize,
     /// Language of a session created without one.
     pub default_language: String,
 }
@@ -85,9 +110,16 @@ impl Default for Config {
             max_document_bytes: 1024 * 1024,
             max_participants: 50,
             max_sessions: 10_000,
+            max_sessions_per_client: 100,
+            session_create_burst: 20,
+            session_create_per_second: 1,
             idle_ttl: Duration::from_secs(3600),
+            unjoined_ttl: Duration::from_secs(300),
             max_op_log: 1000,
             max_op_log_bytes: 2 * 1024 * 1024,
+            relay_burst: 100,
+            relay_per_second: 50,
+            max_state_bytes: 256 * 1024 * 1024,
             default_language: "javascript".to_owned(),
         }
     }
@@ -110,6 +142,27 @@ impl Config {
         self.max_document_bytes
             .saturating_mul(2 * JSON_ESCAPE_FACTOR)
             .saturating_add(FRAME_OVERHEAD)
+    }
+
+    /// The most bytes one session can have charged to the state budget:
+    /// `SESSION_OVERHEAD_BYTES + max_document_bytes + TEXT_SLACK_BYTES + max_op_log_bytes
+    /// + max_participants × PARTICIPANT_BYTES` (see "Limits and worst-case memory" in
+    /// `docs/protocols/collab.md`).
+    pub fn worst_case_session_bytes(&self) -> usize {
+        SESSION_OVERHEAD_BYTES
+            .saturating_add(self.max_document_bytes)
+            .saturating_add(TEXT_SLACK_BYTES)
+            .saturating_add(self.max_op_log_bytes)
+            .saturating_add(self.max_participants.saturating_mul(PARTICIPANT_BYTES))
+    }
+
+    /// The most bytes all session state can have charged: the smaller of `max_state_bytes` and
+    /// `max_sessions × worst_case_session_bytes()`.
+    pub fn worst_case_state_bytes(&self) -> usize {
+        self.max_state_bytes.min(
+            self.max_sessions
+                .saturating_mul(self.worst_case_session_bytes()),
+        )
     }
 
     fn document_limits(&self) -> DocumentLimits {
@@ -156,8 +209,18 @@ impl Collab {
     ) -> Self {
         let sessions = Registry::new(
             config.max_sessions,
-            config.idle_ttl,
+            Ttls {
+                idle: config.idle_ttl,
+                // Never longer than the TTL of a session someone joined.
+                unjoined: config.unjoined_ttl.min(config.idle_ttl),
+            },
             config.document_limits(),
+            Arc::new(MemoryBudget::new(config.max_state_bytes)),
+            CreationLimits {
+                per_client: config.max_sessions_per_client,
+                burst: config.session_create_burst,
+                per_second: config.session_create_per_second,
+            },
             Instant::now(),
         );
         Self {
@@ -177,6 +240,22 @@ impl Collab {
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
+
+    /// Bytes of session state charged to the server-wide budget now (never above
+    /// [`Config::max_state_bytes`] nor [`Config::worst_case_state_bytes`]).
+    pub fn state_bytes(&self) -> usize {
+        self.sessions.budget().used()
+    }
+
+    /// The server-wide budget session state is charged to.
+    pub fn budget(&self) -> &MemoryBudget {
+        self.sessions.budget()
+    }
+
+    /// Live sessions the client at `ip` has created (its share of [`Config::max_sessions_per_client`]).
+    pub fn sessions_created_by(&self, ip: std::net::IpAddr) -> usize {
+        self.sessions.created_by(ClientKey::from_ip(ip))
+    }
 }
 
 /// Who a joined connection is.
@@ -191,6 +270,10 @@ pub struct CollabConn {
     session_id: String,
     session: Option<Arc<Session>>,
     user: Option<Identity>,
+    /// Who is connecting, for the per-client share of session creation.
+    client: ClientKey,
+    /// This connection's allowance of frames that fan out to the session.
+    relays: RateBucket,
 }
 
 /// The session id of a WebSocket path `/ws/<sessionId>`.
@@ -219,13 +302,23 @@ impl Protocol for Collab {
 
     fn admit(&self, handshake: &Handshake<'_>) -> Result<CollabConn, Reject> {
         let id = session_id_from_path(handshake.path)?;
+        let client = ClientKey::from_ip(handshake.client_ip);
+        let now = Instant::now();
         self.sessions
-            .get_or_create(id, &self.config.default_language, Instant::now())
-            .map_err(|full| Reject::Unavailable(full.to_string()))?;
+            .get_or_create(id, &self.config.default_language, client, now)
+            .map_err(|refused| {
+                if refused.is_per_client() {
+                    Reject::TooMany(refused.to_string())
+                } else {
+                    Reject::Unavailable(refused.to_string())
+                }
+            })?;
         Ok(CollabConn {
             session_id: id.to_owned(),
             session: None,
             user: None,
+            client,
+            relays: RateBucket::new(self.config.relay_burst, now),
         })
     }
 
@@ -233,16 +326,17 @@ impl Protocol for Collab {
         match self.sessions.attach(
             &conn.session_id,
             &self.config.default_language,
+            conn.client,
             Instant::now(),
         ) {
             Ok(session) => conn.session = Some(session),
-            Err(full) => {
-                // Only when the session idled out between admission and open and the registry
-                // filled up meanwhile.
-                let _ = peer.send(error_frame(&full.to_string()));
+            Err(refused) => {
+                // Only when the session idled out between admission and open and could not be
+                // created again (a limit was reached meanwhile).
+                let _ = peer.send(error_frame(&refused.to_string()));
                 peer.close(CloseReason::new(
                     CloseReason::POLICY,
-                    "session limit reached",
+                    "session could not be created",
                 ));
             }
         }
@@ -304,6 +398,25 @@ impl Collab {
             )));
             return;
         };
+        let fans_out = !matches!(message, ClientMessage::Join(_) | ClientMessage::Leave);
+        if fans_out
+            && !conn.relays.check_at(
+                self.config.relay_burst,
+                self.config.relay_per_second,
+                Instant::now(),
+            )
+        {
+            let kind = kind_of(&message);
+            let _ = peer.send(error_frame(&format!(
+                "{kind} refused: rate limit of {} frames a second (burst {}) reached; slow down",
+                self.config.relay_per_second, self.config.relay_burst
+            )));
+            if matches!(message, ClientMessage::CodeChange(_)) {
+                let state = lock(&session.state);
+                let _ = peer.send(self.state_frame(&session, &state));
+            }
+            return;
+        }
         match message {
             ClientMessage::Join(_) => {}
             ClientMessage::Leave => {
@@ -328,15 +441,39 @@ impl Collab {
                 state.language = language;
                 self.broadcaster.publish(&session.topic, &updated, None);
             }
-            ClientMessage::ExecuteCode(mut payload) => {
-                {
-                    let state = lock(&session.state);
-                    fill_default(&mut payload, "language", &state.language);
-                    fill_default(&mut payload, "code", state.doc.text());
+            ClientMessage::ExecuteCode(request) => {
+                let mut payload = Map::new();
+                let language = match request.language {
+                    Some(language) => language,
+                    None => lock(&session.state).language.clone(),
+                };
+                payload.insert("language".to_owned(), Value::String(language));
+                if let Some(code) = request.code {
+                    if code.len() > self.config.max_document_bytes {
+                        let _ = peer.send(error_frame(&format!(
+                            "Invalid execute-code payload: \"code\" is {} bytes, over the document limit of {} bytes",
+                            code.len(),
+                            self.config.max_document_bytes
+                        )));
+                        return;
+                    }
+                    payload.insert("code".to_owned(), Value::String(code));
                 }
                 self.relay(&session, &user, peer, "execute-code", payload);
             }
             ClientMessage::ExecutionResult(payload) => {
+                let bytes = ["output", "error"]
+                    .iter()
+                    .filter_map(|field| payload.get(*field).and_then(Value::as_str))
+                    .map(str::len)
+                    .fold(0usize, usize::saturating_add);
+                if bytes > self.config.max_document_bytes {
+                    let _ = peer.send(error_frame(&format!(
+                        "Invalid execution-result payload: \"output\" and \"error\" are {bytes} bytes, over the limit of {} bytes",
+                        self.config.max_document_bytes
+                    )));
+                    return;
+                }
                 self.relay(&session, &user, peer, "execution-result", payload);
             }
         }
@@ -359,7 +496,17 @@ impl Collab {
             )));
             return;
         }
+        // A new participant is charged before anything is stored for them.
+        let new_name = !state.usernames.contains_key(&join.user_id);
+        if new_name && state.charge.try_grow(PARTICIPANT_BYTES).is_err() {
+            let _ = peer.send(error_frame(&format!(
+                "the server's memory for sessions is full ({} bytes); cannot join now, try again later",
+                self.config.max_state_bytes
+            )));
+            return;
+        }
         let first = self.presence.join(&session.id, &join.user_id, peer.id());
+        state.joined_once = true;
         let username = state
             .usernames
             .entry(join.user_id.clone())
@@ -389,7 +536,9 @@ impl Collab {
         let mut state = lock(&session.state);
         self.broadcaster.unsubscribe(&session.topic, peer.id());
         if self.presence.leave(&session.id, &user.user_id, peer.id()) {
-            state.usernames.remove(&user.user_id);
+            if state.usernames.remove(&user.user_id).is_some() {
+                state.charge.shrink(PARTICIPANT_BYTES);
+            }
             let left = frame("participant-left", &json!({ "userId": user.user_id }));
             self.broadcaster.publish(&session.topic, &left, None);
         }
@@ -473,7 +622,7 @@ impl Collab {
         let path = request.path.strip_suffix('/').unwrap_or(&request.path);
         if path == "/api/sessions" {
             return Some(match request.method.as_str() {
-                "POST" => self.create_session(&request.body),
+                "POST" => self.create_session(&request.body, ClientKey::from_ip(request.client_ip)),
                 _ => HttpResponse::json_error(405, "use POST to create a session"),
             });
         }
@@ -487,7 +636,7 @@ impl Collab {
         })
     }
 
-    fn create_session(&self, body: &[u8]) -> HttpResponse {
+    fn create_session(&self, body: &[u8], client: ClientKey) -> HttpResponse {
         #[derive(Deserialize, Default)]
         #[serde(deny_unknown_fields)]
         struct NewSession {
@@ -531,9 +680,12 @@ impl Collab {
                 ),
             );
         }
-        match self.sessions.create(code, language, Instant::now()) {
+        match self.sessions.create(code, language, client, Instant::now()) {
             Ok(session) => HttpResponse::json(201, &json!({ "sessionId": session.id })),
-            Err(full) => HttpResponse::json_error(503, &full.to_string()),
+            Err(refused @ CreateError::TooMany(_) | refused @ CreateError::TooFast { .. }) => {
+                HttpResponse::json_error(429, &refused.to_string())
+            }
+            Err(refused) => HttpResponse::json_error(503, &refused.to_string()),
         }
     }
 
@@ -552,12 +704,6 @@ impl Collab {
                 "participants": self.participants(&session, &state),
             }),
         )
-    }
-}
-
-fn fill_default(payload: &mut Map<String, Value>, field: &str, value: &str) {
-    if matches!(payload.get(field), None | Some(Value::Null)) {
-        payload.insert(field.to_owned(), Value::String(value.to_owned()));
     }
 }
 

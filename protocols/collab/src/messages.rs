@@ -33,10 +33,22 @@ pub enum ClientMessage {
     CursorMove(Value),
     /// `language-change`.
     LanguageChange(String),
-    /// `execute-code`, with the payload to relay.
-    ExecuteCode(Map<String, Value>),
-    /// `execution-result`, with the payload to relay.
+    /// `execute-code`.
+    ExecuteCode(ExecuteCode),
+    /// `execution-result`, with the fields to relay: the spec's `output` and `error` (strings or
+    /// null), plus `language` and `durationMs`, which the demo page shows. Other fields are
+    /// dropped, so a relay carries only what the spec and the page need.
     ExecutionResult(Map<String, Value>),
+}
+
+/// `execute-code`: what to run. Only these two fields are relayed (with the sender's `userId`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecuteCode {
+    /// The language; the session's when missing or null.
+    pub language: Option<String>,
+    /// The code; relayed only when the sender gave it (never filled in from the document, which
+    /// would turn a 30-byte request into a frame as large as the document).
+    pub code: Option<String>,
 }
 
 /// `join-session`.
@@ -120,7 +132,7 @@ pub fn parse(text: &str) -> Result<ClientMessage, ParseError> {
     let Some(kind) = KNOWN_TYPES.iter().copied().find(|k| *k == kind) else {
         return Err(ParseError::new(INVALID_TYPE));
     };
-    let payload = match envelope.remove("payload") {
+    let mut payload = match envelope.remove("payload") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(payload)) => payload,
         Some(_) => return Err(ParseError::payload(kind, "\"payload\" must be an object")),
@@ -162,14 +174,39 @@ pub fn parse(text: &str) -> Result<ClientMessage, ParseError> {
             Ok(ClientMessage::LanguageChange(change.language))
         }
         "execute-code" => {
-            optional_string(kind, &payload, "language")?;
-            optional_string(kind, &payload, "code")?;
-            Ok(ClientMessage::ExecuteCode(payload))
+            let language = optional_string(kind, &mut payload, "language")?;
+            if let Some(language) = &language {
+                check_text(kind, "language", language, MAX_LANGUAGE_CHARS)?;
+            }
+            let code = optional_string(kind, &mut payload, "code")?;
+            Ok(ClientMessage::ExecuteCode(ExecuteCode { language, code }))
         }
         "execution-result" => {
-            optional_string(kind, &payload, "output")?;
-            optional_string(kind, &payload, "error")?;
-            Ok(ClientMessage::ExecutionResult(payload))
+            let mut relayed = Map::new();
+            for field in ["output", "error"] {
+                match payload.remove(field) {
+                    None => {}
+                    Some(value @ (Value::Null | Value::String(_))) => {
+                        relayed.insert(field.to_owned(), value);
+                    }
+                    Some(_) => {
+                        return Err(ParseError::payload(
+                            kind,
+                            format!("\"{field}\" must be a string or null"),
+                        ));
+                    }
+                }
+            }
+            // Extras the demo page shows; anything malformed or oversized is simply dropped.
+            if let Some(Value::String(language)) = payload.remove("language")
+                && check_text(kind, "language", &language, MAX_LANGUAGE_CHARS).is_ok()
+            {
+                relayed.insert("language".to_owned(), Value::String(language));
+            }
+            if let Some(duration @ Value::Number(_)) = payload.remove("durationMs") {
+                relayed.insert("durationMs".to_owned(), duration);
+            }
+            Ok(ClientMessage::ExecutionResult(relayed))
         }
         _ => Err(ParseError::new(INVALID_TYPE)),
     }
@@ -205,11 +242,12 @@ fn check_text(
 
 fn optional_string(
     kind: &'static str,
-    payload: &Map<String, Value>,
+    payload: &mut Map<String, Value>,
     field: &str,
-) -> Result<(), ParseError> {
-    match payload.get(field) {
-        None | Some(Value::Null | Value::String(_)) => Ok(()),
+) -> Result<Option<String>, ParseError> {
+    match payload.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
         Some(_) => Err(ParseError::payload(
             kind,
             format!("\"{field}\" must be a string or null"),

@@ -22,6 +22,12 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
 
+/// Most components an operation may have on the wire. Real edits have a handful (a typed
+/// character is `[n, "x", m]`; a client's buffered edits compose into a few per edited place), so
+/// this only stops an operation made of millions of tiny components, whose memory (32 bytes per
+/// component) would dwarf its text.
+pub const MAX_OP_COMPONENTS: usize = 10_000;
+
 /// One step of an [`Operation`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Component {
@@ -94,16 +100,24 @@ impl Operation {
             .zip(&new_chars)
             .take_while(|(a, b)| a == b)
             .count();
-        let suffix = old_chars[prefix..]
+        let old_rest = old_chars.get(prefix..).unwrap_or_default();
+        let new_rest = new_chars.get(prefix..).unwrap_or_default();
+        let suffix = old_rest
             .iter()
             .rev()
-            .zip(new_chars[prefix..].iter().rev())
+            .zip(new_rest.iter().rev())
             .take_while(|(a, b)| a == b)
             .count();
-        let inserted: String = new_chars[prefix..new_chars.len() - suffix].iter().collect();
+        // prefix + suffix never exceeds either length (the suffix is taken from what follows the
+        // prefix); saturating keeps that an invariant rather than a panic site.
+        let inserted: String = new_rest
+            .get(..new_rest.len().saturating_sub(suffix))
+            .unwrap_or_default()
+            .iter()
+            .collect();
         Self::new()
             .retain(prefix)
-            .delete(old_chars.len() - prefix - suffix)
+            .delete(old_rest.len().saturating_sub(suffix))
             .insert(&inserted)
             .retain(suffix)
     }
@@ -134,35 +148,38 @@ impl Operation {
         match component {
             Component::Retain(0) | Component::Delete(0) => {}
             Component::Insert(text) if text.is_empty() => {}
+            // Lengths saturate instead of wrapping: a saturated length is larger than any real
+            // document, so an operation whose counts add up past usize::MAX can never match a
+            // document (a wrapped one could: [-2^63, 2^63+11] would "fit" 11 characters).
             Component::Retain(n) => {
-                self.base_len += n;
-                self.target_len += n;
+                self.base_len = self.base_len.saturating_add(n);
+                self.target_len = self.target_len.saturating_add(n);
                 if let Some(Component::Retain(last)) = self.components.last_mut() {
-                    *last += n;
+                    *last = last.saturating_add(n);
                 } else {
                     self.components.push(Component::Retain(n));
                 }
             }
             Component::Delete(n) => {
-                self.base_len += n;
+                self.base_len = self.base_len.saturating_add(n);
                 if let Some(Component::Delete(last)) = self.components.last_mut() {
-                    *last += n;
+                    *last = last.saturating_add(n);
                 } else {
                     self.components.push(Component::Delete(n));
                 }
             }
             Component::Insert(text) => {
-                self.target_len += char_len(&text);
+                self.target_len = self.target_len.saturating_add(char_len(&text));
                 let len = self.components.len();
                 // Find where the insert goes: after the last component, or before a trailing
                 // delete (canonical order), merging with an insert already there.
                 let at = if matches!(self.components.last(), Some(Component::Delete(_))) {
-                    len - 1
+                    len.saturating_sub(1)
                 } else {
                     len
                 };
-                if at > 0
-                    && let Some(Component::Insert(previous)) = self.components.get_mut(at - 1)
+                if let Some(before) = at.checked_sub(1)
+                    && let Some(Component::Insert(previous)) = self.components.get_mut(before)
                 {
                     previous.push_str(&text);
                 } else {
@@ -202,12 +219,36 @@ impl Operation {
                 Component::Insert(text) => text.len(),
                 Component::Retain(_) | Component::Delete(_) => 0,
             })
-            .sum()
+            .fold(0, usize::saturating_add)
     }
 
-    /// An approximation of the memory this operation holds, for bounding logs.
+    /// The heap and inline bytes this operation holds: the struct, its component vector's
+    /// capacity and every inserted string's capacity. Used to bound operation logs in bytes, so
+    /// it counts allocations rather than lengths ([`Operation::shrink_to_fit`] makes them equal).
     pub fn weight(&self) -> usize {
-        self.inserted_bytes() + self.components.len() * std::mem::size_of::<Component>()
+        let strings = self
+            .components
+            .iter()
+            .map(|c| match c {
+                Component::Insert(text) => text.capacity(),
+                Component::Retain(_) | Component::Delete(_) => 0,
+            })
+            .fold(0, usize::saturating_add);
+        self.components
+            .capacity()
+            .saturating_mul(std::mem::size_of::<Component>())
+            .saturating_add(strings)
+            .saturating_add(std::mem::size_of::<Self>())
+    }
+
+    /// Drops spare capacity, so that an operation kept in a log holds only what it needs.
+    pub fn shrink_to_fit(&mut self) {
+        for component in &mut self.components {
+            if let Component::Insert(text) = component {
+                text.shrink_to_fit();
+            }
+        }
+        self.components.shrink_to_fit();
     }
 
     /// Applies the operation to `doc`, whose length must be the operation's base length.
@@ -219,7 +260,7 @@ impl Operation {
                 actual,
             });
         }
-        let mut out = String::with_capacity(doc.len() + self.inserted_bytes());
+        let mut out = String::with_capacity(doc.len().saturating_add(self.inserted_bytes()));
         let mut rest = doc;
         for component in &self.components {
             match component {
@@ -317,10 +358,9 @@ fn rest(
     make: fn(usize) -> Component,
     iter: &mut impl Iterator<Item = Component>,
 ) -> Option<Component> {
-    if total > used {
-        Some(make(total - used))
-    } else {
-        iter.next()
+    match total.checked_sub(used) {
+        Some(left) if left > 0 => Some(make(left)),
+        _ => iter.next(),
     }
 }
 
@@ -466,7 +506,16 @@ impl<'de> Deserialize<'de> for Operation {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Operation, A::Error> {
                 let mut op = Operation::new();
+                let mut items = 0usize;
                 while let Some(component) = seq.next_element::<Component>()? {
+                    // Counted on the wire, before merging: the bound holds for what the parser
+                    // has to hold, not only for the canonical result.
+                    items = items.saturating_add(1);
+                    if items > MAX_OP_COMPONENTS {
+                        return Err(de::Error::custom(format!(
+                            "an operation may have at most {MAX_OP_COMPONENTS} components"
+                        )));
+                    }
                     op.push(component);
                 }
                 Ok(op)

@@ -10,11 +10,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use switchboard_core::sync::lock;
+use switchboard_core::{ClientKey, MemoryBudget, ShareRefused, Shares, TokenBuckets};
 
+use crate::budget::Charge;
 use crate::document::{Document, DocumentLimits};
 
 /// Longest session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 64;
+
+/// Bytes charged for a session besides its document: the registry entry, the id and topic
+/// strings, the session and state structs, the language (at most 64 characters) and the
+/// per-client table entries. A deliberate over-estimate (the structs add up to about 600 bytes).
+pub const SESSION_OVERHEAD_BYTES: usize = 1024;
+
+/// Bytes charged per participant (distinct user) of a session: the user id and display name
+/// (at most 128 characters each, so at most 512 bytes each in UTF-8), their map entries here and
+/// in the presence table. An over-estimate, like [`SESSION_OVERHEAD_BYTES`].
+pub const PARTICIPANT_BYTES: usize = 2048;
 
 /// Whether `id` is a well-formed session id: 1 to 64 ASCII letters, digits, `-` or `_`.
 pub fn is_valid_session_id(id: &str) -> bool {
@@ -30,6 +42,8 @@ pub fn is_valid_session_id(id: &str) -> bool {
 pub(crate) struct Session {
     pub(crate) id: String,
     pub(crate) topic: String,
+    /// Who created it: the session counts against this client's share until it is removed.
+    creator: ClientKey,
     pub(crate) state: Mutex<SessionState>,
 }
 
@@ -40,22 +54,79 @@ pub(crate) struct SessionState {
     pub(crate) language: String,
     /// Display names of the users present (first join wins).
     pub(crate) usernames: HashMap<String, String>,
+    /// The session's fixed overhead plus [`PARTICIPANT_BYTES`] per entry of `usernames`.
+    pub(crate) charge: Charge,
+    /// Whether anyone ever joined: a session nobody joined expires after the shorter TTL.
+    pub(crate) joined_once: bool,
     /// Open sockets on this session, joined or not.
     sockets: usize,
     /// When the last socket left (or the session was created).
     empty_since: Instant,
 }
 
+/// The two idle TTLs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ttls {
+    /// For a session someone joined.
+    pub(crate) idle: Duration,
+    /// For a session nobody ever joined.
+    pub(crate) unjoined: Duration,
+}
+
 impl SessionState {
-    fn expired(&self, now: Instant, ttl: Duration) -> bool {
+    fn expired(&self, now: Instant, ttls: Ttls) -> bool {
+        let ttl = if self.joined_once {
+            ttls.idle
+        } else {
+            ttls.unjoined
+        };
         self.sockets == 0 && now.saturating_duration_since(self.empty_since) >= ttl
     }
 }
 
-/// The session limit was reached.
+/// Why a session could not be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("session limit reached ({0} sessions); try again later")]
-pub(crate) struct Full(pub(crate) usize);
+pub(crate) enum CreateError {
+    /// The session limit was reached.
+    #[error("session limit reached ({0} sessions); try again later")]
+    Full(usize),
+    /// This client already holds its share of live sessions.
+    #[error(
+        "too many sessions from your address (at most {0} live sessions per client); join an existing one or try again later"
+    )]
+    TooMany(usize),
+    /// This client creates sessions too fast.
+    #[error(
+        "creating sessions too fast (at most {burst} at once, then {per_second} a second per client); try again later"
+    )]
+    TooFast {
+        /// Creations allowed at once.
+        burst: u32,
+        /// Creations regained per second.
+        per_second: u32,
+    },
+    /// The server's memory budget for session state is used up.
+    #[error("the server's memory for sessions is full ({0} bytes); try again later")]
+    OutOfMemory(usize),
+}
+
+impl CreateError {
+    /// Whether this refusal is the client's own share (429) rather than the server's (503).
+    pub(crate) fn is_per_client(&self) -> bool {
+        matches!(self, Self::TooMany(_) | Self::TooFast { .. })
+    }
+}
+
+/// How fast, and how many, sessions each client may create.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CreationLimits {
+    /// Live sessions per client key (0: unlimited).
+    pub(crate) per_client: usize,
+    /// Creations at once per client key (0: no rate limit).
+    pub(crate) burst: u32,
+    /// Creations regained per second per client key.
+    pub(crate) per_second: u32,
+}
 
 #[derive(Debug)]
 struct Map {
@@ -68,33 +139,58 @@ struct Map {
 pub(crate) struct Registry {
     map: Mutex<Map>,
     max_sessions: usize,
-    idle_ttl: Duration,
+    ttls: Ttls,
     sweep_every: Duration,
     limits: DocumentLimits,
+    budget: Arc<MemoryBudget>,
+    creation: CreationLimits,
+    /// Live sessions per creator.
+    creators: Shares<ClientKey>,
+    /// Creation rate per creator.
+    creation_rate: TokenBuckets<ClientKey>,
 }
 
 impl Registry {
     pub(crate) fn new(
         max_sessions: usize,
-        idle_ttl: Duration,
+        ttls: Ttls,
         limits: DocumentLimits,
+        budget: Arc<MemoryBudget>,
+        creation: CreationLimits,
         now: Instant,
     ) -> Self {
+        // Each key in either table holds (or recently created) at least one session, so the
+        // session limit bounds both tables.
+        let max_keys = max_sessions.max(1);
         Self {
             map: Mutex::new(Map {
                 sessions: HashMap::new(),
                 last_sweep: now,
             }),
             max_sessions,
-            idle_ttl,
-            sweep_every: idle_ttl.min(Duration::from_secs(60)),
+            ttls,
+            sweep_every: ttls.idle.min(ttls.unjoined).min(Duration::from_secs(60)),
             limits,
+            budget,
+            creation,
+            creators: Shares::new(creation.per_client, max_keys),
+            creation_rate: TokenBuckets::new(creation.burst, creation.per_second, max_keys),
         }
     }
 
     /// Sessions currently held (expired ones not yet swept included).
     pub(crate) fn len(&self) -> usize {
         lock(&self.map).sessions.len()
+    }
+
+    /// The shared byte budget every session is charged to.
+    pub(crate) fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.budget
+    }
+
+    /// Live sessions `key` created.
+    pub(crate) fn created_by(&self, key: ClientKey) -> usize {
+        self.creators.held(&key)
     }
 
     /// The live session `id`, if any.
@@ -104,13 +200,14 @@ impl Registry {
         self.live(&mut map, id, now)
     }
 
-    /// Creates a session with a fresh id.
+    /// Creates a session with a fresh id for `creator`.
     pub(crate) fn create(
         &self,
         code: String,
         language: String,
+        creator: ClientKey,
         now: Instant,
-    ) -> Result<Arc<Session>, Full> {
+    ) -> Result<Arc<Session>, CreateError> {
         let mut map = lock(&self.map);
         self.maybe_sweep(&mut map, now);
         let id = loop {
@@ -119,16 +216,17 @@ impl Registry {
                 break id;
             }
         };
-        self.insert(&mut map, id, code, language, now)
+        self.insert(&mut map, id, code, language, creator, now)
     }
 
-    /// The live session `id`, created empty (with `language`) if it does not exist.
+    /// The live session `id`, created empty (with `language`) for `creator` if it does not exist.
     pub(crate) fn get_or_create(
         &self,
         id: &str,
         language: &str,
+        creator: ClientKey,
         now: Instant,
-    ) -> Result<Arc<Session>, Full> {
+    ) -> Result<Arc<Session>, CreateError> {
         let mut map = lock(&self.map);
         self.maybe_sweep(&mut map, now);
         match self.live(&mut map, id, now) {
@@ -138,6 +236,7 @@ impl Registry {
                 id.to_owned(),
                 String::new(),
                 language.to_owned(),
+                creator,
                 now,
             ),
         }
@@ -148,8 +247,9 @@ impl Registry {
         &self,
         id: &str,
         language: &str,
+        creator: ClientKey,
         now: Instant,
-    ) -> Result<Arc<Session>, Full> {
+    ) -> Result<Arc<Session>, CreateError> {
         // Holding the map lock while counting the socket means a sweep cannot remove the session
         // between the lookup and the increment.
         let mut map = lock(&self.map);
@@ -160,10 +260,13 @@ impl Registry {
                 id.to_owned(),
                 String::new(),
                 language.to_owned(),
+                creator,
                 now,
             )?,
         };
-        lock(&session.state).sockets += 1;
+        let mut state = lock(&session.state);
+        state.sockets = state.sockets.saturating_add(1);
+        drop(state);
         Ok(session)
     }
 
@@ -178,8 +281,9 @@ impl Registry {
 
     fn live(&self, map: &mut Map, id: &str, now: Instant) -> Option<Arc<Session>> {
         let session = map.sessions.get(id)?.clone();
-        if lock(&session.state).expired(now, self.idle_ttl) {
+        if lock(&session.state).expired(now, self.ttls) {
             map.sessions.remove(id);
+            self.creators.release(&session.creator);
             tracing::debug!(session = id, "idle session removed");
             return None;
         }
@@ -192,27 +296,66 @@ impl Registry {
         id: String,
         code: String,
         language: String,
+        creator: ClientKey,
         now: Instant,
-    ) -> Result<Arc<Session>, Full> {
+    ) -> Result<Arc<Session>, CreateError> {
         if map.sessions.len() >= self.max_sessions {
             self.sweep(map, now);
             if map.sessions.len() >= self.max_sessions {
-                return Err(Full(self.max_sessions));
+                return Err(CreateError::Full(self.max_sessions));
             }
         }
-        let session = Arc::new(Session {
+        self.creators
+            .try_acquire(&creator)
+            .map_err(|refused| match refused {
+                ShareRefused::PerKey(n) => CreateError::TooMany(n),
+                ShareRefused::TooManyKeys(_) => CreateError::Full(self.max_sessions),
+            })?;
+        match self.build(&id, code, language, creator, now) {
+            Ok(session) => {
+                map.sessions.insert(id, session.clone());
+                Ok(session)
+            }
+            Err(error) => {
+                self.creators.release(&creator);
+                Err(error)
+            }
+        }
+    }
+
+    fn build(
+        &self,
+        id: &str,
+        code: String,
+        language: String,
+        creator: ClientKey,
+        now: Instant,
+    ) -> Result<Arc<Session>, CreateError> {
+        if !self.creation_rate.check_at(&creator, now) {
+            return Err(CreateError::TooFast {
+                burst: self.creation.burst,
+                per_second: self.creation.per_second,
+            });
+        }
+        let out_of_memory = |_| CreateError::OutOfMemory(self.budget.limit());
+        let charge =
+            Charge::try_new(&self.budget, SESSION_OVERHEAD_BYTES).map_err(out_of_memory)?;
+        let doc = Document::with_budget(code, self.limits, &self.budget)
+            .map_err(|_| CreateError::OutOfMemory(self.budget.limit()))?;
+        Ok(Arc::new(Session {
             topic: format!("collab:{id}"),
-            id: id.clone(),
+            id: id.to_owned(),
+            creator,
             state: Mutex::new(SessionState {
-                doc: Document::new(code, self.limits),
+                doc,
                 language,
                 usernames: HashMap::new(),
+                charge,
+                joined_once: false,
                 sockets: 0,
                 empty_since: now,
             }),
-        });
-        map.sessions.insert(id, session.clone());
-        Ok(session)
+        }))
     }
 
     fn maybe_sweep(&self, map: &mut Map, now: Instant) {
@@ -223,11 +366,16 @@ impl Registry {
 
     fn sweep(&self, map: &mut Map, now: Instant) {
         map.last_sweep = now;
-        let ttl = self.idle_ttl;
+        let ttls = self.ttls;
         let before = map.sessions.len();
-        map.sessions
-            .retain(|_, session| !lock(&session.state).expired(now, ttl));
-        let removed = before - map.sessions.len();
+        map.sessions.retain(|_, session| {
+            let expired = lock(&session.state).expired(now, ttls);
+            if expired {
+                self.creators.release(&session.creator);
+            }
+            !expired
+        });
+        let removed = before.saturating_sub(map.sessions.len());
         if removed > 0 {
             tracing::debug!(removed, "idle sessions swept");
         }
@@ -238,14 +386,43 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn registry(max: usize, now: Instant) -> Registry {
+    const KEY: [u8; 4] = [127, 0, 0, 1];
+
+    fn key(ip: [u8; 4]) -> ClientKey {
+        ClientKey::from_ip(ip.into())
+    }
+
+    fn registry_with(
+        max: usize,
+        budget: usize,
+        creation: CreationLimits,
+        now: Instant,
+    ) -> Registry {
         Registry::new(
             max,
-            Duration::from_secs(60),
+            Ttls {
+                idle: Duration::from_secs(60),
+                unjoined: Duration::from_secs(60),
+            },
             DocumentLimits {
                 max_bytes: 100,
                 max_log_ops: 10,
                 max_log_bytes: 1000,
+            },
+            Arc::new(MemoryBudget::new(budget)),
+            creation,
+            now,
+        )
+    }
+
+    fn registry(max: usize, now: Instant) -> Registry {
+        registry_with(
+            max,
+            usize::MAX,
+            CreationLimits {
+                per_client: 0,
+                burst: 0,
+                per_second: 0,
             },
             now,
         )
@@ -265,9 +442,11 @@ mod tests {
     fn an_empty_session_expires_after_the_ttl_but_not_while_someone_is_connected() {
         let t0 = Instant::now();
         let registry = registry(10, t0);
-        let created = registry.create("x".into(), "python".into(), t0).unwrap();
+        let created = registry
+            .create("x".into(), "python".into(), key(KEY), t0)
+            .unwrap();
         let id = created.id.clone();
-        let session = registry.attach(&id, "js", t0).unwrap();
+        let session = registry.attach(&id, "js", key(KEY), t0).unwrap();
         assert!(Arc::ptr_eq(&created, &session));
         // Connected for two hours: still there.
         let later = t0 + Duration::from_secs(7200);
@@ -282,14 +461,144 @@ mod tests {
     fn the_session_limit_counts_only_live_sessions() {
         let t0 = Instant::now();
         let registry = registry(2, t0);
-        registry.get_or_create("a", "js", t0).unwrap();
-        registry.get_or_create("b", "js", t0).unwrap();
-        assert_eq!(registry.get_or_create("c", "js", t0).unwrap_err(), Full(2));
+        registry.get_or_create("a", "js", key(KEY), t0).unwrap();
+        registry.get_or_create("b", "js", key(KEY), t0).unwrap();
+        assert_eq!(
+            registry.get_or_create("c", "js", key(KEY), t0).unwrap_err(),
+            CreateError::Full(2)
+        );
         // Existing sessions are still reachable at the limit.
-        assert!(registry.get_or_create("a", "js", t0).is_ok());
+        assert!(registry.get_or_create("a", "js", key(KEY), t0).is_ok());
         // Once they have idled out, new ones fit again.
         let later = t0 + Duration::from_secs(61);
-        assert!(registry.create(String::new(), "js".into(), later).is_ok());
+        assert!(
+            registry
+                .create(String::new(), "js".into(), key(KEY), later)
+                .is_ok()
+        );
         assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn each_client_has_a_share_of_live_sessions_and_a_creation_rate() {
+        let t0 = Instant::now();
+        let registry = registry_with(
+            100,
+            usize::MAX,
+            CreationLimits {
+                per_client: 3,
+                burst: 4,
+                per_second: 1,
+            },
+            t0,
+        );
+        let a = key([10, 0, 0, 1]);
+        let b = key([10, 0, 0, 2]);
+        for id in ["a1", "a2", "a3"] {
+            registry.get_or_create(id, "js", a, t0).unwrap();
+        }
+        assert_eq!(
+            registry.get_or_create("a4", "js", a, t0).unwrap_err(),
+            CreateError::TooMany(3)
+        );
+        // Joining an existing session is not creating one.
+        assert!(registry.get_or_create("a1", "js", b, t0).is_ok());
+        assert_eq!(registry.created_by(a), 3);
+        // Another client is unaffected; its own rate applies.
+        for _ in 0..3 {
+            registry.create(String::new(), "js".into(), b, t0).unwrap();
+        }
+        let c = key([10, 0, 0, 3]);
+        let c_registry = registry_with(
+            100,
+            usize::MAX,
+            CreationLimits {
+                per_client: 0,
+                burst: 2,
+                per_second: 1,
+            },
+            t0,
+        );
+        assert!(c_registry.create(String::new(), "js".into(), c, t0).is_ok());
+        assert!(c_registry.create(String::new(), "js".into(), c, t0).is_ok());
+        assert!(matches!(
+            c_registry.create(String::new(), "js".into(), c, t0),
+            Err(CreateError::TooFast { .. })
+        ));
+        let later = t0 + Duration::from_secs(1);
+        assert!(
+            c_registry
+                .create(String::new(), "js".into(), c, later)
+                .is_ok()
+        );
+        // The share comes back when the sessions expire.
+        let expired = t0 + Duration::from_secs(61);
+        assert!(registry.get("a1", expired).is_none());
+        registry.get_or_create("a5", "js", a, expired).unwrap();
+        assert_eq!(registry.created_by(a), 1);
+    }
+
+    #[test]
+    fn sessions_are_charged_to_the_budget_and_refused_when_it_is_full() {
+        let t0 = Instant::now();
+        let limits = CreationLimits {
+            per_client: 0,
+            burst: 0,
+            per_second: 0,
+        };
+        let registry = registry_with(100, 2 * SESSION_OVERHEAD_BYTES + 50, limits, t0);
+        let first = registry
+            .create("x".repeat(40), "js".into(), key(KEY), t0)
+            .unwrap();
+        assert_eq!(registry.budget().used(), SESSION_OVERHEAD_BYTES + 40);
+        assert_eq!(
+            registry
+                .create("y".repeat(40), "js".into(), key(KEY), t0)
+                .unwrap_err(),
+            CreateError::OutOfMemory(2 * SESSION_OVERHEAD_BYTES + 50)
+        );
+        // The refused session gave back what it had charged.
+        assert_eq!(registry.budget().used(), SESSION_OVERHEAD_BYTES + 40);
+        let id = first.id.clone();
+        drop(first);
+        assert!(registry.get(&id, t0 + Duration::from_secs(61)).is_none());
+        assert_eq!(registry.budget().used(), 0);
+    }
+
+    #[test]
+    fn a_session_nobody_joined_expires_after_the_shorter_ttl() {
+        let t0 = Instant::now();
+        let registry = Registry::new(
+            10,
+            Ttls {
+                idle: Duration::from_secs(3600),
+                unjoined: Duration::from_secs(300),
+            },
+            DocumentLimits {
+                max_bytes: 100,
+                max_log_ops: 10,
+                max_log_bytes: 1000,
+            },
+            Arc::new(MemoryBudget::unlimited()),
+            CreationLimits {
+                per_client: 0,
+                burst: 0,
+                per_second: 0,
+            },
+            t0,
+        );
+        registry.get_or_create("never", "js", key(KEY), t0).unwrap();
+        let joined = registry
+            .get_or_create("joined", "js", key(KEY), t0)
+            .unwrap();
+        lock(&joined.state).joined_once = true;
+        let after = t0 + Duration::from_secs(300);
+        assert!(registry.get("never", after).is_none());
+        assert!(registry.get("joined", after).is_some());
+        assert!(
+            registry
+                .get("joined", t0 + Duration::from_secs(3600))
+                .is_none()
+        );
     }
 }

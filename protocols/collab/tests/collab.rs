@@ -657,13 +657,16 @@ async fn execution_requests_and_results_are_relayed_to_the_others() {
     }
     alice.expect_silence(QUIET).await;
 
-    // Without language/code, the session's are used.
+    // Without language, the session's is used; without code, none is relayed (the others hold
+    // the document already, and filling it in would turn a tiny frame into a huge one).
     send_text(&mut alice, "console.log(2)").await;
     alice.recv_type("code-ack").await;
     alice.send_json(&json!({"type": "execute-code"})).await;
     let relayed = bob.recv_until(|v| v["type"] == "execute-code").await;
-    assert_eq!(relayed["payload"]["code"], "console.log(2)");
-    assert_eq!(relayed["payload"]["language"], "javascript");
+    assert_eq!(
+        relayed["payload"],
+        json!({"userId": "u-alice", "language": "javascript"})
+    );
 
     bob.send_json(
         &json!({"type": "execution-result", "payload": {"output": "2\n", "error": null}}),
@@ -702,7 +705,14 @@ async fn sessions_are_isolated() {
 
 #[tokio::test]
 async fn a_maximal_document_fits_the_default_frame_limit_and_one_byte_more_is_refused() {
-    let server = start(Config::default()).await;
+    // A refused edit answers with an error followed by a session-state of up to 6 MiB here, so
+    // the socket's outbound byte bound must hold one worst-case frame plus a small one; the
+    // runtime's 4 MiB default holds only a lone large frame (see docs/protocols/collab.md).
+    let server_config = ServerConfig {
+        outbound_queue_bytes: 2 * Config::default().max_outbound_frame_bytes(),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(Collab::new(Config::default()), server_config).await;
     let max = Config::default().max_document_bytes;
     let (mut alice, _) = join(&server, "s", "u-alice", "Alice").await;
     // Worst case for JSON: every character escaped as \u0001 (six bytes on the wire).

@@ -35,19 +35,55 @@ pub(crate) struct Args {
         default_value_t = 10_000
     )]
     collab_max_sessions: usize,
-    /// A session with no open socket is removed after this long, e.g. 1h.
+    /// Live sessions one client (IPv4 address or IPv6 /64) may have created; more get HTTP 429
+    /// (0: unlimited).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_MAX_SESSIONS_PER_CLIENT",
+        default_value_t = 100
+    )]
+    collab_max_sessions_per_client: usize,
+    /// Sessions one client may create at once (token bucket burst; 0 disables the rate limit).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_SESSION_CREATE_BURST",
+        default_value_t = 20
+    )]
+    collab_session_create_burst: u32,
+    /// Session creations a client regains per second.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_SESSION_CREATE_PER_SECOND",
+        default_value_t = 1
+    )]
+    collab_session_create_per_second: u32,
+    /// A session someone joined is removed after having no open socket for this long, e.g. 1h.
     #[arg(long, env = "SWITCHBOARD_COLLAB_IDLE_TTL", default_value = "1h", value_parser = parse_duration)]
     collab_idle_ttl: Duration,
+    /// A session nobody ever joined is removed after having no open socket for this long.
+    #[arg(long, env = "SWITCHBOARD_COLLAB_UNJOINED_TTL", default_value = "5m", value_parser = parse_duration)]
+    collab_unjoined_ttl: Duration,
     /// Recent operations kept per session to transform late edits; older bases must resync.
     #[arg(long, env = "SWITCHBOARD_COLLAB_MAX_OP_LOG", default_value_t = 1000)]
     collab_max_op_log: usize,
-    /// Approximate bytes of the per-session operation log (the newest entry always stays).
+    /// Bytes of the per-session operation log; an operation heavier than this is refused.
     #[arg(
         long,
         env = "SWITCHBOARD_COLLAB_MAX_OP_LOG_BYTES",
         default_value_t = 2 * 1024 * 1024
     )]
     collab_max_op_log_bytes: usize,
+    /// Frames that fan out (code-change, cursor-move, language-change, execute-code,
+    /// execution-result) one connection may send at once (0: unlimited).
+    #[arg(long, env = "SWITCHBOARD_COLLAB_RELAY_BURST", default_value_t = 100)]
+    collab_relay_burst: u32,
+    /// Such frames a connection regains per second.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_RELAY_PER_SECOND",
+        default_value_t = 50
+    )]
+    collab_relay_per_second: u32,
     /// Language of a session created without one.
     #[arg(
         long,
@@ -62,9 +98,16 @@ pub(crate) async fn serve(args: &Args, server: Server) -> Result<(), CliError> {
         max_document_bytes: args.collab_max_document_bytes,
         max_participants: args.collab_max_participants,
         max_sessions: args.collab_max_sessions,
+        max_sessions_per_client: args.collab_max_sessions_per_client,
+        session_create_burst: args.collab_session_create_burst,
+        session_create_per_second: args.collab_session_create_per_second,
         idle_ttl: args.collab_idle_ttl,
+        unjoined_ttl: args.collab_unjoined_ttl,
         max_op_log: args.collab_max_op_log,
         max_op_log_bytes: args.collab_max_op_log_bytes,
+        relay_burst: args.collab_relay_burst,
+        relay_per_second: args.collab_relay_per_second,
+        max_state_bytes: server.max_state_bytes,
         default_language: args.collab_default_language.clone(),
     };
     server.run(Collab::new(config)).await
