@@ -28,6 +28,7 @@
 //! there are no WebSocket pings; a socket from which no frame arrived for `ping_interval +
 //! pong_timeout` is dropped.
 
+pub mod buckets;
 pub mod messages;
 pub mod sanitize;
 pub mod state;
@@ -40,14 +41,15 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, Frame, Handshake, HttpRequest, HttpResponse, Keepalive, LocalBroadcaster,
-    LocalPresence, Peer, Presence, Protocol, RateLimiter, Reject,
+    Broadcaster, ClientKey, ConnId, Frame, Handshake, HttpRequest, HttpResponse, Keepalive,
+    LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, RateLimiter, Reject,
 };
 use tracing::debug;
 use uuid::Uuid;
 
-use crate::messages::{ClientMessage, ErrorCode, Kind, frame, now_iso8601};
-use crate::state::{OpenError, QueueError, Registry, chat_id};
+use crate::buckets::PerMinuteBuckets;
+use crate::messages::{ClientMessage, ErrorCode, Kind, PresenceUser, frame, now_iso8601};
+use crate::state::{OpenError, QueueError, RegisterError, Registry, chat_id};
 
 /// The only path served.
 pub const WS_PATH: &str = "/ws";
@@ -92,6 +94,32 @@ pub struct Config {
     /// Largest inbound frame when the server config does not say otherwise; larger frames close
     /// the socket with 1009. Default 64 KiB, the runtime default every protocol but collab uses.
     pub max_frame_bytes: usize,
+    /// Valid `HELLO`s per user per `rate_window` (0: unlimited); more get `RATE_LIMITED`.
+    /// Default 10.
+    pub hello_rate_limit: usize,
+    /// Users one client (IPv4 address or IPv6 /64, see [`ClientKey`]) may create (0:
+    /// unlimited). At the limit that client's own longest-offline user is forgotten; if all of
+    /// them are online, the HELLO of a new user gets `RATE_LIMITED`. Default 100.
+    pub max_users_per_client: usize,
+    /// Messages one client may have waiting in offline queues, counted against the sender's
+    /// client (0: unlimited); more get `MESSAGE_FAILED`. Default 1 000.
+    pub max_queued_per_client: usize,
+    /// Per client: `MSG`s a minute (a token bucket of this many, refilled at this many a
+    /// minute); keyed on the client, so switching `user_id` does not dodge it. 0: unlimited.
+    /// Default 600.
+    pub client_msg_per_minute: u32,
+    /// Per client: `TYPING`s a minute, like `client_msg_per_minute`. Default 120.
+    pub client_typing_per_minute: u32,
+    /// Per client: valid `HELLO`s a minute, like `client_msg_per_minute`. Default 60.
+    pub client_hello_per_minute: u32,
+    /// Clients tracked by the per-client rate limits; when full, clients whose buckets have
+    /// refilled are forgotten, and if none has, new clients are refused (`RATE_LIMITED`).
+    /// Default 10 000.
+    pub max_clients: usize,
+    /// Bytes of protocol state (users, chats, queues, message records, rate-limit tables), see
+    /// [`Config::worst_case_state_bytes`]. New work that does not fit is refused with the
+    /// protocol's error; nothing stored is evicted for it. Default 256 MiB.
+    pub max_state_bytes: usize,
 }
 
 impl Default for Config {
@@ -108,8 +136,37 @@ impl Default for Config {
             max_queued_total: 10_000,
             max_tracked_messages: 100_000,
             max_frame_bytes: 64 * 1024,
+            hello_rate_limit: 10,
+            max_users_per_client: 100,
+            max_queued_per_client: 1_000,
+            client_msg_per_minute: 600,
+            client_typing_per_minute: 120,
+            client_hello_per_minute: 60,
+            max_clients: 10_000,
+            max_state_bytes: 256 * 1024 * 1024,
         }
     }
+}
+
+/// Bytes charged per key of a per-user sliding-window rate limiter besides its timestamps (the
+/// 36-byte key string, the table slot, the deque header, with slack).
+pub const RATE_KEY_OVERHEAD_BYTES: usize = 192;
+/// Bytes charged per key of a per-client token-bucket table (key, bucket, table slot, slack).
+pub const CLIENT_BUCKET_BYTES: usize = 96;
+
+/// Worst-case bytes of one sliding-window limiter of `limit` events over `keys` keys: each key
+/// keeps at most `limit` 16-byte timestamps, in a deque whose capacity grows to the next power of
+/// two.
+fn sliding_limiter_bytes(limit: usize, keys: usize) -> usize {
+    if limit == 0 {
+        return 0;
+    }
+    let per_key = limit
+        .checked_next_power_of_two()
+        .unwrap_or(usize::MAX)
+        .saturating_mul(16)
+        .saturating_add(RATE_KEY_OVERHEAD_BYTES);
+    per_key.saturating_mul(keys)
 }
 
 impl Config {
@@ -123,6 +180,77 @@ impl Config {
             .saturating_add(self.pong_timeout)
             .min(Self::MAX_IDLE_TIMEOUT)
     }
+
+    /// Bytes charged up front for the rate-limit tables, whose worst case is fixed by the
+    /// limits: the per-user sliding windows (MSG, TYPING, HELLO; at most `max_users` keys each)
+    /// and the per-client token buckets (three tables of at most `max_clients` keys).
+    pub fn fixed_state_bytes(&self) -> usize {
+        let users = self.max_users.max(1);
+        let buckets = [
+            self.client_msg_per_minute,
+            self.client_typing_per_minute,
+            self.client_hello_per_minute,
+        ]
+        .iter()
+        .filter(|per_minute| **per_minute > 0)
+        .count();
+        sliding_limiter_bytes(self.msg_rate_limit, users)
+            .saturating_add(sliding_limiter_bytes(self.typing_rate_limit, users))
+            .saturating_add(sliding_limiter_bytes(self.hello_rate_limit, users))
+            .saturating_add(
+                buckets
+                    .saturating_mul(self.max_clients.max(1))
+                    .saturating_mul(CLIENT_BUCKET_BYTES),
+            )
+    }
+
+    /// The most bytes of protocol state the limits allow, the formula documented in
+    /// `docs/protocols/fastchat.md`:
+    ///
+    /// ```text
+    /// fixed_state_bytes
+    ///   + max_users * USER_BYTES
+    ///   + max_users * max_chats_per_user / 2 * CHAT_BYTES
+    ///   + max_queued_total * (MAX_MSG_FRAME_BYTES + QUEUE_ENTRY_OVERHEAD_BYTES)
+    ///   + max_tracked_messages * (2 * MESSAGE_ID_MAX_BYTES + RECORD_OVERHEAD_BYTES)
+    /// ```
+    ///
+    /// What is actually charged never exceeds this, nor `max(max_state_bytes,
+    /// fixed_state_bytes)`.
+    pub fn worst_case_state_bytes(&self) -> usize {
+        use crate::state::{
+            CHAT_BYTES, MAX_MSG_FRAME_BYTES, MESSAGE_ID_MAX_BYTES, QUEUE_ENTRY_OVERHEAD_BYTES,
+            RECORD_OVERHEAD_BYTES, USER_BYTES,
+        };
+        let users = self.max_users.max(1);
+        let chats = users.saturating_mul(self.max_chats_per_user) / 2;
+        let queued = MAX_MSG_FRAME_BYTES.saturating_add(QUEUE_ENTRY_OVERHEAD_BYTES);
+        let record = MESSAGE_ID_MAX_BYTES
+            .saturating_mul(2)
+            .saturating_add(RECORD_OVERHEAD_BYTES);
+        self.fixed_state_bytes()
+            .saturating_add(users.saturating_mul(USER_BYTES))
+            .saturating_add(chats.saturating_mul(CHAT_BYTES))
+            .saturating_add(self.max_queued_total.saturating_mul(queued))
+            .saturating_add(self.max_tracked_messages.max(1).saturating_mul(record))
+    }
+}
+
+/// What the protocol holds right now, for operators and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes charged to the state budget (see [`Config::worst_case_state_bytes`]).
+    pub state_bytes: usize,
+    /// The budget's limit ([`Config::max_state_bytes`]).
+    pub state_bytes_limit: usize,
+    /// Known users.
+    pub users: usize,
+    /// Open chats.
+    pub chats: usize,
+    /// Messages waiting in offline queues.
+    pub queued: usize,
+    /// Remembered message records.
+    pub tracked_messages: usize,
 }
 
 /// The fastchat protocol: one value serves every connection.
@@ -131,8 +259,13 @@ pub struct FastChat {
     registry: Mutex<Registry>,
     broadcaster: Arc<dyn Broadcaster>,
     presence: Arc<dyn Presence>,
+    budget: Arc<MemoryBudget>,
     msg_limiter: RateLimiter,
     typing_limiter: RateLimiter,
+    hello_limiter: RateLimiter,
+    client_msg: PerMinuteBuckets<ClientKey>,
+    client_typing: PerMinuteBuckets<ClientKey>,
+    client_hello: PerMinuteBuckets<ClientKey>,
 }
 
 impl fmt::Debug for FastChat {
@@ -143,9 +276,10 @@ impl fmt::Debug for FastChat {
     }
 }
 
-/// Per-connection state: who this socket is, once it said HELLO.
-#[derive(Debug, Default)]
+/// Per-connection state: the client it comes from and who this socket is, once it said HELLO.
+#[derive(Debug)]
 pub struct Conn {
+    client: ClientKey,
     user: Option<Uuid>,
 }
 
@@ -166,12 +300,23 @@ impl FastChat {
         presence: Arc<dyn Presence>,
     ) -> Self {
         let keys = config.max_users.max(1);
+        let budget = Arc::new(MemoryBudget::new(config.max_state_bytes));
+        // The rate-limit tables are bounded by their key counts; their worst case is charged up
+        // front so the budget covers them without instrumenting the core's limiters.
+        budget.force_reserve(config.fixed_state_bytes());
+        let clients = config.max_clients.max(1);
         Self {
-            registry: Mutex::new(Registry::new(&config)),
+            registry: Mutex::new(Registry::new(&config, budget.clone())),
+            budget,
             msg_limiter: RateLimiter::new(config.msg_rate_limit, config.rate_window)
                 .with_max_keys(keys),
             typing_limiter: RateLimiter::new(config.typing_rate_limit, config.rate_window)
                 .with_max_keys(keys),
+            hello_limiter: RateLimiter::new(config.hello_rate_limit, config.rate_window)
+                .with_max_keys(keys),
+            client_msg: PerMinuteBuckets::new(config.client_msg_per_minute, clients),
+            client_typing: PerMinuteBuckets::new(config.client_typing_per_minute, clients),
+            client_hello: PerMinuteBuckets::new(config.client_hello_per_minute, clients),
             broadcaster,
             presence,
             config,
@@ -183,13 +328,65 @@ impl FastChat {
         &self.config
     }
 
+    /// What the protocol holds now, including the bytes charged to its state budget.
+    pub fn stats(&self) -> Stats {
+        let registry = lock(&self.registry);
+        Stats {
+            state_bytes: self.budget.used(),
+            state_bytes_limit: self.budget.limit(),
+            users: registry.user_count(),
+            chats: registry.chat_count(),
+            queued: registry.queued_total(),
+            tracked_messages: registry.tracked_messages(),
+        }
+    }
+
+    fn rate_limited(
+        peer: &Peer,
+        message: &str,
+        limit: usize,
+        per_client: bool,
+        mut details: Value,
+    ) {
+        details["limit"] = json!(limit);
+        if per_client {
+            details["window_secs"] = json!(60);
+            details["per"] = json!("client");
+        }
+        Self::error(peer, ErrorCode::RateLimited, message, details);
+    }
+
     fn is_online(&self, id: Uuid) -> bool {
         self.presence.is_present(ONLINE_ROOM, &id.to_string())
     }
 
+    /// The full `PRESENCE` list, for a socket's first HELLO.
     fn presence_frame(&self, registry: &Registry) -> Option<Frame> {
         let users = registry.presence(&|id| self.is_online(id));
-        frame("PRESENCE", &messages::Presence { users })
+        frame(
+            "PRESENCE",
+            &messages::Presence {
+                users,
+                delta: false,
+            },
+        )
+    }
+
+    /// A `PRESENCE` delta with just `users`: what changed, in its current state.
+    fn presence_delta(users: Vec<PresenceUser>) -> Option<Frame> {
+        frame("PRESENCE", &messages::Presence { users, delta: true })
+    }
+
+    /// Sends a delta to every identified socket but `except`. Called with the registry locked,
+    /// so deltas reach each socket in the order the changes were made, and after any full list
+    /// that socket got before them.
+    fn publish_delta(&self, users: Vec<PresenceUser>, except: Option<ConnId>) {
+        if users.is_empty() {
+            return;
+        }
+        if let Some(delta) = Self::presence_delta(users) {
+            self.broadcaster.publish(PRESENCE_TOPIC, &delta, except);
+        }
     }
 
     fn send(peer: &Peer, frame: Option<Frame>) {
@@ -220,20 +417,55 @@ impl FastChat {
             );
             return;
         }
-        let id = user_id.to_string();
-        let mut registry = lock(&self.registry);
-        let Some(registered) = registry.register(user_id, display_name, &|u| self.is_online(u))
-        else {
-            Self::error(
+        // HELLO rewrites presence for everyone, so it is rate-limited per client (switching
+        // user_id does not dodge that) and per user.
+        if !self.client_hello.check(&conn.client) {
+            let limit = usize::try_from(self.config.client_hello_per_minute).unwrap_or(usize::MAX);
+            Self::rate_limited(
                 peer,
-                ErrorCode::Unauthorized,
-                "the server has no room for another user",
+                "too many HELLOs from this client",
+                limit,
+                true,
                 json!({}),
             );
             return;
-        };
+        }
+        let id = user_id.to_string();
+        let mut registry = lock(&self.registry);
+        // Per user only for known users (reconnects and renames): new users are bounded by the
+        // client's bucket and share, and must not fill the limiter's key table.
+        if registry.knows(user_id) && !self.hello_limiter.check(&id) {
+            let details = json!({"window_secs": self.config.rate_window.as_secs_f64()});
+            let limit = self.config.hello_rate_limit;
+            Self::rate_limited(peer, "too many HELLOs for this user", limit, false, details);
+            return;
+        }
+        let registered =
+            match registry.register(user_id, display_name, conn.client, &|u| self.is_online(u)) {
+                Ok(registered) => registered,
+                Err(RegisterError::ClientShareFull { limit }) => {
+                    Self::rate_limited(
+                        peer,
+                        "this client has created the most users allowed, and all are online",
+                        limit,
+                        true,
+                        json!({}),
+                    );
+                    return;
+                }
+                Err(RegisterError::TableFull | RegisterError::NoMemory) => {
+                    Self::error(
+                        peer,
+                        ErrorCode::Unauthorized,
+                        "the server has no room for another user",
+                        json!({}),
+                    );
+                    return;
+                }
+            };
+        let first_hello = conn.user.is_none();
         let mut came_online = false;
-        if conn.user.is_none() {
+        if first_hello {
             self.broadcaster.subscribe(&user_topic(user_id), peer);
             self.broadcaster.subscribe(PRESENCE_TOPIC, peer);
             came_online = self.presence.join(ONLINE_ROOM, &id, peer.id());
@@ -249,11 +481,27 @@ impl FastChat {
                 },
             ),
         );
-        let presence = self.presence_frame(&registry);
-        if registered.new || registered.renamed || came_online {
-            self.publish(PRESENCE_TOPIC, presence.as_ref());
+        // This socket gets the full list on its first HELLO and a delta with its own entry on
+        // later ones (it already holds the list); everyone else gets a delta of what changed.
+        let me = registry.presence_of(user_id, true);
+        if first_hello {
+            Self::send(peer, self.presence_frame(&registry));
         } else {
-            Self::send(peer, presence);
+            Self::send(peer, Self::presence_delta(me.iter().cloned().collect()));
+        }
+        if registered.new || registered.renamed || came_online {
+            let mut changed: Vec<PresenceUser> = registered
+                .forgotten
+                .into_iter()
+                .map(|(id, display_name)| PresenceUser {
+                    user_id: id.to_string(),
+                    display_name,
+                    online: false,
+                    removed: true,
+                })
+                .collect();
+            changed.extend(me);
+            self.publish_delta(changed, Some(peer.id()));
         }
         if came_online {
             let queued = registry.take_queue(user_id);
@@ -285,6 +533,15 @@ impl FastChat {
                     peer,
                     ErrorCode::UserNotFound,
                     "target user not found",
+                    details,
+                );
+                return;
+            }
+            Err(OpenError::NoMemory) => {
+                Self::error(
+                    peer,
+                    ErrorCode::RateLimited,
+                    "the server has no room for another chat",
                     details,
                 );
                 return;
@@ -327,7 +584,14 @@ impl FastChat {
         }
     }
 
-    fn msg(&self, me: Uuid, peer: &Peer, to: Uuid, content: &str, client_id: Option<String>) {
+    fn msg(
+        &self,
+        (me, client): (Uuid, ClientKey),
+        peer: &Peer,
+        to: Uuid,
+        content: &str,
+        client_id: Option<String>,
+    ) {
         let details = || match &client_id {
             Some(id) => json!({"message_id": id, "to": to.to_string()}),
             None => json!({"to": to.to_string()}),
@@ -381,9 +645,15 @@ impl FastChat {
         let me_s = me.to_string();
         if !self.msg_limiter.check(&me_s) {
             let mut details = details();
-            details["limit"] = json!(self.config.msg_rate_limit);
             details["window_secs"] = json!(self.config.rate_window.as_secs_f64());
-            Self::error(peer, ErrorCode::RateLimited, "too many messages", details);
+            let limit = self.config.msg_rate_limit;
+            Self::rate_limited(peer, "too many messages", limit, false, details);
+            return;
+        }
+        if !self.client_msg.check(&client) {
+            let limit = usize::try_from(self.config.client_msg_per_minute).unwrap_or(usize::MAX);
+            let message = "too many messages from this client";
+            Self::rate_limited(peer, message, limit, true, details());
             return;
         }
         let message_id = client_id
@@ -403,19 +673,31 @@ impl FastChat {
         ) else {
             return;
         };
-        let live =
-            self.is_online(to) && self.broadcaster.publish(&user_topic(to), &incoming, None) > 0;
-        if !live && let Err(error) = registry.enqueue(to, incoming) {
-            let why = match error {
-                QueueError::UserQueueFull => "the recipient's offline queue is full",
-                QueueError::ServerQueueFull => "the server's offline queue is full",
-            };
+        let failed = |why: &str| {
             let mut details = details();
             details["message_id"] = json!(message_id);
             Self::error(peer, ErrorCode::MessageFailed, why, details);
+        };
+        // The record comes first: a message is only delivered once the server can remember it
+        // (for retries and the delivered tick).
+        if registry.record(message_id.clone(), me, to).is_err() {
+            failed("the server has no room to track another message");
             return;
         }
-        registry.record(message_id.clone(), me, to);
+        let live =
+            self.is_online(to) && self.broadcaster.publish(&user_topic(to), &incoming, None) > 0;
+        if !live && let Err(error) = registry.enqueue(to, incoming, client) {
+            registry.unrecord(&message_id);
+            failed(match error {
+                QueueError::UserQueueFull => "the recipient's offline queue is full",
+                QueueError::ServerQueueFull => "the server's offline queue is full",
+                QueueError::ClientQueueFull => {
+                    "this client has the most messages waiting in offline queues allowed"
+                }
+                QueueError::NoMemory => "the server has no room to queue another message",
+            });
+            return;
+        }
         drop(registry);
         Self::send(
             peer,
@@ -443,19 +725,18 @@ impl FastChat {
         }
     }
 
-    fn typing(&self, me: Uuid, peer: &Peer, is_typing: bool) {
+    fn typing(&self, (me, client): (Uuid, ClientKey), peer: &Peer, is_typing: bool) {
         let me_s = me.to_string();
         if !self.typing_limiter.check(&me_s) {
-            let details = json!({
-                "limit": self.config.typing_rate_limit,
-                "window_secs": self.config.rate_window.as_secs_f64(),
-            });
-            Self::error(
-                peer,
-                ErrorCode::RateLimited,
-                "too many typing indicators",
-                details,
-            );
+            let details = json!({"window_secs": self.config.rate_window.as_secs_f64()});
+            let limit = self.config.typing_rate_limit;
+            Self::rate_limited(peer, "too many typing indicators", limit, false, details);
+            return;
+        }
+        if !self.client_typing.check(&client) {
+            let limit = usize::try_from(self.config.client_typing_per_minute).unwrap_or(usize::MAX);
+            let message = "too many typing indicators from this client";
+            Self::rate_limited(peer, message, limit, true, json!({}));
             return;
         }
         let registry = lock(&self.registry);
@@ -481,7 +762,10 @@ impl Protocol for FastChat {
 
     fn admit(&self, handshake: &Handshake<'_>) -> Result<Conn, Reject> {
         if handshake.path == WS_PATH {
-            Ok(Conn::default())
+            Ok(Conn {
+                client: ClientKey::from_ip(handshake.client_ip),
+                user: None,
+            })
         } else {
             Err(Reject::NotFound)
         }
@@ -550,9 +834,11 @@ impl Protocol for FastChat {
                     message_id,
                 },
                 Some(me),
-            ) => self.msg(me, peer, to, &content, message_id),
+            ) => self.msg((me, conn.client), peer, to, &content, message_id),
             (ClientMessage::MsgAck { message_id }, Some(me)) => self.msg_ack(me, &message_id),
-            (ClientMessage::Typing { is_typing }, Some(me)) => self.typing(me, peer, is_typing),
+            (ClientMessage::Typing { is_typing }, Some(me)) => {
+                self.typing((me, conn.client), peer, is_typing);
+            }
         }
     }
 
@@ -567,10 +853,8 @@ impl Protocol for FastChat {
         self.broadcaster.unsubscribe(PRESENCE_TOPIC, peer.id());
         if self.presence.leave(ONLINE_ROOM, &id, peer.id()) {
             registry.touch(user_id);
-            if let Some(presence) = self.presence_frame(&registry) {
-                self.broadcaster
-                    .publish(PRESENCE_TOPIC, &presence, Some(peer.id()));
-            }
+            let gone = registry.presence_of(user_id, false);
+            self.publish_delta(gone.into_iter().collect(), Some(peer.id()));
             debug!(user = %id, "user went offline");
         }
     }

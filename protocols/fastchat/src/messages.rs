@@ -245,13 +245,22 @@ pub struct PresenceUser {
     pub display_name: String,
     /// Whether the user has a connected socket.
     pub online: bool,
+    /// In a delta only: the user was forgotten and should be dropped from the list. Omitted
+    /// when `false`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 /// `PRESENCE` payload.
 #[derive(Debug, Serialize)]
 pub struct Presence {
-    /// Every known user, in the order they first said HELLO.
+    /// The full list (every known user, in the order they first said HELLO), or in a delta only
+    /// the users that changed, each with their current state.
     pub users: Vec<PresenceUser>,
+    /// `true` for a delta, to be merged into the list the client holds (upsert by `user_id`,
+    /// drop entries with `removed`); omitted for the full list.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub delta: bool,
 }
 
 /// `CHAT_OPENED` payload, from the point of view of the recipient.

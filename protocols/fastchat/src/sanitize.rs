@@ -18,6 +18,23 @@ pub const CONTENT_MAX_CHARS: usize = 1000;
 /// Most characters in a client-chosen `message_id`.
 pub const MESSAGE_ID_MAX_CHARS: usize = 128;
 
+/// Most bytes of a raw (unsanitized) `display_name`. 50 characters are at most 200 bytes of
+/// UTF-8; the rest leaves room for tags and entities around a valid name. Anything longer could
+/// never sanitize to a valid name cheaply, so it is refused before the HTML parser sees it.
+pub const DISPLAY_NAME_MAX_RAW_BYTES: usize = 1024;
+/// Most bytes of raw (unsanitized) `content`: 1000 characters are at most 4000 bytes of UTF-8,
+/// or 5000 when every character is written as an entity such as `&amp;`; twice that leaves room
+/// for markup. Longer input is refused before the HTML parser sees it.
+pub const CONTENT_MAX_RAW_BYTES: usize = 10 * 1024;
+/// Most `<` characters in a raw `display_name` (and in each re-parsed round of it).
+pub const DISPLAY_NAME_MAX_TAGS: usize = 32;
+/// Most `<` characters in raw `content` (and in each re-parsed round of it).
+///
+/// The HTML tree builder walks its stack of open elements for each tag, so deeply nested markup
+/// costs time quadratic in the number of tags (12,000 nested `<div>`s took ~240 ms). Capping the
+/// tags, on top of the byte cap, keeps the parser's work per frame small and bounded.
+pub const CONTENT_MAX_TAGS: usize = 256;
+
 /// How many strip rounds [`strip_tags`] runs before giving up on reaching a fixed point.
 const MAX_STRIP_ROUNDS: usize = 8;
 
@@ -69,17 +86,43 @@ fn unescape_text(html: &str) -> String {
 /// text no longer changes; the result contains nothing an HTML parser would read as a tag. In the
 /// pathological case that no fixed point is reached within a few rounds, the HTML-escaped output
 /// of the last round is returned, which is still tag-free.
+///
+/// This does not bound its work: untrusted input goes through [`strip_tags_bounded`].
 pub fn strip_tags(input: &str) -> String {
+    strip_tags_bounded(input, usize::MAX).unwrap_or_default()
+}
+
+/// [`strip_tags`] that refuses (`None`) input with more than `max_tags` `<` characters, checked
+/// before every parse round (decoding `&lt;` can reveal new ones), so the HTML parser's work is
+/// bounded by the input's length and `max_tags`.
+pub fn strip_tags_bounded(input: &str, max_tags: usize) -> Option<String> {
+    let too_much_markup = |text: &str| text.bytes().filter(|b| *b == b'<').count() > max_tags;
     let mut text = input.to_owned();
     for _ in 0..MAX_STRIP_ROUNDS {
+        if too_much_markup(&text) {
+            return None;
+        }
         let cleaned = cleaner().clean(&text).to_string();
         let next = unescape_text(&cleaned);
         if next == text {
-            return text;
+            return Some(text);
         }
         text = next;
     }
-    cleaner().clean(&text).to_string()
+    if too_much_markup(&text) {
+        return None;
+    }
+    Some(cleaner().clean(&text).to_string())
+}
+
+/// The error for raw input that is too large or has too much markup to be worth parsing.
+fn too_large(field: &'static str, max_bytes: usize, max_tags: usize) -> FieldError {
+    FieldError::new(
+        field,
+        format!(
+            "{field} is too large before sanitizing (at most {max_bytes} bytes and {max_tags} tags)"
+        ),
+    )
 }
 
 /// Why a field is invalid; the message names the field.
@@ -121,8 +164,23 @@ pub fn parse_user_id(field: &'static str, raw: &str) -> Result<Uuid, FieldError>
 }
 
 /// Sanitizes a display name: tags stripped, then trimmed, then 3–50 characters.
+/// Raw input over [`DISPLAY_NAME_MAX_RAW_BYTES`] or [`DISPLAY_NAME_MAX_TAGS`] is refused before
+/// parsing.
 pub fn display_name(raw: &str) -> Result<String, FieldError> {
-    let name = strip_tags(raw).trim().to_owned();
+    let refuse = || {
+        too_large(
+            "display_name",
+            DISPLAY_NAME_MAX_RAW_BYTES,
+            DISPLAY_NAME_MAX_TAGS,
+        )
+    };
+    if raw.len() > DISPLAY_NAME_MAX_RAW_BYTES {
+        return Err(refuse());
+    }
+    let name = strip_tags_bounded(raw, DISPLAY_NAME_MAX_TAGS)
+        .ok_or_else(refuse)?
+        .trim()
+        .to_owned();
     let chars = name.chars().count();
     if !(DISPLAY_NAME_MIN_CHARS..=DISPLAY_NAME_MAX_CHARS).contains(&chars) {
         return Err(FieldError::new(
@@ -136,9 +194,14 @@ pub fn display_name(raw: &str) -> Result<String, FieldError> {
 }
 
 /// Sanitizes message content: tags stripped (not trimmed), then 1–1000 characters and not
-/// whitespace only.
+/// whitespace only. Raw input over [`CONTENT_MAX_RAW_BYTES`] or [`CONTENT_MAX_TAGS`] is refused
+/// before parsing.
 pub fn content(raw: &str) -> Result<String, FieldError> {
-    let text = strip_tags(raw);
+    let refuse = || too_large("content", CONTENT_MAX_RAW_BYTES, CONTENT_MAX_TAGS);
+    if raw.len() > CONTENT_MAX_RAW_BYTES {
+        return Err(refuse());
+    }
+    let text = strip_tags_bounded(raw, CONTENT_MAX_TAGS).ok_or_else(refuse)?;
     let chars = text.chars().count();
     if !(CONTENT_MIN_CHARS..=CONTENT_MAX_CHARS).contains(&chars) {
         return Err(FieldError::new(
@@ -266,6 +329,27 @@ mod tests {
             Ok(1000)
         );
         assert_eq!(content("").unwrap_err().field, "content");
+    }
+
+    #[test]
+    fn oversized_or_markup_heavy_input_is_refused_before_parsing() {
+        let nested = "<div>".repeat(12_000);
+        let started = std::time::Instant::now();
+        assert_eq!(display_name(&nested).unwrap_err().field, "display_name");
+        assert_eq!(content(&nested).unwrap_err().field, "content");
+        // Within the byte caps but full of tags: refused by the tag cap.
+        let tags = "<i>".repeat(CONTENT_MAX_TAGS + 1);
+        assert!(tags.len() <= CONTENT_MAX_RAW_BYTES);
+        assert_eq!(content(&tags).unwrap_err().field, "content");
+        assert!(display_name(&"<i>".repeat(DISPLAY_NAME_MAX_TAGS + 1)).is_err());
+        // Entities that decode into tags count in the next round.
+        let encoded = "&lt;i&gt;".repeat(CONTENT_MAX_TAGS + 1);
+        assert!(strip_tags_bounded(&encoded, CONTENT_MAX_TAGS).is_none());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // The largest legitimate inputs still pass.
+        assert!(content(&format!("<b>{}</b>", "&amp;".repeat(1000))).is_ok());
+        assert!(content(&"<b>x</b>".repeat(CONTENT_MAX_TAGS / 2)).is_ok());
+        assert!(display_name(&format!("<b>{}</b>", "🦀".repeat(50))).is_ok());
     }
 
     #[test]

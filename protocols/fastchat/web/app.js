@@ -28,7 +28,7 @@
   let displayName = localStorage.getItem('fastchat.name') || '';
 
   let ws = null, attempt = 0, reconnectTimer = null, pingTimer = null, errorTimer = null, identified = false;
-  let users = []; // from PRESENCE: [{user_id, display_name, online}]
+  let users = []; // from PRESENCE (full list, then deltas): [{user_id, display_name, online}]
   const chats = new Map(); // partner id -> { chatId, messages: [], unread, typing }
   const sentIndex = new Map(); // message_id -> message object (ours)
   let active = null; // partner id of the open chat
@@ -88,10 +88,21 @@
         for (const m of sentIndex.values()) if (m.status === 'pending') send('MSG', { to: m.to, content: m.content, message_id: m.message_id });
         updateComposer();
         break;
-      case 'PRESENCE':
-        users = (data.users || []).map((u) => ({ ...u, user_id: u.user_id.toLowerCase() }));
+      case 'PRESENCE': {
+        const listed = (data.users || []).map((u) => ({ ...u, user_id: u.user_id.toLowerCase() }));
+        if (data.delta) {
+          // A delta: only the users that changed, in their current state (upsert by id; a
+          // `removed` user was forgotten by the server). The full list comes after each HELLO.
+          for (const u of listed) {
+            const at = users.findIndex((x) => x.user_id === u.user_id);
+            if (u.removed) { if (at !== -1) users.splice(at, 1); } else if (at === -1) users.push(u); else users[at] = u;
+          }
+        } else {
+          users = listed;
+        }
         renderPeople(); renderHead();
         break;
+      }
       case 'CHAT_OPENED': {
         const chat = chatWith(data.target_user_id);
         chat.chatId = data.chat_id;

@@ -68,6 +68,58 @@ pub(crate) struct Args {
         default_value_t = 100_000
     )]
     fastchat_max_tracked_messages: usize,
+    /// Valid HELLOs per known user per rate window (0: unlimited); more get RATE_LIMITED.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FASTCHAT_HELLO_RATE_LIMIT",
+        default_value_t = 10
+    )]
+    fastchat_hello_rate_limit: usize,
+    /// Users one client (IPv4 address or IPv6 /64) may create (0: unlimited); at the limit its
+    /// own longest-offline user is forgotten, or RATE_LIMITED if all are online.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_USERS_PER_CLIENT",
+        default_value_t = 100
+    )]
+    fastchat_max_users_per_client: usize,
+    /// Messages one sending client may have waiting in offline queues (0: unlimited); more get
+    /// MESSAGE_FAILED.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_QUEUED_PER_CLIENT",
+        default_value_t = 1_000
+    )]
+    fastchat_max_queued_per_client: usize,
+    /// MSG frames per client per minute, whatever user_id it uses (0: unlimited).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FASTCHAT_CLIENT_MSG_PER_MINUTE",
+        default_value_t = 600
+    )]
+    fastchat_client_msg_per_minute: u32,
+    /// TYPING frames per client per minute, whatever user_id it uses (0: unlimited).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FASTCHAT_CLIENT_TYPING_PER_MINUTE",
+        default_value_t = 120
+    )]
+    fastchat_client_typing_per_minute: u32,
+    /// Valid HELLOs per client per minute, whatever user_id it uses (0: unlimited).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FASTCHAT_CLIENT_HELLO_PER_MINUTE",
+        default_value_t = 60
+    )]
+    fastchat_client_hello_per_minute: u32,
+    /// Clients tracked by the per-client rate limits (new clients beyond it are refused while
+    /// every tracked one is active).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_CLIENTS",
+        default_value_t = 10_000
+    )]
+    fastchat_max_clients: usize,
 }
 
 pub(crate) async fn serve(args: &Args, server: Server) -> Result<(), CliError> {
@@ -82,6 +134,14 @@ pub(crate) async fn serve(args: &Args, server: Server) -> Result<(), CliError> {
         max_queued_per_user: args.fastchat_max_queued_per_user,
         max_queued_total: args.fastchat_max_queued_total,
         max_tracked_messages: args.fastchat_max_tracked_messages,
+        hello_rate_limit: args.fastchat_hello_rate_limit,
+        max_users_per_client: args.fastchat_max_users_per_client,
+        max_queued_per_client: args.fastchat_max_queued_per_client,
+        client_msg_per_minute: args.fastchat_client_msg_per_minute,
+        client_typing_per_minute: args.fastchat_client_typing_per_minute,
+        client_hello_per_minute: args.fastchat_client_hello_per_minute,
+        max_clients: args.fastchat_max_clients,
+        max_state_bytes: server.max_state_bytes,
         ..Config::default()
     };
     if config.idle_timeout().is_zero() {
