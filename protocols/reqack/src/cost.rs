@@ -50,10 +50,8 @@ pub fn worst_case_bytes(config: &Config) -> usize {
     let users = config
         .max_users
         .saturating_mul(USER_OVERHEAD.saturating_add(id.saturating_mul(USER_NAME_COPIES)));
-    // Pending events: bounded by their byte total (frames) plus the per-event overhead.
-    let pending = config
-        .max_pending_bytes
-        .saturating_add(config.max_pending_events.saturating_mul(EVENT_OVERHEAD));
+    // Pending events: their charges (frame plus overhead) are bounded by `max_pending_bytes`.
+    let pending = config.max_pending_bytes;
     // Stored messages, open calls and the response cache: each bounded in bytes, overhead
     // included in their charge.
     let stores = config

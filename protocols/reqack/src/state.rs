@@ -728,6 +728,15 @@ impl State {
                 "an ephemeral event cannot be queued (bug)",
             ));
         }
+        // Item limits first: they need no encoding, so a flood of refused requests stays cheap.
+        let count = recipients.len();
+        if self.pending_total.saturating_add(count) > self.config.max_pending_events {
+            return Err(self.pending_full());
+        }
+        let usage = self.usage(sender);
+        if usage.pending.saturating_add(count) > self.config.max_pending_per_client {
+            return Err(self.client_share_full(usage));
+        }
         let timestamp = now_ms();
         let mut prepared = Vec::with_capacity(recipients.len());
         for name in recipients {
@@ -776,44 +785,46 @@ impl State {
                 bytes,
             });
         }
-        let count = prepared.len();
         let bytes = prepared
             .iter()
             .map(|p| p.bytes)
             .fold(0usize, usize::saturating_add);
-        if self.pending_total.saturating_add(count) > self.config.max_pending_events
-            || self.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes
-        {
-            return Err(ApiError::new(
-                ErrorCode::OutboxFull,
-                format!(
-                    "the server holds {} unacknowledged events ({} bytes; the limit is {} events, {} bytes); nothing was sent, retry later",
-                    self.pending_total,
-                    self.pending_bytes,
-                    self.config.max_pending_events,
-                    self.config.max_pending_bytes
-                ),
-            ));
+        if self.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes {
+            return Err(self.pending_full());
         }
-        let usage = self.usage(sender);
-        if usage.pending.saturating_add(count) > self.config.max_pending_per_client
-            || usage.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes_per_client
-        {
-            return Err(ApiError::new(
-                ErrorCode::OutboxFull,
-                format!(
-                    "events your client sent are waiting unacknowledged: {} ({} bytes; at most {} events, {} bytes); nothing was sent, retry later",
-                    usage.pending,
-                    usage.pending_bytes,
-                    self.config.max_pending_per_client,
-                    self.config.max_pending_bytes_per_client
-                ),
-            ));
+        if usage.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes_per_client {
+            return Err(self.client_share_full(usage));
         }
         if self.budget.try_reserve(bytes).is_err() {
             return Err(budget_error());
         }
         Ok(prepared)
+    }
+
+    fn pending_full(&self) -> ApiError {
+        ApiError::new(
+            ErrorCode::OutboxFull,
+            format!(
+                "the server holds {} unacknowledged events ({} bytes; the limit is {} events, {} bytes); nothing was sent, retry later",
+                self.pending_total,
+                self.pending_bytes,
+                self.config.max_pending_events,
+                self.config.max_pending_bytes
+            ),
+        )
+    }
+
+    fn client_share_full(&self, usage: ClientUsage) -> ApiError {
+        ApiError::new(
+            ErrorCode::OutboxFull,
+            format!(
+                "events your client sent are waiting unacknowledged: {} ({} bytes; at most {} events, {} bytes); nothing was sent, retry later",
+                usage.pending,
+                usage.pending_bytes,
+                self.config.max_pending_per_client,
+                self.config.max_pending_bytes_per_client
+            ),
+        )
     }
 
     /// Gives back the budget charge of events that will not be committed.
@@ -1615,5 +1626,325 @@ mod tests {
         );
         let r = send(&mut state, "a", "2", "read", json!({"messageId":1}));
         assert_eq!(r["payload"]["error"]["code"], "FORBIDDEN");
+    }
+
+    fn name(prefix: &str, i: usize, len: usize) -> String {
+        let mut name = format!("{prefix}{i}-");
+        while name.len() < len {
+            name.push('x');
+        }
+        name
+    }
+
+    /// Acks every pending event of every user (makes room in the pending pool).
+    fn ack_everything(state: &mut State) {
+        let names: Vec<(String, u64)> = state
+            .users
+            .iter()
+            .map(|(n, u)| (n.clone(), u.next_event_id))
+            .collect();
+        for (n, next) in names {
+            for id in 0..next {
+                state.ack(&n, id);
+            }
+        }
+    }
+
+    /// Fills every pool through requests with maximal ids and texts; returns the error codes
+    /// seen.
+    fn fill_every_pool(state: &mut State) -> HashSet<String> {
+        let config = state.config.clone();
+        let id_len = config.max_id_bytes;
+        let text = "\"".repeat(config.max_message_bytes);
+        let mut codes = HashSet::new();
+        let mut note = |r: &Value| {
+            if let Some(code) = r["payload"]["error"]["code"].as_str() {
+                codes.insert(code.to_owned());
+            }
+        };
+        let clients = config.max_clients + 2;
+        let recipients: Vec<String> = (0..config.max_users)
+            .map(|i| name("r", i, id_len))
+            .collect();
+        for i in 0..(config.max_messages * 3) {
+            let from = name("s", i % clients, id_len);
+            let to = &recipients[i % recipients.len()];
+            let request_id = name("q", i, id_len);
+            let key = client(u8::try_from(i % clients).unwrap());
+            let r = send_from(
+                state,
+                key,
+                &from,
+                &request_id,
+                "new",
+                json!({"chatId": to, "message": text, "clientMessageId": name("c", i, id_len)}),
+            );
+            note(&r);
+            if i % 7 == 0 {
+                ack_everything(state);
+            }
+        }
+        for i in 0..(config.max_open_calls * 2) {
+            ack_everything(state);
+            let participants: Vec<&String> = recipients
+                .iter()
+                .skip(i % 3)
+                .take(config.max_call_participants)
+                .collect();
+            let r = send(
+                state,
+                &recipients[recipients.len() - 1],
+                &name("call", i, id_len),
+                "newCall",
+                json!({"participants": participants, "callType": "video"}),
+            );
+            note(&r);
+        }
+        // Leave the pending pool full: events nobody acks.
+        for i in 0..(config.max_pending_events * 2) {
+            let r = send(
+                state,
+                &recipients[0],
+                &name("p", i, id_len),
+                "new",
+                json!({"chatId": recipients[1 + i % (recipients.len() - 1)], "message": text}),
+            );
+            note(&r);
+        }
+        codes
+    }
+
+    fn assert_within_formula(state: &State) -> Memory {
+        let config = &state.config;
+        let memory = state.memory();
+        let sum = memory.users
+            + memory.pending
+            + memory.messages
+            + memory.calls
+            + memory.cache
+            + memory.rates;
+        assert_eq!(
+            memory.total, sum,
+            "the budget holds exactly the pools' charges"
+        );
+        let users_bound =
+            config.max_users * (cost::USER_OVERHEAD + cost::USER_NAME_COPIES * config.max_id_bytes);
+        assert!(memory.users <= users_bound, "{memory:?}");
+        assert!(memory.pending <= config.max_pending_bytes, "{memory:?}");
+        assert!(
+            memory.messages <= config.max_message_store_bytes,
+            "{memory:?}"
+        );
+        assert!(memory.calls <= config.max_open_calls_bytes, "{memory:?}");
+        assert!(memory.cache <= config.idempotency_cache_bytes, "{memory:?}");
+        assert!(
+            memory.rates <= config.max_clients * RATE_ENTRY,
+            "{memory:?}"
+        );
+        assert!(memory.total <= cost::worst_case_bytes(config), "{memory:?}");
+        assert!(memory.total <= config.max_state_bytes, "{memory:?}");
+        memory
+    }
+
+    fn small_pools() -> Config {
+        Config {
+            max_users: 40,
+            max_pending_events: 60,
+            max_pending_bytes: 200_000,
+            max_messages: 30,
+            max_message_store_bytes: 60_000,
+            max_open_calls: 10,
+            max_open_calls_bytes: 25_000,
+            idempotency_cache: 25,
+            idempotency_cache_bytes: 30_000,
+            max_clients: 8,
+            // Buckets refill slowly, so the client table stays full; no per-user limit.
+            rate_limit: 0,
+            rate_window: Duration::from_secs(3600),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn every_pool_filled_to_its_limit_stays_within_the_documented_formula() {
+        let mut state = state(small_pools());
+        let codes = fill_every_pool(&mut state);
+        let memory = assert_within_formula(&state);
+        let stats = state.stats();
+        // The pools really were full.
+        assert!(stats.users >= 35, "{stats:?}");
+        assert_eq!(stats.rate_keys, 8);
+        assert!(
+            stats.messages > 0 && memory.messages > 60_000 - 10_000,
+            "{memory:?}"
+        );
+        assert!(memory.cache > 30_000 - 10_000, "{memory:?}");
+        assert!(memory.calls > 25_000 - 6_000, "{memory:?}");
+        assert!(
+            stats.pending_events == 60 || memory.pending > 200_000 - 10_000,
+            "{stats:?} {memory:?}"
+        );
+        assert!(codes.contains("OUTBOX_FULL"), "{codes:?}");
+        assert!(
+            codes.contains("RATE_LIMITED"),
+            "the client table filled: {codes:?}"
+        );
+    }
+
+    #[test]
+    fn the_state_budget_caps_everything_and_refuses_new_work() {
+        let mut state = state(Config {
+            max_state_bytes: 120_000,
+            ..small_pools()
+        });
+        let codes = fill_every_pool(&mut state);
+        let memory = assert_within_formula(&state);
+        assert!(memory.total <= 120_000);
+        assert!(codes.contains("LIMIT_REACHED"), "{codes:?}");
+    }
+
+    #[test]
+    fn events_for_a_user_that_never_connected_expire_and_free_the_senders_share() {
+        let ttl = Duration::from_secs(60);
+        let mut state = state(Config {
+            unclaimed_ttl: ttl,
+            unclaimed_outbox_limit: 2,
+            ..Config::default()
+        });
+        let t0 = Instant::now();
+        let new = |state: &mut State, id: &str, to: &str, at: Instant| -> Value {
+            let frame = state
+                .request(
+                    "a",
+                    client(1),
+                    id,
+                    Some("new"),
+                    json!({"chatId": to, "message": "x"}),
+                    at,
+                )
+                .unwrap();
+            serde_json::from_str(frame.as_str()).unwrap()
+        };
+        assert!(new(&mut state, "1", "ghost", t0)["payload"]["messageId"].is_u64());
+        let later = t0 + Duration::from_secs(30);
+        assert!(new(&mut state, "2", "ghost", later)["payload"]["messageId"].is_u64());
+        let r = new(&mut state, "3", "ghost", later);
+        assert_eq!(r["payload"]["error"]["code"], "OUTBOX_FULL", "{r}");
+        assert_eq!(state.stats().unclaimed_users, 1);
+        // The first event expires at t0 + ttl, the second 30 s later; then ghost is forgotten.
+        state.expire_unclaimed(t0 + ttl);
+        assert_eq!(state.pending_for("ghost"), 1);
+        state.expire_unclaimed(later + ttl);
+        assert_eq!(state.pending_for("ghost"), 0);
+        let stats = state.stats();
+        assert_eq!(
+            (stats.users, stats.unclaimed_users, stats.clients),
+            (0, 0, 0),
+            "{stats:?}"
+        );
+        assert_eq!(state.memory().pending, 0);
+        // A user that connects is claimed: its events are kept until acked, however old.
+        new(&mut state, "4", "bob", later + ttl);
+        let (bob, mut link) = peer();
+        open(&mut state, "bob", &bob, later + ttl);
+        assert_eq!(drain(&mut link).len(), 1);
+        state.expire_unclaimed(later + ttl * 10);
+        assert_eq!(state.pending_for("bob"), 1);
+    }
+
+    #[test]
+    fn unclaimed_users_and_pending_events_are_limited_per_client_not_per_user_id() {
+        let mut state = state(Config {
+            max_unclaimed_users_per_client: 3,
+            max_pending_per_client: 5,
+            ..Config::default()
+        });
+        // One client, changing its userId, may create 3 users that never connect.
+        for (i, sender) in ["a", "b", "c"].iter().enumerate() {
+            let r = send(
+                &mut state,
+                sender,
+                "1",
+                "new",
+                json!({"chatId": format!("g{i}"), "message": "x"}),
+            );
+            assert!(r["payload"]["messageId"].is_u64(), "{r}");
+        }
+        let r = send(
+            &mut state,
+            "d",
+            "1",
+            "new",
+            json!({"chatId": "g3", "message": "x"}),
+        );
+        assert_eq!(r["payload"]["error"]["code"], "LIMIT_REACHED", "{r}");
+        assert!(
+            !state.users.contains_key("g3"),
+            "the refused request created nobody"
+        );
+        // Another client is not affected.
+        let r = send_from(
+            &mut state,
+            client(2),
+            "e",
+            "1",
+            "new",
+            json!({"chatId": "g3", "message": "x"}),
+        );
+        assert!(r["payload"]["messageId"].is_u64(), "{r}");
+        // Pending events are counted per sending client too, whoever the recipients are.
+        send(
+            &mut state,
+            "a",
+            "2",
+            "new",
+            json!({"chatId": "g0", "message": "x"}),
+        );
+        send(
+            &mut state,
+            "b",
+            "2",
+            "new",
+            json!({"chatId": "g1", "message": "x"}),
+        );
+        let r = send(
+            &mut state,
+            "c",
+            "2",
+            "new",
+            json!({"chatId": "g2", "message": "x"}),
+        );
+        assert_eq!(r["payload"]["error"]["code"], "OUTBOX_FULL", "{r}");
+        assert_eq!(state.stats().pending_events, 6);
+    }
+
+    #[test]
+    fn presence_is_bounded_and_leaves_the_lock_to_the_caller() {
+        let mut state = state(Config {
+            max_presence_fanout: 3,
+            ..Config::default()
+        });
+        let now = Instant::now();
+        let mut links = Vec::new();
+        for i in 0..6 {
+            let (p, link) = peer();
+            open(&mut state, &format!("u{i}"), &p, now);
+            links.push((p, link));
+        }
+        for (_, link) in &mut links {
+            drain(link);
+        }
+        let (newcomer, _link) = peer();
+        let fanout = state.open("new", &newcomer, now).unwrap();
+        assert_eq!(fanout.announce.len(), 3);
+        assert_eq!(fanout.roster.len(), 3);
+        // Nothing was sent yet: the frames go out when the caller sends them (without the lock).
+        let before: usize = links.iter_mut().map(|(_, l)| drain(l).len()).sum();
+        fanout.send();
+        let after: usize = links.iter_mut().map(|(_, l)| drain(l).len()).sum();
+        assert_eq!((before, after), (0, 3));
+        let offline = state.close("new", newcomer.id(), now).unwrap();
+        assert_eq!(offline.announce.len(), 3);
+        assert!(offline.newcomer.is_none());
     }
 }

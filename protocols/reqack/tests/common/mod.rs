@@ -39,6 +39,16 @@ pub async fn connect(server: &TestServer, user: &str) -> User {
     }
 }
 
+/// Connects as `user` from loopback address `source` (its own client key).
+pub async fn connect_from(server: &TestServer, user: &str, source: [u8; 4]) -> User {
+    User {
+        client: server
+            .connect_from(&format!("/ws?userId={user}"), source)
+            .await,
+        backlog: VecDeque::new(),
+    }
+}
+
 /// A config whose live-socket redelivery happens quickly.
 pub fn fast_redelivery() -> Config {
     Config {
