@@ -63,6 +63,11 @@ const JSON_ESCAPE_FACTOR: usize = 6;
 /// Room for the envelope and the rest of the payload around a maximal document.
 const FRAME_OVERHEAD: usize = 64 * 1024;
 
+/// `session-state` frames one connection may receive at once (its join included)...
+pub const STATE_FRAME_BURST: u32 = 10;
+/// ...and regains per second. Past that allowance the connection is closed with 1008.
+pub const STATE_FRAMES_PER_SECOND: u32 = 1;
+
 /// Limits and defaults of the collab protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -272,8 +277,10 @@ pub struct CollabConn {
     user: Option<Identity>,
     /// Who is connecting, for the per-client share of session creation.
     client: ClientKey,
-    /// This connection's allowance of frames that fan out to the session.
+    /// This connection's allowance of frames that reach the session.
     relays: RateBucket,
+    /// This connection's allowance of `session-state` frames.
+    resyncs: RateBucket,
 }
 
 /// The session id of a WebSocket path `/ws/<sessionId>`.
@@ -319,6 +326,7 @@ impl Protocol for Collab {
             user: None,
             client,
             relays: RateBucket::new(self.config.relay_burst, now),
+            resyncs: RateBucket::new(STATE_FRAME_BURST, now),
         })
     }
 
@@ -382,11 +390,30 @@ impl Collab {
                 // A refused edit leaves the client's copy ahead of the server's: resync it.
                 if error.kind == Some("code-change") && conn.user.is_some() {
                     let state = lock(&session.state);
-                    let _ = peer.send(self.state_frame(&session, &state));
+                    self.resync(&mut conn.resyncs, &session, &state, peer);
                 }
                 return;
             }
         };
+        // Every frame that reaches the session (joins and leaves announce themselves too) spends
+        // from this connection's allowance, so no client can make the others' queues grow faster
+        // than the rate.
+        if !conn.relays.check_at(
+            self.config.relay_burst,
+            self.config.relay_per_second,
+            Instant::now(),
+        ) {
+            let kind = kind_of(&message);
+            let _ = peer.send(error_frame(&format!(
+                "{kind} refused: rate limit of {} frames a second (burst {}) reached; slow down",
+                self.config.relay_per_second, self.config.relay_burst
+            )));
+            if matches!(message, ClientMessage::CodeChange(_)) && conn.user.is_some() {
+                let state = lock(&session.state);
+                self.resync(&mut conn.resyncs, &session, &state, peer);
+            }
+            return;
+        }
         let message = match message {
             ClientMessage::Join(join) => return self.join(conn, &session, peer, join),
             other => other,
@@ -398,32 +425,15 @@ impl Collab {
             )));
             return;
         };
-        let fans_out = !matches!(message, ClientMessage::Join(_) | ClientMessage::Leave);
-        if fans_out
-            && !conn.relays.check_at(
-                self.config.relay_burst,
-                self.config.relay_per_second,
-                Instant::now(),
-            )
-        {
-            let kind = kind_of(&message);
-            let _ = peer.send(error_frame(&format!(
-                "{kind} refused: rate limit of {} frames a second (burst {}) reached; slow down",
-                self.config.relay_per_second, self.config.relay_burst
-            )));
-            if matches!(message, ClientMessage::CodeChange(_)) {
-                let state = lock(&session.state);
-                let _ = peer.send(self.state_frame(&session, &state));
-            }
-            return;
-        }
         match message {
             ClientMessage::Join(_) => {}
             ClientMessage::Leave => {
                 self.leave(&session, &user, peer);
                 conn.user = None;
             }
-            ClientMessage::CodeChange(change) => self.code_change(&session, &user, peer, change),
+            ClientMessage::CodeChange(change) => {
+                self.code_change(&session, &user, peer, &mut conn.resyncs, change);
+            }
             ClientMessage::CursorMove(cursor) => {
                 let update = frame(
                     "cursor-update",
@@ -512,7 +522,15 @@ impl Collab {
             .entry(join.user_id.clone())
             .or_insert_with(|| join.username.unwrap_or_else(|| join.user_id.clone()))
             .clone();
-        let _ = peer.send(self.state_frame(session, &state));
+        if !self.resync(&mut conn.resyncs, session, &state, peer) {
+            // Closing: undo the join so that nobody sees a participant who is not there.
+            if self.presence.leave(&session.id, &join.user_id, peer.id())
+                && state.usernames.remove(&join.user_id).is_some()
+            {
+                state.charge.shrink(PARTICIPANT_BYTES);
+            }
+            return;
+        }
         self.broadcaster.subscribe(&session.topic, peer);
         if first {
             let joined = frame(
@@ -545,7 +563,14 @@ impl Collab {
         debug!(session = %session.id, user = %user.user_id, conn = %peer.id(), "left");
     }
 
-    fn code_change(&self, session: &Session, user: &Identity, peer: &Peer, change: Change) {
+    fn code_change(
+        &self,
+        session: &Session,
+        user: &Identity,
+        peer: &Peer,
+        resyncs: &mut RateBucket,
+        change: Change,
+    ) {
         // Applying and fanning out under the session lock keeps every connection's view of the
         // document in version order.
         let mut state = lock(&session.state);
@@ -571,7 +596,7 @@ impl Collab {
             Err(error) => {
                 debug!(session = %session.id, user = %user.user_id, %error, "edit refused");
                 let _ = peer.send(error_frame(&format!("code-change refused: {error}")));
-                let _ = peer.send(self.state_frame(session, &state));
+                self.resync(resyncs, session, &state, peer);
             }
         }
     }
@@ -588,6 +613,29 @@ impl Collab {
         let relayed = frame(kind, &payload);
         self.broadcaster
             .publish(&session.topic, &relayed, Some(peer.id()));
+    }
+
+    /// Sends `session-state` (on join, or after a refused edit) if this connection's allowance
+    /// of them is not spent; otherwise closes the connection with 1008. A state frame carries the
+    /// whole document (up to about 6 MiB), so a stream of tiny frames that each earn one would
+    /// cost the server a full serialization per 40 bytes received; a legitimate client needs a
+    /// handful at most (it reconnects and joins again to resync). Returns whether it was sent.
+    fn resync(
+        &self,
+        resyncs: &mut RateBucket,
+        session: &Session,
+        state: &sessions::SessionState,
+        peer: &Peer,
+    ) -> bool {
+        if resyncs.check_at(STATE_FRAME_BURST, STATE_FRAMES_PER_SECOND, Instant::now()) {
+            let _ = peer.send(self.state_frame(session, state));
+            return true;
+        }
+        let _ = peer.send(error_frame(
+            "too many session-state resyncs (refused edits or joins); closing: reconnect and join again",
+        ));
+        peer.close(CloseReason::new(CloseReason::POLICY, "too many resyncs"));
+        false
     }
 
     fn participants(&self, session: &Session, state: &sessions::SessionState) -> Vec<Participant> {

@@ -1,7 +1,10 @@
 //! The wire: `{"type": ..., "payload": {...}}` frames in both directions. Sans-IO.
 
-use serde::de::DeserializeOwned;
+use std::borrow::Cow;
+
+use serde::de;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use switchboard_core::Frame;
 use switchboard_core::envelope::typed_frame;
@@ -111,30 +114,80 @@ const KNOWN_TYPES: [&str; 7] = [
     "execution-result",
 ];
 
+/// A field kept as its raw JSON text, distinguishing "absent" (`None`) from `null` (`Some`).
+/// Parsing into raw text first means nothing is built from a field until its size and kind
+/// are known: a generic `serde_json::Value` tree costs about 16 bytes of memory per byte of
+/// input (a 6 MiB frame of `[1,1,1,...]` becomes ~100 MB), which input must not control.
+#[derive(Debug, Default, Clone, Copy)]
+struct Field<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(deserializer).map(|raw| Self(Some(raw)))
+    }
+}
+
+impl<'a> Field<'a> {
+    /// The raw text, unless the field is absent or `null`.
+    fn present(self) -> Option<&'a str> {
+        self.0.map(RawValue::get).filter(|raw| *raw != "null")
+    }
+
+    /// The first byte of the raw JSON (`{`, `[`, `"`, a digit...).
+    fn starts_with(self, byte: u8) -> bool {
+        self.present()
+            .is_some_and(|raw| raw.as_bytes().first() == Some(&byte))
+    }
+}
+
 /// Parses one text frame.
 pub fn parse(text: &str) -> Result<ClientMessage, ParseError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| ParseError::new(format!("Malformed message: not valid JSON ({e})")))?;
-    let Value::Object(mut envelope) = value else {
-        return Err(ParseError::new(
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[serde(rename = "type", default, borrow)]
+        kind: Field<'a>,
+        #[serde(default, borrow)]
+        payload: Field<'a>,
+    }
+    let not_object = || {
+        ParseError::new(
             "Malformed message: expected a JSON object {\"type\": ..., \"payload\": {...}}",
-        ));
+        )
     };
-    let kind = match envelope.get("type") {
-        Some(Value::String(kind)) => kind.clone(),
-        Some(_) => {
-            return Err(ParseError::new(
-                "Malformed message: \"type\" must be a string",
-            ));
+    let is_object = text.trim_start().starts_with('{');
+    let envelope = match serde_json::from_str::<Envelope<'_>>(text) {
+        Ok(envelope) if is_object => envelope,
+        Ok(_) => return Err(not_object()),
+        Err(error) => {
+            // Skipping (IgnoredAny) checks the syntax without building anything.
+            if serde_json::from_str::<de::IgnoredAny>(text).is_err() {
+                return Err(ParseError::new(format!(
+                    "Malformed message: not valid JSON ({error})"
+                )));
+            }
+            if !is_object {
+                return Err(not_object());
+            }
+            return Err(ParseError::new(format!("Malformed message: {error}")));
         }
+    };
+    let kind = match envelope.kind.0 {
         None => return Err(ParseError::new("Malformed message: missing \"type\"")),
+        Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+            Ok(kind) => kind,
+            Err(_) => {
+                return Err(ParseError::new(
+                    "Malformed message: \"type\" must be a string",
+                ));
+            }
+        },
     };
     let Some(kind) = KNOWN_TYPES.iter().copied().find(|k| *k == kind) else {
         return Err(ParseError::new(INVALID_TYPE));
     };
-    let mut payload = match envelope.remove("payload") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(payload)) => payload,
+    let payload = match envelope.payload.present() {
+        None => "{}",
+        Some(raw) if raw.starts_with('{') => raw,
         Some(_) => return Err(ParseError::payload(kind, "\"payload\" must be an object")),
     };
     match kind {
@@ -149,20 +202,26 @@ pub fn parse(text: &str) -> Result<ClientMessage, ParseError> {
         "leave-session" => Ok(ClientMessage::Leave),
         "code-change" => parse_change(kind, payload).map(ClientMessage::CodeChange),
         "cursor-move" => {
-            let cursor = payload.get("cursor").cloned().unwrap_or(Value::Null);
-            if !cursor.is_object() {
-                return Err(ParseError::payload(
-                    kind,
-                    "\"cursor\" must be an object such as {\"line\": 4, \"column\": 10}",
-                ));
+            #[derive(Deserialize)]
+            struct CursorMove<'a> {
+                #[serde(default, borrow)]
+                cursor: Field<'a>,
             }
-            if cursor.to_string().len() > MAX_CURSOR_BYTES {
+            let fields: CursorMove<'_> = fields(kind, payload)?;
+            let raw = fields.cursor.present().unwrap_or("null");
+            if raw.len() > MAX_CURSOR_BYTES {
                 return Err(ParseError::payload(
                     kind,
                     format!("\"cursor\" is larger than {MAX_CURSOR_BYTES} bytes"),
                 ));
             }
-            Ok(ClientMessage::CursorMove(cursor))
+            match serde_json::from_str::<Value>(raw) {
+                Ok(cursor @ Value::Object(_)) => Ok(ClientMessage::CursorMove(cursor)),
+                _ => Err(ParseError::payload(
+                    kind,
+                    "\"cursor\" must be an object such as {\"line\": 4, \"column\": 10}",
+                )),
+            }
         }
         "language-change" => {
             #[derive(Deserialize)]
@@ -174,37 +233,53 @@ pub fn parse(text: &str) -> Result<ClientMessage, ParseError> {
             Ok(ClientMessage::LanguageChange(change.language))
         }
         "execute-code" => {
-            let language = optional_string(kind, &mut payload, "language")?;
+            #[derive(Deserialize)]
+            struct Execute<'a> {
+                #[serde(default, borrow)]
+                language: Field<'a>,
+                #[serde(default, borrow)]
+                code: Field<'a>,
+            }
+            let fields: Execute<'_> = fields(kind, payload)?;
+            let language = optional_string(kind, "language", fields.language)?;
             if let Some(language) = &language {
                 check_text(kind, "language", language, MAX_LANGUAGE_CHARS)?;
             }
-            let code = optional_string(kind, &mut payload, "code")?;
+            let code = optional_string(kind, "code", fields.code)?;
             Ok(ClientMessage::ExecuteCode(ExecuteCode { language, code }))
         }
         "execution-result" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Result<'a> {
+                #[serde(default, borrow)]
+                output: Field<'a>,
+                #[serde(default, borrow)]
+                error: Field<'a>,
+                #[serde(default, borrow)]
+                language: Field<'a>,
+                #[serde(default, borrow)]
+                duration_ms: Field<'a>,
+            }
+            let fields: Result<'_> = fields(kind, payload)?;
             let mut relayed = Map::new();
-            for field in ["output", "error"] {
-                match payload.remove(field) {
-                    None => {}
-                    Some(value @ (Value::Null | Value::String(_))) => {
-                        relayed.insert(field.to_owned(), value);
-                    }
-                    Some(_) => {
-                        return Err(ParseError::payload(
-                            kind,
-                            format!("\"{field}\" must be a string or null"),
-                        ));
-                    }
+            for (name, field) in [("output", fields.output), ("error", fields.error)] {
+                if field.0.is_none() {
+                    continue;
                 }
+                let value = optional_string(kind, name, field)?.map_or(Value::Null, Value::String);
+                relayed.insert(name.to_owned(), value);
             }
             // Extras the demo page shows; anything malformed or oversized is simply dropped.
-            if let Some(Value::String(language)) = payload.remove("language")
+            if let Ok(Some(language)) = optional_string(kind, "language", fields.language)
                 && check_text(kind, "language", &language, MAX_LANGUAGE_CHARS).is_ok()
             {
                 relayed.insert("language".to_owned(), Value::String(language));
             }
-            if let Some(duration @ Value::Number(_)) = payload.remove("durationMs") {
-                relayed.insert("durationMs".to_owned(), duration);
+            if let Some(raw) = fields.duration_ms.present()
+                && let Ok(duration) = serde_json::from_str::<serde_json::Number>(raw)
+            {
+                relayed.insert("durationMs".to_owned(), Value::Number(duration));
             }
             Ok(ClientMessage::ExecutionResult(relayed))
         }
@@ -212,11 +287,10 @@ pub fn parse(text: &str) -> Result<ClientMessage, ParseError> {
     }
 }
 
-fn fields<T: DeserializeOwned>(
-    kind: &'static str,
-    payload: Map<String, Value>,
-) -> Result<T, ParseError> {
-    serde_json::from_value(Value::Object(payload)).map_err(|e| ParseError::payload(kind, e))
+/// Deserializes a payload (raw JSON text) into its typed fields; unknown fields are skipped
+/// without being built.
+fn fields<'a, T: Deserialize<'a>>(kind: &'static str, payload: &'a str) -> Result<T, ParseError> {
+    serde_json::from_str(payload).map_err(|e| ParseError::payload(kind, e))
 }
 
 fn check_text(
@@ -240,43 +314,56 @@ fn check_text(
     Ok(())
 }
 
+/// A field that must be a string or null (or absent).
 fn optional_string(
     kind: &'static str,
-    payload: &mut Map<String, Value>,
-    field: &str,
+    name: &str,
+    field: Field<'_>,
 ) -> Result<Option<String>, ParseError> {
-    match payload.remove(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text)),
-        Some(_) => Err(ParseError::payload(
+    let Some(raw) = field.present() else {
+        return Ok(None);
+    };
+    if !raw.starts_with('"') {
+        return Err(ParseError::payload(
             kind,
-            format!("\"{field}\" must be a string or null"),
-        )),
+            format!("\"{name}\" must be a string or null"),
+        ));
     }
+    serde_json::from_str(raw)
+        .map(Some)
+        .map_err(|e| ParseError::payload(kind, format!("\"{name}\": {e}")))
 }
 
-fn parse_change(kind: &'static str, mut payload: Map<String, Value>) -> Result<Change, ParseError> {
-    match payload.remove("changes") {
-        Some(Value::String(text)) => Ok(Change::FullText(text)),
-        Some(Value::Object(op)) => {
-            #[derive(Deserialize)]
-            #[serde(rename_all = "camelCase")]
-            struct WireOperation {
-                base_version: u64,
-                ops: Operation,
-            }
-            let op: WireOperation = serde_json::from_value(Value::Object(op))
-                .map_err(|e| ParseError::payload(kind, format!("\"changes\": {e}")))?;
-            Ok(Change::Operation {
-                base_version: op.base_version,
-                op: op.ops,
-            })
-        }
-        _ => Err(ParseError::payload(
-            kind,
-            "\"changes\" must be the full text (a string) or an operation {\"baseVersion\": <version>, \"ops\": [retain/insert/delete...]}",
-        )),
+fn parse_change(kind: &'static str, payload: &str) -> Result<Change, ParseError> {
+    #[derive(Deserialize)]
+    struct CodeChange<'a> {
+        #[serde(default, borrow)]
+        changes: Field<'a>,
     }
+    let fields: CodeChange<'_> = fields(kind, payload)?;
+    let changes = fields.changes;
+    if changes.starts_with(b'"') {
+        let text = optional_string(kind, "changes", changes)?.unwrap_or_default();
+        return Ok(Change::FullText(text));
+    }
+    if let (true, Some(raw)) = (changes.starts_with(b'{'), changes.present()) {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct WireOperation {
+            base_version: u64,
+            ops: Operation,
+        }
+        let op: WireOperation = serde_json::from_str(raw)
+            .map_err(|e| ParseError::payload(kind, format!("\"changes\": {e}")))?;
+        return Ok(Change::Operation {
+            base_version: op.base_version,
+            op: op.ops,
+        });
+    }
+    Err(ParseError::payload(
+        kind,
+        "\"changes\" must be the full text (a string) or an operation {\"baseVersion\": <version>, \"ops\": [retain/insert/delete...]}",
+    ))
 }
 
 /// A participant as listed in `session-state` and the REST API.

@@ -663,3 +663,48 @@ async fn filling_every_pool_stays_within_the_worst_case_formula() {
     drop(clients);
     drop(fourth);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tiny frames that each earn a whole-document session-state.
+
+#[tokio::test]
+async fn refused_edits_earn_a_bounded_number_of_resyncs() {
+    let config = Config::default();
+    let (collab, server) = start(config.clone()).await;
+    let (mut calm, baseline) = bystander(&server).await;
+    let created = create_with_code(&server, &"r".repeat(256 * 1024)).await;
+    let id = created.json()["sessionId"].as_str().unwrap().to_owned();
+    let mut attacker = join(&server, &id, "u-attacker").await;
+
+    // Each of these is refused (a version from the future) and used to answer with the whole
+    // document.
+    for _ in 0..200 {
+        attacker
+            .send_text(
+                r#"{"type":"code-change","payload":{"changes":{"baseVersion":99,"ops":[]}}}"#,
+            )
+            .await;
+    }
+    let mut states = 0;
+    let close = loop {
+        match timeout(WAIT, attacker.recv()).await.expect("no close") {
+            message if message.is_close() => break message,
+            message => {
+                if message.into_text().unwrap().contains("\"session-state\"") {
+                    states += 1;
+                }
+            }
+        }
+    };
+    // The join took one; the rest of the burst (plus a refill or two) went to refusals.
+    assert!(
+        states <= switchboard_collab::STATE_FRAME_BURST as usize + 2,
+        "{states}"
+    );
+    assert!(
+        format!("{close:?}").contains("too many resyncs"),
+        "{close:?}"
+    );
+    assert_within_bound(&collab, &config);
+    assert_still_served(&mut calm, baseline).await;
+}
