@@ -3,12 +3,15 @@
 //! - `cargo xtask ci`: exactly what CI runs — fmt check, clippy with warnings denied, tests.
 //! - `cargo xtask bench [--quick]`: release builds of the server and of a minimal baseline,
 //!   a fixed matrix of load runs against both, and the table in `docs/performance.md`.
+//! - `cargo xtask autobahn [--debug]`: the Autobahn|Testsuite fuzzing client (cases 1-7, 9, 10) against
+//!   `switchboard serve --protocol echo`; fails unless every case passes.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
     reason = "a command-line tool"
 )]
 
+mod autobahn;
 mod bench;
 
 use std::process::{Command, ExitCode};
@@ -19,8 +22,11 @@ fn main() -> ExitCode {
     match task.as_str() {
         "ci" => ci(),
         "bench" => bench::run(args.any(|a| a == "--quick")),
+        "autobahn" => autobahn::run(args.any(|a| a == "--debug")),
         _ => {
-            eprintln!("usage: cargo xtask ci | cargo xtask bench [--quick]");
+            eprintln!(
+                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask autobahn [--debug]"
+            );
             ExitCode::from(2)
         }
     }
