@@ -145,6 +145,12 @@ mod tests {
     }
 
     #[test]
+    fn the_default_worst_case_is_the_documented_number() {
+        // docs/protocols/reqack.md, "Limits and worst-case memory".
+        assert_eq!(worst_case_bytes(&Config::default()), 247_772_160);
+    }
+
+    #[test]
     fn the_worst_case_is_capped_by_the_state_budget() {
         let config = Config::default();
         assert!(worst_case_bytes(&config) <= config.max_state_bytes);

@@ -20,6 +20,14 @@
 //! whose event would not fit fails with `OUTBOX_FULL` and changes nothing. Requests are
 //! idempotent by (user, request id). See `docs/protocols/reqack.md` for the full protocol.
 //!
+//! # Bounds
+//! Every pool is bounded in items and bytes and charged to one
+//! [`switchboard_core::MemoryBudget`] ([`Config::max_state_bytes`]); [`worst_case_bytes`] is the
+//! documented formula. What a client can make the server keep (users that never connected,
+//! pending events) and how fast it may ask (requests, connects) is counted per
+//! [`switchboard_core::ClientKey`] (its address), so changing `userId` dodges nothing. Events for
+//! a user that never connected are few and expire ([`Config::unclaimed_ttl`]).
+//!
 //! # Plugging in
 //! ```no_run
 //! # async fn run() -> std::io::Result<()> {

@@ -38,10 +38,12 @@ pub enum ErrorCode {
     UnknownEventType,
     /// Too many requests or client events; retry later (with the same request id).
     RateLimited,
-    /// A recipient's outbox (or the server's total) is full of unacknowledged events; nothing was
-    /// stored or sent. Retry later with the same request id.
+    /// A recipient's outbox, the server's total or the sending client's share of unacknowledged
+    /// events is full (in events or bytes); nothing was stored or sent. Retry later with the same
+    /// request id.
     OutboxFull,
-    /// A server table (users) is full; retry later.
+    /// A server limit other than an outbox is reached: the user table, the client's share of
+    /// users that never connected, or the protocol's memory budget. Nothing was done; retry later.
     LimitReached,
     /// The server failed to encode its answer (never expected).
     Internal,
