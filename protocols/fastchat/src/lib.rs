@@ -3,9 +3,14 @@
 //! Clients connect to `/ws`, identify with `HELLO {user_id, display_name}` and then open chats
 //! (`OPEN_CHAT`), send messages (`MSG`, acknowledged in two phases: `sent` by the server,
 //! `delivered` when the recipient answers `MSG_ACK`), signal typing (`TYPING`) and heartbeat
-//! (`PING`/`PONG`). Everyone identified receives `PRESENCE`, the list of every known user with an
-//! `online` flag, whenever it changes. Messages to a user who is offline wait in a bounded queue
-//! until that user's next HELLO. See `docs/protocols/fastchat.md` for every rule and error.
+//! (`PING`/`PONG`). A socket's first HELLO is answered with `PRESENCE`, the list of every known
+//! user with an `online` flag; after that every identified socket hears each change as a small
+//! `PRESENCE` delta. Messages to a user who is offline wait in a bounded queue until that user's
+//! next HELLO. See `docs/protocols/fastchat.md` for every rule and error.
+//!
+//! Everything stored is bounded in items, shared per client ([`ClientKey`]: an IP, never a
+//! `user_id`) where one client could exhaust it, and charged in bytes to a [`MemoryBudget`] of
+//! [`Config::max_state_bytes`]; see [`Config::worst_case_state_bytes`] and [`FastChat::stats`].
 //!
 //! [`FastChat`] implements [`switchboard_core::Protocol`]; serve it with `switchboard-server`:
 //!
@@ -209,6 +214,7 @@ impl Config {
     ///
     /// ```text
     /// fixed_state_bytes
+    ///   + max_users * PRESENCE_ENTRY_MAX_BYTES + PRESENCE_ENVELOPE_BYTES   (cached full list)
     ///   + max_users * USER_BYTES
     ///   + max_users * max_chats_per_user / 2 * CHAT_BYTES
     ///   + max_queued_total * (MAX_MSG_FRAME_BYTES + QUEUE_ENTRY_OVERHEAD_BYTES)
@@ -219,8 +225,8 @@ impl Config {
     /// fixed_state_bytes)`.
     pub fn worst_case_state_bytes(&self) -> usize {
         use crate::state::{
-            CHAT_BYTES, MAX_MSG_FRAME_BYTES, MESSAGE_ID_MAX_BYTES, QUEUE_ENTRY_OVERHEAD_BYTES,
-            RECORD_OVERHEAD_BYTES, USER_BYTES,
+            CHAT_BYTES, MAX_MSG_FRAME_BYTES, MESSAGE_ID_MAX_BYTES, PRESENCE_ENTRY_MAX_BYTES,
+            PRESENCE_ENVELOPE_BYTES, QUEUE_ENTRY_OVERHEAD_BYTES, RECORD_OVERHEAD_BYTES, USER_BYTES,
         };
         let users = self.max_users.max(1);
         let chats = users.saturating_mul(self.max_chats_per_user) / 2;
@@ -228,7 +234,11 @@ impl Config {
         let record = MESSAGE_ID_MAX_BYTES
             .saturating_mul(2)
             .saturating_add(RECORD_OVERHEAD_BYTES);
+        let presence_list = users
+            .saturating_mul(PRESENCE_ENTRY_MAX_BYTES)
+            .saturating_add(PRESENCE_ENVELOPE_BYTES);
         self.fixed_state_bytes()
+            .saturating_add(presence_list)
             .saturating_add(users.saturating_mul(USER_BYTES))
             .saturating_add(chats.saturating_mul(CHAT_BYTES))
             .saturating_add(self.max_queued_total.saturating_mul(queued))
@@ -360,16 +370,22 @@ impl FastChat {
         self.presence.is_present(ONLINE_ROOM, &id.to_string())
     }
 
-    /// The full `PRESENCE` list, for a socket's first HELLO.
-    fn presence_frame(&self, registry: &Registry) -> Option<Frame> {
+    /// The full `PRESENCE` list, for a socket's first HELLO: cached until the list changes, so
+    /// sockets joining meanwhile share one buffer.
+    fn presence_frame(&self, registry: &mut Registry) -> Option<Frame> {
+        if let Some(cached) = registry.cached_presence() {
+            return Some(cached);
+        }
         let users = registry.presence(&|id| self.is_online(id));
-        frame(
+        let full = frame(
             "PRESENCE",
             &messages::Presence {
                 users,
                 delta: false,
             },
-        )
+        )?;
+        registry.cache_presence(full.clone());
+        Some(full)
     }
 
     /// A `PRESENCE` delta with just `users`: what changed, in its current state.
@@ -471,6 +487,9 @@ impl FastChat {
             came_online = self.presence.join(ONLINE_ROOM, &id, peer.id());
             conn.user = Some(user_id);
         }
+        if came_online {
+            registry.invalidate_presence();
+        }
         Self::send(
             peer,
             frame(
@@ -485,7 +504,7 @@ impl FastChat {
         // later ones (it already holds the list); everyone else gets a delta of what changed.
         let me = registry.presence_of(user_id, true);
         if first_hello {
-            Self::send(peer, self.presence_frame(&registry));
+            Self::send(peer, self.presence_frame(&mut registry));
         } else {
             Self::send(peer, Self::presence_delta(me.iter().cloned().collect()));
         }
@@ -853,6 +872,7 @@ impl Protocol for FastChat {
         self.broadcaster.unsubscribe(PRESENCE_TOPIC, peer.id());
         if self.presence.leave(ONLINE_ROOM, &id, peer.id()) {
             registry.touch(user_id);
+            registry.invalidate_presence();
             let gone = registry.presence_of(user_id, false);
             self.publish_delta(gone.into_iter().collect(), Some(peer.id()));
             debug!(user = %id, "user went offline");

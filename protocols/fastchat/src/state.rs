@@ -36,6 +36,11 @@ pub const MAX_MSG_FRAME_BYTES: usize = 8 * 1024;
 pub const RECORD_OVERHEAD_BYTES: usize = 160;
 /// Longest message id in bytes (128 characters of up to 4 bytes).
 pub const MESSAGE_ID_MAX_BYTES: usize = 128 * 4;
+/// Most bytes of one user's entry in the encoded `PRESENCE` list: the id (36), a display name of
+/// 50 characters JSON-escaped (at most 300 bytes) and the keys and punctuation (~50).
+pub const PRESENCE_ENTRY_MAX_BYTES: usize = 400;
+/// Bytes of the `PRESENCE` envelope around the entries.
+pub const PRESENCE_ENVELOPE_BYTES: usize = 64;
 
 /// Namespace of chat ids: `chat_id = UUIDv5(CHAT_NAMESPACE, smaller_id_bytes ++ larger_id_bytes)`.
 pub const CHAT_NAMESPACE: Uuid = Uuid::from_u128(0x6d1f_3c4e_2b7a_4f0e_9c55_8a1d_f00d_c4a7);
@@ -191,6 +196,9 @@ pub struct Registry {
     message_order: VecDeque<String>,
     /// Bytes charged for `messages`, to tell whether forgetting records could make room.
     records_bytes: usize,
+    /// The encoded full `PRESENCE` list while nothing in it changed, shared by every socket
+    /// that says its first HELLO meanwhile (one buffer instead of a copy per socket).
+    presence_cache: Option<Frame>,
     budget: Arc<MemoryBudget>,
     max_users: usize,
     max_users_per_client: usize,
@@ -229,6 +237,7 @@ impl Registry {
             messages: HashMap::new(),
             message_order: VecDeque::new(),
             records_bytes: 0,
+            presence_cache: None,
             budget,
             max_users: config.max_users.max(1),
             max_users_per_client: config.max_users_per_client,
@@ -238,6 +247,19 @@ impl Registry {
             max_queued_total: config.max_queued_total,
             max_tracked_messages: config.max_tracked_messages.max(1),
         }
+    }
+
+    /// Charges `bytes` to the budget; the cached `PRESENCE` list (only a cache) gives its room
+    /// up first if that is what it takes.
+    fn reserve(&mut self, bytes: usize) -> bool {
+        if self.budget.try_reserve(bytes).is_ok() {
+            return true;
+        }
+        if self.presence_cache.is_none() {
+            return false;
+        }
+        self.invalidate_presence();
+        self.budget.try_reserve(bytes).is_ok()
     }
 
     fn tick(&mut self) -> u64 {
@@ -275,6 +297,7 @@ impl Registry {
             let renamed = user.display_name != display_name;
             if renamed {
                 display_name.clone_into(&mut user.display_name);
+                self.invalidate_presence();
             }
             return Ok(Registered {
                 renamed,
@@ -296,7 +319,7 @@ impl Registry {
                     .ok_or(RegisterError::TableFull)?,
             );
         }
-        if victims.is_empty() && self.budget.try_reserve(USER_BYTES).is_err() {
+        if victims.is_empty() && !self.reserve(USER_BYTES) {
             return Err(RegisterError::NoMemory);
         }
         let mut forgotten = Vec::new();
@@ -305,7 +328,7 @@ impl Registry {
                 forgotten.push((victim, name));
             }
         }
-        if !forgotten.is_empty() && self.budget.try_reserve(USER_BYTES).is_err() {
+        if !forgotten.is_empty() && !self.reserve(USER_BYTES) {
             // Forgetting released at least USER_BYTES, so this only happens when another pool
             // grew in between; refuse rather than overdraw.
             return Err(RegisterError::NoMemory);
@@ -324,6 +347,7 @@ impl Registry {
             },
         );
         count_up(&mut self.users_per_client, creator);
+        self.invalidate_presence();
         Ok(Registered {
             new: true,
             renamed: false,
@@ -335,6 +359,7 @@ impl Registry {
     /// Returns their last display name.
     fn forget(&mut self, id: Uuid) -> Option<String> {
         let user = self.users.remove(&id)?;
+        self.invalidate_presence();
         self.budget.release(USER_BYTES);
         count_down(&mut self.users_per_client, user.creator);
         for queued in &user.queue {
@@ -390,7 +415,7 @@ impl Registry {
         if full(&target) {
             return Err(OpenError::TooManyChats { opener: false });
         }
-        if self.budget.try_reserve(CHAT_BYTES).is_err() {
+        if !self.reserve(CHAT_BYTES) {
             return Err(OpenError::NoMemory);
         }
         for (me, other) in [(opener, target), (target, opener)] {
@@ -430,7 +455,7 @@ impl Registry {
         if self.max_queued_per_client != 0 && held >= self.max_queued_per_client {
             return Err(QueueError::ClientQueueFull);
         }
-        if self.budget.try_reserve(queued_bytes(&frame)).is_err() {
+        if !self.reserve(queued_bytes(&frame)) {
             return Err(QueueError::NoMemory);
         }
         if let Some(user) = self.users.get_mut(&to) {
@@ -522,12 +547,17 @@ impl Registry {
             }
         }
         let bytes = record_bytes(&message_id);
-        let others = self.budget.used().saturating_sub(self.records_bytes);
+        let cache = self.presence_cache.as_ref().map_or(0, Frame::len);
+        let others = self
+            .budget
+            .used()
+            .saturating_sub(self.records_bytes)
+            .saturating_sub(cache);
         if others.saturating_add(bytes) > self.budget.limit() {
             // Even forgetting every record would not make room: evict nothing.
             return Err(RecordRefused);
         }
-        while self.budget.try_reserve(bytes).is_err() {
+        while !self.reserve(bytes) {
             if !self.forget_oldest_record() {
                 return Err(RecordRefused);
             }
@@ -598,6 +628,28 @@ impl Registry {
     /// How many users are known.
     pub fn user_count(&self) -> usize {
         self.users.len()
+    }
+
+    /// The cached full `PRESENCE` frame, if nothing changed since it was cached.
+    pub fn cached_presence(&self) -> Option<Frame> {
+        self.presence_cache.clone()
+    }
+
+    /// Caches the full `PRESENCE` frame if the budget has room for it (otherwise it is simply
+    /// built again next time).
+    pub fn cache_presence(&mut self, frame: Frame) {
+        self.invalidate_presence();
+        if self.budget.try_reserve(frame.len()).is_ok() {
+            self.presence_cache = Some(frame);
+        }
+    }
+
+    /// Drops the cached `PRESENCE` frame: someone was added, renamed, forgotten, or came online
+    /// or went offline.
+    pub fn invalidate_presence(&mut self) {
+        if let Some(frame) = self.presence_cache.take() {
+            self.budget.release(frame.len());
+        }
     }
 }
 

@@ -515,10 +515,29 @@ async fn accounted_state_stays_within_the_documented_formula() {
     );
 }
 
+#[tokio::test]
+async fn sockets_joining_while_nothing_changes_share_one_presence_list() {
+    let (server, chat) = start(Config::default()).await;
+    let a = new_id();
+    for n in 0..20 {
+        join_from(&server, [127, 0, 0, 2], &new_id(), &format!("Someone {n}")).await;
+    }
+    let (_alice, first) = join_from(&server, [127, 0, 0, 3], &a, "Alice").await;
+    let before = chat.stats().state_bytes;
+    // More sockets of an online user change nothing: the same list, and no new bytes held.
+    let mut more = Vec::new();
+    for _ in 0..10 {
+        let (client, list) = join_from(&server, [127, 0, 0, 3], &a, "Alice").await;
+        assert_eq!(list, first);
+        more.push(client);
+    }
+    assert_eq!(chat.stats().state_bytes, before);
+}
+
 #[test]
 fn the_default_worst_case_matches_the_docs() {
     // docs/protocols/fastchat.md, "Limits and worst-case memory".
     let config = Config::default();
     assert_eq!(config.fixed_state_bytes(), 24_000_000);
-    assert_eq!(config.worst_case_state_bytes(), 326_400_000);
+    assert_eq!(config.worst_case_state_bytes(), 330_400_064);
 }
