@@ -33,6 +33,7 @@ use std::time::Duration;
 /// | `max_message_store_bytes` | 64 MiB | the oldest stored message is forgotten |
 /// | `max_open_calls_bytes` | 16 MiB | the oldest open call is forgotten |
 /// | `idempotency_cache_bytes` | 16 MiB | the oldest cached response is forgotten |
+/// | `idempotency_cache_per_client` / `_bytes_per_client` | 5,000 / 2 MiB | the client's own oldest cached response is forgotten |
 ///
 /// A *client* is a [`switchboard_core::ClientKey`]: the IPv4 address (or IPv6 /64) the socket
 /// comes from, never a `userId`, which clients pick freely.
@@ -121,6 +122,11 @@ pub struct Config {
     pub max_open_calls_bytes: usize,
     /// Bytes of remembered responses; beyond it the oldest is forgotten.
     pub idempotency_cache_bytes: usize,
+    /// Responses remembered for one client (by address); beyond it that client's own oldest
+    /// response is forgotten, so one client's flood cannot push out everybody else's.
+    pub idempotency_cache_per_client: usize,
+    /// Bytes of responses remembered for one client; beyond it as above.
+    pub idempotency_cache_bytes_per_client: usize,
 }
 
 impl Default for Config {
@@ -157,6 +163,8 @@ impl Default for Config {
             max_message_store_bytes: 64 * 1024 * 1024,
             max_open_calls_bytes: 16 * 1024 * 1024,
             idempotency_cache_bytes: 16 * 1024 * 1024,
+            idempotency_cache_per_client: 5_000,
+            idempotency_cache_bytes_per_client: 2 * 1024 * 1024,
         }
     }
 }

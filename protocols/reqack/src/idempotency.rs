@@ -3,45 +3,97 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use switchboard_core::{Frame, MemoryBudget};
+use switchboard_core::{ClientKey, Frame, MemoryBudget};
 
 use crate::cost::CACHE_OVERHEAD;
 
 type Key = (String, String);
 
-/// Bytes charged for one remembered response (the key is held twice: map and FIFO).
+/// Bytes charged for one remembered response (the key is held three times: the map, the global
+/// FIFO and the client's FIFO).
 fn entry_bytes(user: &str, request_id: &str, response: &Frame) -> usize {
     CACHE_OVERHEAD
         .saturating_add(
             user.len()
                 .saturating_add(request_id.len())
-                .saturating_mul(2),
+                .saturating_mul(3),
         )
         .saturating_add(response.as_str().len())
 }
 
+#[derive(Debug)]
+struct Entry {
+    frame: Frame,
+    client: ClientKey,
+    /// Insertion number: tells a FIFO slot of this entry from a stale slot of an older one.
+    seq: u64,
+    bytes: usize,
+}
+
+/// One client's remembered responses, oldest first.
+#[derive(Debug, Default)]
+struct ClientShare {
+    keys: VecDeque<(u64, Key)>,
+    /// Live entries and their bytes (`keys` may hold stale slots).
+    count: usize,
+    bytes: usize,
+}
+
+/// Per-client limits of the cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Share {
+    /// Responses one client may have remembered.
+    pub(crate) items: usize,
+    /// Bytes of responses one client may have remembered.
+    pub(crate) bytes: usize,
+}
+
+impl Share {
+    /// No per-client limit.
+    #[cfg(test)]
+    pub(crate) const UNLIMITED: Self = Self {
+        items: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
 /// A bounded map from (user, request id) to the encoded response, forgetting the oldest entry
-/// when full in items or bytes (first in, first out), charged to the protocol's budget.
+/// when full in items or bytes (first in, first out), charged to the protocol's budget. Each
+/// client (the address the request came from) has a share; a client over its share forgets its
+/// own oldest responses, so one client's flood cannot push out everybody else's.
 #[derive(Debug)]
 pub(crate) struct IdempotencyCache {
     capacity: usize,
     capacity_bytes: usize,
+    share: Share,
     bytes: usize,
     budget: Arc<MemoryBudget>,
-    responses: HashMap<Key, Frame>,
-    order: VecDeque<Key>,
+    responses: HashMap<Key, Entry>,
+    /// Every insertion, oldest first; slots whose entry is gone or newer are stale and skipped.
+    order: VecDeque<(u64, Key)>,
+    clients: HashMap<ClientKey, ClientShare>,
+    next_seq: u64,
 }
 
 impl IdempotencyCache {
-    /// A cache of at most `capacity` responses (0 remembers nothing) and `capacity_bytes`.
-    pub(crate) fn new(capacity: usize, capacity_bytes: usize, budget: Arc<MemoryBudget>) -> Self {
+    /// A cache of at most `capacity` responses (0 remembers nothing) and `capacity_bytes`, each
+    /// client holding at most `share`.
+    pub(crate) fn new(
+        capacity: usize,
+        capacity_bytes: usize,
+        share: Share,
+        budget: Arc<MemoryBudget>,
+    ) -> Self {
         Self {
             capacity,
             capacity_bytes,
+            share,
             bytes: 0,
             budget,
             responses: HashMap::new(),
             order: VecDeque::new(),
+            clients: HashMap::new(),
+            next_seq: 0,
         }
     }
 
@@ -50,16 +102,69 @@ impl IdempotencyCache {
         self.bytes
     }
 
-    fn evict_oldest(&mut self) -> bool {
-        let Some((user, id)) = self.order.pop_front() else {
+    /// Removes the entry under `key` if it is the one inserted as `seq`; gives back its charge.
+    fn remove(&mut self, key: &Key, seq: u64) -> bool {
+        if self.responses.get(key).is_none_or(|e| e.seq != seq) {
+            return false;
+        }
+        let Some(entry) = self.responses.remove(key) else {
             return false;
         };
-        if let Some(frame) = self.responses.remove(&(user.clone(), id.clone())) {
-            let bytes = entry_bytes(&user, &id, &frame);
-            self.bytes = self.bytes.saturating_sub(bytes);
-            self.budget.release(bytes);
+        self.bytes = self.bytes.saturating_sub(entry.bytes);
+        self.budget.release(entry.bytes);
+        if let Some(share) = self.clients.get_mut(&entry.client) {
+            share.count = share.count.saturating_sub(1);
+            share.bytes = share.bytes.saturating_sub(entry.bytes);
+            if share.count == 0 {
+                self.clients.remove(&entry.client);
+            }
         }
         true
+    }
+
+    /// Forgets the oldest live entry of the whole cache; `false` if there is none.
+    fn evict_oldest(&mut self) -> bool {
+        while let Some((seq, key)) = self.order.pop_front() {
+            if self.remove(&key, seq) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Forgets `client`'s oldest live entry; `false` if it has none.
+    fn evict_oldest_of(&mut self, client: ClientKey) -> bool {
+        loop {
+            let Some((seq, key)) = self
+                .clients
+                .get_mut(&client)
+                .and_then(|share| share.keys.pop_front())
+            else {
+                return false;
+            };
+            if self.remove(&key, seq) {
+                return true;
+            }
+        }
+    }
+
+    /// Drops stale FIFO slots once they outnumber the live entries, so the FIFOs stay bounded
+    /// by the number of live entries.
+    fn compact(&mut self) {
+        let live = self.responses.len();
+        if self.order.len() > live.saturating_mul(2).saturating_add(16) {
+            let responses = &self.responses;
+            self.order
+                .retain(|(seq, key)| responses.get(key).is_some_and(|e| e.seq == *seq));
+        }
+        for share in self.clients.values_mut() {
+            if share.keys.len() > share.count.saturating_mul(2).saturating_add(16) {
+                let responses = &self.responses;
+                share
+                    .keys
+                    .retain(|(seq, key)| responses.get(key).is_some_and(|e| e.seq == *seq));
+            }
+        }
     }
 
     /// The response already given to `user` for `request_id`, if remembered.
@@ -67,26 +172,46 @@ impl IdempotencyCache {
         // Borrowed lookups on a tuple key need an owned key; ids are short (bounded by config).
         self.responses
             .get(&(user.to_owned(), request_id.to_owned()))
-            .cloned()
+            .map(|e| e.frame.clone())
     }
 
-    /// Remembers `response` for (`user`, `request_id`), forgetting the oldest entries while
-    /// over the item or byte limit. When the protocol's budget has no room even with the cache
-    /// empty, the response is not remembered (a retry runs the request again).
-    pub(crate) fn insert(&mut self, user: &str, request_id: &str, response: Frame) {
+    /// Remembers `response` for (`user`, `request_id`), asked by `client`: forgets the
+    /// client's own oldest entries while it is over its share, then the oldest entries of the
+    /// cache while it is over its item or byte limit. When the protocol's budget has no room
+    /// even with the cache empty, the response is not remembered (a retry runs the request
+    /// again).
+    pub(crate) fn insert(
+        &mut self,
+        user: &str,
+        request_id: &str,
+        client: ClientKey,
+        response: Frame,
+    ) {
         let bytes = entry_bytes(user, request_id, &response);
-        if self.capacity == 0 || bytes > self.capacity_bytes {
+        if self.capacity == 0
+            || self.share.items == 0
+            || bytes > self.capacity_bytes
+            || bytes > self.share.bytes
+        {
             return;
         }
         let key = (user.to_owned(), request_id.to_owned());
-        if let Some(old) = self.responses.remove(&key) {
-            // Replaced: give back the old charge; the entry moves to the back of the FIFO.
-            let old_bytes = entry_bytes(user, request_id, &old);
-            self.bytes = self.bytes.saturating_sub(old_bytes);
-            self.budget.release(old_bytes);
-            self.order.retain(|k| k != &key);
+        if let Some(seq) = self.responses.get(&key).map(|e| e.seq) {
+            // Replaced: the old entry goes; its FIFO slots become stale.
+            self.remove(&key, seq);
         }
-        while self.order.len() >= self.capacity
+        loop {
+            let share = self.clients.get(&client);
+            let count = share.map_or(0, |s| s.count);
+            let held = share.map_or(0, |s| s.bytes);
+            if count < self.share.items && held.saturating_add(bytes) <= self.share.bytes {
+                break;
+            }
+            if !self.evict_oldest_of(client) {
+                break;
+            }
+        }
+        while self.responses.len() >= self.capacity
             || self.bytes.saturating_add(bytes) > self.capacity_bytes
         {
             if !self.evict_oldest() {
@@ -100,9 +225,24 @@ impl IdempotencyCache {
                 return;
             }
         }
+        let seq = self.next_seq;
+        self.next_seq = seq.saturating_add(1);
         self.bytes = self.bytes.saturating_add(bytes);
-        self.responses.insert(key.clone(), response);
-        self.order.push_back(key);
+        self.order.push_back((seq, key.clone()));
+        let share = self.clients.entry(client).or_default();
+        share.keys.push_back((seq, key.clone()));
+        share.count = share.count.saturating_add(1);
+        share.bytes = share.bytes.saturating_add(bytes);
+        self.responses.insert(
+            key,
+            Entry {
+                frame: response,
+                client,
+                seq,
+                bytes,
+            },
+        );
+        self.compact();
     }
 
     /// Number of remembered responses.
@@ -115,11 +255,15 @@ impl IdempotencyCache {
 mod tests {
     use super::*;
 
+    fn client(last: u8) -> ClientKey {
+        ClientKey::from_ip(std::net::IpAddr::from([127, 0, 0, last]))
+    }
+
     #[test]
     fn remembers_per_user_and_request_id() {
-        let mut cache = IdempotencyCache::new(10, usize::MAX, Arc::default());
-        cache.insert("alice", "r1", Frame::text("a1"));
-        cache.insert("bob", "r1", Frame::text("b1"));
+        let mut cache = IdempotencyCache::new(10, usize::MAX, Share::UNLIMITED, Arc::default());
+        cache.insert("alice", "r1", client(1), Frame::text("a1"));
+        cache.insert("bob", "r1", client(1), Frame::text("b1"));
         assert_eq!(cache.get("alice", "r1"), Some(Frame::text("a1")));
         assert_eq!(cache.get("bob", "r1"), Some(Frame::text("b1")));
         assert_eq!(cache.get("alice", "r2"), None);
@@ -127,10 +271,10 @@ mod tests {
 
     #[test]
     fn forgets_the_oldest_when_full() {
-        let mut cache = IdempotencyCache::new(2, usize::MAX, Arc::default());
-        cache.insert("u", "1", Frame::text("1"));
-        cache.insert("u", "2", Frame::text("2"));
-        cache.insert("u", "3", Frame::text("3"));
+        let mut cache = IdempotencyCache::new(2, usize::MAX, Share::UNLIMITED, Arc::default());
+        cache.insert("u", "1", client(1), Frame::text("1"));
+        cache.insert("u", "2", client(1), Frame::text("2"));
+        cache.insert("u", "3", client(1), Frame::text("3"));
         assert_eq!(cache.len(), 2);
         assert_eq!(cache.get("u", "1"), None);
         assert!(cache.get("u", "2").is_some());
@@ -139,11 +283,15 @@ mod tests {
 
     #[test]
     fn reinserting_a_key_does_not_grow_the_cache() {
-        let mut cache = IdempotencyCache::new(2, usize::MAX, Arc::default());
-        cache.insert("u", "1", Frame::text("old"));
-        cache.insert("u", "1", Frame::text("new"));
+        let mut cache = IdempotencyCache::new(2, usize::MAX, Share::UNLIMITED, Arc::default());
+        cache.insert("u", "1", client(1), Frame::text("old"));
+        cache.insert("u", "1", client(1), Frame::text("new"));
         assert_eq!(cache.len(), 1);
-        assert_eq!(cache.order.len(), 1);
+        assert_eq!(
+            cache.order.len(),
+            2,
+            "the old slot is stale until compacted"
+        );
         assert_eq!(cache.get("u", "1"), Some(Frame::text("new")));
     }
 
@@ -151,24 +299,49 @@ mod tests {
     fn the_cache_is_bounded_in_bytes_and_yields_to_the_budget() {
         let one = entry_bytes("u", "1", &Frame::text("x"));
         let budget = Arc::new(MemoryBudget::new(3 * one));
-        let mut cache = IdempotencyCache::new(100, 2 * one, budget.clone());
+        let mut cache = IdempotencyCache::new(100, 2 * one, Share::UNLIMITED, budget.clone());
         for id in ["1", "2", "3"] {
-            cache.insert("u", id, Frame::text("x"));
+            cache.insert("u", id, client(1), Frame::text("x"));
         }
         assert_eq!(cache.len(), 2, "the byte limit forgot the oldest");
         assert_eq!(budget.used(), 2 * one);
         // Someone else takes most of the budget: the cache gives its entries back.
         budget.force_reserve(one);
-        cache.insert("u", "4", Frame::text("x"));
+        cache.insert("u", "4", client(1), Frame::text("x"));
         assert_eq!(budget.used(), 3 * one);
         assert_eq!(cache.len(), 2);
         assert!(cache.get("u", "4").is_some());
     }
 
     #[test]
+    fn a_client_over_its_share_forgets_its_own_oldest_not_the_others() {
+        let mut cache = IdempotencyCache::new(
+            100,
+            usize::MAX,
+            Share {
+                items: 3,
+                bytes: usize::MAX,
+            },
+            Arc::default(),
+        );
+        cache.insert("alice", "1", client(2), Frame::text("a"));
+        for i in 0..50 {
+            cache.insert("mallory", &i.to_string(), client(1), Frame::text("m"));
+        }
+        assert_eq!(cache.len(), 4);
+        assert!(
+            cache.get("alice", "1").is_some(),
+            "the flood did not push alice out"
+        );
+        assert!(cache.get("mallory", "49").is_some());
+        assert!(cache.get("mallory", "46").is_none());
+        assert!(cache.order.len() <= 2 * 4 + 16, "stale slots are compacted");
+    }
+
+    #[test]
     fn zero_capacity_remembers_nothing() {
-        let mut cache = IdempotencyCache::new(0, usize::MAX, Arc::default());
-        cache.insert("u", "1", Frame::text("1"));
+        let mut cache = IdempotencyCache::new(0, usize::MAX, Share::UNLIMITED, Arc::default());
+        cache.insert("u", "1", client(1), Frame::text("1"));
         assert_eq!(cache.len(), 0);
     }
 }

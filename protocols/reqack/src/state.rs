@@ -22,7 +22,7 @@ use tracing::{debug, error};
 
 use crate::Config;
 use crate::cost::{self, Bucket, RATE_ENTRY};
-use crate::idempotency::IdempotencyCache;
+use crate::idempotency::{IdempotencyCache, Share};
 use crate::messages::{
     self, ApiError, CallEvent, CallRequest, CallStored, CloseCallRequest, DeleteEvent, EditEvent,
     EditRequest, ErrorCode, HistoryRequest, MessageRef, NewCallRequest, NewEvent, NewRequest,
@@ -262,6 +262,10 @@ impl State {
             cache: IdempotencyCache::new(
                 config.idempotency_cache,
                 config.idempotency_cache_bytes,
+                Share {
+                    items: config.idempotency_cache_per_client,
+                    bytes: config.idempotency_cache_bytes_per_client,
+                },
                 budget.clone(),
             ),
             budget,
@@ -945,7 +949,7 @@ impl State {
         match messages::response_frame(id, now_ms(), &payload) {
             Ok(frame) => {
                 if cache {
-                    self.cache.insert(user, id, frame.clone());
+                    self.cache.insert(user, id, client, frame.clone());
                 }
                 Some(frame)
             }

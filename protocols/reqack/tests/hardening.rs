@@ -184,6 +184,8 @@ async fn identity_cycling_with_hundreds_online_does_not_slow_a_bystander() {
     let config = Config {
         // The bystander measures with many requests; its own per-user limit is not the point.
         rate_limit: 10_000,
+        // Reached quickly even on a loaded machine (the default is 60 per 10 s).
+        connect_rate_limit: 20,
         ..Config::default()
     };
     let (protocol, server) = start(config.clone()).await;
@@ -223,11 +225,11 @@ async fn identity_cycling_with_hundreds_online_does_not_slow_a_bystander() {
                 }
                 Err(_) => refused += 1,
             }
-            if started.elapsed() > Duration::from_secs(2) {
+            if refused >= 5 || started.elapsed() > Duration::from_secs(10) {
                 break;
             }
         }
-        (connects, refused)
+        (connects, refused, started.elapsed())
     });
     let mut during = Vec::new();
     let mut i = 0;
@@ -235,33 +237,33 @@ async fn identity_cycling_with_hundreds_online_does_not_slow_a_bystander() {
         during.push(round_trip(&mut bystander, &format!("busy{i}")).await);
         i += 1;
     }
-    let (connects, refused) = timeout(TIMEOUT, attacker).await.unwrap().unwrap();
+    let (connects, refused, lasted) = timeout(TIMEOUT * 3, attacker).await.unwrap().unwrap();
     let busy_median = median(during.clone());
     let busy_max = during.iter().max().copied().unwrap();
     println!(
-        "{ONLINE} online; attacker: {connects} connects, {refused} refused; bystander round trip \
-         idle median {idle_median:?} max {idle_max:?}, under attack median {busy_median:?} max \
-         {busy_max:?} ({} samples)",
+        "{ONLINE} online; attacker: {connects} connects, {refused} refused in {lasted:?}; \
+         bystander round trip idle median {idle_median:?} max {idle_max:?}, under attack median \
+         {busy_median:?} max {busy_max:?} ({} samples)",
         during.len()
     );
-    // A burst of `connect_rate_limit`, then the refill (6 a second by default) for the 2 s the
-    // attack lasts, plus slack.
-    let refill =
-        config.connect_rate_limit * 2 / usize::try_from(config.rate_window.as_secs()).unwrap();
-    assert!(
-        connects <= config.connect_rate_limit + refill + 3,
-        "{connects}"
-    );
+    // A burst of `connect_rate_limit`, then the refill (2 a second) while the attack lasted.
+    let seconds = usize::try_from(lasted.as_secs()).unwrap() + 1;
+    let window = usize::try_from(config.rate_window.as_secs()).unwrap();
+    let refill = config.connect_rate_limit * seconds / window;
+    assert!(connects <= config.connect_rate_limit + refill, "{connects}");
     assert!(
         refused > 0,
         "the connect rate per address cut the cycling off"
     );
+    // Generous for 2 busy cores running the server, 300 clients and the attacker in one debug
+    // process (every cycle wakes 300 connection tasks); the attack this models made a bystander
+    // wait 3.9 s.
     assert!(
-        busy_median <= (idle_median * 2).max(Duration::from_millis(50)),
+        busy_median <= (idle_median * 2).max(Duration::from_millis(100)),
         "median {busy_median:?} vs idle {idle_median:?}"
     );
     assert!(
-        busy_max <= Duration::from_millis(500),
+        busy_max <= Duration::from_secs(1),
         "max {busy_max:?} vs idle {idle_max:?}"
     );
     drop(online);

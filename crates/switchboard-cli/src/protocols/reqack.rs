@@ -197,6 +197,20 @@ pub(crate) struct Args {
         default_value_t = 16 * 1024 * 1024
     )]
     reqack_idempotency_cache_bytes: usize,
+    /// Responses remembered for one client address; beyond it its own oldest is forgotten.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_IDEMPOTENCY_CACHE_PER_CLIENT",
+        default_value_t = 5_000
+    )]
+    reqack_idempotency_cache_per_client: usize,
+    /// Bytes of responses remembered for one client address.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_IDEMPOTENCY_CACHE_BYTES_PER_CLIENT",
+        default_value_t = 2 * 1024 * 1024
+    )]
+    reqack_idempotency_cache_bytes_per_client: usize,
 }
 
 impl Args {
@@ -233,6 +247,8 @@ impl Args {
             max_message_store_bytes: self.reqack_max_message_store_bytes,
             max_open_calls_bytes: self.reqack_max_open_calls_bytes,
             idempotency_cache_bytes: self.reqack_idempotency_cache_bytes,
+            idempotency_cache_per_client: self.reqack_idempotency_cache_per_client,
+            idempotency_cache_bytes_per_client: self.reqack_idempotency_cache_bytes_per_client,
         }
     }
 }
@@ -310,6 +326,14 @@ mod tests {
         assert_eq!(
             config.idempotency_cache_bytes,
             defaults.idempotency_cache_bytes
+        );
+        assert_eq!(
+            config.idempotency_cache_per_client,
+            defaults.idempotency_cache_per_client
+        );
+        assert_eq!(
+            config.idempotency_cache_bytes_per_client,
+            defaults.idempotency_cache_bytes_per_client
         );
     }
 
