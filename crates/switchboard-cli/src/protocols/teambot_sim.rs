@@ -152,12 +152,15 @@ impl Args {
             tick: self.sim_tick,
             max_messages_per_tick: self.sim_max_messages_per_tick,
             max_listed_mismatches: self.sim_max_listed_mismatches,
+            ..SimConfig::default()
         }
     }
 }
 
 pub(crate) async fn serve(args: &Args, server: Server) -> Result<(), CliError> {
-    let sim = Arc::new(TeambotSim::new(args.config()));
+    let mut config = args.config();
+    config.max_state_bytes = server.max_state_bytes;
+    let sim = Arc::new(TeambotSim::new(config));
     let watcher = sim.clone();
     // The scenario starts with the first global connection; when it ends, print the scorecard.
     // The server keeps serving GET /scorecard until SIGINT/SIGTERM.

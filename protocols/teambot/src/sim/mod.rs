@@ -30,7 +30,11 @@ use tracing::{debug, warn};
 pub use scorecard::{
     ChaosScore, GlobalScore, HealthcheckScore, Mismatch, Scorecard, TeamScore, Totals,
 };
-use state::{State, TeamAdmit, error_frame};
+use state::{GlobalOpen, State, TeamAdmit, clip, error_frame};
+pub use state::{
+    LOG_CLIP_CHARS, MAX_PROBLEM_BYTES, MISMATCH_BYTES, TEAM_BYTES, TOKEN_BYTES,
+    VALUE_BYTES_PER_BYTE,
+};
 
 /// The scheme of the `ws_url`s the simulator hands out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -106,6 +110,10 @@ pub struct SimConfig {
     pub max_messages_per_tick: u64,
     /// Mismatches listed in the scorecard at most (all are counted).
     pub max_listed_mismatches: usize,
+    /// Byte budget for the simulator's state: the plan (charged whatever its size), outstanding
+    /// tokens and listed mismatches. When spent, `team.connect` gets an `error` and further
+    /// mismatches are counted but not listed.
+    pub max_state_bytes: usize,
 }
 
 impl Default for SimConfig {
@@ -135,9 +143,13 @@ impl Default for SimConfig {
             tick: Duration::from_millis(10),
             max_messages_per_tick: 1_000,
             max_listed_mismatches: 100,
+            max_state_bytes: 256 * 1024 * 1024,
         }
     }
 }
+
+/// Longest `Host` header a global socket may bring (a 253-byte DNS name, `:` and a port).
+pub const MAX_HOST_BYTES: usize = 260;
 
 /// Most teams a scenario may plan (ids are drawn from 1..=999 999).
 pub const MAX_TEAMS: usize = 100_000;
@@ -196,6 +208,38 @@ impl TeambotSim {
         &self.inner.config
     }
 
+    /// Bytes charged to the state budget (`SimConfig::max_state_bytes`) now.
+    pub fn state_bytes(&self) -> usize {
+        lock(&self.inner.state).state_bytes()
+    }
+
+    /// `team.connect` tokens handed out and not yet used or expired.
+    pub fn outstanding_tokens(&self) -> usize {
+        lock(&self.inner.state).outstanding_tokens()
+    }
+
+    /// The worst-case bytes of simulator state, the formula of `docs/protocols/teambot.md`:
+    /// `T·TEAM_BYTES + min(max_tokens·TOKEN_BYTES + L·MISMATCH_BYTES, max_state_bytes)`, where
+    /// `T` is the number of teams and `L` is `max_listed_mismatches` (the plan is always
+    /// charged; tokens and mismatches only within the budget), plus `T·24` for the set of teams
+    /// a pending healthcheck must list.
+    pub fn worst_case_bytes(&self) -> usize {
+        let config = &self.inner.config;
+        let plan = config.teams.saturating_mul(state::TEAM_BYTES);
+        let pending = config.teams.saturating_mul(24);
+        let work = config
+            .max_tokens
+            .saturating_mul(state::TOKEN_BYTES)
+            .saturating_add(
+                config
+                    .max_listed_mismatches
+                    .saturating_mul(state::MISMATCH_BYTES),
+            );
+        let budget_left = config.max_state_bytes.saturating_sub(plan);
+        plan.saturating_add(pending)
+            .saturating_add(work.min(budget_left))
+    }
+
     /// The scorecard so far (final once [`Scorecard::finished`]).
     pub fn scorecard(&self) -> Scorecard {
         lock(&self.inner.state).scorecard()
@@ -235,6 +279,22 @@ impl Protocol for TeambotSim {
 
     fn admit(&self, handshake: &Handshake<'_>) -> Result<SimConn, Reject> {
         if handshake.path == "/global" {
+            // Single owner: a second global socket would take over the scenario (and answer
+            // healthchecks for the bot), so it is refused while one is open.
+            // The Host header goes into every ws_url handed out: keep it to a real host:port.
+            if handshake
+                .host
+                .is_some_and(|host| host.len() > MAX_HOST_BYTES)
+            {
+                return Err(Reject::BadRequest("Host header too long".into()));
+            }
+            let mut state = lock(&self.inner.state);
+            if state.global_taken() {
+                state.global_refused();
+                return Err(Reject::Forbidden(
+                    "another global connection is open".into(),
+                ));
+            }
             return Ok(SimConn::Global {
                 host: handshake.host.map(str::to_owned),
             });
@@ -257,8 +317,8 @@ impl Protocol for TeambotSim {
     async fn on_open(&self, conn: &mut SimConn, peer: &Peer) {
         match conn {
             SimConn::Global { .. } => {
-                let start = lock(&self.inner.state).global_opened(peer);
-                if start {
+                let opened = lock(&self.inner.state).global_opened(peer);
+                if opened == GlobalOpen::Started {
                     self.start_driver();
                 }
             }
@@ -276,6 +336,10 @@ impl Protocol for TeambotSim {
             return;
         };
         let kind = value.get("type").and_then(Value::as_str).unwrap_or("");
+        if matches!(conn, SimConn::Global { .. }) && !lock(&self.inner.state).is_global(peer) {
+            // A refused (closing) second global socket: it must not touch the scenario.
+            return;
+        }
         match (conn, kind) {
             (SimConn::Global { host }, "team.connect") => {
                 let reply = lock(&self.inner.state).team_connect(peer, host.as_deref(), &value);
@@ -313,7 +377,7 @@ impl Protocol for TeambotSim {
                     SimConn::Team { id } => Value::from(*id),
                     SimConn::Global { .. } => Value::Null,
                 };
-                warn!(kind, "unknown client event");
+                warn!(kind = %clip(kind), "unknown client event");
                 let _ = peer.send(error_frame("unknown event type", &value, &team));
             }
         }

@@ -89,6 +89,10 @@ pub struct GlobalScore {
     pub reconnects: u64,
     /// Global sockets the simulator dropped (chaos).
     pub server_drops: u64,
+    /// Global sockets refused because another one was open (HTTP 403 at upgrade, or closed
+    /// with 1008 right after opening when two upgrades raced).
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// What chaos did.

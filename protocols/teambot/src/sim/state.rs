@@ -2,13 +2,14 @@
 //!
 //! Everything here runs under one mutex with no `.await`: sending to a [`Peer`] never waits.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::rngs::{OsRng, StdRng};
+use rand::{Rng, SeedableRng, TryRngCore};
 use serde_json::{Value, json};
-use switchboard_core::{CloseReason, ConnId, Frame, Peer};
+use switchboard_core::{CloseReason, ConnId, Frame, MemoryBudget, Peer};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -20,6 +21,87 @@ use super::scorecard::{
 /// Close reasons the simulator gives start with this, so `on_close` can tell them apart from
 /// closes the client started.
 pub(crate) const CLOSE_PREFIX: &str = "teambot-sim: ";
+
+/// Longest piece of client input a log line (or a stored mismatch) carries, in characters.
+pub const LOG_CLIP_CHARS: usize = 256;
+
+/// `text` cut to [`LOG_CLIP_CHARS`] characters, with a marker saying how long it was, so one
+/// client frame cannot write a huge log line.
+pub(crate) fn clip(text: &str) -> Cow<'_, str> {
+    match text.char_indices().nth(LOG_CLIP_CHARS) {
+        None => Cow::Borrowed(text),
+        Some((end, _)) => Cow::Owned(format!(
+            "{}…[cut, {} bytes in all]",
+            text.get(..end).unwrap_or_default(),
+            text.len()
+        )),
+    }
+}
+
+/// A JSON value from a client, kept as is when its encoding is short, otherwise replaced by the
+/// clipped encoding (a string), so the scorecard's mismatch list stays small.
+fn clip_value(value: Value) -> Value {
+    let encoded = value.to_string();
+    match clip(&encoded) {
+        Cow::Borrowed(_) => value,
+        Cow::Owned(cut) => Value::String(cut),
+    }
+}
+
+/// A fresh single-use token from the operating system's RNG: 128 bits as 32 hex digits. Not
+/// from the seeded RNG, so tokens cannot be predicted from the seed or repeated across runs.
+fn fresh_token() -> Option<String> {
+    let mut bytes = [0u8; 16];
+    OsRng.try_fill_bytes(&mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Bytes one outstanding token is charged: three hash-table slots (the table keeps 1/8 free and
+/// at most doubles, so fewer than 16/7 slots per entry) plus the 32-byte token string and its
+/// allocation.
+pub const TOKEN_BYTES: usize = 3 * (std::mem::size_of::<(String, (u64, Instant))>() + 1) + 32 + 16;
+
+/// Bytes one planned team is charged: its record and its index entry (three slots, as above).
+pub const TEAM_BYTES: usize =
+    std::mem::size_of::<SimTeam>() + 3 * (std::mem::size_of::<(u64, usize)>() + 1);
+
+/// Most bytes one listed mismatch is charged: the record, a problem text of up to
+/// [`MAX_PROBLEM_BYTES`] and two JSON values whose encoding is at most
+/// [`LOG_CLIP_CHARS`] characters (4 bytes each) plus the cut marker, at [`VALUE_BYTES_PER_BYTE`]
+/// bytes of memory per encoded byte.
+pub const MISMATCH_BYTES: usize = std::mem::size_of::<Mismatch>()
+    + MAX_PROBLEM_BYTES
+    + 2 * VALUE_BYTES_PER_BYTE * (LOG_CLIP_CHARS * 4 + 64);
+
+/// Longest problem text the simulator writes (they are its own words, plus a team id).
+pub const MAX_PROBLEM_BYTES: usize = 128;
+
+/// Memory a `serde_json::Value` may take per byte of its encoding (charged estimate: `[[],[]]`
+/// costs a 32-byte value per 3 bytes; maps cost more per entry but need at least 6 bytes).
+pub const VALUE_BYTES_PER_BYTE: usize = 16;
+
+/// What a listed mismatch is charged.
+fn mismatch_bytes(mismatch: &Mismatch) -> usize {
+    let encoded = |v: &Value| v.to_string().len();
+    std::mem::size_of::<Mismatch>()
+        .saturating_add(mismatch.problem.len().min(MAX_PROBLEM_BYTES))
+        .saturating_add(
+            encoded(&mismatch.expected)
+                .saturating_add(encoded(&mismatch.reported))
+                .saturating_mul(VALUE_BYTES_PER_BYTE),
+        )
+}
+
+/// What [`State::global_opened`] did with a new global socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GlobalOpen {
+    /// It is the global socket now and it started the scenario.
+    Started,
+    /// It is the global socket now.
+    Accepted,
+    /// Another global socket is open: this one was closed (1008).
+    Refused,
+}
 
 /// Which socket carries a team's `team.left`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +219,7 @@ pub(crate) struct State {
     index: HashMap<u64, usize>,
     global: Option<Peer>,
     global_connections: u64,
+    global_refused: u64,
     tokens: HashMap<String, (u64, Instant)>,
     message_budget: f64,
     next_healthcheck: Option<Instant>,
@@ -146,6 +229,8 @@ pub(crate) struct State {
     bot_messages: u64,
     mismatches: Vec<Mismatch>,
     mismatch_count: u64,
+    /// Charged with the plan, every outstanding token and every listed mismatch.
+    budget: MemoryBudget,
     settle_reported: bool,
     final_timed_out: bool,
 }
@@ -209,6 +294,10 @@ impl State {
             .enumerate()
             .map(|(i, team)| (team.id, i))
             .collect();
+        // The plan is the configuration: it is charged whether or not it fits, so later work
+        // (tokens, mismatches) sees what is left.
+        let budget = MemoryBudget::new(config.max_state_bytes);
+        budget.force_reserve(teams.len().saturating_mul(TEAM_BYTES));
         Self {
             config,
             rng,
@@ -219,6 +308,7 @@ impl State {
             index,
             global: None,
             global_connections: 0,
+            global_refused: 0,
             tokens: HashMap::new(),
             message_budget: 0.0,
             next_healthcheck: None,
@@ -228,6 +318,7 @@ impl State {
             bot_messages: 0,
             mismatches: Vec::new(),
             mismatch_count: 0,
+            budget,
             settle_reported: false,
             final_timed_out: false,
         }
@@ -242,17 +333,23 @@ impl State {
         self.global.as_ref().filter(|peer| !peer.is_closing())
     }
 
-    fn mismatch(&mut self, mismatch: Mismatch) {
+    fn mismatch(&mut self, mut mismatch: Mismatch) {
+        // `reported` (and sometimes `expected`) is client input: keep and log it clipped.
+        mismatch.reported = clip_value(mismatch.reported);
+        mismatch.expected = clip_value(mismatch.expected);
         warn!(
             healthcheck = ?mismatch.healthcheck,
             team = ?mismatch.team,
-            problem = %mismatch.problem,
+            problem = %clip(&mismatch.problem),
             expected = %mismatch.expected,
             reported = %mismatch.reported,
             "scorecard mismatch"
         );
         self.mismatch_count += 1;
-        if self.mismatches.len() < self.config.max_listed_mismatches {
+        // Every mismatch is counted; the list keeps the first ones while it and the budget allow.
+        if self.mismatches.len() < self.config.max_listed_mismatches
+            && self.budget.try_reserve(mismatch_bytes(&mismatch)).is_ok()
+        {
             self.mismatches.push(mismatch);
         }
     }
@@ -263,14 +360,40 @@ impl State {
 
     // ----- global socket -----
 
-    /// A global socket opened; returns `true` when it starts the scenario.
-    pub(crate) fn global_opened(&mut self, peer: &Peer) -> bool {
-        self.global_connections += 1;
-        if let Some(old) = self.global.replace(peer.clone()) {
-            old.close(CloseReason::normal(format!(
-                "{CLOSE_PREFIX}replaced by a newer global connection"
-            )));
+    /// Whether a global socket is open (and not being closed): a second one is refused, so only
+    /// one client at a time drives the scenario and answers healthchecks.
+    pub(crate) fn global_taken(&self) -> bool {
+        self.global_live().is_some()
+    }
+
+    /// Counts a global upgrade refused because another global socket is open.
+    pub(crate) fn global_refused(&mut self) {
+        self.global_refused = self.global_refused.saturating_add(1);
+        info!(
+            refused = self.global_refused,
+            "a second global connection was refused"
+        );
+    }
+
+    /// Whether `peer` is the current global socket (frames from any other are ignored).
+    pub(crate) fn is_global(&self, peer: &Peer) -> bool {
+        self.global.as_ref().is_some_and(|g| g == peer)
+    }
+
+    /// A global socket opened. If another one is still open (two upgrades raced past
+    /// [`State::global_taken`]), the newcomer is closed with 1008 and the owner keeps the role.
+    pub(crate) fn global_opened(&mut self, peer: &Peer) -> GlobalOpen {
+        if self.global_live().is_some_and(|live| live != peer) {
+            self.global_refused();
+            peer.close(CloseReason::new(
+                CloseReason::POLICY,
+                format!("{CLOSE_PREFIX}another global connection is open"),
+            ));
+            return GlobalOpen::Refused;
         }
+        self.global_connections += 1;
+        // A previous global socket here is already closing (chaos or the runtime closed it).
+        self.global = Some(peer.clone());
         info!(conn = %peer.id(), connections = self.global_connections, "global socket open");
         let _ = peer.send(Frame::from_static(r#"{"type":"hello"}"#));
         match self.phase {
@@ -285,13 +408,13 @@ impl State {
                     teams = self.teams.len(),
                     "scenario started"
                 );
-                true
+                GlobalOpen::Started
             }
             Phase::Finished => {
                 let _ = peer.send(Frame::from_static(r#"{"type":"goodbye"}"#));
-                false
+                GlobalOpen::Accepted
             }
-            _ => false,
+            _ => GlobalOpen::Accepted,
         }
     }
 
@@ -333,11 +456,6 @@ impl State {
         } else {
             Duration::ZERO
         };
-        let token = format!(
-            "{:016x}{:016x}",
-            self.rng.random::<u64>(),
-            self.rng.random::<u64>()
-        );
         let Some(team) = self.team_mut(id).filter(|team| team.joined) else {
             return now_reply(error_frame("unknown team", request, &raw_id));
         };
@@ -361,24 +479,38 @@ impl State {
                 &raw_id,
             ));
         };
-        let url = format!(
-            "{}://{host}/team/{id}?token={token}",
-            self.config.url_scheme.as_str()
-        );
         let now = Instant::now();
+        let before = self.tokens.len();
         self.tokens.retain(|_, (_, expires)| *expires > now);
-        if self.tokens.len() >= self.config.max_tokens {
+        let expired = before.saturating_sub(self.tokens.len());
+        self.budget.release(expired.saturating_mul(TOKEN_BYTES));
+        if self.tokens.len() >= self.config.max_tokens
+            || self.budget.try_reserve(TOKEN_BYTES).is_err()
+        {
             return now_reply(error_frame(
                 "too many outstanding connects, try again",
                 request,
                 &raw_id,
             ));
         }
+        let Some(token) = fresh_token() else {
+            self.budget.release(TOKEN_BYTES);
+            warn!("the operating system's RNG failed: no token for team.connect");
+            return now_reply(error_frame(
+                "could not issue a token, try again",
+                request,
+                &raw_id,
+            ));
+        };
+        let url = format!(
+            "{}://{host}/team/{id}?token={token}",
+            self.config.url_scheme.as_str()
+        );
         self.tokens.insert(token, (id, now + self.config.token_ttl));
         if !delay.is_zero() {
             self.chaos.delayed_connects += 1;
         }
-        debug!(team = id, %url, ?delay, "answering team.connect");
+        debug!(team = id, url = %clip(&url), ?delay, "answering team.connect");
         let frame = frame(&json!({"type": "team.connect", "team_id": id, "ws_url": url}));
         Reply {
             peer: peer.clone(),
@@ -549,11 +681,25 @@ impl State {
         );
     }
 
+    /// Bytes charged to the state budget now.
+    pub(crate) fn state_bytes(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// Outstanding tokens now.
+    pub(crate) fn outstanding_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
     // ----- team sockets -----
 
     pub(crate) fn admit_team(&mut self, id: u64, token: &str) -> TeamAdmit {
         let now = Instant::now();
-        match self.tokens.remove(token) {
+        let used = self.tokens.remove(token);
+        if used.is_some() {
+            self.budget.release(TOKEN_BYTES);
+        }
+        match used {
             Some((team, expires)) if team == id && expires > now => {}
             _ => return TeamAdmit::BadToken,
         }
@@ -946,10 +1092,13 @@ impl State {
         }
         self.phase = Phase::Finished;
         let card = self.scorecard();
+        // The scorecard quotes client input (mismatches): the log line carries a clipped copy;
+        // the whole card is at GET /scorecard (and printed by the CLI).
+        let encoded = serde_json::to_string(&card).unwrap_or_default();
         info!(
             perfect = card.perfect,
             mismatches = card.mismatch_count,
-            scorecard = %serde_json::to_string(&card).unwrap_or_default(),
+            scorecard = %clip(&encoded),
             "scenario finished: goodbye sent"
         );
     }
@@ -996,6 +1145,7 @@ impl State {
                 connections: self.global_connections,
                 reconnects: self.global_connections.saturating_sub(1),
                 server_drops: self.chaos.global_drops,
+                refused: self.global_refused,
             },
             chaos: self.chaos.clone(),
             totals,
@@ -1041,7 +1191,63 @@ fn message_text(rng: &mut StdRng, props: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail by panicking")]
+
     use super::*;
+
+    fn peer() -> Peer {
+        switchboard_core::peer_channel(([127, 0, 0, 1], 9).into(), 16).0
+    }
+
+    #[test]
+    fn a_racing_second_global_socket_is_closed_and_the_owner_stays() {
+        let mut state = State::new(SimConfig::default());
+        let (owner, intruder) = (peer(), peer());
+        assert_eq!(state.global_opened(&owner), GlobalOpen::Started);
+        assert!(state.global_taken());
+        assert_eq!(state.global_opened(&intruder), GlobalOpen::Refused);
+        assert!(intruder.is_closing());
+        assert_eq!(intruder.close_reason().unwrap().code, CloseReason::POLICY);
+        assert!(state.is_global(&owner) && !state.is_global(&intruder));
+        state.global_closed(&intruder);
+        assert!(
+            state.is_global(&owner),
+            "the intruder's close changes nothing"
+        );
+        // Once the owner is closing (chaos, slow consumer), a new socket may take over.
+        owner.close(CloseReason::normal("gone"));
+        let next = peer();
+        assert_eq!(state.global_opened(&next), GlobalOpen::Accepted);
+        assert!(state.is_global(&next));
+        assert_eq!(state.scorecard().global.refused, 1);
+        assert_eq!(state.scorecard().global.connections, 2);
+    }
+
+    #[test]
+    fn clipping_keeps_short_text_and_marks_long_text() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(1000);
+        let cut = clip(&long);
+        assert!(cut.starts_with(&"é".repeat(LOG_CLIP_CHARS)));
+        assert!(cut.ends_with("…[cut, 2000 bytes in all]"), "{cut}");
+        assert!(cut.chars().count() < LOG_CLIP_CHARS + 40);
+        assert_eq!(clip_value(json!(1)), json!(1));
+        assert!(
+            clip_value(json!(long))
+                .as_str()
+                .unwrap()
+                .contains("…[cut, ")
+        );
+    }
+
+    #[test]
+    fn tokens_are_fresh_hex() {
+        let a = fresh_token().unwrap();
+        let b = fresh_token().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn texts_contain_props_exactly_when_asked() {
