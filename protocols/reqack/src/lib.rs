@@ -81,8 +81,9 @@ pub struct ReqAck {
     state: Mutex<State>,
     /// Serializes presence fan-outs, which are sent outside the state lock: the online and
     /// offline events of one user reach everybody in the order they were decided, and the state
-    /// lock is held only to allocate their ids.
-    presence: Mutex<()>,
+    /// lock is held only to allocate their ids. An async lock: a connect waiting for another's
+    /// fan-out yields its worker thread instead of blocking it, so requests keep being served.
+    presence: tokio::sync::Mutex<()>,
 }
 
 /// Per-connection state: who this socket belongs to.
@@ -100,7 +101,7 @@ impl ReqAck {
         Self {
             state: Mutex::new(State::new(config.clone(), budget.clone())),
             budget,
-            presence: Mutex::new(()),
+            presence: tokio::sync::Mutex::new(()),
             config,
         }
     }
@@ -169,7 +170,7 @@ impl Protocol for ReqAck {
 
     async fn on_open(&self, conn: &mut Conn, peer: &Peer) {
         debug!(user = %conn.user, conn = %peer.id(), "reqack socket open");
-        let _order = lock(&self.presence);
+        let _order = self.presence.lock().await;
         let fanout = lock(&self.state).open(&conn.user, peer, Instant::now());
         if let Some(fanout) = fanout {
             fanout.send();
@@ -221,7 +222,7 @@ impl Protocol for ReqAck {
 
     async fn on_close(&self, conn: Conn, peer: &Peer) {
         debug!(user = %conn.user, conn = %peer.id(), "reqack socket closed");
-        let _order = lock(&self.presence);
+        let _order = self.presence.lock().await;
         let fanout = lock(&self.state).close(&conn.user, peer.id(), Instant::now());
         if let Some(fanout) = fanout {
             fanout.send();
