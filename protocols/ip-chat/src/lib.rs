@@ -100,7 +100,10 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             history_limit: 1000,
-            max_history_bytes: 16 * 1024 * 1024,
+            // A new client gets the whole history as one batch: it must fit well inside the
+            // runtime's per-socket outbound byte bound (4 MiB by default), with room for the
+            // broadcasts that arrive while the batch is written.
+            max_history_bytes: 2 * 1024 * 1024,
             rate_limit: 60,
             reaction_rate_limit: 60,
             max_rate_limit_keys: 100_000,
@@ -646,7 +649,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<StoredMessage>(), 152);
         assert_eq!(crate::rate::SLOT_BYTES, 41);
         assert_eq!(chat.message_charge_bound(), 17_896);
-        assert_eq!(chat.worst_case_bytes(), 41_697_216);
+        assert_eq!(chat.worst_case_bytes(), 27_017_152);
     }
 
     #[test]

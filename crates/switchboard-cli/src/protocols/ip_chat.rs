@@ -14,7 +14,7 @@ pub(crate) struct Args {
     #[arg(long, env = "SWITCHBOARD_HISTORY_LIMIT", default_value_t = 1000)]
     history_limit: usize,
     /// Bytes the history may hold (as accounted); the oldest messages are dropped first.
-    #[arg(long, env = "SWITCHBOARD_HISTORY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "SWITCHBOARD_HISTORY_BYTES", default_value_t = 2 * 1024 * 1024)]
     history_bytes: usize,
     /// Messages per client per minute (0: unlimited).
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT", default_value_t = 60)]
