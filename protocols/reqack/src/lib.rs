@@ -223,7 +223,7 @@ impl Protocol for ReqAck {
     async fn on_close(&self, conn: Conn, peer: &Peer) {
         debug!(user = %conn.user, conn = %peer.id(), "reqack socket closed");
         let _order = self.presence.lock().await;
-        let fanout = lock(&self.state).close(&conn.user, peer.id(), Instant::now());
+        let fanout = lock(&self.state).close(&conn.user, peer.id());
         if let Some(fanout) = fanout {
             fanout.send();
         }

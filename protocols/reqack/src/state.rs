@@ -628,12 +628,7 @@ impl State {
     }
 
     /// A socket of `user` closed: forget it, and decide the offline fan-out if it was the last.
-    pub(crate) fn close(
-        &mut self,
-        user: &str,
-        conn: ConnId,
-        _now: Instant,
-    ) -> Option<PresenceFanout> {
+    pub(crate) fn close(&mut self, user: &str, conn: ConnId) -> Option<PresenceFanout> {
         let entry = self.users.get_mut(user)?;
         let before = entry.sockets.len();
         entry.sockets.retain(|p| p.id() != conn);
@@ -1467,7 +1462,7 @@ mod tests {
         assert_eq!(events[0]["id"], 1);
         assert_eq!(events[0]["eventType"], "new");
         state.ack("b", 1);
-        state.close("b", b.id(), now);
+        state.close("b", b.id());
         assert_eq!(state.stats().pending_events, 0);
         drain(&mut a_link);
         // A third user needs b's slot: b is forgotten, and its ids still grow when it returns.
@@ -1947,7 +1942,7 @@ mod tests {
         fanout.send();
         let after: usize = links.iter_mut().map(|(_, l)| drain(l).len()).sum();
         assert_eq!((before, after), (0, 3));
-        let offline = state.close("new", newcomer.id(), now).unwrap();
+        let offline = state.close("new", newcomer.id()).unwrap();
         assert_eq!(offline.announce.len(), 3);
         assert!(offline.newcomer.is_none());
     }
