@@ -47,8 +47,9 @@ use tracing::debug;
 pub use client::{ClientDocument, OutgoingEdit};
 pub use document::{Applied, Document, DocumentLimits, EditError, TEXT_SLACK_BYTES};
 pub use messages::{
-    Change, ClientMessage, ExecuteCode, INVALID_TYPE, Join, MAX_CURSOR_BYTES, MAX_LANGUAGE_CHARS,
-    MAX_USER_ID_CHARS, MAX_USERNAME_CHARS, ParseError, Participant, parse,
+    Change, ClientMessage, ExecuteCode, INVALID_TYPE, Join, MAX_CURSOR_BYTES,
+    MAX_ERROR_MESSAGE_BYTES, MAX_LANGUAGE_CHARS, MAX_USER_ID_CHARS, MAX_USERNAME_CHARS, ParseError,
+    Participant, parse,
 };
 pub use sessions::{
     MAX_SESSION_ID_LEN, PARTICIPANT_BYTES, SESSION_OVERHEAD_BYTES, is_valid_session_id,

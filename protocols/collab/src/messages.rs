@@ -413,8 +413,22 @@ pub(crate) fn frame<T: Serialize + ?Sized>(kind: &str, payload: &T) -> Frame {
     })
 }
 
-/// `{"type": "error", "payload": {"message": message}}`.
+/// Longest error message sent, in bytes. Parser messages can quote the offending input (serde
+/// quotes a mistyped string in full), so they are cut here: an error never echoes a large frame.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// `{"type": "error", "payload": {"message": message}}`, the message cut to
+/// [`MAX_ERROR_MESSAGE_BYTES`] (at a character boundary, marked with `…`).
 pub(crate) fn error_frame(message: &str) -> Frame {
+    let message = if message.len() > MAX_ERROR_MESSAGE_BYTES {
+        let mut end = MAX_ERROR_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end = end.saturating_sub(1);
+        }
+        Cow::Owned(format!("{}…", message.get(..end).unwrap_or_default()))
+    } else {
+        Cow::Borrowed(message)
+    };
     frame("error", &serde_json::json!({ "message": message }))
 }
 
@@ -501,6 +515,50 @@ mod tests {
                 .contains("\"output\" must be a string")
         );
         assert!(err(r#"{"type":"language-change","payload":"x"}"#).contains("must be an object"));
+    }
+
+    #[test]
+    fn errors_never_echo_large_input() {
+        let huge = format!(
+            r#"{{"type":"code-change","payload":{{"changes":{{"baseVersion":"{}","ops":[]}}}}}}"#,
+            "é".repeat(100_000)
+        );
+        let message = parse(&huge).unwrap_err().message;
+        let frame = error_frame(&message);
+        assert!(
+            frame.as_str().len() < MAX_ERROR_MESSAGE_BYTES + 100,
+            "{}",
+            frame.as_str().len()
+        );
+        assert!(frame.as_str().contains('…'));
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_odd_envelopes_get_clear_messages() {
+        let junk = format!("[{}1]", "1,".repeat(100_000));
+        let frame = format!(
+            r#"{{"junk":{junk},"type":"cursor-move","payload":{{"more":{junk},"cursor":{{"line":1}}}}}}"#
+        );
+        assert!(matches!(parse(&frame), Ok(ClientMessage::CursorMove(_))));
+        assert_eq!(
+            err(r#"{"type":null}"#),
+            "Malformed message: \"type\" must be a string"
+        );
+        assert!(err(r#"{"type":"x","type":"y"}"#).starts_with("Malformed message: duplicate"));
+        assert!(err("7").contains("expected a JSON object"));
+        assert!(err("[1").starts_with("Malformed message: not valid JSON"));
+        assert_eq!(
+            parse(r#"{"type":"leave-session","payload":null}"#),
+            Ok(ClientMessage::Leave)
+        );
+        assert!(
+            err(r#"{"type":"cursor-move","payload":{"cursor":[1]}}"#).contains("must be an object")
+        );
+        let big = format!(
+            r#"{{"type":"cursor-move","payload":{{"cursor":{{"a":"{}"}}}}}}"#,
+            "x".repeat(2000)
+        );
+        assert!(err(&big).contains("larger than 1024 bytes"));
     }
 
     #[test]

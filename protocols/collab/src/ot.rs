@@ -440,7 +440,9 @@ impl Serialize for Component {
             Self::Retain(n) => serializer.serialize_u64(*n as u64),
             Self::Insert(text) => serializer.serialize_str(text),
             // Component lengths are bounded by document sizes, far below i64::MAX.
-            Self::Delete(n) => serializer.serialize_i64(-(i64::try_from(*n).unwrap_or(i64::MAX))),
+            Self::Delete(n) => {
+                serializer.serialize_i64(i64::try_from(*n).unwrap_or(i64::MAX).saturating_neg())
+            }
         }
     }
 }
