@@ -458,6 +458,40 @@ mod tests {
     }
 
     #[test]
+    fn presence_deltas_are_marked_and_the_full_list_is_the_specs_frame() {
+        let entry = |removed| PresenceUser {
+            user_id: ID.into(),
+            display_name: "Ann".into(),
+            online: false,
+            removed,
+        };
+        let full = frame(
+            "PRESENCE",
+            &Presence {
+                users: vec![entry(false)],
+                delta: false,
+            },
+        )
+        .unwrap();
+        let value: Value = serde_json::from_str(full.as_str()).unwrap();
+        assert_eq!(
+            value,
+            json!({"type": "PRESENCE", "data": {"users": [{"user_id": ID, "display_name": "Ann", "online": false}]}})
+        );
+        let delta = frame(
+            "PRESENCE",
+            &Presence {
+                users: vec![entry(true)],
+                delta: true,
+            },
+        )
+        .unwrap();
+        let value: Value = serde_json::from_str(delta.as_str()).unwrap();
+        assert_eq!(value["data"]["delta"], true);
+        assert_eq!(value["data"]["users"][0]["removed"], true);
+    }
+
+    #[test]
     fn timestamps_are_utc_iso8601() {
         let now = now_iso8601();
         assert!(now.ends_with('Z'), "{now}");
