@@ -3,35 +3,95 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use switchboard_core::{BudgetExceeded, MemoryBudget};
+use switchboard_core::MemoryBudget;
 
-/// Bytes charged to a shared [`MemoryBudget`] on behalf of one owner (a session, a document),
-/// given back when the owner is dropped. Tying the release to `Drop` means a session removed
-/// by any path (expiry, sweep, replacement) returns exactly what it held.
+/// Which budget refused a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The server-wide budget (its limit).
+    Server(usize),
+    /// The share of the client that created the session (its limit).
+    Client(usize),
+}
+
+/// The budgets one owner charges: the server-wide one and, for session state, the share of the
+/// client that created the session.
+#[derive(Debug, Clone)]
+pub(crate) struct Budgets {
+    server: Arc<MemoryBudget>,
+    client: Option<Arc<MemoryBudget>>,
+}
+
+impl Budgets {
+    /// Only the server-wide budget.
+    pub(crate) fn server(server: &Arc<MemoryBudget>) -> Self {
+        Self {
+            server: server.clone(),
+            client: None,
+        }
+    }
+
+    /// The server-wide budget and a client's share of it.
+    pub(crate) fn with_client(server: &Arc<MemoryBudget>, client: Arc<MemoryBudget>) -> Self {
+        Self {
+            server: server.clone(),
+            client: Some(client),
+        }
+    }
+
+    fn try_reserve(&self, bytes: usize) -> Result<(), Refused> {
+        if let Some(client) = &self.client {
+            client
+                .try_reserve(bytes)
+                .map_err(|e| Refused::Client(e.limit))?;
+        }
+        self.server.try_reserve(bytes).map_err(|e| {
+            if let Some(client) = &self.client {
+                client.release(bytes);
+            }
+            Refused::Server(e.limit)
+        })
+    }
+
+    fn force_reserve(&self, bytes: usize) {
+        if let Some(client) = &self.client {
+            client.force_reserve(bytes);
+        }
+        self.server.force_reserve(bytes);
+    }
+
+    fn release(&self, bytes: usize) {
+        if let Some(client) = &self.client {
+            client.release(bytes);
+        }
+        self.server.release(bytes);
+    }
+}
+
+/// Bytes charged to [`Budgets`] on behalf of one owner (a session, a document), given back when
+/// the owner is dropped. Tying the release to `Drop` means a session removed by any path
+/// (expiry, sweep, replacement) returns exactly what it held.
 #[derive(Debug)]
 pub(crate) struct Charge {
-    budget: Arc<MemoryBudget>,
+    budgets: Budgets,
     bytes: usize,
 }
 
 impl Charge {
-    /// Charges `bytes` if they fit in `budget`.
-    pub(crate) fn try_new(
-        budget: &Arc<MemoryBudget>,
-        bytes: usize,
-    ) -> Result<Self, BudgetExceeded> {
-        budget.try_reserve(bytes)?;
+    /// Charges `bytes` if they fit in every budget.
+    pub(crate) fn try_new(budgets: &Budgets, bytes: usize) -> Result<Self, Refused> {
+        budgets.try_reserve(bytes)?;
         Ok(Self {
-            budget: budget.clone(),
+            budgets: budgets.clone(),
             bytes,
         })
     }
 
     /// Charges `bytes` whether or not they fit (for a budget that never refuses).
-    pub(crate) fn forced(budget: &Arc<MemoryBudget>, bytes: usize) -> Self {
-        budget.force_reserve(bytes);
+    pub(crate) fn forced(budgets: &Budgets, bytes: usize) -> Self {
+        budgets.force_reserve(bytes);
         Self {
-            budget: budget.clone(),
+            budgets: budgets.clone(),
             bytes,
         }
     }
@@ -42,14 +102,18 @@ impl Charge {
     }
 
     /// Changes the charge to `bytes`; growth is refused (nothing changes) when it does not fit.
-    pub(crate) fn try_resize(&mut self, bytes: usize) -> Result<(), BudgetExceeded> {
-        self.budget.try_resize(self.bytes, bytes)?;
+    pub(crate) fn try_resize(&mut self, bytes: usize) -> Result<(), Refused> {
+        if bytes <= self.bytes {
+            self.budgets.release(self.bytes.saturating_sub(bytes));
+        } else {
+            self.budgets.try_reserve(bytes.saturating_sub(self.bytes))?;
+        }
         self.bytes = bytes;
         Ok(())
     }
 
     /// Adds `bytes` to the charge if they fit.
-    pub(crate) fn try_grow(&mut self, bytes: usize) -> Result<(), BudgetExceeded> {
+    pub(crate) fn try_grow(&mut self, bytes: usize) -> Result<(), Refused> {
         self.try_resize(self.bytes.saturating_add(bytes))
     }
 
@@ -63,17 +127,13 @@ impl Clone for Charge {
     /// A copy of the owner holds the same bytes again, so the copy is charged too (forced: the
     /// copy already exists in memory by then).
     fn clone(&self) -> Self {
-        self.budget.force_reserve(self.bytes);
-        Self {
-            budget: self.budget.clone(),
-            bytes: self.bytes,
-        }
+        Self::forced(&self.budgets, self.bytes)
     }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.budget.release(self.bytes);
+        self.budgets.release(self.bytes);
     }
 }
 
@@ -119,19 +179,37 @@ mod tests {
 
     #[test]
     fn charges_follow_their_owner() {
-        let budget = Arc::new(MemoryBudget::new(100));
+        let server = Arc::new(MemoryBudget::new(100));
+        let budget = Budgets::server(&server);
         let mut a = Charge::try_new(&budget, 40).unwrap();
         assert!(Charge::try_new(&budget, 61).is_err());
         assert!(a.try_resize(100).is_ok());
         assert!(a.try_grow(1).is_err());
         assert_eq!(a.bytes(), 100);
         a.shrink(30);
-        assert_eq!(budget.used(), 70);
+        assert_eq!(server.used(), 70);
         let b = a.clone();
-        assert_eq!(budget.used(), 140);
+        assert_eq!(server.used(), 140);
         drop(a);
         drop(b);
-        assert_eq!(budget.used(), 0);
+        assert_eq!(server.used(), 0);
+    }
+
+    #[test]
+    fn a_client_share_refuses_before_the_server_budget_and_both_are_released() {
+        let server = Arc::new(MemoryBudget::new(100));
+        let share = Arc::new(MemoryBudget::new(30));
+        let budgets = Budgets::with_client(&server, share.clone());
+        let mut a = Charge::try_new(&budgets, 20).unwrap();
+        assert_eq!(a.try_grow(11), Err(Refused::Client(30)));
+        assert_eq!((server.used(), share.used()), (20, 20));
+        // The server budget refusing rolls the client's reservation back.
+        let other = Charge::try_new(&Budgets::server(&server), 75).unwrap();
+        assert_eq!(a.try_grow(6), Err(Refused::Server(100)));
+        assert_eq!((server.used(), share.used()), (95, 20));
+        drop(other);
+        drop(a);
+        assert_eq!((server.used(), share.used()), (0, 0));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use switchboard_core::MemoryBudget;
 
-use crate::budget::Charge;
+use crate::budget::{Budgets, Charge, Refused};
 use crate::ot::{Operation, OtError, transform};
 
 /// Spare capacity a document's text may keep after an edit before it is shrunk: small enough to
@@ -91,6 +91,14 @@ pub enum EditError {
         /// The budget's limit in bytes.
         limit: usize,
     },
+    /// The sessions created from the creator's address use their whole share of memory.
+    #[error(
+        "the sessions created from this session's creator's address use their whole share of memory ({limit} bytes); the document cannot grow now"
+    )]
+    ShareFull {
+        /// The share in bytes.
+        limit: usize,
+    },
     /// The version counter is exhausted (2^64 edits; never expected).
     #[error("the document's version counter is exhausted")]
     VersionExhausted,
@@ -130,6 +138,13 @@ pub struct Document {
     charge: Charge,
 }
 
+fn refused(refused: Refused) -> EditError {
+    match refused {
+        Refused::Server(limit) => EditError::OutOfMemory { limit },
+        Refused::Client(limit) => EditError::ShareFull { limit },
+    }
+}
+
 /// Shrinks `text` when it keeps more spare capacity than [`TEXT_SLACK_BYTES`].
 fn tighten(text: &mut String) {
     if text.capacity().saturating_sub(text.len()) > TEXT_SLACK_BYTES {
@@ -143,7 +158,8 @@ impl Document {
     pub fn new(text: String, limits: DocumentLimits) -> Self {
         let mut text = text;
         tighten(&mut text);
-        let charge = Charge::forced(&Arc::new(MemoryBudget::unlimited()), text.capacity());
+        let budgets = Budgets::server(&Arc::new(MemoryBudget::unlimited()));
+        let charge = Charge::forced(&budgets, text.capacity());
         Self::build(text, limits, charge)
     }
 
@@ -155,10 +171,18 @@ impl Document {
         limits: DocumentLimits,
         budget: &Arc<MemoryBudget>,
     ) -> Result<Self, EditError> {
+        Self::charged(text, limits, &Budgets::server(budget))
+    }
+
+    /// A document charged to `budgets` (the server's and its creator's share).
+    pub(crate) fn charged(
+        text: String,
+        limits: DocumentLimits,
+        budgets: &Budgets,
+    ) -> Result<Self, EditError> {
         let mut text = text;
         tighten(&mut text);
-        let charge = Charge::try_new(budget, text.capacity())
-            .map_err(|e| EditError::OutOfMemory { limit: e.limit })?;
+        let charge = Charge::try_new(budgets, text.capacity()).map_err(refused)?;
         Ok(Self::build(text, limits, charge))
     }
 
@@ -302,9 +326,7 @@ impl Document {
         let log_kept = match self.charge.try_resize(with_log) {
             Ok(()) => true,
             Err(_) => {
-                self.charge
-                    .try_resize(text.capacity())
-                    .map_err(|e| EditError::OutOfMemory { limit: e.limit })?;
+                self.charge.try_resize(text.capacity()).map_err(refused)?;
                 false
             }
         };

@@ -57,7 +57,7 @@ pub use sessions::{
 
 use budget::RateBucket;
 use messages::{CodeUpdate, SessionState, error_frame, frame};
-use sessions::{CreateError, CreationLimits, Registry, Session, Ttls};
+use sessions::{CreationLimits, Registry, Session, Ttls};
 
 /// JSON escaping can turn one byte of text into six (`\u0001`); frames are sized for that.
 const JSON_ESCAPE_FACTOR: usize = 6;
@@ -106,6 +106,11 @@ pub struct Config {
     /// per-session overhead). When reached, new sessions, joins of new users and growing edits
     /// are refused with the protocol's error; existing state is kept.
     pub max_state_bytes: usize,
+    /// Bytes of session state the sessions created by one client (a [`ClientKey`]) may hold
+    /// together, so that one address cannot take the whole `max_state_bytes`; over it, that
+    /// client's new sessions get 429 and its sessions' growing edits and new joins are refused.
+    /// 0 means no share besides `max_state_bytes`.
+    pub max_state_bytes_per_client: usize,
     /// Language of a session created without one.
     pub default_language: String,
 }
@@ -126,6 +131,7 @@ impl Default for Config {
             relay_burst: 100,
             relay_per_second: 50,
             max_state_bytes: 256 * 1024 * 1024,
+            max_state_bytes_per_client: 32 * 1024 * 1024,
             default_language: "javascript".to_owned(),
         }
     }
@@ -226,6 +232,7 @@ impl Collab {
                 per_client: config.max_sessions_per_client,
                 burst: config.session_create_burst,
                 per_second: config.session_create_per_second,
+                bytes_per_client: config.max_state_bytes_per_client,
             },
             Instant::now(),
         );
@@ -256,6 +263,12 @@ impl Collab {
     /// The server-wide budget session state is charged to.
     pub fn budget(&self) -> &MemoryBudget {
         self.sessions.budget()
+    }
+
+    /// Bytes of session state charged to the client at `ip` (the sessions it created; its share
+    /// of [`Config::max_state_bytes_per_client`]).
+    pub fn state_bytes_of(&self, ip: std::net::IpAddr) -> usize {
+        self.sessions.state_bytes_of(ClientKey::from_ip(ip))
     }
 
     /// Live sessions the client at `ip` has created (its share of [`Config::max_sessions_per_client`]).
@@ -509,10 +522,18 @@ impl Collab {
         }
         // A new participant is charged before anything is stored for them.
         let new_name = !state.usernames.contains_key(&join.user_id);
-        if new_name && state.charge.try_grow(PARTICIPANT_BYTES).is_err() {
+        if new_name && let Err(refused) = state.charge.try_grow(PARTICIPANT_BYTES) {
+            let whose = match refused {
+                budget::Refused::Server(_) => "the server's memory for sessions is full",
+                budget::Refused::Client(_) => {
+                    "the sessions created from this session's creator's address use their whole share of memory"
+                }
+            };
+            let limit = match refused {
+                budget::Refused::Server(limit) | budget::Refused::Client(limit) => limit,
+            };
             let _ = peer.send(error_frame(&format!(
-                "the server's memory for sessions is full ({} bytes); cannot join now, try again later",
-                self.config.max_state_bytes
+                "{whose} ({limit} bytes); cannot join now, try again later"
             )));
             return;
         }
@@ -731,7 +752,7 @@ impl Collab {
         }
         match self.sessions.create(code, language, client, Instant::now()) {
             Ok(session) => HttpResponse::json(201, &json!({ "sessionId": session.id })),
-            Err(refused @ CreateError::TooMany(_) | refused @ CreateError::TooFast { .. }) => {
+            Err(refused) if refused.is_per_client() => {
                 HttpResponse::json_error(429, &refused.to_string())
             }
             Err(refused) => HttpResponse::json_error(503, &refused.to_string()),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use switchboard_core::sync::lock;
 use switchboard_core::{ClientKey, MemoryBudget, ShareRefused, Shares, TokenBuckets};
 
-use crate::budget::Charge;
+use crate::budget::{Budgets, Charge, Refused};
 use crate::document::{Document, DocumentLimits};
 
 /// Longest session id, in bytes.
@@ -108,12 +108,20 @@ pub(crate) enum CreateError {
     /// The server's memory budget for session state is used up.
     #[error("the server's memory for sessions is full ({0} bytes); try again later")]
     OutOfMemory(usize),
+    /// The sessions this client created use its whole share of the memory budget.
+    #[error(
+        "the sessions created from your address use their whole share of memory ({0} bytes); join an existing one or try again later"
+    )]
+    ShareFull(usize),
 }
 
 impl CreateError {
     /// Whether this refusal is the client's own share (429) rather than the server's (503).
     pub(crate) fn is_per_client(&self) -> bool {
-        matches!(self, Self::TooMany(_) | Self::TooFast { .. })
+        matches!(
+            self,
+            Self::TooMany(_) | Self::TooFast { .. } | Self::ShareFull(_)
+        )
     }
 }
 
@@ -126,6 +134,9 @@ pub(crate) struct CreationLimits {
     pub(crate) burst: u32,
     /// Creations regained per second per client key.
     pub(crate) per_second: u32,
+    /// Bytes of session state the sessions of one client key may hold together (0: no share
+    /// besides the server-wide budget).
+    pub(crate) bytes_per_client: usize,
 }
 
 #[derive(Debug)]
@@ -148,6 +159,9 @@ pub(crate) struct Registry {
     creators: Shares<ClientKey>,
     /// Creation rate per creator.
     creation_rate: TokenBuckets<ClientKey>,
+    /// Each creator's share of `budget`; a key is removed with its last session, so the table
+    /// holds at most one entry per live session.
+    client_budgets: Mutex<HashMap<ClientKey, Arc<MemoryBudget>>>,
 }
 
 impl Registry {
@@ -175,6 +189,7 @@ impl Registry {
             creation,
             creators: Shares::new(creation.per_client, max_keys),
             creation_rate: TokenBuckets::new(creation.burst, creation.per_second, max_keys),
+            client_budgets: Mutex::default(),
         }
     }
 
@@ -191,6 +206,33 @@ impl Registry {
     /// Live sessions `key` created.
     pub(crate) fn created_by(&self, key: ClientKey) -> usize {
         self.creators.held(&key)
+    }
+
+    /// Bytes the sessions `key` created hold (0 when the share is off).
+    pub(crate) fn state_bytes_of(&self, key: ClientKey) -> usize {
+        lock(&self.client_budgets)
+            .get(&key)
+            .map_or(0, |budget| budget.used())
+    }
+
+    /// The budgets a new session of `creator` charges.
+    fn budgets_for(&self, creator: ClientKey) -> Budgets {
+        if self.creation.bytes_per_client == 0 {
+            return Budgets::server(&self.budget);
+        }
+        let share = lock(&self.client_budgets)
+            .entry(creator)
+            .or_insert_with(|| Arc::new(MemoryBudget::new(self.creation.bytes_per_client)))
+            .clone();
+        Budgets::with_client(&self.budget, share)
+    }
+
+    /// Gives back one session of `creator`'s share; forgets the creator with its last session.
+    fn release_creator(&self, creator: &ClientKey) {
+        self.creators.release(creator);
+        if self.creators.held(creator) == 0 {
+            lock(&self.client_budgets).remove(creator);
+        }
     }
 
     /// The live session `id`, if any.
@@ -283,7 +325,7 @@ impl Registry {
         let session = map.sessions.get(id)?.clone();
         if lock(&session.state).expired(now, self.ttls) {
             map.sessions.remove(id);
-            self.creators.release(&session.creator);
+            self.release_creator(&session.creator);
             tracing::debug!(session = id, "idle session removed");
             return None;
         }
@@ -317,7 +359,7 @@ impl Registry {
                 Ok(session)
             }
             Err(error) => {
-                self.creators.release(&creator);
+                self.release_creator(&creator);
                 Err(error)
             }
         }
@@ -337,11 +379,16 @@ impl Registry {
                 per_second: self.creation.per_second,
             });
         }
-        let out_of_memory = |_| CreateError::OutOfMemory(self.budget.limit());
+        let budgets = self.budgets_for(creator);
         let charge =
-            Charge::try_new(&self.budget, SESSION_OVERHEAD_BYTES).map_err(out_of_memory)?;
-        let doc = Document::with_budget(code, self.limits, &self.budget)
-            .map_err(|_| CreateError::OutOfMemory(self.budget.limit()))?;
+            Charge::try_new(&budgets, SESSION_OVERHEAD_BYTES).map_err(|refused| match refused {
+                Refused::Server(limit) => CreateError::OutOfMemory(limit),
+                Refused::Client(limit) => CreateError::ShareFull(limit),
+            })?;
+        let doc = Document::charged(code, self.limits, &budgets).map_err(|error| match error {
+            crate::document::EditError::ShareFull { limit } => CreateError::ShareFull(limit),
+            _ => CreateError::OutOfMemory(self.budget.limit()),
+        })?;
         Ok(Arc::new(Session {
             topic: format!("collab:{id}"),
             id: id.to_owned(),
@@ -371,7 +418,7 @@ impl Registry {
         map.sessions.retain(|_, session| {
             let expired = lock(&session.state).expired(now, ttls);
             if expired {
-                self.creators.release(&session.creator);
+                self.release_creator(&session.creator);
             }
             !expired
         });
@@ -423,6 +470,7 @@ mod tests {
                 per_client: 0,
                 burst: 0,
                 per_second: 0,
+                bytes_per_client: 0,
             },
             now,
         )
@@ -489,6 +537,7 @@ mod tests {
                 per_client: 3,
                 burst: 4,
                 per_second: 1,
+                bytes_per_client: 0,
             },
             t0,
         );
@@ -516,6 +565,7 @@ mod tests {
                 per_client: 0,
                 burst: 2,
                 per_second: 1,
+                bytes_per_client: 0,
             },
             t0,
         );
@@ -545,6 +595,7 @@ mod tests {
             per_client: 0,
             burst: 0,
             per_second: 0,
+            bytes_per_client: 0,
         };
         let registry = registry_with(100, 2 * SESSION_OVERHEAD_BYTES + 50, limits, t0);
         let first = registry
@@ -584,6 +635,7 @@ mod tests {
                 per_client: 0,
                 burst: 0,
                 per_second: 0,
+                bytes_per_client: 0,
             },
             t0,
         );
@@ -600,5 +652,43 @@ mod tests {
                 .get("joined", t0 + Duration::from_secs(3600))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn each_client_has_a_share_of_the_memory_budget() {
+        let t0 = Instant::now();
+        let share = 2 * SESSION_OVERHEAD_BYTES + 100;
+        let registry = registry_with(
+            100,
+            usize::MAX,
+            CreationLimits {
+                per_client: 0,
+                burst: 0,
+                per_second: 0,
+                bytes_per_client: share,
+            },
+            t0,
+        );
+        let a = key([10, 0, 0, 1]);
+        let first = registry.create("x".repeat(90), "js".into(), a, t0).unwrap();
+        assert_eq!(
+            registry
+                .create("y".repeat(90), "js".into(), a, t0)
+                .unwrap_err(),
+            CreateError::ShareFull(share)
+        );
+        assert!(registry.create(String::new(), "js".into(), a, t0).is_ok());
+        assert_eq!(registry.state_bytes_of(a), 2 * SESSION_OVERHEAD_BYTES + 90);
+        // Others have their own share.
+        let b = key([10, 0, 0, 2]);
+        assert!(registry.create("z".repeat(90), "js".into(), b, t0).is_ok());
+        // The share and its table entry go with the client's last session.
+        drop(first);
+        let later = t0 + Duration::from_secs(61);
+        assert!(registry.get("nothing", later).is_none());
+        registry.sweep(&mut lock(&registry.map), later);
+        assert_eq!(registry.state_bytes_of(a), 0);
+        assert!(lock(&registry.client_budgets).is_empty());
+        assert_eq!(registry.budget().used(), 0);
     }
 }

@@ -708,3 +708,46 @@ async fn refused_edits_earn_a_bounded_number_of_resyncs() {
     assert_within_bound(&collab, &config);
     assert_still_served(&mut calm, baseline).await;
 }
+
+#[tokio::test]
+async fn one_address_cannot_take_the_whole_state_budget() {
+    let config = Config {
+        max_document_bytes: 64 * 1024,
+        max_state_bytes: 1024 * 1024,
+        max_state_bytes_per_client: 256 * 1024,
+        session_create_burst: 0,
+        ..Config::default()
+    };
+    let (collab, server) = start(config.clone()).await;
+    let (mut calm, baseline) = bystander(&server).await;
+    let hog = [127, 0, 0, 1];
+    let body = json!({ "code": "h".repeat(60 * 1024) }).to_string();
+    let mut refusal = None;
+    for _ in 0..10 {
+        let reply = http_from(server.addr(), hog, "POST", "/api/sessions", &body).await;
+        if reply.status != 201 {
+            refusal = Some(reply);
+            break;
+        }
+    }
+    let refusal = refusal.expect("the share never filled");
+    assert_eq!(refusal.status, 429, "{}", refusal.body);
+    assert!(
+        refusal.body.contains("whole share of memory"),
+        "{}",
+        refusal.body
+    );
+    assert!(collab.state_bytes_of(IpAddr::from(hog)) <= config.max_state_bytes_per_client);
+    // Another address still gets its own share.
+    let reply = http_from(
+        server.addr(),
+        [127, 0, 0, 2],
+        "POST",
+        "/api/sessions",
+        &body,
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_within_bound(&collab, &config);
+    assert_still_served(&mut calm, baseline).await;
+}

@@ -84,6 +84,15 @@ pub(crate) struct Args {
         default_value_t = 50
     )]
     collab_relay_per_second: u32,
+    /// Bytes of session state the sessions created by one client (IPv4 address or IPv6 /64) may
+    /// hold together, a share of --max-state-bytes; over it that client's new sessions get 429
+    /// and its sessions cannot grow (0: no share).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_COLLAB_MAX_STATE_BYTES_PER_CLIENT",
+        default_value_t = 32 * 1024 * 1024
+    )]
+    collab_max_state_bytes_per_client: usize,
     /// Language of a session created without one.
     #[arg(
         long,
@@ -108,6 +117,7 @@ pub(crate) async fn serve(args: &Args, server: Server) -> Result<(), CliError> {
         relay_burst: args.collab_relay_burst,
         relay_per_second: args.collab_relay_per_second,
         max_state_bytes: server.max_state_bytes,
+        max_state_bytes_per_client: args.collab_max_state_bytes_per_client,
         default_language: args.collab_default_language.clone(),
     };
     server.run(Collab::new(config)).await
