@@ -149,5 +149,14 @@ pub(crate) async fn serve(args: &Args, server: Server) -> Result<(), CliError> {
             "--fastchat-ping-interval + --fastchat-pong-timeout must be more than 0".into(),
         ));
     }
+    // The rate-limit tables are charged up front; a budget they fill would refuse every user.
+    let fixed = config.fixed_state_bytes();
+    if fixed >= config.max_state_bytes {
+        return Err(CliError::Failed(format!(
+            "--max-state-bytes ({}) must be more than fastchat's rate-limit tables ({fixed} bytes); \
+             raise it or lower --fastchat-max-users / --fastchat-max-clients",
+            config.max_state_bytes
+        )));
+    }
     server.run(FastChat::new(config)).await
 }
