@@ -22,10 +22,10 @@ pub struct ServerConfig {
     /// busy server schedules the connection's writer. The byte bound below is the real memory
     /// bound; this one caps bookkeeping for floods of tiny frames.
     pub outbound_queue: usize,
-    /// Outbound queue capacity per connection in bytes: every queued frame counts its full
-    /// length for each recipient (even though recipients share one copy), plus its queue slot.
-    /// Over it the client is closed with 1008 "slow consumer". A single frame larger than this
-    /// still reaches a client whose queue is empty.
+    /// Outbound backlog per connection in bytes: every queued frame counts its full length for
+    /// each recipient (even though recipients share one copy), plus its queue slot. The bound
+    /// in force is this plus the protocol's `max_outbound_frame_bytes()`, so one maximal frame
+    /// always fits behind a backlog; over it the client is closed with 1008 "slow consumer".
     pub outbound_queue_bytes: usize,
     /// A socket whose writes make no progress for this long is closed with 1008 "write
     /// timeout" and its memory freed, whatever the idle timer says.

@@ -36,6 +36,10 @@ pub(crate) struct App<P> {
     request_rate: TokenBuckets<ClientKey>,
     /// Bytes of inbound messages still being received, server-wide and per client.
     reassembly: Arc<ReassemblyPool>,
+    /// Each socket's outbound byte bound: the configured backlog plus room for one of the
+    /// protocol's largest frames, so a reader that keeps up is never cut because a maximal frame
+    /// (a collab resync, a history replay) follows a small one.
+    queue_bytes: usize,
 }
 
 /// Distinct clients tracked by the per-client tables; beyond it a flood of new addresses is
@@ -73,6 +77,9 @@ impl<P: Protocol> App<P> {
             MAX_TRACKED_CLIENTS,
         );
         let reassembly = handle.reassembly.clone();
+        let queue_bytes = config
+            .outbound_queue_bytes
+            .saturating_add(protocol.max_outbound_frame_bytes());
         Self {
             protocol,
             config,
@@ -83,6 +90,7 @@ impl<P: Protocol> App<P> {
             per_client,
             request_rate,
             reassembly,
+            queue_bytes,
         }
     }
 }
@@ -279,7 +287,7 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
         let (peer, link) = peer_channel_bounded(
             remote,
             task_app.config.outbound_queue,
-            task_app.config.outbound_queue_bytes,
+            task_app.queue_bytes,
         );
         debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
         task_app

@@ -705,14 +705,9 @@ async fn sessions_are_isolated() {
 
 #[tokio::test]
 async fn a_maximal_document_fits_the_default_frame_limit_and_one_byte_more_is_refused() {
-    // A refused edit answers with an error followed by a session-state of up to 6 MiB here, so
-    // the socket's outbound byte bound must hold one worst-case frame plus a small one; the
-    // runtime's 4 MiB default holds only a lone large frame (see docs/protocols/collab.md).
-    let server_config = ServerConfig {
-        outbound_queue_bytes: 2 * Config::default().max_outbound_frame_bytes(),
-        ..ServerConfig::default()
-    };
-    let server = TestServer::start(Collab::new(Config::default()), server_config).await;
+    // A refused edit answers with an error followed by a session-state of up to 6 MiB here: the
+    // runtime's default byte bound (backlog + one largest frame) holds both.
+    let server = TestServer::start(Collab::new(Config::default()), ServerConfig::default()).await;
     let max = Config::default().max_document_bytes;
     let (mut alice, _) = join(&server, "s", "u-alice", "Alice").await;
     // Worst case for JSON: every character escaped as \u0001 (six bytes on the wire).
