@@ -11,6 +11,7 @@
     reason = "a command-line tool"
 )]
 
+mod attack;
 mod autobahn;
 mod bench;
 
@@ -23,9 +24,10 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "bench" => bench::run(args.any(|a| a == "--quick")),
         "autobahn" => autobahn::run(args.any(|a| a == "--debug")),
+        "attack" => attack::run(),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask autobahn [--debug]"
+                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask autobahn [--debug] | cargo xtask attack"
             );
             ExitCode::from(2)
         }

@@ -6,11 +6,14 @@
 //! - [`idle`]: N idle sockets; connect rate and, given the server's pid, resident memory per
 //!   connection.
 //! - [`reqack`]: request→response latency and event→ack throughput with an exactly-once check.
+//! - [`attack`]: the hardening issue's attacks, one row at a time, each checked against a
+//!   documented memory bound and a bystander's latency.
 //!
 //! All traffic stays on 127.0.0.0/8: clients bind distinct loopback source addresses before
 //! connecting, which keeps per-IP rate limits per sender and spreads sockets over many
 //! ephemeral-port ranges. Every run is bounded in count and time.
 
+pub mod attack;
 pub mod fanout;
 pub mod idle;
 mod proc;

@@ -1,11 +1,12 @@
-//! `switchboard bench`: load-test a running server (fan-out, idle sockets, reqack).
+//! `switchboard bench`: load-test a running server (fan-out, idle sockets, reqack), and replay
+//! the hardening issue's attacks against it (`attack --row N`).
 #![allow(clippy::print_stdout, reason = "the report is the command's output")]
 
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use switchboard_bench::{Target, fanout, idle, reqack};
+use switchboard_bench::{Target, attack, fanout, idle, reqack};
 
 use crate::CliError;
 use crate::runtime::parse_duration;
@@ -19,6 +20,25 @@ pub(crate) enum BenchCommand {
     Idle(IdleArgs),
     /// reqack users exchanging messages: request latency, event throughput, exactly-once.
     Reqack(ReqackArgs),
+    /// One row of the hardening issue's attacks: server RSS against its documented bound, a
+    /// bystander's latency, the row's checks. Exits 1 if a bound fails.
+    Attack(AttackArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AttackArgs {
+    /// The row, 1 to 13 (see docs/hardening.md).
+    #[arg(long)]
+    row: u8,
+    /// Protocol the server runs (default: the row's; row 12 runs against any).
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Any WebSocket URL of the server on 127.0.0.0/8 (only its address is used).
+    #[arg(long, default_value = "ws://127.0.0.1:8000/ws")]
+    url: String,
+    /// Server pid, to read its resident memory (required for the memory check).
+    #[arg(long)]
+    pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -137,8 +157,75 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
                 )));
             }
         }
+        BenchCommand::Attack(args) => {
+            let options = attack::AttackOptions {
+                row: args.row,
+                protocol: args.protocol,
+                target: Target::parse(&args.url).map_err(failed)?,
+                server_pid: args.pid,
+            };
+            let report = attack::run(options).await.map_err(failed)?;
+            print_attack(&report);
+            if !report.passed {
+                let failing: Vec<&str> = report
+                    .checks
+                    .iter()
+                    .filter(|c| !c.ok)
+                    .map(|c| c.name.as_str())
+                    .collect();
+                return Err(CliError::Failed(format!(
+                    "row {} failed: {}",
+                    report.row,
+                    failing.join("; ")
+                )));
+            }
+        }
     }
     Ok(())
+}
+
+/// The attack report as a table of checks, then as one JSON line.
+fn print_attack(report: &attack::AttackReport) {
+    let mib = |b: Option<u64>| {
+        b.map_or("?".to_owned(), |b| {
+            format!("{:.1} MiB", b as f64 / 1048576.0)
+        })
+    };
+    println!(
+        "attack row {} ({}): {}",
+        report.row, report.protocol, report.attack
+    );
+    println!(
+        "  RSS before {} peak {} after {}; growth {} of {} allowed",
+        mib(report.rss_before_bytes),
+        mib(report.rss_peak_bytes),
+        mib(report.rss_after_bytes),
+        mib(report.rss_growth_bytes),
+        mib(Some(report.rss_bound_bytes))
+    );
+    println!("  bound: {}", report.rss_bound_formula);
+    println!(
+        "  bystander median: idle {:.2} ms, under attack {:.2} ms (bound {:.2} ms)",
+        report.idle_rtt_ms.p50, report.attack_rtt_ms.p50, report.latency_bound_ms
+    );
+    for check in &report.checks {
+        println!(
+            "  [{}] {}: {}",
+            if check.ok { "ok" } else { "FAIL" },
+            check.name,
+            check.detail
+        );
+    }
+    println!(
+        "  {} in {:.1} s",
+        if report.passed { "PASSED" } else { "FAILED" },
+        report.duration_secs
+    );
+    let value = serde_json::to_value(report).unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::json!({ "bench": "attack", "report": value })
+    );
 }
 
 /// A two-column table of the report's fields, then the report as one JSON line.
