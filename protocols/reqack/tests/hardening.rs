@@ -12,6 +12,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{User, connect_from, start};
@@ -198,17 +200,33 @@ async fn identity_cycling(online_users: usize, config: Config, drain: bool) -> C
     let (protocol, server) = start(config).await;
     let mut online = Vec::with_capacity(online_users);
     let mut readers = Vec::new();
+    let received = Arc::new(AtomicUsize::new(0));
     for i in 0..online_users {
         let third = u8::try_from(1 + i / 200).unwrap();
         let fourth = u8::try_from(1 + i % 200).unwrap();
         let user = connect_from(&server, &format!("u{i}"), [127, 0, third, fourth]).await;
         if drain {
             let mut client = user.client;
+            let received = received.clone();
             readers.push(tokio::spawn(async move {
-                while let Some(Ok(_)) = client.inner().next().await {}
+                while let Some(Ok(_)) = client.inner().next().await {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
             }));
         } else {
             online.push(user);
+        }
+    }
+    if drain {
+        // Connecting n users sent n²/2 presence events; let them drain before measuring (this
+        // is the measurement only; the tests do not drain).
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let before = received.load(Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if received.load(Ordering::Relaxed) == before || Instant::now() > deadline {
+                break;
+            }
         }
     }
     let mut bystander = connect_from(&server, "bystander", BYSTANDER).await;
