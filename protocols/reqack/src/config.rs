@@ -34,6 +34,8 @@ use std::time::Duration;
 /// | `max_open_calls_bytes` | 16 MiB | the oldest open call is forgotten |
 /// | `idempotency_cache_bytes` | 16 MiB | the oldest cached response is forgotten |
 /// | `idempotency_cache_per_client` / `_bytes_per_client` | 5,000 / 2 MiB | the client's own oldest cached response is forgotten |
+/// | `max_messages_per_client` / `max_message_store_bytes_per_client` | 10,000 / 16 MiB | the client's own oldest stored message is forgotten |
+/// | `max_open_calls_per_client` / `max_open_calls_bytes_per_client` | 1,000 / 4 MiB | the client's own oldest open call is forgotten |
 ///
 /// A *client* is a [`switchboard_core::ClientKey`]: the IPv4 address (or IPv6 /64) the socket
 /// comes from, never a `userId`, which clients pick freely.
@@ -127,6 +129,16 @@ pub struct Config {
     pub idempotency_cache_per_client: usize,
     /// Bytes of responses remembered for one client; beyond it as above.
     pub idempotency_cache_bytes_per_client: usize,
+    /// Stored messages sent by one client (by address); beyond it that client's own oldest
+    /// message is forgotten, so one client cannot push everybody's history out of the store.
+    pub max_messages_per_client: usize,
+    /// Bytes of stored messages sent by one client; beyond it as above.
+    pub max_message_store_bytes_per_client: usize,
+    /// Open calls opened by one client; beyond it that client's own oldest open call is
+    /// forgotten.
+    pub max_open_calls_per_client: usize,
+    /// Bytes of open calls opened by one client; beyond it as above.
+    pub max_open_calls_bytes_per_client: usize,
 }
 
 impl Default for Config {
@@ -165,6 +177,10 @@ impl Default for Config {
             idempotency_cache_bytes: 16 * 1024 * 1024,
             idempotency_cache_per_client: 5_000,
             idempotency_cache_bytes_per_client: 2 * 1024 * 1024,
+            max_messages_per_client: 10_000,
+            max_message_store_bytes_per_client: 16 * 1024 * 1024,
+            max_open_calls_per_client: 1_000,
+            max_open_calls_bytes_per_client: 4 * 1024 * 1024,
         }
     }
 }

@@ -31,6 +31,24 @@ pub(crate) const CACHE_OVERHEAD: usize = 160;
 /// One client key's rate buckets (requests and connects) and their table slot.
 pub(crate) const RATE_ENTRY: usize = 96;
 
+/// One client's share of a pool, in items and bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Share {
+    /// Entries one client may hold.
+    pub(crate) items: usize,
+    /// Bytes one client may hold.
+    pub(crate) bytes: usize,
+}
+
+impl Share {
+    /// No per-client limit.
+    #[cfg(test)]
+    pub(crate) const UNLIMITED: Self = Self {
+        items: usize::MAX,
+        bytes: usize::MAX,
+    };
+}
+
 /// Bytes charged for a user named `name`.
 pub(crate) fn user_bytes(name: &str) -> usize {
     USER_OVERHEAD.saturating_add(name.len().saturating_mul(USER_NAME_COPIES))

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use switchboard_core::{ClientKey, Frame, MemoryBudget};
 
-use crate::cost::CACHE_OVERHEAD;
+use crate::cost::{CACHE_OVERHEAD, Share};
 
 type Key = (String, String);
 
@@ -37,24 +37,6 @@ struct ClientShare {
     /// Live entries and their bytes (`keys` may hold stale slots).
     count: usize,
     bytes: usize,
-}
-
-/// Per-client limits of the cache.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Share {
-    /// Responses one client may have remembered.
-    pub(crate) items: usize,
-    /// Bytes of responses one client may have remembered.
-    pub(crate) bytes: usize,
-}
-
-impl Share {
-    /// No per-client limit.
-    #[cfg(test)]
-    pub(crate) const UNLIMITED: Self = Self {
-        items: usize::MAX,
-        bytes: usize::MAX,
-    };
 }
 
 /// A bounded map from (user, request id) to the encoded response, forgetting the oldest entry

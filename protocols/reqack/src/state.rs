@@ -21,8 +21,9 @@ use switchboard_core::{ClientKey, CloseReason, ConnId, Frame, MemoryBudget, Peer
 use tracing::{debug, error};
 
 use crate::Config;
+use crate::cost::Share;
 use crate::cost::{self, Bucket, RATE_ENTRY};
-use crate::idempotency::{IdempotencyCache, Share};
+use crate::idempotency::IdempotencyCache;
 use crate::messages::{
     self, ApiError, CallEvent, CallRequest, CallStored, CloseCallRequest, DeleteEvent, EditEvent,
     EditRequest, ErrorCode, HistoryRequest, MessageRef, NewCallRequest, NewEvent, NewRequest,
@@ -252,11 +253,19 @@ impl State {
             messages: Messages::new(
                 config.max_messages,
                 config.max_message_store_bytes,
+                Share {
+                    items: config.max_messages_per_client,
+                    bytes: config.max_message_store_bytes_per_client,
+                },
                 budget.clone(),
             ),
             calls: Calls::new(
                 config.max_open_calls,
                 config.max_open_calls_bytes,
+                Share {
+                    items: config.max_open_calls_per_client,
+                    bytes: config.max_open_calls_bytes_per_client,
+                },
                 budget.clone(),
             ),
             cache: IdempotencyCache::new(
@@ -1068,7 +1077,11 @@ impl State {
             client_message_id: request.client_message_id,
             edited: false,
         };
-        if self.messages.insert(user, &to, timestamp, body).is_err() {
+        if self
+            .messages
+            .insert(user, &to, timestamp, body, client)
+            .is_err()
+        {
             self.abandon(&prepared, &created);
             return Err(budget_error());
         }
@@ -1216,7 +1229,11 @@ impl State {
             direction: request.direction,
             status: request.status,
         };
-        if self.messages.insert(user, &to, timestamp, body).is_err() {
+        if self
+            .messages
+            .insert(user, &to, timestamp, body, client)
+            .is_err()
+        {
             self.abandon(&prepared, &created);
             return Err(budget_error());
         }
@@ -1267,7 +1284,7 @@ impl State {
             call_type: request.call_type,
             started: now,
         };
-        if self.calls.insert(call_id, call).is_err() {
+        if self.calls.insert(call_id, call, client).is_err() {
             self.abandon(&prepared, &created);
             return Err(budget_error());
         }

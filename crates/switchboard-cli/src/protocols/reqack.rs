@@ -211,6 +211,34 @@ pub(crate) struct Args {
         default_value_t = 2 * 1024 * 1024
     )]
     reqack_idempotency_cache_bytes_per_client: usize,
+    /// Stored messages sent from one client address; beyond it its own oldest is forgotten.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGES_PER_CLIENT",
+        default_value_t = 10_000
+    )]
+    reqack_max_messages_per_client: usize,
+    /// Bytes of stored messages sent from one client address.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGE_STORE_BYTES_PER_CLIENT",
+        default_value_t = 16 * 1024 * 1024
+    )]
+    reqack_max_message_store_bytes_per_client: usize,
+    /// Open calls opened from one client address; beyond it its own oldest is forgotten.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_OPEN_CALLS_PER_CLIENT",
+        default_value_t = 1_000
+    )]
+    reqack_max_open_calls_per_client: usize,
+    /// Bytes of open calls opened from one client address.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQACK_MAX_OPEN_CALLS_BYTES_PER_CLIENT",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    reqack_max_open_calls_bytes_per_client: usize,
 }
 
 impl Args {
@@ -249,6 +277,10 @@ impl Args {
             idempotency_cache_bytes: self.reqack_idempotency_cache_bytes,
             idempotency_cache_per_client: self.reqack_idempotency_cache_per_client,
             idempotency_cache_bytes_per_client: self.reqack_idempotency_cache_bytes_per_client,
+            max_messages_per_client: self.reqack_max_messages_per_client,
+            max_message_store_bytes_per_client: self.reqack_max_message_store_bytes_per_client,
+            max_open_calls_per_client: self.reqack_max_open_calls_per_client,
+            max_open_calls_bytes_per_client: self.reqack_max_open_calls_bytes_per_client,
         }
     }
 }
@@ -334,6 +366,22 @@ mod tests {
         assert_eq!(
             config.idempotency_cache_bytes_per_client,
             defaults.idempotency_cache_bytes_per_client
+        );
+        assert_eq!(
+            config.max_messages_per_client,
+            defaults.max_messages_per_client
+        );
+        assert_eq!(
+            config.max_message_store_bytes_per_client,
+            defaults.max_message_store_bytes_per_client
+        );
+        assert_eq!(
+            config.max_open_calls_per_client,
+            defaults.max_open_calls_per_client
+        );
+        assert_eq!(
+            config.max_open_calls_bytes_per_client,
+            defaults.max_open_calls_bytes_per_client
         );
     }
 
