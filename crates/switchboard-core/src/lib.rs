@@ -31,7 +31,9 @@ pub use close::CloseReason;
 pub use error::Error;
 pub use frame::Frame;
 pub use history::{History, MemoryHistory};
-pub use limits::{BudgetExceeded, ClientKey, MemoryBudget, ShareRefused, Shares, TokenBuckets};
+pub use limits::{
+    BudgetExceeded, ClientKey, MemoryBudget, Rate, ShareRefused, Shares, TokenBucket, TokenBuckets,
+};
 pub use peer::{
     ConnId, Delivery, LinkEvent, Outgoing, Peer, PeerLink, peer_channel, peer_channel_bounded,
 };

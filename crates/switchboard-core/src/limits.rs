@@ -218,33 +218,122 @@ impl<K: Eq + Hash + Clone> Shares<K> {
     }
 }
 
-/// Per-key token buckets: each key may spend `burst` tokens at once and regains `per_second`
-/// tokens a second. Memory is constant per key (unlike a sliding window of timestamps), and the
-/// table holds at most `max_keys` keys; when it is full, keys whose bucket has refilled are
-/// forgotten, and if none has, the new key is refused (fail closed under a flood of keys).
-#[derive(Debug)]
-pub struct TokenBuckets<K> {
-    burst: f64,
-    per_second: f64,
-    max_keys: usize,
-    buckets: Mutex<HashMap<K, Bucket>>,
+/// A rate: `burst` events at once, then one more every `interval`. A burst of 0 is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    burst: u32,
+    interval: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+impl Rate {
+    /// `limit` events in any `window`, all of which may come at once (the "60 per minute"
+    /// family); a `limit` of 0 is unlimited.
+    pub fn per_window(limit: u32, window: Duration) -> Self {
+        Self {
+            burst: limit,
+            interval: window.checked_div(limit.max(1)).unwrap_or(window),
+        }
+    }
+
+    /// `burst` events at once, then `per_second` a second; a `burst` of 0 is unlimited.
+    pub fn burst_then_per_second(burst: u32, per_second: u32) -> Self {
+        Self {
+            burst,
+            interval: Duration::from_secs(1)
+                .checked_div(per_second)
+                .unwrap_or(Duration::MAX),
+        }
+    }
+
+    /// No limit at all.
+    pub const fn unlimited() -> Self {
+        Self {
+            burst: 0,
+            interval: Duration::ZERO,
+        }
+    }
+
+    /// Whether this rate limits nothing.
+    pub fn is_unlimited(&self) -> bool {
+        self.burst == 0
+    }
+
+    /// The events allowed at once.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// How far ahead of now a key's theoretical arrival time may run.
+    fn tolerance(&self) -> Duration {
+        self.interval
+            .checked_mul(self.burst.saturating_sub(1))
+            .unwrap_or(Duration::MAX)
+    }
+}
+
+/// One key's token bucket, stored as a single instant (the generic cell rate algorithm's
+/// "theoretical arrival time"): constant memory whatever the rate, fractional refill, no floats.
+/// Embed it in your own per-key entries, or use [`TokenBuckets`] for a keyed table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucket {
+    /// When the bucket is full again; at or before now means full.
+    full_at: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn full(now: Instant) -> Self {
+        Self { full_at: now }
+    }
+
+    /// Spends one event at `now` (an injected clock) if `rate` allows; `false` changes nothing.
+    pub fn try_take(&mut self, rate: Rate, now: Instant) -> bool {
+        if rate.is_unlimited() {
+            return true;
+        }
+        let from = self.full_at.max(now);
+        if from.saturating_duration_since(now) > rate.tolerance() {
+            return false;
+        }
+        self.full_at = from.checked_add(rate.interval).unwrap_or(from);
+        true
+    }
+
+    /// Whether the bucket is full at `now` (a fresh one would be identical, so it can be
+    /// forgotten).
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.full_at <= now
+    }
+}
+
+/// Per-key token buckets ([`TokenBucket`] at one [`Rate`]). The table holds at most `max_keys`
+/// keys; when it is full, keys whose bucket has refilled are forgotten, and if none has, the new
+/// key is refused (fail closed under a flood of keys).
+#[derive(Debug)]
+pub struct TokenBuckets<K> {
+    rate: Rate,
+    max_keys: usize,
+    buckets: Mutex<HashMap<K, TokenBucket>>,
 }
 
 impl<K: Eq + Hash + Clone> TokenBuckets<K> {
-    /// `burst` tokens at most, refilled at `per_second`; a `burst` of 0 disables limiting.
+    /// `burst` at once, refilled at `per_second`; a `burst` of 0 disables limiting.
     pub fn new(burst: u32, per_second: u32, max_keys: usize) -> Self {
+        Self::with_rate(Rate::burst_then_per_second(burst, per_second), max_keys)
+    }
+
+    /// Buckets at `rate`, at most `max_keys` keys.
+    pub fn with_rate(rate: Rate, max_keys: usize) -> Self {
         Self {
-            burst: f64::from(burst),
-            per_second: f64::from(per_second),
+            rate,
             max_keys: max_keys.max(1),
             buckets: Mutex::default(),
         }
+    }
+
+    /// The rate in force.
+    pub fn rate(&self) -> Rate {
+        self.rate
     }
 
     /// Spends one token of `key` now; `false` means the key is over its rate.
@@ -254,43 +343,55 @@ impl<K: Eq + Hash + Clone> TokenBuckets<K> {
 
     /// [`TokenBuckets::check`] at a given instant (an injected clock for tests).
     pub fn check_at(&self, key: &K, now: Instant) -> bool {
-        if self.burst <= 0.0 {
+        if self.rate.is_unlimited() {
             return true;
         }
         let mut buckets = lock(&self.buckets);
         if !buckets.contains_key(key) && buckets.len() >= self.max_keys {
-            let full_after = self.full_after();
-            buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+            buckets.retain(|_, bucket| !bucket.is_full(now));
             if buckets.len() >= self.max_keys {
                 return false;
             }
         }
-        let bucket = buckets.entry(key.clone()).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// How long an untouched bucket takes to refill completely.
-    fn full_after(&self) -> Duration {
-        if self.per_second <= 0.0 {
-            return Duration::MAX;
-        }
-        Duration::try_from_secs_f64(self.burst / self.per_second).unwrap_or(Duration::MAX)
+        buckets
+            .entry(key.clone())
+            .or_insert_with(|| TokenBucket::full(now))
+            .try_take(self.rate, now)
     }
 
     /// Keys tracked now.
     pub fn keys(&self) -> usize {
         lock(&self.buckets).len()
+    }
+
+    /// Bytes of one table slot: the entry plus the hash table's control byte.
+    pub fn slot_bytes() -> usize {
+        std::mem::size_of::<(K, TokenBucket)>().saturating_add(1)
+    }
+
+    /// Bytes the table holds now: its slots (capacity plus the 1/8 kept free).
+    pub fn bytes(&self) -> usize {
+        let capacity = lock(&self.buckets).capacity();
+        if capacity == 0 {
+            return 0;
+        }
+        capacity
+            .saturating_add(capacity / 7)
+            .saturating_add(1)
+            .saturating_mul(Self::slot_bytes())
+    }
+
+    /// The most bytes the table may hold: 3 slots per key (the table keeps 1/8 of its slots
+    /// free and at most doubles when it grows, so under 16/7 slots per key) for at least 4 keys
+    /// (the smallest table); 0 when unlimited (nothing is tracked).
+    pub fn max_bytes(&self) -> usize {
+        if self.rate.is_unlimited() {
+            return 0;
+        }
+        self.max_keys
+            .max(4)
+            .saturating_mul(3)
+            .saturating_mul(Self::slot_bytes())
     }
 }
 
@@ -348,6 +449,32 @@ mod tests {
         assert!(buckets.check_at(&2, t0));
         assert!(buckets.check_at(&1, t0 + Duration::from_millis(500)));
         assert!(!buckets.check_at(&1, t0 + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn a_rate_per_window_refills_fractionally() {
+        // 3 per minute: one token every 20 s, all three at once.
+        let rate = Rate::per_window(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::full(t0);
+        assert!((0..3).all(|_| bucket.try_take(rate, t0)));
+        assert!(!bucket.try_take(rate, t0 + Duration::from_secs(19)));
+        assert!(bucket.try_take(rate, t0 + Duration::from_secs(20)));
+        assert!(!bucket.try_take(rate, t0 + Duration::from_secs(20)));
+        assert!(!bucket.is_full(t0 + Duration::from_secs(59)));
+        assert!(bucket.is_full(t0 + Duration::from_secs(80)));
+        assert!(TokenBucket::full(t0).try_take(Rate::unlimited(), t0));
+    }
+
+    #[test]
+    fn the_table_reports_its_bytes_within_its_bound() {
+        let buckets = TokenBuckets::with_rate(Rate::per_window(1, Duration::from_secs(1)), 50);
+        let t0 = Instant::now();
+        for key in 0..50u32 {
+            assert!(buckets.check_at(&key, t0));
+        }
+        assert!(buckets.bytes() <= buckets.max_bytes());
+        assert!(buckets.bytes() > 0);
     }
 
     #[test]
