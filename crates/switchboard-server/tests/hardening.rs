@@ -94,6 +94,15 @@ fn from(ip: [u8; 4]) -> ConnectOptions {
     }
 }
 
+/// Opens `n` WebSockets to `url` from `ip`; each must be accepted.
+async fn hold(url: &str, ip: [u8; 4], n: usize) -> Vec<Client> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(Client::connect_with(url, from(ip)).await.unwrap());
+    }
+    held
+}
+
 #[tokio::test]
 async fn a_text_frame_with_invalid_utf8_is_closed_with_1007() {
     let server = TestServer::start(Echo::new(), ServerConfig::default()).await;
@@ -256,14 +265,7 @@ async fn one_address_cannot_take_every_connection() {
     };
     let server = TestServer::start(Echo::new(), config).await;
     let url = server.ws_url("/ws");
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(
-            Client::connect_with(&url, from([127, 0, 0, 2]))
-                .await
-                .unwrap(),
-        );
-    }
+    let mut held = hold(&url, [127, 0, 0, 2], 3).await;
     assert_eq!(
         Client::refused_status(&url, from([127, 0, 0, 2])).await,
         429
@@ -279,11 +281,7 @@ async fn one_address_cannot_take_every_connection() {
         server.handle().connections() == 3
     })
     .await;
-    held.push(
-        Client::connect_with(&url, from([127, 0, 0, 2]))
-            .await
-            .unwrap(),
-    );
+    held.extend(hold(&url, [127, 0, 0, 2], 1).await);
     assert_eq!(server.handle().stats().per_client_refusals_total, 1);
 }
 
@@ -296,14 +294,7 @@ async fn requests_over_the_per_address_rate_get_429() {
     };
     let server = TestServer::start(Echo::new(), config).await;
     let url = server.ws_url("/ws");
-    let mut held = Vec::new();
-    for _ in 0..5 {
-        held.push(
-            Client::connect_with(&url, from([127, 0, 0, 2]))
-                .await
-                .unwrap(),
-        );
-    }
+    let _held = hold(&url, [127, 0, 0, 2], 5).await;
     assert_eq!(
         Client::refused_status(&url, from([127, 0, 0, 2])).await,
         429
