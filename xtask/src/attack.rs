@@ -97,7 +97,7 @@ const NOTES: &[(u8, &str)] = &[
 /// Causes found for rows that fail, shown while they fail.
 const DIAGNOSES: &[(u8, &str)] = &[(
     4,
-    "The reassembly budget counts each partly received message once, but the server holds it twice. `crates/switchboard-server/src/metered.rs` charges `InboundScanner::pending_bytes()` (the payload received so far); tungstenite accumulates the whole 6 MB first fragment in its input buffer (the 1 KiB read buffer is only the read chunk: the buffer grows to the frame and keeps that capacity) and then copies the fragment's payload into its incomplete-message buffer. With `MALLOC_MMAP_THRESHOLD_=131072` (so freed buffers go back to the OS) RSS stays at +119 MiB for the whole 10 s while only 10 × 6 MB = 57 MiB is charged: 2 × per held message. On top, the sockets refused with 1013 briefly hold what they read before the refusal took effect (`stop_counting` in `connection.rs::close_from_our_side` releases the charge while tungstenite's buffers live on for up to `close_timeout`). Fix: charge 2 × pending bytes (or halve what the budget admits), keep a refused socket's charge until the socket is dropped, and state the factor in the ARCHITECTURE formula.",
+    "The reassembly budget counts each partly received message once, but the server holds it twice. `crates/switchboard-server/src/metered.rs` charges `InboundScanner::pending_bytes()` (the payload received so far). tungstenite 0.30 (`FrameCodec::read_frame`) reserves the whole frame in its input buffer as soon as it has the header (`in_buffer.reserve(len)`; `--read-buffer-bytes` 1 KiB is only the size of each read), fills it as bytes arrive, and once the 6 MB fragment is complete copies its payload into the incomplete message (`IncompleteMessage::extend`), while the input buffer keeps its 6 MB of touched capacity. Measured with `MALLOC_MMAP_THRESHOLD_=131072` (so freed buffers go back to the OS): RSS stays at +119 MiB for the whole 10 s while 10 × 6 MB = 57 MiB is charged, i.e. 2 × per held message. On top, sockets refused with 1013 hold what they read before the refusal took effect, and `stop_counting` (`connection.rs::close_from_our_side`) releases their charge while their buffers live on for up to `close_timeout`. Fix: charge 2 × the pending bytes (or admit half as much), keep a refused socket's charge until the socket is dropped, and write the factor into the ARCHITECTURE formula (`2R`, not `R`).",
 )];
 
 /// A server under attack; stopped (SIGTERM, then SIGKILL) when dropped.
@@ -320,7 +320,9 @@ fn document(outcomes: &[Outcome], built: Duration, attack_time: Duration) -> Str
         "Written by `cargo xtask attack` on {}: {} rows in {:.0} s (after a {:.0} s release build).\n\
          Each row starts a fresh `target/release/switchboard serve --protocol P --listen 127.0.0.1:<port>`\n\
          with **default flags** (`RUST_LOG=warn`), runs `switchboard bench attack --row N --pid <server>`\n\
-         against it over loopback, and stops it. The load generator shares the 2 cores with the server.\n",
+         against it over loopback, and stops it. The load generator shares the 2 cores with the server.\n\
+         One row against a server you started: `switchboard bench attack --row N [--protocol P] \
+         --url ws://127.0.0.1:PORT/ws --pid PID` (exit 1 if a bound fails).\n",
         machine(),
         outcomes.len(),
         attack_time.as_secs_f64(),
@@ -330,7 +332,7 @@ fn document(outcomes: &[Outcome], built: Duration, attack_time: Duration) -> Str
         out,
         "What each row checks:\n\n\
          - **memory**: the server's `VmRSS` (from `/proc/<pid>/status`, sampled every 10 ms) may grow\n\
-           from before the row to its peak by at most the bound in the last column: the pools the\n\
+           from before the row to its peak by at most the row's bound: the pools the\n\
            attack fills, at their documented limits (`docs/ARCHITECTURE.md` Limits, each\n\
            `docs/protocols/<name>.md`), + 29 KiB per WebSocket (idle socket 5 KiB, partial-message\n\
            allowance 8 KiB, write buffer 16 KiB) + 18 KiB per pending HTTP connection + 16 MiB slack\n\
