@@ -16,7 +16,6 @@
 //! limit, its default and its policy, and [`IpChat::worst_case_bytes`] is the formula given there.
 
 pub mod messages;
-mod rate;
 mod web;
 
 use std::collections::VecDeque;
@@ -27,7 +26,7 @@ use std::time::{Duration, Instant};
 use switchboard_core::sync::lock;
 use switchboard_core::{
     Broadcaster, ClientKey, Frame, Handshake, HttpRequest, HttpResponse, LocalBroadcaster,
-    MemoryBudget, Peer, Protocol, Reject,
+    MemoryBudget, Peer, Protocol, Rate, Reject, TokenBuckets,
 };
 use tracing::warn;
 use uuid::Uuid;
@@ -35,11 +34,6 @@ use uuid::Uuid;
 use crate::messages::{
     ALLOCATION_OVERHEAD, ChatMessage, ClientMessage, ReactionAction, ReactionLimits,
     ReactionRefused, error_frame, message_frame, reaction_frame,
-};
-use crate::rate::RateLimit;
-
-pub use crate::rate::{
-    BYTES_PER_KEY as RATE_LIMIT_BYTES_PER_KEY, SLOT_BYTES as RATE_LIMIT_SLOT_BYTES,
 };
 
 /// The fan-out topic every ip-chat socket subscribes to.
@@ -176,8 +170,11 @@ pub struct IpChat {
     store: Mutex<Store>,
     budget: MemoryBudget,
     hub: Arc<dyn Broadcaster>,
-    messages: RateLimit,
-    reactions: RateLimit,
+    /// `send_message` per client: `rate_limit` per minute, all of it at once if the client
+    /// likes (GCRA, one instant per client whatever the limit).
+    messages: TokenBuckets<ClientKey>,
+    /// `add_reaction` per client: `reaction_rate_limit` per minute, the same way.
+    reactions: TokenBuckets<ClientKey>,
     identity_namespace: Uuid,
 }
 
@@ -187,6 +184,14 @@ impl std::fmt::Debug for IpChat {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// A per-client limit of `limit` events per minute (0: unlimited), the whole limit allowed at
+/// once, then one event per `60 s / limit`; at most `max_keys` clients tracked.
+fn per_minute(limit: usize, max_keys: usize) -> TokenBuckets<ClientKey> {
+    // Limits past u32::MAX events a minute are unlimited in all but name.
+    let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    TokenBuckets::with_rate(Rate::per_window(limit, Duration::from_secs(60)), max_keys)
 }
 
 /// Per-connection state: who this socket is.
@@ -204,14 +209,9 @@ impl IpChat {
 
     /// ip-chat over another fan-out backend.
     pub fn with_broadcaster(config: Config, hub: Arc<dyn Broadcaster>) -> Self {
-        let minute = Duration::from_secs(60);
         Self {
-            messages: RateLimit::new(config.rate_limit, minute, config.max_rate_limit_keys),
-            reactions: RateLimit::new(
-                config.reaction_rate_limit,
-                minute,
-                config.max_rate_limit_keys,
-            ),
+            messages: per_minute(config.rate_limit, config.max_rate_limit_keys),
+            reactions: per_minute(config.reaction_rate_limit, config.max_rate_limit_keys),
             budget: MemoryBudget::new(config.max_state_bytes),
             store: Mutex::default(),
             config,
@@ -272,7 +272,8 @@ impl IpChat {
     /// `min(H·C, max_history_bytes, max_state_bytes) + 2·H·P + R`, where `H` is
     /// `history_limit`, `C` is [`IpChat::message_charge_bound`], `P` is one history slot's
     /// header (the deque keeps at most `H` spare slots) and `R` the two rate-limiter tables at
-    /// `max(max_rate_limit_keys, 4) · RATE_LIMIT_BYTES_PER_KEY` each (0 when unlimited).
+    /// `max(max_rate_limit_keys, 4) · 3 · L` each, `L` being
+    /// [`TokenBuckets::slot_bytes`] (0 when unlimited).
     pub fn worst_case_bytes(&self) -> usize {
         let h = self.config.history_limit;
         let history = h
@@ -307,7 +308,7 @@ impl IpChat {
             let _ = peer.send(error_frame(&error));
             return;
         }
-        if !self.messages.check_at(conn.key, Instant::now()) {
+        if !self.messages.check_at(&conn.key, Instant::now()) {
             let error = format!(
                 "Rate limit exceeded. Maximum {} messages per minute.",
                 self.config.rate_limit
@@ -404,7 +405,7 @@ impl IpChat {
             let _ = peer.send(error_frame(errors::NOT_FOUND));
             return;
         };
-        if !self.reactions.check_at(conn.key, Instant::now()) {
+        if !self.reactions.check_at(&conn.key, Instant::now()) {
             let error = format!(
                 "Rate limit exceeded. Maximum {} reactions per minute.",
                 self.config.reaction_rate_limit
@@ -576,8 +577,8 @@ mod tests {
         let now = Instant::now();
         for n in 0..200u32 {
             let key = ClientKey::from_ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)));
-            chat.messages.check_at(key, now);
-            chat.reactions.check_at(key, now);
+            chat.messages.check_at(&key, now);
+            chat.reactions.check_at(&key, now);
         }
         let mut store = lock(&chat.store);
         // More messages than the history holds: the oldest go.
@@ -641,13 +642,60 @@ mod tests {
         );
     }
 
+    fn key(n: u8) -> ClientKey {
+        ClientKey::from_ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
+    }
+
+    #[test]
+    fn a_rate_limit_allows_a_burst_of_the_limit_then_one_per_interval() {
+        let limit = per_minute(60, 10);
+        let t0 = Instant::now();
+        assert!((0..60).all(|_| limit.check_at(&key(1), t0)));
+        assert!(!limit.check_at(&key(1), t0));
+        assert!(limit.check_at(&key(2), t0));
+        assert!(!limit.check_at(&key(1), t0 + Duration::from_millis(500)));
+        assert!(limit.check_at(&key(1), t0 + Duration::from_secs(1)));
+        assert!(!limit.check_at(&key(1), t0 + Duration::from_secs(1)));
+        // A full window later the whole burst is back.
+        let later = t0 + Duration::from_secs(62);
+        assert!((0..60).all(|_| limit.check_at(&key(1), later)));
+        assert!(!limit.check_at(&key(1), later));
+    }
+
+    #[test]
+    fn rate_limits_under_one_per_second_work() {
+        let limit = per_minute(2, 10);
+        let t0 = Instant::now();
+        assert!(limit.check_at(&key(1), t0));
+        assert!(limit.check_at(&key(1), t0));
+        assert!(!limit.check_at(&key(1), t0 + Duration::from_secs(29)));
+        assert!(limit.check_at(&key(1), t0 + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_full_rate_limit_table_fails_closed_until_clients_refill() {
+        let limit = per_minute(1, 2);
+        let t0 = Instant::now();
+        assert!(limit.check_at(&key(1), t0));
+        assert!(limit.check_at(&key(2), t0));
+        assert!(!limit.check_at(&key(3), t0 + Duration::from_secs(1)));
+        assert_eq!(limit.keys(), 2);
+        assert!(limit.check_at(&key(3), t0 + Duration::from_secs(61)));
+        assert!(limit.keys() <= 2);
+        assert!(limit.bytes() <= limit.max_bytes());
+        let unlimited = per_minute(0, 1);
+        assert!((0..1000).all(|n| unlimited.check_at(&key((n % 200) as u8), t0)));
+        assert_eq!(unlimited.keys(), 0);
+        assert_eq!(unlimited.max_bytes(), 0);
+    }
+
     /// The numbers in `docs/protocols/ip-chat.md` for the default configuration (64-bit).
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn the_default_worst_case_is_the_documented_one() {
         let chat = IpChat::new(Config::default());
         assert_eq!(std::mem::size_of::<StoredMessage>(), 152);
-        assert_eq!(crate::rate::SLOT_BYTES, 41);
+        assert_eq!(TokenBuckets::<ClientKey>::slot_bytes(), 41);
         assert_eq!(chat.message_charge_bound(), 17_896);
         assert_eq!(chat.worst_case_bytes(), 27_017_152);
     }
