@@ -33,7 +33,6 @@
 //! there are no WebSocket pings; a socket from which no frame arrived for `ping_interval +
 //! pong_timeout` is dropped.
 
-pub mod buckets;
 pub mod messages;
 pub mod sanitize;
 pub mod state;
@@ -47,12 +46,12 @@ use serde_json::{Value, json};
 use switchboard_core::sync::lock;
 use switchboard_core::{
     Broadcaster, ClientKey, ConnId, Frame, Handshake, HttpRequest, HttpResponse, Keepalive,
-    LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, RateLimiter, Reject,
+    LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, Rate, RateLimiter,
+    Reject, TokenBuckets,
 };
 use tracing::debug;
 use uuid::Uuid;
 
-use crate::buckets::PerMinuteBuckets;
 use crate::messages::{ClientMessage, ErrorCode, Kind, PresenceUser, frame, now_iso8601};
 use crate::state::{OpenError, QueueError, RegisterError, Registry, chat_id};
 
@@ -156,8 +155,16 @@ impl Default for Config {
 /// Bytes charged per key of a per-user sliding-window rate limiter besides its timestamps (the
 /// 36-byte key string, the table slot, the deque header, with slack).
 pub const RATE_KEY_OVERHEAD_BYTES: usize = 192;
-/// Bytes charged per key of a per-client token-bucket table (key, bucket, table slot, slack).
-pub const CLIENT_BUCKET_BYTES: usize = 96;
+
+/// A per-client limit of `per_minute` events a minute (0: unlimited): a token bucket of
+/// `per_minute` tokens refilled at `per_minute / 60` a second, fractions included (GCRA, one
+/// instant per client), at most `max_clients` clients tracked.
+fn per_minute_buckets(per_minute: u32, max_clients: usize) -> TokenBuckets<ClientKey> {
+    TokenBuckets::with_rate(
+        Rate::per_window(per_minute, Duration::from_secs(60)),
+        max_clients,
+    )
+}
 
 /// Worst-case bytes of one sliding-window limiter of `limit` events over `keys` keys: each key
 /// keeps at most `limit` 16-byte timestamps, in a deque whose capacity grows to the next power of
@@ -191,22 +198,20 @@ impl Config {
     /// and the per-client token buckets (three tables of at most `max_clients` keys).
     pub fn fixed_state_bytes(&self) -> usize {
         let users = self.max_users.max(1);
+        // Each table's own bound (`max(max_clients, 4)` keys at three slots each; 0 when
+        // unlimited), from an empty table, which allocates nothing.
         let buckets = [
             self.client_msg_per_minute,
             self.client_typing_per_minute,
             self.client_hello_per_minute,
         ]
         .iter()
-        .filter(|per_minute| **per_minute > 0)
-        .count();
+        .map(|per_minute| per_minute_buckets(*per_minute, self.max_clients).max_bytes())
+        .fold(0usize, usize::saturating_add);
         sliding_limiter_bytes(self.msg_rate_limit, users)
             .saturating_add(sliding_limiter_bytes(self.typing_rate_limit, users))
             .saturating_add(sliding_limiter_bytes(self.hello_rate_limit, users))
-            .saturating_add(
-                buckets
-                    .saturating_mul(self.max_clients.max(1))
-                    .saturating_mul(CLIENT_BUCKET_BYTES),
-            )
+            .saturating_add(buckets)
     }
 
     /// The most bytes of protocol state the limits allow, the formula documented in
@@ -273,9 +278,10 @@ pub struct FastChat {
     msg_limiter: RateLimiter,
     typing_limiter: RateLimiter,
     hello_limiter: RateLimiter,
-    client_msg: PerMinuteBuckets<ClientKey>,
-    client_typing: PerMinuteBuckets<ClientKey>,
-    client_hello: PerMinuteBuckets<ClientKey>,
+    /// Per-client rate limits, keyed on the client so switching `user_id` does not dodge them.
+    client_msg: TokenBuckets<ClientKey>,
+    client_typing: TokenBuckets<ClientKey>,
+    client_hello: TokenBuckets<ClientKey>,
 }
 
 impl fmt::Debug for FastChat {
@@ -314,7 +320,7 @@ impl FastChat {
         // The rate-limit tables are bounded by their key counts; their worst case is charged up
         // front so the budget covers them without instrumenting the core's limiters.
         budget.force_reserve(config.fixed_state_bytes());
-        let clients = config.max_clients.max(1);
+        let clients = config.max_clients;
         Self {
             registry: Mutex::new(Registry::new(&config, budget.clone())),
             budget,
@@ -324,9 +330,9 @@ impl FastChat {
                 .with_max_keys(keys),
             hello_limiter: RateLimiter::new(config.hello_rate_limit, config.rate_window)
                 .with_max_keys(keys),
-            client_msg: PerMinuteBuckets::new(config.client_msg_per_minute, clients),
-            client_typing: PerMinuteBuckets::new(config.client_typing_per_minute, clients),
-            client_hello: PerMinuteBuckets::new(config.client_hello_per_minute, clients),
+            client_msg: per_minute_buckets(config.client_msg_per_minute, clients),
+            client_typing: per_minute_buckets(config.client_typing_per_minute, clients),
+            client_hello: per_minute_buckets(config.client_hello_per_minute, clients),
             broadcaster,
             presence,
             config,
@@ -892,5 +898,85 @@ impl Protocol for FastChat {
 
     async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
         web::serve(&request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Instant;
+
+    use super::*;
+
+    fn client(n: u32) -> ClientKey {
+        ClientKey::from_ip(IpAddr::V4(Ipv4Addr::from(
+            0x7f00_0000_u32.saturating_add(n),
+        )))
+    }
+
+    #[test]
+    fn a_minutes_worth_at_once_then_the_rate() {
+        let buckets = per_minute_buckets(6, 10);
+        let t0 = Instant::now();
+        assert!((0..6).all(|_| buckets.check_at(&client(1), t0)));
+        assert!(!buckets.check_at(&client(1), t0));
+        assert!(buckets.check_at(&client(2), t0), "clients are independent");
+        // 6 a minute: one token every 10 s.
+        assert!(!buckets.check_at(&client(1), t0 + Duration::from_secs(9)));
+        assert!(buckets.check_at(&client(1), t0 + Duration::from_secs(19)));
+        assert!(!buckets.check_at(&client(1), t0 + Duration::from_secs(19)));
+        assert!(
+            per_minute_buckets(0, 1).check_at(&client(1), t0),
+            "0 is unlimited"
+        );
+    }
+
+    #[test]
+    fn the_client_table_is_bounded_and_forgets_refilled_clients() {
+        let buckets = per_minute_buckets(60, 1);
+        let t0 = Instant::now();
+        assert!(buckets.check_at(&client(1), t0));
+        assert!(
+            !buckets.check_at(&client(2), t0),
+            "table full of an active client"
+        );
+        assert!(buckets.check_at(&client(2), t0 + Duration::from_secs(61)));
+        assert_eq!(buckets.keys(), 1);
+    }
+
+    /// The per-client tables, full, hold no more than the bytes charged for them up front.
+    #[test]
+    fn full_client_tables_stay_within_what_is_charged_for_them() {
+        let config = Config {
+            max_clients: 300,
+            msg_rate_limit: 0,
+            typing_rate_limit: 0,
+            hello_rate_limit: 0,
+            ..Config::default()
+        };
+        let chat = FastChat::new(config.clone());
+        let t0 = Instant::now();
+        for n in 0..1000 {
+            chat.client_msg.check_at(&client(n), t0);
+            chat.client_typing.check_at(&client(n), t0);
+            chat.client_hello.check_at(&client(n), t0);
+        }
+        let tables = [&chat.client_msg, &chat.client_typing, &chat.client_hello];
+        assert!(tables.iter().all(|table| table.keys() == 300));
+        let held: usize = tables.iter().map(|table| table.bytes()).sum();
+        assert!(held > 0);
+        assert!(
+            held <= config.fixed_state_bytes(),
+            "{held} > {}",
+            config.fixed_state_bytes()
+        );
+    }
+
+    /// The per-key figure in `docs/protocols/fastchat.md` (64-bit): three 41-byte slots.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_client_key_costs_the_documented_bytes() {
+        assert_eq!(TokenBuckets::<ClientKey>::slot_bytes(), 41);
+        assert_eq!(per_minute_buckets(1, 10_000).max_bytes(), 10_000 * 123);
     }
 }

@@ -539,6 +539,6 @@ async fn sockets_joining_while_nothing_changes_share_one_presence_list() {
 fn the_default_worst_case_matches_the_docs() {
     // docs/protocols/fastchat.md, "Limits and worst-case memory".
     let config = Config::default();
-    assert_eq!(config.fixed_state_bytes(), 24_000_000);
-    assert_eq!(config.worst_case_state_bytes(), 330_400_064);
+    assert_eq!(config.fixed_state_bytes(), 24_810_000);
+    assert_eq!(config.worst_case_state_bytes(), 331_210_064);
 }
