@@ -54,7 +54,7 @@ const NOTES: &[(u8, &str)] = &[
     ),
     (
         4,
-        "Before: a socket could hold an unfinished message up to the frame limit for as long as it pinged (150 × 6 MB = 900 MB). Now unfinished messages are charged to a 64 MiB server-wide budget (16 MiB per address, 8 KiB per socket free) and must finish within 10 s whatever pings arrive.",
+        "Before: a socket could hold an unfinished message up to the frame limit for as long as it pinged (150 × 6 MB = 900 MB). Now unfinished messages are charged, at twice the bytes received (what the codec really holds), to a 128 MiB server-wide budget (32 MiB per address, 8 KiB per socket free) and must finish within 10 s whatever pings arrive.",
     ),
     (
         5,

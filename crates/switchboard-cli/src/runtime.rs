@@ -36,27 +36,39 @@ pub(crate) struct RuntimeArgs {
     /// Close a socket (1008) that leaves an inbound message unfinished for this long, e.g. 10s.
     #[arg(long, env = "SWITCHBOARD_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub(crate) message_timeout: Duration,
-    /// Server-wide bytes of partly received inbound messages; a socket that would exceed it is
-    /// closed with 1013.
-    #[arg(long, env = "SWITCHBOARD_REASSEMBLY_BUDGET_BYTES", default_value_t = 64 * 1024 * 1024)]
+    /// Server-wide memory of partly received inbound messages (charged at twice the bytes
+    /// received); a socket that would exceed it is closed with 1013.
+    #[arg(long, env = "SWITCHBOARD_REASSEMBLY_BUDGET_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub(crate) reassembly_budget_bytes: usize,
     /// One client IP's share of --reassembly-budget-bytes.
-    #[arg(long, env = "SWITCHBOARD_REASSEMBLY_PER_IP_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "SWITCHBOARD_REASSEMBLY_PER_IP_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub(crate) reassembly_per_ip_bytes: usize,
     /// Open WebSocket connections per client IP (IPv6: per /64); the next upgrade gets HTTP 429
     /// (0: no per-client limit).
-    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 256
+    )]
     pub(crate) max_connections_per_ip: usize,
     /// HTTP requests and upgrades per client IP per second, after a burst of
     /// --requests-per-ip-burst; over it HTTP 429.
-    #[arg(long, env = "SWITCHBOARD_REQUESTS_PER_IP_PER_SECOND", default_value_t = 100)]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQUESTS_PER_IP_PER_SECOND",
+        default_value_t = 100
+    )]
     pub(crate) requests_per_ip_per_second: u32,
     /// Requests one client IP may make at once before the per-second rate applies (0: no limit).
     #[arg(long, env = "SWITCHBOARD_REQUESTS_PER_IP_BURST", default_value_t = 512)]
     pub(crate) requests_per_ip_burst: u32,
     /// TCP connections not upgraded to WebSocket (plain HTTP, handshakes), server-wide; over it
     /// a bare HTTP 503.
-    #[arg(long, env = "SWITCHBOARD_MAX_PENDING_CONNECTIONS", default_value_t = 4096)]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_PENDING_CONNECTIONS",
+        default_value_t = 4096
+    )]
     pub(crate) max_pending_connections: usize,
     /// Not-yet-upgraded TCP connections per client IP; over it a bare HTTP 429 (0: no limit).
     #[arg(long, env = "SWITCHBOARD_MAX_PENDING_PER_IP", default_value_t = 256)]

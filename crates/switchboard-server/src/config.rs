@@ -33,9 +33,10 @@ pub struct ServerConfig {
     /// An inbound message (all its fragments, or one large frame) must arrive within this long
     /// of its first byte; otherwise the socket is closed with 1008 "message timeout".
     pub message_timeout: Duration,
-    /// Server-wide bytes of inbound messages still being received (fragments and partial
-    /// frames) across all sockets. A socket whose next bytes would go over it is closed with
-    /// 1013 "try again later"; complete messages are never affected.
+    /// Server-wide memory of inbound messages still being received (fragments and partial
+    /// frames) across all sockets, charged at twice the bytes received (the runtime's WebSocket
+    /// codec holds a fragmented message about twice while it is assembled). A socket whose next
+    /// bytes would go over it is closed with 1013 "try again later".
     pub reassembly_budget_bytes: usize,
     /// One client's share of `reassembly_budget_bytes` (keep it above the largest message a
     /// legitimate client sends). Each socket also holds up to 8 KiB of a partial message
@@ -94,8 +95,8 @@ impl Default for ServerConfig {
             outbound_queue_bytes: 4 * 1024 * 1024,
             write_timeout: Duration::from_secs(10),
             message_timeout: Duration::from_secs(10),
-            reassembly_budget_bytes: 64 * 1024 * 1024,
-            reassembly_per_ip_bytes: 16 * 1024 * 1024,
+            reassembly_budget_bytes: 128 * 1024 * 1024,
+            reassembly_per_ip_bytes: 32 * 1024 * 1024,
             max_connections_per_ip: 256,
             requests_per_ip_burst: 512,
             requests_per_ip_per_second: 100,

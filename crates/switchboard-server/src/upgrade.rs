@@ -284,11 +284,8 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
         );
         let socket =
             WebSocketStream::from_raw_socket(io, Role::Server, Some(task_app.ws_config)).await;
-        let (peer, link) = peer_channel_bounded(
-            remote,
-            task_app.config.outbound_queue,
-            task_app.queue_bytes,
-        );
+        let (peer, link) =
+            peer_channel_bounded(remote, task_app.config.outbound_queue, task_app.queue_bytes);
         debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
         task_app
             .handle
