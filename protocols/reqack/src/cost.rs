@@ -1,4 +1,5 @@
-//! What each stored thing is charged in bytes, and the token bucket behind the rate limits.
+//! What each stored thing is charged in bytes, and the rate of the token buckets behind the rate
+//! limits.
 //!
 //! The charges are estimates of heap use: the bytes of the strings and frames an entry holds,
 //! plus a fixed overhead per entry that covers the map node, the struct and the string headers
@@ -6,7 +7,9 @@
 //! the protocol's [`switchboard_core::MemoryBudget`], so `docs/protocols/reqack.md` can state
 //! the worst case as a formula of the limits (see [`worst_case_bytes`]).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use switchboard_core::Rate;
 
 use crate::Config;
 
@@ -28,7 +31,8 @@ pub(crate) const CALL_OVERHEAD: usize = 192;
 pub(crate) const STRING_OVERHEAD: usize = 24;
 /// Fixed overhead of one remembered response: map slot, FIFO slot, key and frame headers.
 pub(crate) const CACHE_OVERHEAD: usize = 160;
-/// One client key's rate buckets (requests and connects) and their table slot.
+/// One client key's rate buckets (requests and connects, two core `TokenBucket`s) and their
+/// table slot (57 bytes on 64-bit, checked by a test in `state.rs`).
 pub(crate) const RATE_ENTRY: usize = 96;
 
 /// One client's share of a pool, in items and bytes.
@@ -85,81 +89,42 @@ pub fn worst_case_bytes(config: &Config) -> usize {
         .min(config.max_state_bytes)
 }
 
-/// A token bucket with constant memory: `limit` tokens at most, refilled evenly over `window`.
-/// Time comes from the caller (an injected clock).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    /// A full bucket at `now`.
-    pub(crate) fn new(now: Instant) -> Self {
-        Self {
-            tokens: f64::MAX,
-            at: now,
-        }
-    }
-
-    /// Tokens available at `now` for a bucket of `limit` tokens per `window`.
-    fn available(&self, limit: usize, window: Duration, now: Instant) -> f64 {
-        let burst = usize_to_f64(limit);
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        let window = window.as_secs_f64();
-        let refill = if window > 0.0 {
-            elapsed * burst / window
-        } else {
-            burst
-        };
-        (self.tokens.min(burst) + refill).min(burst)
-    }
-
-    /// Spends one token if there is one; `limit == 0` disables limiting.
-    pub(crate) fn take(&mut self, limit: usize, window: Duration, now: Instant) -> bool {
-        if limit == 0 {
-            return true;
-        }
-        self.tokens = self.available(limit, window, now);
-        self.at = self.at.max(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Whether the bucket has refilled completely by `now` (it can be forgotten: a new one
-    /// would be identical).
-    pub(crate) fn is_full(&self, limit: usize, window: Duration, now: Instant) -> bool {
-        limit == 0 || self.available(limit, window, now) >= usize_to_f64(limit)
-    }
-}
-
-/// `usize` to `f64` for rate arithmetic (precision loss above 2^53 is irrelevant for limits).
-#[allow(clippy::cast_precision_loss, reason = "rate limits are far below 2^53")]
-fn usize_to_f64(n: usize) -> f64 {
-    n as f64
+/// The rate of a token bucket of `limit` tokens refilled evenly over `window` (core's GCRA
+/// [`switchboard_core::TokenBucket`]: one instant per bucket, fractional refill); a `limit` of 0,
+/// or a zero `window`, limits nothing.
+pub(crate) fn rate(limit: usize, window: Duration) -> Rate {
+    // A limit past u32::MAX per window is unlimited in all but name.
+    let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    Rate::per_window(limit, window)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use switchboard_core::TokenBucket;
+
     use super::*;
 
     #[test]
     fn a_bucket_allows_the_burst_then_refills_over_the_window() {
         let t0 = Instant::now();
         let window = Duration::from_secs(10);
-        let mut bucket = Bucket::new(t0);
-        assert!((0..5).all(|_| bucket.take(5, window, t0)));
-        assert!(!bucket.take(5, window, t0));
-        assert!(!bucket.is_full(5, window, t0));
+        let five = rate(5, window);
+        let mut bucket = TokenBucket::full(t0);
+        assert!((0..5).all(|_| bucket.try_take(five, t0)));
+        assert!(!bucket.try_take(five, t0));
+        assert!(!bucket.is_full(t0));
         // 5 per 10 s: one token every 2 s.
-        assert!(bucket.take(5, window, t0 + Duration::from_secs(2)));
-        assert!(!bucket.take(5, window, t0 + Duration::from_secs(2)));
-        assert!(bucket.is_full(5, window, t0 + Duration::from_secs(60)));
-        assert!(bucket.take(0, window, t0), "0 disables the limit");
+        assert!(bucket.try_take(five, t0 + Duration::from_secs(2)));
+        assert!(!bucket.try_take(five, t0 + Duration::from_secs(2)));
+        assert!(bucket.is_full(t0 + Duration::from_secs(60)));
+        assert!(bucket.try_take(rate(0, window), t0), "0 disables the limit");
+        let mut instant = TokenBucket::full(t0);
+        assert!(
+            (0..100).all(|_| instant.try_take(rate(5, Duration::ZERO), t0)),
+            "a zero window refills at once"
+        );
     }
 
     #[test]

@@ -17,12 +17,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use switchboard_core::{ClientKey, CloseReason, ConnId, Frame, MemoryBudget, Peer, Reject};
+use switchboard_core::{
+    ClientKey, CloseReason, ConnId, Frame, MemoryBudget, Peer, Reject, TokenBucket,
+};
 use tracing::{debug, error};
 
 use crate::Config;
 use crate::cost::Share;
-use crate::cost::{self, Bucket, RATE_ENTRY};
+use crate::cost::{self, RATE_ENTRY};
 use crate::idempotency::IdempotencyCache;
 use crate::messages::{
     self, ApiError, CallEvent, CallRequest, CallStored, CloseCallRequest, DeleteEvent, EditEvent,
@@ -43,7 +45,7 @@ struct User {
     /// share of unclaimed users). `None` once it connected, or if it was created by connecting.
     creator: Option<ClientKey>,
     /// The per-user request bucket (`rate_limit` per `rate_window`).
-    rate: Bucket,
+    rate: TokenBucket,
     /// Bytes charged for the user itself (not its outbox).
     charge: usize,
 }
@@ -77,8 +79,8 @@ impl ClientUsage {
 /// One client's rate buckets.
 #[derive(Debug, Clone, Copy)]
 struct ClientRate {
-    requests: Bucket,
-    connects: Bucket,
+    requests: TokenBucket,
+    connects: TokenBucket,
 }
 
 /// Which of a client's buckets to spend from.
@@ -357,14 +359,9 @@ impl State {
         if !self.rates.contains_key(&client) {
             if self.rates.len() >= self.config.max_clients.max(1) {
                 // Forget clients whose buckets refilled: a new bucket would be the same.
-                let config = &self.config;
                 let before = self.rates.len();
-                self.rates.retain(|_, r| {
-                    !(r.requests
-                        .is_full(config.client_rate_limit, config.rate_window, now)
-                        && r.connects
-                            .is_full(config.connect_rate_limit, config.rate_window, now))
-                });
+                self.rates
+                    .retain(|_, r| !(r.requests.is_full(now) && r.connects.is_full(now)));
                 let forgotten = before.saturating_sub(self.rates.len());
                 self.budget.release(forgotten.saturating_mul(RATE_ENTRY));
                 if self.rates.len() >= self.config.max_clients.max(1) {
@@ -377,8 +374,8 @@ impl State {
             self.rates.insert(
                 client,
                 ClientRate {
-                    requests: Bucket::new(now),
-                    connects: Bucket::new(now),
+                    requests: TokenBucket::full(now),
+                    connects: TokenBucket::full(now),
                 },
             );
         }
@@ -386,8 +383,8 @@ impl State {
             return false;
         };
         match kind {
-            RateKind::Requests => rate.requests.take(limit, window, now),
-            RateKind::Connects => rate.connects.take(limit, window, now),
+            RateKind::Requests => rate.requests.try_take(cost::rate(limit, window), now),
+            RateKind::Connects => rate.connects.try_take(cost::rate(limit, window), now),
         }
     }
 
@@ -459,7 +456,7 @@ impl State {
                     outbox: Outbox::default(),
                     sockets: Vec::new(),
                     creator,
-                    rate: Bucket::new(now),
+                    rate: TokenBucket::full(now),
                     charge,
                 },
             );
@@ -970,7 +967,7 @@ impl State {
         let user_ok = self
             .users
             .get_mut(user)
-            .is_none_or(|u| u.rate.take(limit, window, now));
+            .is_none_or(|u| u.rate.try_take(cost::rate(limit, window), now));
         if !user_ok {
             return Err(ApiError::new(
                 ErrorCode::RateLimited,
@@ -1779,6 +1776,16 @@ mod tests {
             rate_window: Duration::from_secs(3600),
             ..Config::default()
         }
+    }
+
+    /// A rate-table entry (two core `TokenBucket`s and its client key) and its hash-table
+    /// control byte fit in the `RATE_ENTRY` bytes each client address is charged.
+    #[test]
+    fn a_rate_table_slot_fits_its_charge() {
+        let slot = std::mem::size_of::<(ClientKey, ClientRate)>() + 1;
+        assert!(slot <= RATE_ENTRY, "{slot} > {RATE_ENTRY}");
+        #[cfg(target_pointer_width = "64")]
+        assert_eq!(slot, 57, "the figure in docs/protocols/reqack.md");
     }
 
     #[test]
