@@ -321,13 +321,20 @@ pub(crate) async fn row2(ctx: &mut Ctx) -> Result<(), String> {
     );
     // Everything the attacker's sessions hold is charged to its share; the bystander's session
     // is someone else's.
-    let bound = SHARE_BYTES + SESSION_BYTES + 2 * FRAME_BYTES + 4 * SOCKET_BYTES + SLACK_BYTES;
+    // Each socket also keeps the capacity of the largest frames it carried (the runtime's
+    // `2F + M` per socket, docs/ARCHITECTURE.md): here a session-state or an edit of the 1 MiB
+    // document.
+    let bound = SHARE_BYTES
+        + SESSION_BYTES
+        + 2 * FRAME_BYTES
+        + 4 * (SOCKET_BYTES + 3 * DOCUMENT_BYTES)
+        + SLACK_BYTES;
     ctx.bound(
         bound,
         format!(
             "the creator's share 32 MiB (all its {created} abandoned sessions and the op session) + \
              the bystander's session 3.1 MiB + 2 × the 6.06 MiB frame (the frame and its parse) + \
-             4 sockets × 29 KiB + 16 MiB slack = {}",
+             4 sockets × (29 KiB + 3 × 1 MiB of retained frame buffers, 2F + M) + 16 MiB slack = {}",
             mib(bound)
         ),
     );
