@@ -203,6 +203,12 @@ impl<K: Eq + Hash + Clone> Shares<K> {
             *held = held.saturating_sub(1);
             if *held == 0 {
                 counts.remove(key);
+                // A table never shrinks by itself: after a burst of distinct keys it would keep
+                // their slots forever. Halve it once it is mostly empty (amortized O(1)).
+                if counts.capacity() > 64 && counts.len() < counts.capacity() / 4 {
+                    let keep = counts.len().saturating_mul(2);
+                    counts.shrink_to(keep);
+                }
             }
         }
     }
@@ -347,8 +353,13 @@ impl<K: Eq + Hash + Clone> TokenBuckets<K> {
             return true;
         }
         let mut buckets = lock(&self.buckets);
-        if !buckets.contains_key(key) && buckets.len() >= self.max_keys {
-            buckets.retain(|_, bucket| !bucket.is_full(now));
+        if !buckets.contains_key(key) {
+            // A full bucket is the same as no entry: forget full ones before the table would
+            // grow (amortized O(1)), so it holds the keys active within a refill time, not every
+            // key ever seen.
+            if buckets.len() >= self.max_keys || buckets.len() == buckets.capacity() {
+                buckets.retain(|_, bucket| !bucket.is_full(now));
+            }
             if buckets.len() >= self.max_keys {
                 return false;
             }
@@ -475,6 +486,26 @@ mod tests {
         }
         assert!(buckets.bytes() <= buckets.max_bytes());
         assert!(buckets.bytes() > 0);
+    }
+
+    #[test]
+    fn tables_forget_what_they_no_longer_need() {
+        let buckets = TokenBuckets::with_rate(Rate::per_window(5, Duration::from_secs(1)), 10_000);
+        let t0 = Instant::now();
+        for key in 0..5_000u32 {
+            // Each key's bucket is full again 200 ms after its one request.
+            assert!(buckets.check_at(&key, t0 + Duration::from_millis(u64::from(key))));
+        }
+        assert!(buckets.keys() < 1_000, "{}", buckets.keys());
+
+        let shares = Shares::new(1, 100_000);
+        for key in 0..5_000u32 {
+            assert!(shares.try_acquire(&key).is_ok());
+        }
+        for key in 0..5_000u32 {
+            shares.release(&key);
+        }
+        assert!(lock(&shares.counts).capacity() <= 128);
     }
 
     #[test]

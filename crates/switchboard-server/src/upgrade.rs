@@ -275,39 +275,11 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
                 return;
             }
         };
-        let watch = Arc::new(Watch::default());
-        let io = Metered::new(
-            TokioIo::new(upgraded),
-            watch.clone(),
-            task_app.reassembly.clone(),
-            client_key,
-        );
-        let socket =
-            WebSocketStream::from_raw_socket(io, Role::Server, Some(task_app.ws_config)).await;
-        let (peer, link) =
-            peer_channel_bounded(remote, task_app.config.outbound_queue, task_app.queue_bytes);
-        debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
-        task_app
-            .handle
-            .counters
-            .accepted
-            .fetch_add(1, Ordering::Relaxed);
-        let ctx = ConnectionContext {
-            counters: task_app.handle.counters.clone(),
-            keepalive: task_app.keepalive,
-            close_timeout: task_app.config.close_timeout,
-            write_timeout: task_app.config.write_timeout,
-            message_timeout: task_app.config.message_timeout,
-            watch,
-            shutdown: task_app.handle.shutdown.clone(),
-        };
-        Box::pin(connection::run(
-            task_app.protocol.clone(),
-            conn,
-            socket,
-            peer,
-            link,
-            ctx,
+        // Everything from here lives in one boxed future: a task is as large as its largest
+        // state, so building the socket inline here would make every idle task carry a second
+        // copy of the socket's size.
+        Box::pin(open_connection(
+            task_app, conn, upgraded, remote, client_ip, client_key,
         ))
         .await;
     });
@@ -319,6 +291,39 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Wraps the upgraded socket (metering, WebSocket codec, outbound queue) and runs the
+/// connection until it ends.
+async fn open_connection<P: Protocol>(
+    app: Arc<App<P>>,
+    conn: P::Conn,
+    upgraded: hyper::upgrade::Upgraded,
+    remote: SocketAddr,
+    client_ip: IpAddr,
+    client_key: ClientKey,
+) {
+    let watch = Arc::new(Watch::default());
+    let io = Metered::new(
+        TokioIo::new(upgraded),
+        watch.clone(),
+        app.reassembly.clone(),
+        client_key,
+    );
+    let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(app.ws_config)).await;
+    let (peer, link) = peer_channel_bounded(remote, app.config.outbound_queue, app.queue_bytes);
+    debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
+    app.handle.counters.accepted.fetch_add(1, Ordering::Relaxed);
+    let ctx = ConnectionContext {
+        counters: app.handle.counters.clone(),
+        keepalive: app.keepalive,
+        close_timeout: app.config.close_timeout,
+        write_timeout: app.config.write_timeout,
+        message_timeout: app.config.message_timeout,
+        watch,
+        shutdown: app.handle.shutdown.clone(),
+    };
+    connection::run(app.protocol.clone(), conn, socket, peer, link, ctx).await;
 }
 
 /// The client's IP: the TCP peer, or with a trusted proxy the last `X-Forwarded-For` entry (the
