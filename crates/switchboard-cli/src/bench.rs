@@ -27,7 +27,7 @@ pub(crate) enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct AttackArgs {
-    /// The row, 1 to 13 (see docs/hardening.md).
+    /// The row, 1 to 13, or 0 for the legitimate load (see docs/hardening.md).
     #[arg(long)]
     row: u8,
     /// Protocol the server runs (default: the row's; row 12 runs against any).

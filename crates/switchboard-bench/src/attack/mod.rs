@@ -18,6 +18,7 @@
 //! the other load generators; the attacker of a per-client row uses one address on purpose.
 
 mod collab;
+mod legit;
 mod probe;
 mod raw;
 mod rows;
@@ -48,7 +49,8 @@ const MIB: u64 = 1024 * 1024;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct AttackOptions {
-    /// The row of the hardening issue's table, 1 to 13.
+    /// The row of the hardening issue's table, 1 to 13; row 0 is the legitimate load the
+    /// per-client defaults must let through.
     pub row: u8,
     /// The protocol the server runs (row 12 runs against each; other rows imply one).
     pub protocol: Option<String>,
@@ -109,9 +111,9 @@ pub struct AttackReport {
 /// The protocol a row attacks when none is given.
 pub fn default_protocol(row: u8) -> &'static str {
     match row {
+        0 | 8 => "ip-chat",
         1 | 2 | 4 | 6 | 7 => "collab",
         3 | 11 => "reqack",
-        8 => "ip-chat",
         9 | 10 => "fastchat",
         13 => "teambot-sim",
         _ => "echo",

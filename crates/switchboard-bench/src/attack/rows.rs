@@ -36,6 +36,7 @@ pub(crate) fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> Str
 /// Dispatches row `row` against `protocol`.
 pub(crate) async fn run(row: u8, protocol: &str, ctx: &mut Ctx) -> Result<(), String> {
     match row {
+        0 => super::legit::row0(ctx).await,
         1 => collab::row1(ctx).await,
         2 => collab::row2(ctx).await,
         3 => row3(ctx).await,
@@ -49,7 +50,7 @@ pub(crate) async fn run(row: u8, protocol: &str, ctx: &mut Ctx) -> Result<(), St
         11 => row11(ctx).await,
         12 => row12(ctx, protocol).await,
         13 => row13(ctx).await,
-        other => Err(format!("no row {other}: rows are 1 to 13")),
+        other => Err(format!("no row {other}: rows are 0 to 13")),
     }
 }
 
