@@ -225,33 +225,26 @@ fn inbound_deadline<'a>(
     idle_timeout: Duration,
     message_timeout: Duration,
 ) -> impl Future<Output = CloseReason> + 'a {
+    // Polled on every pass of the connection loop, so it reads no clock: the timer is moved to
+    // the earliest deadline when that changes, and its firing says the deadline passed.
     std::future::poll_fn(move |cx| {
-        loop {
-            if watch.over_budget() {
-                return std::task::Poll::Ready(CloseReason::try_again_later());
-            }
-            let idle_at = last_heard + idle_timeout;
-            let message_at = watch
-                .message_started()
-                .map(|started| started + message_timeout);
-            let (at, reason) = match message_at {
-                Some(message_at) if message_at < idle_at => {
-                    (message_at, CloseReason::message_timeout())
-                }
-                _ => (idle_at, CloseReason::idle_timeout()),
-            };
-            if Instant::now() >= at {
-                return std::task::Poll::Ready(reason);
-            }
-            if timer.deadline() != at {
-                timer.as_mut().reset(at);
-            }
-            match timer.as_mut().poll(cx) {
-                std::task::Poll::Pending => return std::task::Poll::Pending,
-                // The deadline passed: loop once more to pick the reason.
-                std::task::Poll::Ready(()) => {}
-            }
+        if watch.over_budget() {
+            return std::task::Poll::Ready(CloseReason::try_again_later());
         }
+        let idle_at = last_heard + idle_timeout;
+        let message_at = watch
+            .message_started()
+            .map(|started| started + message_timeout);
+        let (at, reason) = match message_at {
+            Some(message_at) if message_at < idle_at => {
+                (message_at, CloseReason::message_timeout())
+            }
+            _ => (idle_at, CloseReason::idle_timeout()),
+        };
+        if timer.deadline() != at {
+            timer.as_mut().reset(at);
+        }
+        timer.as_mut().poll(cx).map(|()| reason)
     })
 }
 
@@ -301,8 +294,7 @@ async fn guarded(
     shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
 ) -> WriteOutcome {
-    ctx.watch.start_write();
-    tokio::select! {
+    let outcome = tokio::select! {
         biased;
         result = write => match result {
             Ok(()) => WriteOutcome::Written,
@@ -311,11 +303,15 @@ async fn guarded(
         reason = peer.closing() => WriteOutcome::Interrupted(reason),
         () = shutdown => WriteOutcome::Interrupted(CloseReason::shutdown()),
         () = stalled(&ctx.watch, ctx.write_timeout) => WriteOutcome::Interrupted(CloseReason::write_timeout()),
-    }
+    };
+    ctx.watch.end_write();
+    outcome
 }
 
-/// Resolves once the write under way has made no progress for `limit`.
+/// Resolves once the write under way has made no progress for `limit`. First polled only when
+/// the write did not complete at once, so the fast path reads no clock.
 async fn stalled(watch: &Watch, limit: Duration) {
+    watch.start_write();
     loop {
         let at = watch.write_progress() + limit;
         if Instant::now() >= at {

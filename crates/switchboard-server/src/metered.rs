@@ -44,7 +44,8 @@ fn instant_of(ms: u64) -> Instant {
 /// the loop's timers run while the read or write future holds the socket.
 #[derive(Debug, Default)]
 pub(crate) struct Watch {
-    /// When the current write last made progress (ms mark; 0: no write pending).
+    /// When the write being watched last made progress (ms mark; 0: no write is watched, the
+    /// fast path, where the socket took everything at once and no clock is read).
     write_progress: AtomicU64,
     /// When the inbound message now being received began (ms mark; 0: none).
     message_started: AtomicU64,
@@ -53,9 +54,21 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    /// Marks the start of a write attempt (progress counts from now).
+    /// Starts watching a write that did not complete at once (progress counts from now).
     pub(crate) fn start_write(&self) {
         self.write_progress.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Stops watching: the write completed or was abandoned.
+    pub(crate) fn end_write(&self) {
+        self.write_progress.store(0, Ordering::Relaxed);
+    }
+
+    /// The socket accepted bytes: a watched write made progress.
+    fn wrote(&self) {
+        if self.write_progress.load(Ordering::Relaxed) != 0 {
+            self.start_write();
+        }
     }
 
     /// When the write under way last made progress.
@@ -262,7 +275,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
         if let Poll::Ready(Ok(n)) = result
             && n > 0
         {
-            this.watch.start_write();
+            this.watch.wrote();
         }
         result
     }
@@ -277,7 +290,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
         if let Poll::Ready(Ok(n)) = result
             && n > 0
         {
-            this.watch.start_write();
+            this.watch.wrote();
         }
         result
     }
