@@ -79,7 +79,7 @@ const NOTES: &[(u8, &str)] = &[
     ),
     (
         9,
-        "Before: every HELLO, renames included, re-broadcast the whole user list (~400 KB with 4,000 users) to every socket. Now a rename is a ~150-byte delta. The RSS here is dominated by something else: every socket that joined received one full PRESENCE list (~400 KB with 4,000 users), and tungstenite's write buffer keeps the capacity of the largest frame it wrote for the socket's lifetime. The runtime's documented worst case allows that (one `F` per socket in the write buffer), so the row passes against that formula, but for fastchat `F` grows with the number of users: C × F is 10,000 sockets × ~1-4 MB at the documented maxima.",
+        "Before: every HELLO, renames included, re-broadcast the whole user list (~400 KB with 4,000 users) to every socket. Now a rename is a ~150-byte delta. The RSS here is dominated by something else: every socket that joined received one full PRESENCE list (~400 KB with 4,000 users), and tungstenite's write buffer keeps the capacity of the largest frame it wrote for the socket's lifetime. The runtime's documented worst case allows that (up to 2F per socket in the write buffer, which grows by doubling), so the row passes against that formula, but for fastchat `F` grows with the number of users: C × F is 10,000 sockets × ~1-4 MB at the documented maxima.",
     ),
     (
         10,
