@@ -7,7 +7,7 @@
 //! or if its stderr mentions a panic.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -136,13 +136,7 @@ impl Server {
             addr,
             stderr,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
-            if Instant::now() > deadline {
-                return Err("the server did not start listening".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::bench::wait_listening(addr)?;
         Ok(server)
     }
 
@@ -159,18 +153,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                let _ = std::fs::remove_file(&self.stderr);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::bench::stop(&mut self.child);
         let _ = std::fs::remove_file(&self.stderr);
     }
 }

@@ -10,10 +10,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -30,8 +29,7 @@ struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        crate::bench::stop(&mut self.0);
     }
 }
 
@@ -78,7 +76,7 @@ fn autobahn(debug: bool) -> Result<String, String> {
         .spawn()
         .map_err(|e| format!("could not start the echo server: {e}"))?;
     let _server = Server(child);
-    wait_listening(addr)?;
+    crate::bench::wait_listening(addr)?;
 
     let reports = work.join("reports");
     let _ = std::fs::remove_dir_all(&reports);
@@ -191,17 +189,6 @@ fn run_checked(command: &mut Command) -> Result<(), String> {
     } else {
         Err(format!("{command:?} exited with {status}"))
     }
-}
-
-fn wait_listening(addr: SocketAddr) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            return Err("the echo server did not start listening".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// Counts results per case group and behaviour; an error lists every failing case.
