@@ -1,5 +1,5 @@
-//! `cargo xtask attack`: every row of the hardening issue's attack table against the release
-//! binary with default flags, and the table in `docs/hardening.md`.
+//! `cargo xtask attack`: every attack row against the release binary with default flags, and the
+//! table they produce in `docs/hardening.md`.
 //!
 //! Each row gets a fresh `switchboard serve --protocol P --listen 127.0.0.1:<free port>` with no
 //! other flag (`RUST_LOG=warn`), runs `switchboard bench attack --row N --pid <server>`, and

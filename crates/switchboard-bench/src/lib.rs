@@ -6,7 +6,7 @@
 //! - [`idle`]: N idle sockets; connect rate and, given the server's pid, resident memory per
 //!   connection.
 //! - [`reqack`]: request→response latency and event→ack throughput with an exactly-once check.
-//! - [`attack`]: the hardening issue's attacks, one row at a time, each checked against a
+//! - [`attack`]: the attacks listed in docs/hardening.md, one row at a time, each checked against a
 //!   documented memory bound and a bystander's latency.
 //!
 //! All traffic stays on 127.0.0.0/8: clients bind distinct loopback source addresses before

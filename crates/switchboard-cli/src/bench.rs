@@ -1,5 +1,5 @@
 //! `switchboard bench`: load-test a running server (fan-out, idle sockets, reqack), and replay
-//! the hardening issue's attacks against it (`attack --row N`).
+//! the attacks listed in docs/hardening.md against it (`attack --row N`).
 #![allow(clippy::print_stdout, reason = "the report is the command's output")]
 
 use std::time::Duration;
@@ -20,7 +20,7 @@ pub(crate) enum BenchCommand {
     Idle(IdleArgs),
     /// reqack users exchanging messages: request latency, event throughput, exactly-once.
     Reqack(ReqackArgs),
-    /// One row of the hardening issue's attacks: server RSS against its documented bound, a
+    /// One row of the attacks listed in docs/hardening.md: server RSS against its documented bound, a
     /// bystander's latency, the row's checks. Exits 1 if a bound fails.
     Attack(AttackArgs),
 }

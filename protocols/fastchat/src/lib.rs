@@ -1,4 +1,4 @@
-//! fastchat: one-to-one direct chat over WebSocket, as specified in `shared/specs/fastchat.md`.
+//! fastchat: one-to-one direct chat over WebSocket, as documented in `docs/protocols/fastchat.md`.
 //!
 //! Clients connect to `/ws`, identify with `HELLO {user_id, display_name}` and then open chats
 //! (`OPEN_CHAT`), send messages (`MSG`, acknowledged in two phases: `sent` by the server,

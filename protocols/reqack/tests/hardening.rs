@@ -65,7 +65,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
-/// Attack 1 of the hardening issue, scaled to a test: `newCall`s to 32 never-connecting users
+/// Attack 3 of docs/hardening.md, scaled to a test: `newCall`s to 32 never-connecting users
 /// at a time, the `userId` changed every 100 requests to dodge the per-user rate limit. The
 /// state it leaves is bounded by the attacker's per-client shares, and alice still reaches bob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,7 +284,7 @@ async fn identity_cycling(online_users: usize, config: Config, drain: bool) -> C
     }
 }
 
-/// Attack 2 of the hardening issue, scaled down: a few hundred users online, one client cycling
+/// Attack 11 of docs/hardening.md, scaled down: a few hundred users online, one client cycling
 /// user ids (each connect and disconnect is presence fan-out to everybody). The bystander's
 /// round trip stays fast, and the cycling is cut off by the per-address connect rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! `switchboard bench attack --row N`: the hardening issue's attacks, scaled to run in seconds
+//! `switchboard bench attack --row N`: the attacks listed in docs/hardening.md, scaled to run in seconds
 //! against a running server, each checked against a documented bound.
 //!
 //! Every row measures the same three things and fails if one does not hold:
@@ -49,7 +49,7 @@ const MIB: u64 = 1024 * 1024;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct AttackOptions {
-    /// The row of the hardening issue's table, 1 to 13; row 0 is the legitimate load the
+    /// The row of the attack table (docs/hardening.md), 1 to 13; row 0 is the legitimate load the
     /// per-client defaults must let through.
     pub row: u8,
     /// The protocol the server runs (row 12 runs against each; other rows imply one).

@@ -1,4 +1,4 @@
-//! The rows of the hardening issue's table, other than collab's (see `collab.rs`).
+//! The rows of the attack table (docs/hardening.md), other than collab's (see `collab.rs`).
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
