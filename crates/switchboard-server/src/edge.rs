@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::{debug, error};
 
-use crate::ServerHandle;
+use crate::{MAX_TRACKED_CLIENTS, ServerHandle};
 
 /// The edge's limits, taken from [`crate::ServerConfig`] when the router is built.
 #[derive(Debug, Clone, Copy)]
@@ -35,9 +35,6 @@ pub(crate) struct EdgeLimits {
     /// everyone at once, so only the server-wide cap applies there.
     pub(crate) trust_proxy: bool,
 }
-
-/// Clients tracked by the per-client pending table at most.
-const MAX_TRACKED_CLIENTS: usize = 100_000;
 
 /// How long a refusal (a bare 429/503) may take to write before the socket is dropped.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);

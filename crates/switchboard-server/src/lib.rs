@@ -39,6 +39,11 @@ use tracing::{info, warn};
 
 pub use config::ServerConfig;
 
+/// Distinct clients each per-client table of the runtime tracks (connections, pending
+/// connections, request rates, partial-message bytes); beyond it a flood of new addresses is
+/// refused until entries age out. Each entry is a few dozen bytes: ~6 MiB per table at the bound.
+pub(crate) const MAX_TRACKED_CLIENTS: usize = 100_000;
+
 /// Counters of a running router, for operators and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RuntimeStats {

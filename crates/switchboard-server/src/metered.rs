@@ -19,6 +19,8 @@ use std::sync::Mutex;
 
 use switchboard_core::sync::lock;
 use switchboard_core::{ClientKey, MemoryBudget};
+
+use crate::MAX_TRACKED_CLIENTS;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -96,9 +98,6 @@ pub(crate) const REASSEMBLY_ALLOWANCE: usize = 8 * 1024;
 
 /// How many bytes of memory one received byte of an unfinished message costs (see `on_read`).
 pub(crate) const REASSEMBLY_FACTOR: usize = 2;
-
-/// Clients tracked by the per-client reassembly table at most.
-const MAX_TRACKED_CLIENTS: usize = 100_000;
 
 /// The server-wide pool of bytes held in partly received inbound messages, with a per-client
 /// share so one client's unfinished messages cannot refuse everyone else's.

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use crate::connection::{self, ConnectionContext};
 use crate::metered::{Metered, ReassemblyPool, Watch};
-use crate::{ServerConfig, ServerHandle};
+use crate::{MAX_TRACKED_CLIENTS, ServerConfig, ServerHandle};
 
 pub(crate) struct App<P> {
     protocol: Arc<P>,
@@ -41,10 +41,6 @@ pub(crate) struct App<P> {
     /// (a collab resync, a history replay) follows a small one.
     queue_bytes: usize,
 }
-
-/// Distinct clients tracked by the per-client tables; beyond it a flood of new addresses is
-/// refused until entries age out (each entry is a few dozen bytes: ~6 MiB at the bound).
-const MAX_TRACKED_CLIENTS: usize = 100_000;
 
 impl<P: Protocol> App<P> {
     pub(crate) fn new(protocol: Arc<P>, config: ServerConfig, handle: ServerHandle) -> Self {
@@ -131,12 +127,17 @@ pub(crate) async fn entry<P: Protocol>(
     State(app): State<Arc<App<P>>>,
     request: Request,
 ) -> Response {
-    if let Some(ConnectInfo(remote)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
-        let key = ClientKey::from_ip(client_ip(
-            *remote,
-            request.headers(),
-            app.config.trust_proxy,
-        ));
+    // The peer and the client IP behind it, resolved once for the rate check, admission and
+    // the protocol's HTTP handler.
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(remote)| {
+            let ip = client_ip(*remote, request.headers(), app.config.trust_proxy);
+            (*remote, ip)
+        });
+    if let Some((_, ip)) = peer {
+        let key = ClientKey::from_ip(ip);
         if !app.request_rate.check(&key) {
             app.handle
                 .counters
@@ -147,9 +148,9 @@ pub(crate) async fn entry<P: Protocol>(
         }
     }
     if is_websocket_upgrade(request.headers()) {
-        upgrade(app, request)
+        upgrade(app, request, peer)
     } else {
-        plain_http(app, request).await
+        plain_http(app, request, peer.map(|(_, ip)| ip)).await
     }
 }
 
@@ -174,7 +175,11 @@ fn to_response(response: HttpResponse) -> Response {
         .into_response()
 }
 
-fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
+fn upgrade<P: Protocol>(
+    app: Arc<App<P>>,
+    mut request: Request,
+    peer: Option<(SocketAddr, IpAddr)>,
+) -> Response {
     let headers = request.headers();
     if request.method() != Method::GET {
         return error_response(405, "WebSocket upgrades use GET");
@@ -210,17 +215,12 @@ fn upgrade<P: Protocol>(app: Arc<App<P>>, mut request: Request) -> Response {
         return error_response(403, "origin not allowed");
     }
 
-    let Some(ConnectInfo(remote)) = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .copied()
-    else {
+    let Some((remote, client_ip)) = peer else {
         warn!(
             "no peer address: serve the router with into_make_service_with_connect_info::<SocketAddr>()"
         );
         return error_response(500, "server misconfigured: peer address unavailable");
     };
-    let client_ip = client_ip(remote, headers, app.config.trust_proxy);
 
     if app.handle.is_shutting_down() {
         return error_response(503, "server shutting down");
@@ -345,14 +345,13 @@ fn client_ip(remote: SocketAddr, headers: &HeaderMap, trust_proxy: bool) -> IpAd
         .map_or(peer_ip, |ip| ip.to_canonical())
 }
 
-async fn plain_http<P: Protocol>(app: Arc<App<P>>, request: Request) -> Response {
+async fn plain_http<P: Protocol>(
+    app: Arc<App<P>>,
+    request: Request,
+    client_ip: Option<IpAddr>,
+) -> Response {
     let (parts, body) = request.into_parts();
-    let client_ip = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(remote)| {
-            client_ip(*remote, &parts.headers, app.config.trust_proxy)
-        });
+    let client_ip = client_ip.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let body = match tokio::time::timeout(
         app.config.body_timeout,
         axum::body::to_bytes(body, app.max_body),
