@@ -184,23 +184,37 @@ impl<K: Eq + Hash + Clone> Shares<K> {
 
     /// Takes one unit for `key` if its share allows; pair with [`Shares::release`].
     pub fn try_acquire(&self, key: &K) -> Result<(), ShareRefused> {
+        self.try_acquire_n(key, 1)
+    }
+
+    /// Takes `n` units (e.g. bytes) for `key` if its share allows; pair with
+    /// [`Shares::release_n`]. On error nothing is taken.
+    pub fn try_acquire_n(&self, key: &K, n: usize) -> Result<(), ShareRefused> {
         let mut counts = lock(&self.counts);
         let held = counts.get(key).copied().unwrap_or(0);
         if held == 0 && counts.len() >= self.max_keys {
             return Err(ShareRefused::TooManyKeys(self.max_keys));
         }
-        if self.per_key != 0 && held >= self.per_key {
+        let next = held.saturating_add(n);
+        if self.per_key != 0 && next > self.per_key {
             return Err(ShareRefused::PerKey(self.per_key));
         }
-        counts.insert(key.clone(), held.saturating_add(1));
+        if next > 0 {
+            counts.insert(key.clone(), next);
+        }
         Ok(())
     }
 
     /// Gives one unit of `key` back.
     pub fn release(&self, key: &K) {
+        self.release_n(key, 1);
+    }
+
+    /// Gives `n` units of `key` back (at most what it holds).
+    pub fn release_n(&self, key: &K, n: usize) {
         let mut counts = lock(&self.counts);
         if let Some(held) = counts.get_mut(key) {
-            *held = held.saturating_sub(1);
+            *held = held.saturating_sub(n);
             if *held == 0 {
                 counts.remove(key);
                 // A table never shrinks by itself: after a burst of distinct keys it would keep
@@ -449,6 +463,18 @@ mod tests {
         assert!(shares.try_acquire(&"c").is_ok());
         shares.release(&"a");
         assert_eq!(shares.held(&"a"), 1);
+
+        // Weighted units (bytes): a share of 100 per key.
+        let bytes = Shares::new(100, 10);
+        assert!(bytes.try_acquire_n(&"a", 60).is_ok());
+        assert_eq!(
+            bytes.try_acquire_n(&"a", 41),
+            Err(ShareRefused::PerKey(100))
+        );
+        assert_eq!(bytes.held(&"a"), 60);
+        assert!(bytes.try_acquire_n(&"a", 40).is_ok());
+        bytes.release_n(&"a", 1_000);
+        assert_eq!(bytes.keys(), 0);
     }
 
     #[test]

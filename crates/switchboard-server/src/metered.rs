@@ -14,11 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
-use switchboard_core::sync::lock;
-use switchboard_core::{ClientKey, MemoryBudget};
+use switchboard_core::{ClientKey, MemoryBudget, Shares};
 
 use crate::MAX_TRACKED_CLIENTS;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -104,16 +100,15 @@ pub(crate) const REASSEMBLY_FACTOR: usize = 2;
 #[derive(Debug)]
 pub(crate) struct ReassemblyPool {
     total: MemoryBudget,
-    per_client_limit: usize,
-    per_client: Mutex<HashMap<ClientKey, usize>>,
+    /// Each client's bytes; `None` is a share of zero bytes (`Shares` reads 0 as unlimited).
+    per_client: Option<Shares<ClientKey>>,
 }
 
 impl ReassemblyPool {
     pub(crate) fn new(total: usize, per_client: usize) -> Self {
         Self {
             total: MemoryBudget::new(total),
-            per_client_limit: per_client,
-            per_client: Mutex::default(),
+            per_client: (per_client > 0).then(|| Shares::new(per_client, MAX_TRACKED_CLIENTS)),
         }
     }
 
@@ -123,21 +118,16 @@ impl ReassemblyPool {
     }
 
     fn try_charge(&self, key: ClientKey, bytes: usize) -> bool {
-        let mut per_client = lock(&self.per_client);
-        let held = per_client.get(&key).copied().unwrap_or(0);
-        if held == 0 && per_client.len() >= MAX_TRACKED_CLIENTS {
-            return false;
-        }
-        let Some(next) = held
-            .checked_add(bytes)
-            .filter(|n| *n <= self.per_client_limit)
-        else {
+        let Some(per_client) = &self.per_client else {
             return false;
         };
-        if self.total.try_reserve(bytes).is_err() {
+        if per_client.try_acquire_n(&key, bytes).is_err() {
             return false;
         }
-        per_client.insert(key, next);
+        if self.total.try_reserve(bytes).is_err() {
+            per_client.release_n(&key, bytes);
+            return false;
+        }
         true
     }
 
@@ -146,12 +136,8 @@ impl ReassemblyPool {
             return;
         }
         self.total.release(bytes);
-        let mut per_client = lock(&self.per_client);
-        if let Some(held) = per_client.get_mut(&key) {
-            *held = held.saturating_sub(bytes);
-            if *held == 0 {
-                per_client.remove(&key);
-            }
+        if let Some(per_client) = &self.per_client {
+            per_client.release_n(&key, bytes);
         }
     }
 }
