@@ -36,17 +36,7 @@ pub(crate) async fn join(
     user: &str,
     source: Ipv4Addr,
 ) -> Result<(RawWs, Value), String> {
-    let mut ws = RawWs::connect(ctx.addr, source, &format!("/ws/{session}"))
-        .await
-        .map_err(err("collab upgrade"))?;
-    ws.send_text(&json!({"type": "join-session", "payload": {"userId": user}}).to_string())
-        .await
-        .map_err(err("join"))?;
-    let state = ws
-        .until_json(WAIT, |v| v["type"] == "session-state")
-        .await
-        .map_err(err("session-state"))?;
-    Ok((ws, state))
+    join_at(ctx.addr, session, user, source).await
 }
 
 /// The collab bystander: alone in its own session.
@@ -341,6 +331,7 @@ pub(crate) async fn row2(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
+/// [`join`] for tasks that do not hold the row's context.
 async fn join_at(
     addr: std::net::SocketAddr,
     session: &str,

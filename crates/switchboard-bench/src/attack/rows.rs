@@ -281,6 +281,40 @@ impl Tally {
     }
 }
 
+/// Opens sockets `0..n` with `connect`, `concurrency` at a time, and keeps those that opened
+/// reading until `stop`; each failure is tallied in `failures`.
+async fn pumps<F, Fut, E>(
+    n: usize,
+    concurrency: usize,
+    stop: &watch::Receiver<bool>,
+    failures: &Tally,
+    connect: F,
+) -> Vec<Pump>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<RawWs, E>>,
+    E: ToString,
+{
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let stop = stop.clone();
+            let opened = connect(i);
+            async move { opened.await.map(|ws| Pump::start(ws, stop)) }
+        })
+        .buffered(concurrency)
+        .filter_map(|opened| async move {
+            match opened {
+                Ok(pump) => Some(pump),
+                Err(e) => {
+                    failures.add(e.to_string());
+                    None
+                }
+            }
+        })
+        .collect()
+        .await
+}
+
 /// Row 5: one address opens 10,000 WebSockets, 3,000 half-sent requests, 1,000 × 300 KB
 /// unfinished headers.
 async fn row5(ctx: &mut Ctx) -> Result<(), String> {
@@ -658,37 +692,20 @@ async fn row9(ctx: &mut Ctx) -> Result<(), String> {
         })
         .await;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let online: Vec<Pump> = futures::stream::iter(0..ONLINE)
-        .map(|i| {
-            let run = &run;
-            let stop_rx = stop_rx.clone();
-            async move {
-                let n = (OFFLINE + i) as u64;
-                fastchat_user(
-                    ctx_ref,
-                    source_address(109, OFFLINE + i),
-                    &uuid(run, n),
-                    &format!("Online user {i:04}"),
-                )
-                .await
-                .map(|ws| Pump::start(ws, stop_rx))
-            }
-        })
-        .buffered(32)
-        .filter_map(|r| {
-            let failures = &failures;
-            async move {
-                match r {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        failures.add(e);
-                        None
-                    }
-                }
-            }
-        })
-        .collect()
-        .await;
+    let online = pumps(ONLINE, 32, &stop_rx, &failures, |i| {
+        let run = &run;
+        async move {
+            let n = (OFFLINE + i) as u64;
+            fastchat_user(
+                ctx_ref,
+                source_address(109, OFFLINE + i),
+                &uuid(run, n),
+                &format!("Online user {i:04}"),
+            )
+            .await
+        }
+    })
+    .await;
     let setup_failures = failures.show();
     // The full PRESENCE list a joiner gets now: the largest frame any socket got (lists grow).
     let mut last = fastchat_user(ctx, LEGIT, &uuid(&run, 1 << 42), "Last joiner").await?;
@@ -834,31 +851,11 @@ async fn row11(ctx: &mut Ctx) -> Result<(), String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let addr = ctx.addr;
     let setup = Instant::now();
-    let online: Vec<Pump> = futures::stream::iter(0..ONLINE)
-        .map(|i| {
-            let stop_rx = stop_rx.clone();
-            let path = format!("/ws?userId=on{i}-{run}");
-            async move {
-                RawWs::connect(addr, source_address(111, i), &path)
-                    .await
-                    .map(|ws| Pump::start(ws, stop_rx))
-            }
-        })
-        .buffered(64)
-        .filter_map(|r| {
-            let failures = &failures;
-            async move {
-                match r {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        failures.add(e.to_string());
-                        None
-                    }
-                }
-            }
-        })
-        .collect()
-        .await;
+    let online = pumps(ONLINE, 64, &stop_rx, &failures, |i| {
+        let path = format!("/ws?userId=on{i}-{run}");
+        async move { RawWs::connect(addr, source_address(111, i), &path).await }
+    })
+    .await;
     let setup_secs = setup.elapsed().as_secs_f64();
     let me = attacker(11);
     let started = Instant::now();
