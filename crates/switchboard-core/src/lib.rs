@@ -32,7 +32,8 @@ pub use error::Error;
 pub use frame::Frame;
 pub use history::{History, MemoryHistory};
 pub use limits::{
-    BudgetExceeded, ClientKey, MemoryBudget, Rate, ShareRefused, Shares, TokenBucket, TokenBuckets,
+    BudgetExceeded, ClientKey, MemoryBudget, Rate, ShareGuard, ShareRefused, Shares, TokenBucket,
+    TokenBuckets,
 };
 pub use peer::{
     ConnId, Delivery, LinkEvent, Outgoing, Peer, PeerLink, peer_channel, peer_channel_bounded,

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::sync::lock;
@@ -227,6 +227,16 @@ impl<K: Eq + Hash + Clone> Shares<K> {
         }
     }
 
+    /// Takes one unit for `key` and returns a guard that gives it back when dropped, for a unit
+    /// held as long as a value lives (a connection, a pending request).
+    pub fn try_take(self: &Arc<Self>, key: K) -> Result<ShareGuard<K>, ShareRefused> {
+        self.try_acquire(&key)?;
+        Ok(ShareGuard {
+            shares: self.clone(),
+            key,
+        })
+    }
+
     /// Units `key` holds now.
     pub fn held(&self, key: &K) -> usize {
         lock(&self.counts).get(key).copied().unwrap_or(0)
@@ -235,6 +245,19 @@ impl<K: Eq + Hash + Clone> Shares<K> {
     /// Keys holding at least one unit.
     pub fn keys(&self) -> usize {
         lock(&self.counts).len()
+    }
+}
+
+/// One unit of a [`Shares`] key, given back when dropped (from [`Shares::try_take`]).
+#[derive(Debug)]
+pub struct ShareGuard<K: Eq + Hash + Clone> {
+    shares: Arc<Shares<K>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Drop for ShareGuard<K> {
+    fn drop(&mut self) {
+        self.shares.release(&self.key);
     }
 }
 
@@ -460,6 +483,11 @@ mod tests {
         assert!(shares.try_acquire(&"b").is_ok());
         assert_eq!(shares.try_acquire(&"c"), Err(ShareRefused::TooManyKeys(2)));
         shares.release(&"b");
+        let shares = Arc::new(shares);
+        let guard = shares.try_take("c");
+        assert!(guard.is_ok());
+        drop(guard);
+        assert_eq!(shares.held(&"c"), 0);
         assert!(shares.try_acquire(&"c").is_ok());
         shares.release(&"a");
         assert_eq!(shares.held(&"a"), 1);

@@ -15,7 +15,7 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use switchboard_core::{ClientKey, Shares};
+use switchboard_core::{ClientKey, ShareGuard, Shares};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -46,15 +46,12 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(200);
 /// One not-yet-upgraded connection: counted server-wide and per client while it lives.
 struct Pending {
     count: Arc<AtomicUsize>,
-    per_client: Option<(Arc<Shares<ClientKey>>, ClientKey)>,
+    _per_client: Option<ShareGuard<ClientKey>>,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
-        if let Some((shares, key)) = &self.per_client {
-            shares.release(key);
-        }
     }
 }
 
@@ -107,7 +104,7 @@ pub(crate) async fn accept_loop(
         let before = pending.fetch_add(1, Ordering::AcqRel);
         let mut guard = Pending {
             count: pending.clone(),
-            per_client: None,
+            _per_client: None,
         };
         if before >= limits.max_pending {
             handle
@@ -120,16 +117,18 @@ pub(crate) async fn accept_loop(
         }
         if !limits.trust_proxy {
             let key = ClientKey::from_ip(remote.ip());
-            if per_client.try_acquire(&key).is_err() {
-                handle
-                    .counters
-                    .per_client_refusals
-                    .fetch_add(1, Ordering::Relaxed);
-                debug!(client = %key, "connection refused: per-client pending share");
-                tokio::spawn(refuse(stream, Refusal::ClientBusy, guard));
-                continue;
+            match per_client.try_take(key) {
+                Ok(share) => guard._per_client = Some(share),
+                Err(_) => {
+                    handle
+                        .counters
+                        .per_client_refusals
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(client = %key, "connection refused: per-client pending share");
+                    tokio::spawn(refuse(stream, Refusal::ClientBusy, guard));
+                    continue;
+                }
             }
-            guard.per_client = Some((per_client.clone(), key));
         }
         tokio::spawn(serve_connection(
             stream,

@@ -91,18 +91,6 @@ impl<P: Protocol> App<P> {
     }
 }
 
-/// Holds one unit of a client's connection share for as long as the connection lives.
-struct ClientShare {
-    shares: Arc<Shares<ClientKey>>,
-    key: ClientKey,
-}
-
-impl Drop for ClientShare {
-    fn drop(&mut self) {
-        self.shares.release(&self.key);
-    }
-}
-
 /// Counts one open connection for as long as it lives.
 struct ConnectionSlot(Arc<AtomicUsize>);
 
@@ -226,17 +214,17 @@ fn upgrade<P: Protocol>(
         return error_response(503, "server shutting down");
     }
     let client_key = ClientKey::from_ip(client_ip);
-    if let Err(refused) = app.per_client.try_acquire(&client_key) {
-        app.handle
-            .counters
-            .per_client_refusals
-            .fetch_add(1, Ordering::Relaxed);
-        debug!(client = %client_key, %refused, "upgrade refused: per-client connection share");
-        return error_response(429, "too many connections from this address");
-    }
-    let share = ClientShare {
-        shares: app.per_client.clone(),
-        key: client_key,
+    // Held for as long as the connection lives.
+    let share = match app.per_client.try_take(client_key) {
+        Ok(share) => share,
+        Err(refused) => {
+            app.handle
+                .counters
+                .per_client_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(client = %client_key, %refused, "upgrade refused: per-client connection share");
+            return error_response(429, "too many connections from this address");
+        }
     };
     let Some(slot) = ConnectionSlot::take(&app.handle.active, app.config.max_connections) else {
         debug!(%remote, "upgrade refused: connection limit reached");
