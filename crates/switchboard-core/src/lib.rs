@@ -12,6 +12,8 @@
 mod backoff;
 mod broadcast;
 mod close;
+mod context;
+pub mod engine;
 pub mod envelope;
 mod error;
 mod frame;
@@ -28,6 +30,8 @@ pub mod web;
 pub use backoff::Backoff;
 pub use broadcast::{Broadcaster, LocalBroadcaster};
 pub use close::CloseReason;
+pub use context::Context;
+pub use engine::Engine;
 pub use error::Error;
 pub use frame::Frame;
 pub use history::{History, MemoryHistory};

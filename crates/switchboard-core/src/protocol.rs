@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::Peer;
+use crate::engine::EngineEvent;
+use crate::{Context, Engine};
 
 /// What the runtime knows about a WebSocket upgrade request before accepting it.
 #[derive(Debug, Clone, Copy)]
@@ -149,10 +150,12 @@ impl Default for Keepalive {
 /// A realtime protocol served by the Switchboard runtime.
 ///
 /// The runtime owns sockets, limits, keepalive and shutdown. A protocol sees one connection as a
-/// [`Peer`] (a bounded outbound queue) plus its own per-connection state [`Protocol::Conn`], and
-/// reacts to four moments: admission, open, each text frame, close. Every hook of one connection
-/// runs on that connection's task, in order, so `Conn` needs no locking; state shared between
-/// connections lives in the protocol value behind the store traits of this crate.
+/// [`crate::Peer`] (a bounded outbound queue, reached through the hook's [`Context`]) plus its own
+/// per-connection state [`Protocol::Conn`], and reacts to four moments: admission, open, each
+/// text frame, close. Every hook of one connection runs on that connection's task, in order, so
+/// `Conn` needs no locking; state shared between connections lives in the node's [`Engine`]
+/// (the context's [`Context::engine`]), never in the protocol value, so a protocol runs
+/// unchanged on one node, on a durable node or in a cluster.
 ///
 /// Identity is the protocol's business: take it from [`Handshake::client_ip`] (by IP), a query
 /// parameter, the path (`/ws/<session>`), or leave `Conn` unidentified until a first HELLO frame.
@@ -167,14 +170,14 @@ pub trait Protocol: Send + Sync + 'static {
     /// upgrade path, so a protocol serving `/ws` answers [`Reject::NotFound`] for anything else.
     fn admit(&self, handshake: &Handshake<'_>) -> Result<Self::Conn, Reject>;
 
-    /// The socket is open and `peer` can be written to.
-    fn on_open(&self, conn: &mut Self::Conn, peer: &Peer) -> impl Future<Output = ()> + Send;
+    /// The socket is open and can be written to.
+    fn on_open(&self, conn: &mut Self::Conn, cx: &Context<'_>) -> impl Future<Output = ()> + Send;
 
-    /// A text frame arrived. Errors are the protocol's to report, as frames on `peer`.
+    /// A text frame arrived. Errors are the protocol's to report, as frames on the socket.
     fn on_text(
         &self,
         conn: &mut Self::Conn,
-        peer: &Peer,
+        cx: &Context<'_>,
         text: &str,
     ) -> impl Future<Output = ()> + Send;
 
@@ -183,18 +186,18 @@ pub trait Protocol: Send + Sync + 'static {
     fn on_binary(
         &self,
         conn: &mut Self::Conn,
-        peer: &Peer,
+        cx: &Context<'_>,
         data: &[u8],
     ) -> impl Future<Output = ()> + Send {
         async move {
             let text = String::from_utf8_lossy(data);
-            self.on_text(conn, peer, &text).await;
+            self.on_text(conn, cx, &text).await;
         }
     }
 
-    /// The connection is gone (for any reason; see [`Peer::close_reason`]). Runs exactly once per
-    /// opened connection, also on shutdown.
-    fn on_close(&self, conn: Self::Conn, peer: &Peer) -> impl Future<Output = ()> + Send;
+    /// The connection is gone (for any reason; see [`crate::Peer::close_reason`]). Runs exactly
+    /// once per opened connection, also on shutdown.
+    fn on_close(&self, conn: Self::Conn, cx: &Context<'_>) -> impl Future<Output = ()> + Send;
 
     /// How often [`Protocol::on_tick`] runs for each connection; `None` (the default) never.
     fn tick_interval(&self) -> Option<Duration> {
@@ -202,7 +205,11 @@ pub trait Protocol: Send + Sync + 'static {
     }
 
     /// Periodic per-connection work, e.g. redelivering unacknowledged events.
-    fn on_tick(&self, _conn: &mut Self::Conn, _peer: &Peer) -> impl Future<Output = ()> + Send {
+    fn on_tick(
+        &self,
+        _conn: &mut Self::Conn,
+        _cx: &Context<'_>,
+    ) -> impl Future<Output = ()> + Send {
         async {}
     }
 
@@ -223,7 +230,22 @@ pub trait Protocol: Send + Sync + 'static {
     }
 
     /// Plain HTTP routes (a REST API, a status page). `None` means 404.
-    fn http(&self, _request: HttpRequest) -> impl Future<Output = Option<HttpResponse>> + Send {
+    fn http(
+        &self,
+        _engine: &Engine,
+        _request: HttpRequest,
+    ) -> impl Future<Output = Option<HttpResponse>> + Send {
         async { None }
+    }
+
+    /// Something changed in the engine that no connection of this node did, e.g. a member of
+    /// a presence room expired because its node disappeared. Runs on one node-wide task, one
+    /// event at a time; the default ignores events.
+    fn on_engine_event(
+        &self,
+        _engine: &Engine,
+        _event: EngineEvent,
+    ) -> impl Future<Output = ()> + Send {
+        async {}
     }
 }

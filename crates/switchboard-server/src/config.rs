@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use switchboard_core::Keepalive;
+use switchboard_core::{Engine, Keepalive};
 
 /// How the runtime serves a protocol. Every queue and buffer here is bounded; the defaults suit a
 /// chat server with thousands of mostly idle sockets.
@@ -83,6 +83,10 @@ pub struct ServerConfig {
     pub max_write_buffer_bytes: usize,
     /// Listen backlog for the accept queue (tokio's default of 128 stalls connect bursts).
     pub accept_backlog: u32,
+    /// The state engine every connection's hooks reach through their context: this node's view
+    /// of the logs, topics, presence and keyed state protocols share. Defaults to a fresh
+    /// in-memory engine; clones of a config share one engine.
+    pub engine: Engine,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +118,7 @@ impl Default for ServerConfig {
             write_buffer_bytes: 16 * 1024,
             max_write_buffer_bytes: 8 * 1024 * 1024,
             accept_backlog: 4096,
+            engine: Engine::default(),
         }
     }
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use switchboard_core::{CloseReason, Keepalive, LinkEvent, Outgoing, Peer, PeerLink, Protocol};
+use switchboard_core::{
+    CloseReason, Context, Engine, Keepalive, LinkEvent, Outgoing, Peer, PeerLink, Protocol,
+};
 use tokio::io::AsyncReadExt;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -39,6 +41,7 @@ pub(crate) struct ConnectionContext {
     pub(crate) message_timeout: Duration,
     pub(crate) watch: Arc<Watch>,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) engine: Engine,
 }
 
 /// How the read/write loop ended.
@@ -70,7 +73,10 @@ pub(crate) async fn run<P: Protocol>(
     // Futures that are live only for a moment are boxed, here and in `drive`: a task is as large
     // as its largest state, so an idle socket would otherwise pay for the biggest protocol
     // future all the time (measured: the task was 9.6 KB before, 480 bytes after).
-    Box::pin(protocol.on_open(&mut conn, &peer)).await;
+    let cx = Context::new(&peer, &ctx.engine);
+    // Not `hook()`: a close requested while opening is seen by `drive` at once, and nothing is
+    // queued yet that would need writing while the open hook waits.
+    Box::pin(protocol.on_open(&mut conn, &cx)).await;
 
     let end = drive(
         &*protocol,
@@ -94,7 +100,7 @@ pub(crate) async fn run<P: Protocol>(
     // Mark the peer closed first so broadcasts stop queueing to it while it shuts down.
     peer.close(reason.clone());
     debug!(conn = %peer.id(), remote = %peer.remote(), code = reason.code, reason = %reason.reason, "connection closing");
-    Box::pin(protocol.on_close(conn, &peer)).await;
+    Box::pin(protocol.on_close(conn, &cx)).await;
 
     if let End::Close(reason) = &end {
         let counter = match reason.code {
@@ -136,6 +142,7 @@ async fn drive<P: Protocol>(
     tick_every: Option<Duration>,
 ) -> End {
     let keepalive = ctx.keepalive;
+    let cx = Context::new(peer, &ctx.engine);
     let mut last_heard = Instant::now();
     // One timer for every inbound deadline: the idle timeout, and the message timeout of a
     // message being received. The wrapper under tungstenite notices a message start while the
@@ -177,10 +184,16 @@ async fn drive<P: Protocol>(
                 last_heard = Instant::now();
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
-                        Box::pin(protocol.on_text(conn, peer, text.as_str())).await;
+                        let work = protocol.on_text(conn, &cx, text.as_str());
+                        if let Some(end) = Box::pin(hook(work, socket, link, peer, shutdown.as_mut(), ctx)).await {
+                            return end;
+                        }
                     }
                     Some(Ok(Message::Binary(data))) => {
-                        Box::pin(protocol.on_binary(conn, peer, &data)).await;
+                        let work = protocol.on_binary(conn, &cx, &data);
+                        if let Some(end) = Box::pin(hook(work, socket, link, peer, shutdown.as_mut(), ctx)).await {
+                            return end;
+                        }
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Ok(Message::Close(frame))) => return End::PeerClosed(frame),
@@ -210,7 +223,61 @@ async fn drive<P: Protocol>(
                     WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
                 }
             }
-            _ = tick_opt(&mut ticker) => Box::pin(protocol.on_tick(conn, peer)).await,
+            _ = tick_opt(&mut ticker) => {
+                let work = protocol.on_tick(conn, &cx);
+                if let Some(end) = Box::pin(hook(work, socket, link, peer, shutdown.as_mut(), ctx)).await {
+                    return end;
+                }
+            }
+        }
+    }
+}
+
+/// Runs one protocol hook to completion while the socket's writer keeps draining the peer's
+/// queue: a hook waiting on the state engine (a remote store, a disk) never holds up frames
+/// already queued for this socket, so the wait cannot make it look like a slow consumer.
+/// Inbound reading pauses meanwhile (backpressure on this one client). Returns how the
+/// connection ends if it ends during the hook; the hook itself is then dropped, which is safe
+/// because engine operations are atomic (done or not done).
+async fn hook(
+    work: impl Future<Output = ()>,
+    socket: &mut Socket,
+    link: &mut PeerLink,
+    peer: &Peer,
+    mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
+    ctx: &ConnectionContext,
+) -> Option<End> {
+    tokio::pin!(work);
+    // Once the connection is ending, the hook gets a short grace to finish (so `on_close` sees
+    // the state it left); a hook stuck on an unreachable engine is dropped after it.
+    let grace = ctx.close_timeout;
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut work => return None,
+            () = shutdown.as_mut() => {
+                let _ = timeout(grace, work.as_mut()).await;
+                return Some(End::Close(CloseReason::shutdown()));
+            }
+            event = link.next_event() => match event {
+                LinkEvent::Close(reason) => {
+                    let _ = timeout(grace, work.as_mut()).await;
+                    return Some(End::Close(reason));
+                }
+                LinkEvent::Send(item) => {
+                    match Box::pin(write_batch(socket, link, peer, item, shutdown.as_mut(), ctx)).await {
+                        WriteOutcome::Written => {}
+                        WriteOutcome::Interrupted(reason) => {
+                            let _ = timeout(grace, work.as_mut()).await;
+                            return Some(End::Close(reason));
+                        }
+                        WriteOutcome::Failed(error) => {
+                            let _ = timeout(grace, work.as_mut()).await;
+                            return Some(End::Gone(error.to_string()));
+                        }
+                    }
+                }
+            },
         }
     }
 }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use switchboard_core::Protocol;
+use switchboard_core::{Engine, Protocol};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -177,12 +177,34 @@ impl ServerHandle {
 /// `into_make_service_with_connect_info::<SocketAddr>()`: the runtime needs the peer address.
 pub fn router<P: Protocol>(protocol: Arc<P>, config: ServerConfig) -> (Router, ServerHandle) {
     let handle = ServerHandle::new(&config);
+    spawn_engine_events(protocol.clone(), config.engine.clone(), &handle);
     let state = Arc::new(upgrade::App::new(protocol, config, handle.clone()));
     let router = Router::new()
         .route("/healthz", get(healthz))
         .fallback(upgrade::entry::<P>)
         .with_state(state);
     (router, handle)
+}
+
+/// Runs the node-wide task that hands engine events (e.g. presence of a lost node expiring) to
+/// the protocol, one at a time, until the server shuts down. Outside a tokio runtime there is
+/// nothing to run it on, and nothing to serve either.
+fn spawn_engine_events<P: Protocol>(protocol: Arc<P>, engine: Engine, handle: &ServerHandle) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let shutdown = handle.shutdown.clone();
+    runtime.spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = engine.next_event() => match event {
+                    Some(event) => protocol.on_engine_event(&engine, event).await,
+                    None => break,
+                },
+            }
+        }
+    });
 }
 
 async fn healthz() -> &'static str {

@@ -310,6 +310,7 @@ async fn open_connection<P: Protocol>(
         message_timeout: app.config.message_timeout,
         watch,
         shutdown: app.handle.shutdown.clone(),
+        engine: app.config.engine.clone(),
     };
     connection::run(app.protocol.clone(), conn, socket, peer, link, ctx).await;
 }
@@ -362,7 +363,7 @@ async fn plain_http<P: Protocol>(
             .map(str::to_owned),
         client_ip,
     };
-    match app.protocol.http(request).await {
+    match app.protocol.http(&app.config.engine, request).await {
         Some(response) => to_response(response),
         None => error_response(404, "not found"),
     }

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::SinkExt;
-use switchboard_core::{Frame, Handshake, Peer, Protocol, Reject};
+use switchboard_core::{Context, Frame, Handshake, Protocol, Reject};
 use switchboard_echo::Echo;
 use switchboard_server::ServerConfig;
 use switchboard_testkit::{Client, ConnectOptions, TIMEOUT, TestServer};
@@ -39,9 +39,10 @@ impl Protocol for Flood {
         Ok(())
     }
 
-    async fn on_open(&self, _conn: &mut (), _peer: &Peer) {}
+    async fn on_open(&self, _conn: &mut (), _cx: &Context<'_>) {}
 
-    async fn on_text(&self, _conn: &mut (), peer: &Peer, text: &str) {
+    async fn on_text(&self, _conn: &mut (), cx: &Context<'_>, text: &str) {
+        let peer = cx.peer();
         let mut words = text.split_whitespace();
         if words.next() == Some("flood") {
             let n: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
@@ -57,7 +58,7 @@ impl Protocol for Flood {
         }
     }
 
-    async fn on_close(&self, _conn: (), _peer: &Peer) {}
+    async fn on_close(&self, _conn: (), _cx: &Context<'_>) {}
 
     fn max_outbound_frame_bytes(&self) -> usize {
         1024 * 1024

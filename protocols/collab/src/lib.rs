@@ -39,8 +39,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, ClientKey, CloseReason, Frame, Handshake, HttpRequest, HttpResponse,
-    LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, Reject,
+    Broadcaster, ClientKey, CloseReason, Context, Engine, Frame, Handshake, HttpRequest,
+    HttpResponse, LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, Reject,
 };
 use tracing::debug;
 
@@ -344,7 +344,8 @@ impl Protocol for Collab {
         })
     }
 
-    async fn on_open(&self, conn: &mut CollabConn, peer: &Peer) {
+    async fn on_open(&self, conn: &mut CollabConn, cx: &Context<'_>) {
+        let peer = cx.peer();
         match self.sessions.attach(
             &conn.session_id,
             &self.config.default_language,
@@ -364,11 +365,13 @@ impl Protocol for Collab {
         }
     }
 
-    async fn on_text(&self, conn: &mut CollabConn, peer: &Peer, text: &str) {
+    async fn on_text(&self, conn: &mut CollabConn, cx: &Context<'_>, text: &str) {
+        let peer = cx.peer();
         self.handle(conn, peer, text);
     }
 
-    async fn on_close(&self, mut conn: CollabConn, peer: &Peer) {
+    async fn on_close(&self, mut conn: CollabConn, cx: &Context<'_>) {
+        let peer = cx.peer();
         let Some(session) = conn.session.take() else {
             return;
         };
@@ -387,7 +390,7 @@ impl Protocol for Collab {
     }
 
     /// The REST API (`/api/sessions...`) and the browser demo client (`GET /`, see `web/`).
-    async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
+    async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
         self.rest(&request).or_else(|| web::serve(&request))
     }
 }

@@ -8,7 +8,7 @@
 //! Autobahn cases send.
 
 use bytes::Bytes;
-use switchboard_core::{Frame, Handshake, Peer, Protocol, Reject};
+use switchboard_core::{Context, Frame, Handshake, Protocol, Reject};
 
 /// The default inbound (and outbound) message limit: 16 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -54,18 +54,20 @@ impl Protocol for Echo {
         }
     }
 
-    async fn on_open(&self, _conn: &mut Self::Conn, _peer: &Peer) {}
+    async fn on_open(&self, _conn: &mut Self::Conn, _cx: &Context<'_>) {}
 
-    async fn on_text(&self, _conn: &mut Self::Conn, peer: &Peer, text: &str) {
+    async fn on_text(&self, _conn: &mut Self::Conn, cx: &Context<'_>, text: &str) {
+        let peer = cx.peer();
         // A full queue closes the peer as a slow consumer; nothing else to do here.
         let _ = peer.send(Frame::text(text));
     }
 
-    async fn on_binary(&self, _conn: &mut Self::Conn, peer: &Peer, data: &[u8]) {
+    async fn on_binary(&self, _conn: &mut Self::Conn, cx: &Context<'_>, data: &[u8]) {
+        let peer = cx.peer();
         let _ = peer.send_binary(Bytes::copy_from_slice(data));
     }
 
-    async fn on_close(&self, _conn: Self::Conn, _peer: &Peer) {}
+    async fn on_close(&self, _conn: Self::Conn, _cx: &Context<'_>) {}
 
     fn default_max_frame_bytes(&self) -> usize {
         self.max_message_bytes

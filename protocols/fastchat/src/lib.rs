@@ -45,9 +45,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, ClientKey, ConnId, Frame, Handshake, HttpRequest, HttpResponse, Keepalive,
-    LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, Rate, RateLimiter,
-    Reject, TokenBuckets,
+    Broadcaster, ClientKey, ConnId, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse,
+    Keepalive, LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, Rate,
+    RateLimiter, Reject, TokenBuckets,
 };
 use tracing::debug;
 use uuid::Uuid;
@@ -796,11 +796,13 @@ impl Protocol for FastChat {
         }
     }
 
-    async fn on_open(&self, _conn: &mut Conn, peer: &Peer) {
+    async fn on_open(&self, _conn: &mut Conn, cx: &Context<'_>) {
+        let peer = cx.peer();
         debug!(conn = %peer.id(), remote = %peer.remote(), "fastchat socket open");
     }
 
-    async fn on_text(&self, conn: &mut Conn, peer: &Peer, text: &str) {
+    async fn on_text(&self, conn: &mut Conn, cx: &Context<'_>, text: &str) {
+        let peer = cx.peer();
         let (kind, data) = match messages::parse_envelope(text) {
             Ok(parsed) => parsed,
             Err(invalid) => {
@@ -867,7 +869,8 @@ impl Protocol for FastChat {
         }
     }
 
-    async fn on_close(&self, conn: Conn, peer: &Peer) {
+    async fn on_close(&self, conn: Conn, cx: &Context<'_>) {
+        let peer = cx.peer();
         let Some(user_id) = conn.user else {
             return;
         };
@@ -896,7 +899,7 @@ impl Protocol for FastChat {
         self.config.max_frame_bytes
     }
 
-    async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
+    async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
         web::serve(&request)
     }
 }

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, ClientKey, Frame, Handshake, HttpRequest, HttpResponse, LocalBroadcaster,
-    MemoryBudget, Peer, Protocol, Rate, Reject, TokenBuckets,
+    Broadcaster, ClientKey, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse,
+    LocalBroadcaster, MemoryBudget, Peer, Protocol, Rate, Reject, TokenBuckets,
 };
 use tracing::warn;
 use uuid::Uuid;
@@ -514,7 +514,8 @@ impl Protocol for IpChat {
         })
     }
 
-    async fn on_open(&self, _conn: &mut Connection, peer: &Peer) {
+    async fn on_open(&self, _conn: &mut Connection, cx: &Context<'_>) {
+        let peer = cx.peer();
         let store = lock(&self.store);
         let replay: Vec<Frame> = store
             .items
@@ -525,7 +526,8 @@ impl Protocol for IpChat {
         self.hub.subscribe(ROOM, peer);
     }
 
-    async fn on_text(&self, conn: &mut Connection, peer: &Peer, text: &str) {
+    async fn on_text(&self, conn: &mut Connection, cx: &Context<'_>, text: &str) {
+        let peer = cx.peer();
         match serde_json::from_str::<ClientMessage>(text) {
             Ok(ClientMessage::SendMessage(m)) => {
                 self.send_message(conn, peer, m.text, m.author_name)
@@ -539,11 +541,12 @@ impl Protocol for IpChat {
         }
     }
 
-    async fn on_close(&self, _conn: Connection, peer: &Peer) {
+    async fn on_close(&self, _conn: Connection, cx: &Context<'_>) {
+        let peer = cx.peer();
         self.hub.unsubscribe(ROOM, peer.id());
     }
 
-    async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
+    async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
         web::serve(&request)
     }
 }

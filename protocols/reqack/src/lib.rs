@@ -61,7 +61,8 @@ use std::time::{Duration, Instant};
 
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    ClientKey, Handshake, HttpRequest, HttpResponse, MemoryBudget, Peer, Protocol, Reject,
+    ClientKey, Context, Engine, Handshake, HttpRequest, HttpResponse, MemoryBudget, Peer, Protocol,
+    Reject,
 };
 use tracing::{debug, error};
 
@@ -168,7 +169,8 @@ impl Protocol for ReqAck {
         Ok(Conn { user, client })
     }
 
-    async fn on_open(&self, conn: &mut Conn, peer: &Peer) {
+    async fn on_open(&self, conn: &mut Conn, cx: &Context<'_>) {
+        let peer = cx.peer();
         debug!(user = %conn.user, conn = %peer.id(), "reqack socket open");
         let _order = self.presence.lock().await;
         let fanout = lock(&self.state).open(&conn.user, peer, Instant::now());
@@ -177,7 +179,8 @@ impl Protocol for ReqAck {
         }
     }
 
-    async fn on_text(&self, conn: &mut Conn, peer: &Peer, text: &str) {
+    async fn on_text(&self, conn: &mut Conn, cx: &Context<'_>, text: &str) {
+        let peer = cx.peer();
         let inbound = match messages::parse(text, self.config.max_id_bytes) {
             Ok(inbound) => inbound,
             Err(error) => return Self::send_error(peer, &error),
@@ -220,7 +223,8 @@ impl Protocol for ReqAck {
         }
     }
 
-    async fn on_close(&self, conn: Conn, peer: &Peer) {
+    async fn on_close(&self, conn: Conn, cx: &Context<'_>) {
+        let peer = cx.peer();
         debug!(user = %conn.user, conn = %peer.id(), "reqack socket closed");
         let _order = self.presence.lock().await;
         let fanout = lock(&self.state).close(&conn.user, peer.id());
@@ -233,7 +237,7 @@ impl Protocol for ReqAck {
         Some(self.config.tick_interval())
     }
 
-    async fn on_tick(&self, conn: &mut Conn, _peer: &Peer) {
+    async fn on_tick(&self, conn: &mut Conn, _cx: &Context<'_>) {
         let now = Instant::now();
         let mut state = lock(&self.state);
         state.expire_unclaimed(now);
@@ -241,7 +245,7 @@ impl Protocol for ReqAck {
     }
 
     /// The browser demo client: `GET /` and its assets (see `web/`).
-    async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
+    async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
         web::serve(&request)
     }
 }

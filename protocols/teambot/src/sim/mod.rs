@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchboard_core::sync::lock;
-use switchboard_core::{Handshake, HttpRequest, HttpResponse, Peer, Protocol, Reject};
+use switchboard_core::{Context, Engine, Handshake, HttpRequest, HttpResponse, Protocol, Reject};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tracing::{debug, warn};
@@ -314,7 +314,8 @@ impl Protocol for TeambotSim {
         }
     }
 
-    async fn on_open(&self, conn: &mut SimConn, peer: &Peer) {
+    async fn on_open(&self, conn: &mut SimConn, cx: &Context<'_>) {
+        let peer = cx.peer();
         match conn {
             SimConn::Global { .. } => {
                 let opened = lock(&self.inner.state).global_opened(peer);
@@ -326,7 +327,8 @@ impl Protocol for TeambotSim {
         }
     }
 
-    async fn on_text(&self, conn: &mut SimConn, peer: &Peer, text: &str) {
+    async fn on_text(&self, conn: &mut SimConn, cx: &Context<'_>, text: &str) {
+        let peer = cx.peer();
         let Ok(value) = serde_json::from_str::<Value>(text) else {
             let _ = peer.send(error_frame(
                 "invalid JSON",
@@ -383,14 +385,15 @@ impl Protocol for TeambotSim {
         }
     }
 
-    async fn on_close(&self, conn: SimConn, peer: &Peer) {
+    async fn on_close(&self, conn: SimConn, cx: &Context<'_>) {
+        let peer = cx.peer();
         match conn {
             SimConn::Global { .. } => lock(&self.inner.state).global_closed(peer),
             SimConn::Team { id } => lock(&self.inner.state).team_closed(id, peer),
         }
     }
 
-    async fn http(&self, request: HttpRequest) -> Option<HttpResponse> {
+    async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
         match (request.method.as_str(), request.path.as_str()) {
             ("GET", "/scorecard") => Some(HttpResponse::json(200, &self.scorecard())),
             (_, "/scorecard") => Some(HttpResponse::json_error(405, "method not allowed")),

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use switchboard_core::{CloseReason, Frame, Handshake, Peer, Protocol, Reject};
+use switchboard_core::{CloseReason, Context, Frame, Handshake, Peer, Protocol, Reject};
 use switchboard_server::ServerConfig;
 use switchboard_teambot::client::{TeamContext, TeamHandler};
 use switchboard_teambot::messages::TeamId;
@@ -43,7 +43,8 @@ impl Protocol for Script {
         Ok(handshake.path.to_owned())
     }
 
-    async fn on_open(&self, conn: &mut String, peer: &Peer) {
+    async fn on_open(&self, conn: &mut String, cx: &Context<'_>) {
+        let peer = cx.peer();
         let _ = self
             .tx
             .send(Event::Open {
@@ -53,7 +54,8 @@ impl Protocol for Script {
             .await;
     }
 
-    async fn on_text(&self, conn: &mut String, peer: &Peer, text: &str) {
+    async fn on_text(&self, conn: &mut String, cx: &Context<'_>, text: &str) {
+        let peer = cx.peer();
         let value: Value = serde_json::from_str(text).expect("client frames are JSON");
         // Team sockets answer pings by themselves, except under /mute/ (pong-timeout tests).
         if value["type"] == "ping" && !conn.starts_with("/mute/") {
@@ -69,7 +71,7 @@ impl Protocol for Script {
             .await;
     }
 
-    async fn on_close(&self, conn: String, _peer: &Peer) {
+    async fn on_close(&self, conn: String, _cx: &Context<'_>) {
         let _ = self.tx.send(Event::Close { path: conn }).await;
     }
 }

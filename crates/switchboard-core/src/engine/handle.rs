@@ -1,0 +1,509 @@
+//! [`Engine`]: the handle protocols use, an erased [`StateEngine`] plus the node's [`Hub`].
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::hub::ensure_ready;
+use super::{
+    Append, Appended, ConnRef, EngineEvent, EngineResult, Expect, Hub, MemoryEngine, MemoryLimits,
+    NodeId, Put, RateDecision, Read, ReadFrom, StateEngine, Versioned,
+};
+use crate::{ConnId, Frame, Peer};
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`StateEngine`] with boxed futures, so one binary can pick its engine at run time and
+/// protocols stay free of type parameters. One allocation per operation is noise next to what an
+/// operation does (a remote round trip, a fan-out).
+trait Erased: Send + Sync {
+    fn node(&self) -> NodeId;
+    fn cluster_id(&self) -> BoxFuture<'_, EngineResult<Uuid>>;
+    fn ready(&self) -> BoxFuture<'_, bool>;
+    fn subscribe_node<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, EngineResult<()>>;
+    fn unsubscribe_node(&self, topic: &str);
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        frame: Frame,
+        except: Option<ConnRef>,
+    ) -> BoxFuture<'a, EngineResult<()>>;
+    fn append<'a>(
+        &'a self,
+        topic: &'a str,
+        frame: Frame,
+        options: Append,
+    ) -> BoxFuture<'a, EngineResult<Appended>>;
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        from: ReadFrom,
+        limit: usize,
+    ) -> BoxFuture<'a, EngineResult<Read>>;
+    fn remove<'a>(&'a self, topic: &'a str, offset: u64) -> BoxFuture<'a, EngineResult<bool>>;
+    fn drop_log<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, EngineResult<()>>;
+    fn presence_join<'a>(
+        &'a self,
+        room: &'a str,
+        member: &'a str,
+        conn: ConnRef,
+    ) -> BoxFuture<'a, EngineResult<bool>>;
+    fn presence_leave<'a>(
+        &'a self,
+        room: &'a str,
+        member: &'a str,
+        conn: ConnRef,
+    ) -> BoxFuture<'a, EngineResult<bool>>;
+    fn presence_members<'a>(&'a self, room: &'a str) -> BoxFuture<'a, EngineResult<Vec<String>>>;
+    fn presence_contains<'a>(
+        &'a self,
+        room: &'a str,
+        member: &'a str,
+    ) -> BoxFuture<'a, EngineResult<bool>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, EngineResult<Option<Versioned>>>;
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        expect: Expect,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, EngineResult<Put>>;
+    fn delete<'a>(&'a self, key: &'a str, expect: Expect) -> BoxFuture<'a, EngineResult<bool>>;
+    fn scan<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, EngineResult<Vec<(String, Versioned)>>>;
+    fn rate_limit<'a>(
+        &'a self,
+        key: &'a str,
+        limit: u32,
+        window: Duration,
+    ) -> BoxFuture<'a, EngineResult<RateDecision>>;
+    fn next_event(&self) -> BoxFuture<'_, Option<EngineEvent>>;
+}
+
+impl<T: StateEngine> Erased for T {
+    fn node(&self) -> NodeId {
+        StateEngine::node(self)
+    }
+    fn cluster_id(&self) -> BoxFuture<'_, EngineResult<Uuid>> {
+        Box::pin(StateEngine::cluster_id(self))
+    }
+    fn ready(&self) -> BoxFuture<'_, bool> {
+        Box::pin(StateEngine::ready(self))
+    }
+    fn subscribe_node<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, EngineResult<()>> {
+        Box::pin(StateEngine::subscribe_node(self, topic))
+    }
+    fn unsubscribe_node(&self, topic: &str) {
+        StateEngine::unsubscribe_node(self, topic);
+    }
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        frame: Frame,
+        except: Option<ConnRef>,
+    ) -> BoxFuture<'a, EngineResult<()>> {
+        Box::pin(StateEngine::publish(self, topic, frame, except))
+    }
+    fn append<'a>(
+        &'a self,
+        topic: &'a str,
+        frame: Frame,
+        options: Append,
+    ) -> BoxFuture<'a, EngineResult<Appended>> {
+        Box::pin(StateEngine::append(self, topic, frame, options))
+    }
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        from: ReadFrom,
+        limit: usize,
+    ) -> BoxFuture<'a, EngineResult<Read>> {
+        Box::pin(StateEngine::read(self, topic, from, limit))
+    }
+    fn remove<'a>(&'a self, topic: &'a str, offset: u64) -> BoxFuture<'a, EngineResult<bool>> {
+        Box::pin(StateEngine::remove(self, topic, offset))
+    }
+    fn drop_log<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, EngineResult<()>> {
+        Box::pin(StateEngine::drop_log(self, topic))
+    }
+    fn presence_join<'a>(
+        &'a self,
+        room: &'a str,
+        member: &'a str,
+        conn: ConnRef,
+    ) -> BoxFuture<'a, EngineResult<bool>> {
+        Box::pin(StateEngine::presence_join(self, room, member, conn))
+    }
+    fn presence_leave<'a>(
+        &'a self,
+        room: &'a str,
+        member: &'a str,
+        conn: ConnRef,
+    ) -> BoxFuture<'a, EngineResult<bool>> {
+        Box::pin(StateEngine::presence_leave(self, room, member, conn))
+    }
+    fn presence_members<'a>(&'a self, room: &'a str) -> BoxFuture<'a, EngineResult<Vec<String>>> {
+        Box::pin(StateEngine::presence_members(self, room))
+    }
+    fn presence_contains<'a>(
+        &'a self,
+        room: &'a str,
+        member: &'a str,
+    ) -> BoxFuture<'a, EngineResult<bool>> {
+        Box::pin(StateEngine::presence_contains(self, room, member))
+    }
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, EngineResult<Option<Versioned>>> {
+        Box::pin(StateEngine::get(self, key))
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        expect: Expect,
+        ttl: Option<Duration>,
+    ) -> BoxFuture<'a, EngineResult<Put>> {
+        Box::pin(StateEngine::put(self, key, value, expect, ttl))
+    }
+    fn delete<'a>(&'a self, key: &'a str, expect: Expect) -> BoxFuture<'a, EngineResult<bool>> {
+        Box::pin(StateEngine::delete(self, key, expect))
+    }
+    fn scan<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, EngineResult<Vec<(String, Versioned)>>> {
+        Box::pin(StateEngine::scan(self, prefix, after, limit))
+    }
+    fn rate_limit<'a>(
+        &'a self,
+        key: &'a str,
+        limit: u32,
+        window: Duration,
+    ) -> BoxFuture<'a, EngineResult<RateDecision>> {
+        Box::pin(StateEngine::rate_limit(self, key, limit, window))
+    }
+    fn next_event(&self) -> BoxFuture<'_, Option<EngineEvent>> {
+        Box::pin(StateEngine::next_event(self))
+    }
+}
+
+struct Inner {
+    backend: Box<dyn Erased>,
+    hub: Arc<Hub>,
+}
+
+/// The state engine as protocols see it: cheap to clone, shared by every connection of a node.
+///
+/// It wraps one [`StateEngine`] and this node's [`Hub`]: subscribing a socket registers it in the
+/// hub (and subscribes the node to the topic the first time); everything else goes to the engine.
+/// Idempotency records ([`Engine::recall`], [`Engine::remember`]) are keyed state under the
+/// `idem:` prefix.
+#[derive(Clone)]
+pub struct Engine(Arc<Inner>);
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("node", &self.0.hub.node())
+            .finish()
+    }
+}
+
+impl Default for Engine {
+    /// A [`MemoryEngine`] with default limits.
+    fn default() -> Self {
+        Self::memory(MemoryLimits::default())
+    }
+}
+
+impl Engine {
+    /// Wraps `backend`, which delivers its publications to `hub` (the hub it was built with).
+    pub fn new<E: StateEngine>(backend: E, hub: Arc<Hub>) -> Self {
+        Self(Arc::new(Inner {
+            backend: Box::new(backend),
+            hub,
+        }))
+    }
+
+    /// A single-node in-memory engine (the embedded default).
+    pub fn memory(limits: MemoryLimits) -> Self {
+        let (backend, hub) = MemoryEngine::single(limits);
+        Self::new(backend, hub)
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.0.backend.node()
+    }
+
+    /// This node's subscribers.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.0.hub
+    }
+
+    /// The cluster-wide name of connection `conn` of this node.
+    pub fn conn_ref(&self, conn: ConnId) -> ConnRef {
+        ConnRef {
+            node: self.node(),
+            conn,
+        }
+    }
+
+    /// See [`StateEngine::cluster_id`].
+    pub async fn cluster_id(&self) -> EngineResult<Uuid> {
+        self.0.backend.cluster_id().await
+    }
+
+    /// See [`StateEngine::ready`].
+    pub async fn ready(&self) -> bool {
+        self.0.backend.ready().await
+    }
+
+    /// Subscribes `peer` to `topic`: every publication from now on reaches it.
+    pub async fn subscribe(&self, topic: &str, peer: &Peer) -> EngineResult<()> {
+        let ready = self.0.hub.add(topic, peer, false);
+        let result = ensure_ready(&ready, || self.0.backend.subscribe_node(topic)).await;
+        if result.is_err() {
+            self.unsubscribe(topic, peer.id());
+        }
+        result
+    }
+
+    /// Subscribes `peer` to logged `topic` with a replay: reads the log (`from`, at most
+    /// `limit` entries) and holds live publications for `peer` until [`Joining::go_live`] queues
+    /// the replay, so the peer sees the replay and then every later entry exactly once, in order.
+    pub async fn join(
+        &self,
+        topic: &str,
+        peer: &Peer,
+        from: ReadFrom,
+        limit: usize,
+    ) -> EngineResult<Joining> {
+        let ready = self.0.hub.add(topic, peer, true);
+        let read = async {
+            ensure_ready(&ready, || self.0.backend.subscribe_node(topic)).await?;
+            self.0.backend.read(topic, from, limit).await
+        };
+        match read.await {
+            Ok(read) => Ok(Joining {
+                hub: self.0.hub.clone(),
+                topic: topic.into(),
+                conn: peer.id(),
+                read: Some(read),
+            }),
+            Err(error) => {
+                self.unsubscribe(topic, peer.id());
+                Err(error)
+            }
+        }
+    }
+
+    /// Unsubscribes connection `conn` of this node from `topic`.
+    pub fn unsubscribe(&self, topic: &str, conn: ConnId) {
+        if self.0.hub.remove(topic, conn) {
+            self.0.backend.unsubscribe_node(topic);
+        }
+    }
+
+    /// See [`StateEngine::publish`].
+    pub async fn publish(
+        &self,
+        topic: &str,
+        frame: Frame,
+        except: Option<ConnRef>,
+    ) -> EngineResult<()> {
+        self.0.backend.publish(topic, frame, except).await
+    }
+
+    /// See [`StateEngine::append`].
+    pub async fn append(
+        &self,
+        topic: &str,
+        frame: Frame,
+        options: Append,
+    ) -> EngineResult<Appended> {
+        self.0.backend.append(topic, frame, options).await
+    }
+
+    /// See [`StateEngine::read`].
+    pub async fn read(&self, topic: &str, from: ReadFrom, limit: usize) -> EngineResult<Read> {
+        self.0.backend.read(topic, from, limit).await
+    }
+
+    /// See [`StateEngine::remove`].
+    pub async fn remove(&self, topic: &str, offset: u64) -> EngineResult<bool> {
+        self.0.backend.remove(topic, offset).await
+    }
+
+    /// See [`StateEngine::drop_log`].
+    pub async fn drop_log(&self, topic: &str) -> EngineResult<()> {
+        self.0.backend.drop_log(topic).await
+    }
+
+    /// See [`StateEngine::presence_join`].
+    pub async fn presence_join(
+        &self,
+        room: &str,
+        member: &str,
+        conn: ConnRef,
+    ) -> EngineResult<bool> {
+        self.0.backend.presence_join(room, member, conn).await
+    }
+
+    /// See [`StateEngine::presence_leave`].
+    pub async fn presence_leave(
+        &self,
+        room: &str,
+        member: &str,
+        conn: ConnRef,
+    ) -> EngineResult<bool> {
+        self.0.backend.presence_leave(room, member, conn).await
+    }
+
+    /// See [`StateEngine::presence_members`].
+    pub async fn presence_members(&self, room: &str) -> EngineResult<Vec<String>> {
+        self.0.backend.presence_members(room).await
+    }
+
+    /// See [`StateEngine::presence_contains`].
+    pub async fn presence_contains(&self, room: &str, member: &str) -> EngineResult<bool> {
+        self.0.backend.presence_contains(room, member).await
+    }
+
+    /// See [`StateEngine::get`].
+    pub async fn get(&self, key: &str) -> EngineResult<Option<Versioned>> {
+        self.0.backend.get(key).await
+    }
+
+    /// See [`StateEngine::put`].
+    pub async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        expect: Expect,
+        ttl: Option<Duration>,
+    ) -> EngineResult<Put> {
+        self.0.backend.put(key, value, expect, ttl).await
+    }
+
+    /// See [`StateEngine::delete`].
+    pub async fn delete(&self, key: &str, expect: Expect) -> EngineResult<bool> {
+        self.0.backend.delete(key, expect).await
+    }
+
+    /// See [`StateEngine::scan`].
+    pub async fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> EngineResult<Vec<(String, Versioned)>> {
+        self.0.backend.scan(prefix, after, limit).await
+    }
+
+    /// See [`StateEngine::rate_limit`].
+    pub async fn rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> EngineResult<RateDecision> {
+        self.0.backend.rate_limit(key, limit, window).await
+    }
+
+    /// The response stored for idempotency key `key`, if any (and not expired).
+    pub async fn recall(&self, key: &str) -> EngineResult<Option<Bytes>> {
+        let key = idempotency_key(key);
+        Ok(self.0.backend.get(&key).await?.map(|stored| stored.value))
+    }
+
+    /// Stores `response` under idempotency key `key` for `ttl`, unless a response is already
+    /// stored: then that earlier response is returned and must be the answer (two nodes raced
+    /// on one retried request; the first one's answer wins everywhere).
+    pub async fn remember(
+        &self,
+        key: &str,
+        response: Bytes,
+        ttl: Duration,
+    ) -> EngineResult<Option<Bytes>> {
+        let key = idempotency_key(key);
+        match self
+            .0
+            .backend
+            .put(&key, response, Expect::Absent, Some(ttl))
+            .await?
+        {
+            Put::Stored(_) => Ok(None),
+            Put::Conflict(existing) => Ok(existing.map(|stored| stored.value)),
+        }
+    }
+
+    /// See [`StateEngine::next_event`].
+    pub async fn next_event(&self) -> Option<EngineEvent> {
+        self.0.backend.next_event().await
+    }
+}
+
+fn idempotency_key(key: &str) -> String {
+    let mut full = String::with_capacity(key.len().saturating_add(5));
+    full.push_str("idem:");
+    full.push_str(key);
+    full
+}
+
+/// A subscriber between its replay read and live delivery; see [`Engine::join`].
+///
+/// Dropping it without [`Joining::go_live`] makes the subscriber live with an empty replay.
+#[derive(Debug)]
+pub struct Joining {
+    hub: Arc<Hub>,
+    topic: Box<str>,
+    conn: ConnId,
+    read: Option<Read>,
+}
+
+impl Joining {
+    /// What the log held when the subscriber joined.
+    pub fn read(&self) -> &Read {
+        // `read` is only taken by `go_live`/drop, which consume the value.
+        static EMPTY: Read = Read::Gone {
+            top: super::Position {
+                offset: 0,
+                epoch: 0,
+            },
+        };
+        self.read.as_ref().unwrap_or(&EMPTY)
+    }
+
+    /// Queues `replay` (the protocol's frames for the entries it read, in order), then every
+    /// publication that arrived since, and makes the subscriber live.
+    pub fn go_live(mut self, replay: Vec<Frame>) {
+        self.finish(replay);
+    }
+
+    fn finish(&mut self, replay: Vec<Frame>) {
+        if let Some(read) = self.read.take() {
+            let replayed_to = match read {
+                Read::Entries { top, .. } | Read::Gone { top } => top.offset,
+            };
+            self.hub
+                .go_live(&self.topic, self.conn, replay, replayed_to);
+        }
+    }
+}
+
+impl Drop for Joining {
+    fn drop(&mut self) {
+        self.finish(Vec::new());
+    }
+}

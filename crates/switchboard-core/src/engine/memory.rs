@@ -1,0 +1,812 @@
+//! [`MemoryEngine`]: the in-process state engine, and [`MemoryCluster`], several in-process
+//! nodes sharing one memory engine (for tests of node-aware behaviour without an external store).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{
+    Append, Appended, ConnRef, Engine, EngineError, EngineEvent, EngineResult, Entry, Expect, Hub,
+    NodeId, Position, Put, RateDecision, Read, ReadFrom, StateEngine, Versioned, WhenFull,
+};
+use crate::sync::{lock, read, write};
+use crate::{Frame, MemoryBudget};
+
+/// Bookkeeping bytes charged per stored item besides its payload (map slots, headers).
+const ITEM_OVERHEAD: usize = 96;
+/// Expired keys and logs are swept at most this often (and when the budget is full).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Bytes charged per remembered rate-limit hit.
+const HIT_BYTES: usize = 16;
+
+/// Bounds of a memory engine, over everything it stores (log entries, keys, presence members,
+/// rate-limit windows), in items and in bytes. Over either, new state is refused with
+/// [`EngineError::Full`]; nothing stored is evicted to make room (logs with
+/// [`WhenFull::TrimOldest`] still trim themselves within their own retention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryLimits {
+    /// Most items stored.
+    pub max_items: usize,
+    /// Most bytes stored (payloads plus a fixed overhead per item).
+    pub max_bytes: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        Self {
+            max_items: 4_000_000,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Log {
+    epoch: u64,
+    top: u64,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    last_append: Instant,
+    ttl: Option<Duration>,
+}
+
+impl Log {
+    fn position(&self) -> Position {
+        Position {
+            offset: self.top,
+            epoch: self.epoch,
+        }
+    }
+
+    /// Whether the log's time-to-live passed without an append.
+    fn expired(&self, now: Instant) -> bool {
+        self.ttl
+            .and_then(|ttl| self.last_append.checked_add(ttl))
+            .is_some_and(|deadline| deadline <= now)
+    }
+
+    /// The offset of the oldest entry still readable by position: everything after
+    /// `trimmed_to` is here unless removed on purpose.
+    fn trimmed_to(&self) -> u64 {
+        self.entries
+            .front()
+            .map_or(self.top, |first| first.offset.saturating_sub(1))
+    }
+}
+
+#[derive(Debug)]
+struct Stored {
+    versioned: Versioned,
+    expires_at: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    next_seq: u64,
+    members: HashMap<String, (u64, Vec<ConnRef>)>,
+}
+
+#[derive(Debug, Default)]
+struct NodeEvents {
+    queue: Mutex<VecDeque<EngineEvent>>,
+    ready: Notify,
+}
+
+#[derive(Debug)]
+struct Node {
+    id: NodeId,
+    hub: Arc<Hub>,
+    events: Arc<NodeEvents>,
+}
+
+/// What every node of one memory cluster shares.
+#[derive(Debug)]
+struct Shared {
+    cluster_id: Uuid,
+    limits: MemoryLimits,
+    bytes: MemoryBudget,
+    items: MemoryBudget,
+    next_epoch: AtomicU64,
+    nodes: RwLock<Vec<Node>>,
+    /// Each log behind its own lock: an append and its delivery to every node happen under it,
+    /// which is what puts a topic's entries in one order everywhere.
+    logs: RwLock<HashMap<String, Arc<Mutex<Option<Log>>>>>,
+    kv: Mutex<BTreeMap<String, Stored>>,
+    presence: Mutex<HashMap<String, Room>>,
+    rates: Mutex<HashMap<String, (Duration, VecDeque<Instant>)>>,
+    last_sweep: Mutex<Option<Instant>>,
+}
+
+fn cost(len: usize) -> usize {
+    len.saturating_add(ITEM_OVERHEAD)
+}
+
+fn full() -> EngineError {
+    EngineError::Full("memory engine limit")
+}
+
+impl Shared {
+    fn new(limits: MemoryLimits) -> Self {
+        Self {
+            cluster_id: Uuid::from_u128(rand::random()),
+            limits,
+            bytes: MemoryBudget::new(limits.max_bytes),
+            items: MemoryBudget::new(limits.max_items),
+            next_epoch: AtomicU64::new(1),
+            nodes: RwLock::new(Vec::new()),
+            logs: RwLock::new(HashMap::new()),
+            kv: Mutex::new(BTreeMap::new()),
+            presence: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(None),
+        }
+    }
+
+    /// Charges one item of `bytes`, sweeping expired state once if that makes it fit.
+    fn charge(&self, bytes: usize) -> EngineResult<()> {
+        if self.try_charge(bytes) {
+            return Ok(());
+        }
+        self.sweep(true);
+        if self.try_charge(bytes) {
+            Ok(())
+        } else {
+            Err(full())
+        }
+    }
+
+    fn try_charge(&self, bytes: usize) -> bool {
+        if self.items.try_reserve(1).is_err() {
+            return false;
+        }
+        if self.bytes.try_reserve(bytes).is_err() {
+            self.items.release(1);
+            return false;
+        }
+        true
+    }
+
+    fn uncharge(&self, bytes: usize) {
+        self.items.release(1);
+        self.bytes.release(bytes);
+    }
+
+    /// Changes the bytes charged for an item that stays stored (never refused).
+    fn recharge(&self, old: usize, new: usize) {
+        self.bytes.release(old);
+        self.bytes.force_reserve(new);
+    }
+
+    fn new_epoch(&self) -> u64 {
+        self.next_epoch.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn log(&self, topic: &str) -> Arc<Mutex<Option<Log>>> {
+        if let Some(log) = read(&self.logs).get(topic) {
+            return log.clone();
+        }
+        write(&self.logs)
+            .entry(topic.to_owned())
+            .or_insert_with(|| Arc::new(Mutex::new(None)))
+            .clone()
+    }
+
+    fn existing_log(&self, topic: &str) -> Option<Arc<Mutex<Option<Log>>>> {
+        read(&self.logs).get(topic).cloned()
+    }
+
+    fn deliver(&self, topic: &str, offset: Option<u64>, frame: &Frame, except: Option<ConnRef>) {
+        for node in read(&self.nodes).iter() {
+            node.hub.deliver(topic, offset, frame, except);
+        }
+    }
+
+    /// Forgets expired keys, logs and empty rate windows; at most once per [`SWEEP_EVERY`]
+    /// unless `force`d by a full budget.
+    fn sweep(&self, force: bool) {
+        let now = Instant::now();
+        {
+            let mut last = lock(&self.last_sweep);
+            if !force && last.is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let mut kv = lock(&self.kv);
+        kv.retain(|key, stored| {
+            let live = stored.expires_at.is_none_or(|at| at > now);
+            if !live {
+                self.uncharge(cost(key.len().saturating_add(stored.versioned.value.len())));
+            }
+            live
+        });
+        drop(kv);
+        let logs: Vec<_> = read(&self.logs).values().cloned().collect();
+        for log in logs {
+            let mut slot = lock(&log);
+            if slot.as_ref().is_some_and(|log| log.expired(now))
+                && let Some(log) = slot.take()
+            {
+                self.free_entries(log.entries.iter());
+            }
+        }
+        write(&self.logs).retain(|_, log| Arc::strong_count(log) > 1 || lock(log).is_some());
+        let mut rates = lock(&self.rates);
+        rates.retain(|key, (window, hits)| {
+            while hits
+                .front()
+                .is_some_and(|at| now.saturating_duration_since(*at) >= *window)
+            {
+                hits.pop_front();
+                self.bytes.release(HIT_BYTES);
+            }
+            let keep = !hits.is_empty();
+            if !keep {
+                self.uncharge(cost(key.len()));
+            }
+            keep
+        });
+    }
+
+    fn free_entries<'a>(&self, entries: impl Iterator<Item = &'a Entry>) {
+        for entry in entries {
+            self.uncharge(cost(entry.frame.len()));
+        }
+    }
+
+    fn expire_node(&self, dead: NodeId) {
+        let mut expired = Vec::new();
+        let mut presence = lock(&self.presence);
+        presence.retain(|room_name, room| {
+            room.members.retain(|member, (_, conns)| {
+                let before = conns.len();
+                conns.retain(|c| c.node != dead);
+                for _ in conns.len()..before {
+                    self.uncharge(cost(room_name.len().saturating_add(member.len())));
+                }
+                if conns.is_empty() && before > 0 {
+                    expired.push(EngineEvent::MemberExpired {
+                        room: room_name.clone(),
+                        member: member.clone(),
+                    });
+                    false
+                } else {
+                    true
+                }
+            });
+            !room.members.is_empty()
+        });
+        drop(presence);
+        // Exactly one live node hears of each expired member: the first one still registered.
+        let nodes = read(&self.nodes);
+        if let Some(node) = nodes.iter().find(|n| n.id != dead) {
+            lock(&node.events.queue).extend(expired);
+            node.events.ready.notify_one();
+        }
+    }
+}
+
+/// The in-process [`StateEngine`]: everything in this process's memory, nothing survives a
+/// restart. Bounded by [`MemoryLimits`].
+///
+/// One `MemoryEngine` is one node; [`MemoryCluster`] makes several nodes that share state, to
+/// test node-aware protocol behaviour (presence across nodes, a node's expiry) in one process.
+#[derive(Debug)]
+pub struct MemoryEngine {
+    shared: Arc<Shared>,
+    node: NodeId,
+    events: Arc<NodeEvents>,
+}
+
+impl MemoryEngine {
+    /// A single node with its own state, and the hub it delivers to.
+    pub fn single(limits: MemoryLimits) -> (Self, Arc<Hub>) {
+        MemoryCluster::new(limits).add_node()
+    }
+
+    /// Bytes stored now (payloads plus per-item overhead), for reports and tests.
+    pub fn bytes_used(&self) -> usize {
+        self.shared.bytes.used()
+    }
+
+    /// The limits this engine was built with.
+    pub fn limits(&self) -> MemoryLimits {
+        self.shared.limits
+    }
+}
+
+/// Several in-process nodes sharing one memory engine: a cluster without an external store, for
+/// tests. Each [`MemoryCluster::node`] is a separate node with its own hub; [`MemoryCluster::kill`]
+/// makes one disappear as if its process died.
+#[derive(Debug, Clone)]
+pub struct MemoryCluster {
+    shared: Arc<Shared>,
+}
+
+impl MemoryCluster {
+    /// An empty cluster.
+    pub fn new(limits: MemoryLimits) -> Self {
+        Self {
+            shared: Arc::new(Shared::new(limits)),
+        }
+    }
+
+    fn add_node(&self) -> (MemoryEngine, Arc<Hub>) {
+        let id = NodeId::random();
+        let hub = Hub::new(id);
+        let events = Arc::new(NodeEvents::default());
+        write(&self.shared.nodes).push(Node {
+            id,
+            hub: hub.clone(),
+            events: events.clone(),
+        });
+        (
+            MemoryEngine {
+                shared: self.shared.clone(),
+                node: id,
+                events,
+            },
+            hub,
+        )
+    }
+
+    /// A new node of this cluster.
+    pub fn node(&self) -> Engine {
+        let (backend, hub) = self.add_node();
+        Engine::new(backend, hub)
+    }
+
+    /// Makes `node` disappear: it receives nothing more, and the presence of its connections
+    /// expires (one [`EngineEvent::MemberExpired`] per member whose last connection it held, to
+    /// one live node).
+    pub fn kill(&self, node: NodeId) {
+        write(&self.shared.nodes).retain(|n| n.id != node);
+        self.shared.expire_node(node);
+    }
+}
+
+impl StateEngine for MemoryEngine {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    async fn cluster_id(&self) -> EngineResult<Uuid> {
+        Ok(self.shared.cluster_id)
+    }
+
+    async fn ready(&self) -> bool {
+        true
+    }
+
+    async fn subscribe_node(&self, _topic: &str) -> EngineResult<()> {
+        // Every publication reaches every hub of the cluster synchronously; the hub keeps only
+        // the topics it has subscribers for.
+        Ok(())
+    }
+
+    fn unsubscribe_node(&self, _topic: &str) {}
+
+    async fn publish(
+        &self,
+        topic: &str,
+        frame: Frame,
+        except: Option<ConnRef>,
+    ) -> EngineResult<()> {
+        self.shared.deliver(topic, None, &frame, except);
+        Ok(())
+    }
+
+    async fn append(&self, topic: &str, frame: Frame, options: Append) -> EngineResult<Appended> {
+        self.shared.sweep(false);
+        let retention = options.retention;
+        let log = self.shared.log(topic);
+        let mut slot = lock(&log);
+        let now = Instant::now();
+        if slot.as_ref().is_some_and(|log| log.expired(now))
+            && let Some(old) = slot.take()
+        {
+            self.shared.free_entries(old.entries.iter());
+        }
+        let current = slot.as_ref().map_or(0, |log| log.top);
+        if let Some(expected) = options.expect_top
+            && expected != current
+        {
+            {
+                let top = slot.as_ref().map_or(
+                    Position {
+                        offset: 0,
+                        epoch: 0,
+                    },
+                    Log::position,
+                );
+                return Ok(Appended::Conflict(top));
+            }
+        }
+        let size = frame.len();
+        let log = match slot.as_mut() {
+            Some(log) => log,
+            None => slot.insert(Log {
+                epoch: self.shared.new_epoch(),
+                top: 0,
+                entries: VecDeque::new(),
+                bytes: 0,
+                last_append: now,
+                ttl: retention.ttl,
+            }),
+        };
+        let at_bound = |log: &Log| {
+            log.entries.len() >= retention.max_entries
+                || log.bytes.saturating_add(size) > retention.max_bytes
+        };
+        if size > retention.max_bytes || retention.max_entries == 0 {
+            return Err(EngineError::Full("entry larger than the log's retention"));
+        }
+        match retention.when_full {
+            WhenFull::Refuse if at_bound(log) => return Err(EngineError::Full("log is full")),
+            WhenFull::Refuse => {}
+            WhenFull::TrimOldest => {
+                while at_bound(log) {
+                    let Some(old) = log.entries.pop_front() else {
+                        break;
+                    };
+                    log.bytes = log.bytes.saturating_sub(old.frame.len());
+                    self.shared.uncharge(cost(old.frame.len()));
+                }
+            }
+        }
+        self.shared.charge(cost(size))?;
+        log.top = log.top.saturating_add(1);
+        log.bytes = log.bytes.saturating_add(size);
+        log.last_append = now;
+        log.ttl = retention.ttl;
+        let offset = log.top;
+        let position = log.position();
+        if options.publish {
+            // Delivered under the log's lock: every node sees this topic's entries in one order.
+            self.shared
+                .deliver(topic, Some(offset), &frame, options.except);
+        }
+        log.entries.push_back(Entry { offset, frame });
+        Ok(Appended::Done(position))
+    }
+
+    async fn read(&self, topic: &str, from: ReadFrom, limit: usize) -> EngineResult<Read> {
+        let empty = Position {
+            offset: 0,
+            epoch: 0,
+        };
+        let Some(log) = self.shared.existing_log(topic) else {
+            return Ok(match from {
+                ReadFrom::After(position) if position.offset > 0 => Read::Gone { top: empty },
+                _ => Read::Entries {
+                    entries: Vec::new(),
+                    top: empty,
+                },
+            });
+        };
+        let slot = lock(&log);
+        let Some(log) = slot.as_ref() else {
+            return Ok(match from {
+                ReadFrom::After(position) if position.offset > 0 => Read::Gone { top: empty },
+                _ => Read::Entries {
+                    entries: Vec::new(),
+                    top: empty,
+                },
+            });
+        };
+        let top = log.position();
+        let entries: Vec<Entry> = match from {
+            ReadFrom::Latest(n) => {
+                let n = n.min(limit);
+                let skip = log.entries.len().saturating_sub(n);
+                log.entries.iter().skip(skip).cloned().collect()
+            }
+            ReadFrom::After(position) => {
+                let continues = position.offset == 0
+                    || (position.epoch == log.epoch
+                        && position.offset >= log.trimmed_to()
+                        && position.offset <= log.top);
+                if !continues {
+                    return Ok(Read::Gone { top });
+                }
+                log.entries
+                    .iter()
+                    .filter(|entry| entry.offset > position.offset)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }
+        };
+        Ok(Read::Entries { entries, top })
+    }
+
+    async fn remove(&self, topic: &str, offset: u64) -> EngineResult<bool> {
+        let Some(log) = self.shared.existing_log(topic) else {
+            return Ok(false);
+        };
+        let mut slot = lock(&log);
+        let Some(log) = slot.as_mut() else {
+            return Ok(false);
+        };
+        let Ok(index) = log
+            .entries
+            .binary_search_by_key(&offset, |entry| entry.offset)
+        else {
+            return Ok(false);
+        };
+        if let Some(entry) = log.entries.remove(index) {
+            log.bytes = log.bytes.saturating_sub(entry.frame.len());
+            self.shared.uncharge(cost(entry.frame.len()));
+        }
+        Ok(true)
+    }
+
+    async fn drop_log(&self, topic: &str) -> EngineResult<()> {
+        let Some(log) = self.shared.existing_log(topic) else {
+            return Ok(());
+        };
+        if let Some(old) = lock(&log).take() {
+            self.shared.free_entries(old.entries.iter());
+        }
+        Ok(())
+    }
+
+    async fn presence_join(&self, room: &str, member: &str, conn: ConnRef) -> EngineResult<bool> {
+        let mut presence = lock(&self.shared.presence);
+        let entry = presence.entry(room.to_owned()).or_default();
+        let seq = entry.next_seq;
+        if let Some((_, conns)) = entry.members.get_mut(member) {
+            if !conns.contains(&conn) {
+                self.shared
+                    .charge(cost(room.len().saturating_add(member.len())))?;
+                conns.push(conn);
+            }
+            return Ok(false);
+        }
+        if let Err(error) = self
+            .shared
+            .charge(cost(room.len().saturating_add(member.len())))
+        {
+            if entry.members.is_empty() {
+                presence.remove(room);
+            }
+            return Err(error);
+        }
+        entry.members.insert(member.to_owned(), (seq, vec![conn]));
+        entry.next_seq = seq.saturating_add(1);
+        Ok(true)
+    }
+
+    async fn presence_leave(&self, room: &str, member: &str, conn: ConnRef) -> EngineResult<bool> {
+        let mut presence = lock(&self.shared.presence);
+        let Some(entry) = presence.get_mut(room) else {
+            return Ok(false);
+        };
+        let Some((_, conns)) = entry.members.get_mut(member) else {
+            return Ok(false);
+        };
+        let before = conns.len();
+        conns.retain(|c| *c != conn);
+        if conns.len() == before {
+            return Ok(false);
+        }
+        self.shared
+            .uncharge(cost(room.len().saturating_add(member.len())));
+        let last = conns.is_empty();
+        if last {
+            entry.members.remove(member);
+            if entry.members.is_empty() {
+                presence.remove(room);
+            }
+        }
+        Ok(last)
+    }
+
+    async fn presence_members(&self, room: &str) -> EngineResult<Vec<String>> {
+        let presence = lock(&self.shared.presence);
+        let Some(entry) = presence.get(room) else {
+            return Ok(Vec::new());
+        };
+        let mut members: Vec<_> = entry
+            .members
+            .iter()
+            .map(|(member, (seq, _))| (*seq, member))
+            .collect();
+        members.sort_unstable();
+        Ok(members.into_iter().map(|(_, m)| m.clone()).collect())
+    }
+
+    async fn presence_contains(&self, room: &str, member: &str) -> EngineResult<bool> {
+        Ok(lock(&self.shared.presence)
+            .get(room)
+            .is_some_and(|entry| entry.members.contains_key(member)))
+    }
+
+    async fn get(&self, key: &str) -> EngineResult<Option<Versioned>> {
+        let now = Instant::now();
+        Ok(lock(&self.shared.kv)
+            .get(key)
+            .filter(|stored| stored.expires_at.is_none_or(|at| at > now))
+            .map(|stored| stored.versioned.clone()))
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        expect: Expect,
+        ttl: Option<Duration>,
+    ) -> EngineResult<Put> {
+        self.shared.sweep(false);
+        let new_cost = cost(key.len().saturating_add(value.len()));
+        // A new key is charged before the map is locked again (charging may sweep the map), so
+        // the condition is checked afresh after charging.
+        let mut precharged = false;
+        let release = |precharged: bool| {
+            if precharged {
+                self.shared.uncharge(new_cost);
+            }
+        };
+        loop {
+            let now = Instant::now();
+            let mut kv = lock(&self.shared.kv);
+            let current = kv
+                .get(key)
+                .filter(|stored| stored.expires_at.is_none_or(|at| at > now));
+            let matches = match (expect, current) {
+                (Expect::Any, _) | (Expect::Absent, None) => true,
+                (Expect::Version(version), Some(stored)) => stored.versioned.version == version,
+                _ => false,
+            };
+            if !matches {
+                let current = current.map(|stored| stored.versioned.clone());
+                drop(kv);
+                release(precharged);
+                return Ok(Put::Conflict(current));
+            }
+            let expires_at = ttl.and_then(|ttl| now.checked_add(ttl));
+            if let Some(stored) = kv.get_mut(key) {
+                // An expired value is replaced like a fresh key, reusing its charge.
+                let version = if stored.expires_at.is_none_or(|at| at > now) {
+                    stored.versioned.version.saturating_add(1)
+                } else {
+                    1
+                };
+                let old_cost = cost(key.len().saturating_add(stored.versioned.value.len()));
+                if new_cost > old_cost
+                    && self
+                        .shared
+                        .bytes
+                        .try_reserve(new_cost.saturating_sub(old_cost))
+                        .is_err()
+                {
+                    drop(kv);
+                    release(precharged);
+                    return Err(full());
+                }
+                if new_cost <= old_cost {
+                    self.shared.recharge(old_cost, new_cost);
+                }
+                stored.versioned = Versioned { version, value };
+                stored.expires_at = expires_at;
+                drop(kv);
+                release(precharged);
+                return Ok(Put::Stored(version));
+            }
+            if precharged {
+                kv.insert(
+                    key.to_owned(),
+                    Stored {
+                        versioned: Versioned { version: 1, value },
+                        expires_at,
+                    },
+                );
+                return Ok(Put::Stored(1));
+            }
+            drop(kv);
+            self.shared.charge(new_cost)?;
+            precharged = true;
+        }
+    }
+
+    async fn delete(&self, key: &str, expect: Expect) -> EngineResult<bool> {
+        let now = Instant::now();
+        let mut kv = lock(&self.shared.kv);
+        let Some(stored) = kv.get(key) else {
+            return Ok(false);
+        };
+        let live = stored.expires_at.is_none_or(|at| at > now);
+        let matches = match expect {
+            Expect::Any => true,
+            Expect::Absent => false,
+            Expect::Version(version) => live && stored.versioned.version == version,
+        };
+        if !matches {
+            return Ok(false);
+        }
+        if let Some(stored) = kv.remove(key) {
+            self.shared
+                .uncharge(cost(key.len().saturating_add(stored.versioned.value.len())));
+        }
+        Ok(live)
+    }
+
+    async fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> EngineResult<Vec<(String, Versioned)>> {
+        let now = Instant::now();
+        let kv = lock(&self.shared.kv);
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after.to_owned()),
+            _ => Bound::Included(prefix.to_owned()),
+        };
+        Ok(kv
+            .range((start, Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .filter(|(_, stored)| stored.expires_at.is_none_or(|at| at > now))
+            .take(limit)
+            .map(|(key, stored)| (key.clone(), stored.versioned.clone()))
+            .collect())
+    }
+
+    async fn rate_limit(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> EngineResult<RateDecision> {
+        let now = Instant::now();
+        let mut rates = lock(&self.shared.rates);
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        if !rates.contains_key(key) {
+            if limit == 0 {
+                return Ok(RateDecision::Limited {
+                    retry_after: window,
+                });
+            }
+            self.shared.charge(cost(key.len()))?;
+            rates.insert(key.to_owned(), (window, VecDeque::new()));
+        }
+        let Some((remembered_window, hits)) = rates.get_mut(key) else {
+            return Err(full());
+        };
+        *remembered_window = window;
+        while hits
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) >= window)
+        {
+            hits.pop_front();
+            self.shared.bytes.release(HIT_BYTES);
+        }
+        if hits.len() >= limit {
+            let retry_after = hits.front().map_or(window, |oldest| {
+                window.saturating_sub(now.saturating_duration_since(*oldest))
+            });
+            return Ok(RateDecision::Limited { retry_after });
+        }
+        // Each remembered hit costs a few bytes; the window holds at most `limit` of them.
+        self.shared.bytes.force_reserve(HIT_BYTES);
+        hits.push_back(now);
+        Ok(RateDecision::Allowed)
+    }
+
+    async fn next_event(&self) -> Option<EngineEvent> {
+        loop {
+            let notified = self.events.ready.notified();
+            if let Some(event) = lock(&self.events.queue).pop_front() {
+                return Some(event);
+            }
+            notified.await;
+        }
+    }
+}
