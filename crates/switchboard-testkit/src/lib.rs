@@ -29,6 +29,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+pub mod conformance;
+
 pub use serde_json::json;
 
 /// The bound on every wait in this crate.
