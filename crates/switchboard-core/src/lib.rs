@@ -13,6 +13,7 @@ mod backoff;
 mod broadcast;
 mod close;
 mod context;
+pub mod duration;
 pub mod engine;
 pub mod envelope;
 mod error;
