@@ -1,0 +1,310 @@
+//! Runtime behaviour every protocol gets, tested once here with a small room protocol built on
+//! the state engine: origin check, frame limit, slow consumers, connection limit, keepalive,
+//! graceful shutdown, hooks that wait on the engine, and engine events.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_core::engine::{EngineEvent, MemoryCluster, MemoryLimits};
+use switchboard_core::{Context, Engine, Frame, Handshake, Keepalive, Protocol, Reject};
+use switchboard_server::ServerConfig;
+use switchboard_testkit::{Client, ConnectOptions, TIMEOUT, TestServer};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const ROOM: &str = "room";
+
+/// Everyone on `/ws` is in one room: a text frame is published to the room (the sender too).
+/// `wait` makes the hook wait for a permit of `gate` first, as a hook waiting on a slow engine
+/// would, then answers `done`. Presence: every socket joins the room as member `m<conn id>`;
+/// a member that expires is announced to the room as `expired:<member>`.
+struct Room {
+    gate: Arc<Semaphore>,
+}
+
+impl Room {
+    fn new() -> Self {
+        Self {
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+impl Protocol for Room {
+    type Conn = ();
+
+    fn name(&self) -> &'static str {
+        "room"
+    }
+
+    fn admit(&self, handshake: &Handshake<'_>) -> Result<(), Reject> {
+        if handshake.path == "/ws" {
+            Ok(())
+        } else {
+            Err(Reject::NotFound)
+        }
+    }
+
+    async fn on_open(&self, _conn: &mut (), cx: &Context<'_>) {
+        cx.engine().subscribe(ROOM, cx.peer()).await.unwrap();
+        let member = format!("m{}", cx.peer().id().get());
+        cx.engine()
+            .presence_join(ROOM, &member, cx.me())
+            .await
+            .unwrap();
+    }
+
+    async fn on_text(&self, _conn: &mut (), cx: &Context<'_>, text: &str) {
+        if text == "wait" {
+            let permit = self.gate.acquire().await.unwrap();
+            permit.forget();
+            let _ = cx.send(Frame::from_static("done"));
+            return;
+        }
+        cx.engine()
+            .publish(ROOM, Frame::text(text), None)
+            .await
+            .unwrap();
+    }
+
+    async fn on_close(&self, _conn: (), cx: &Context<'_>) {
+        cx.engine().unsubscribe(ROOM, cx.peer().id());
+        let member = format!("m{}", cx.peer().id().get());
+        let _ = cx.engine().presence_leave(ROOM, &member, cx.me()).await;
+    }
+
+    async fn on_engine_event(&self, engine: &Engine, event: EngineEvent) {
+        let EngineEvent::MemberExpired { member, .. } = event;
+        let _ = engine
+            .publish(ROOM, Frame::text(format!("expired:{member}")), None)
+            .await;
+    }
+}
+
+async fn start(config: ServerConfig) -> TestServer {
+    TestServer::start(Room::new(), config).await
+}
+
+async fn recv_text(client: &mut Client) -> String {
+    match client.recv().await {
+        Message::Text(text) => text.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn upgrades_from_unlisted_origins_are_refused_with_403() {
+    let config = ServerConfig {
+        allowed_origins: Some(vec!["http://good.example".into()]),
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let url = server.ws_url("/ws");
+    let evil = ConnectOptions {
+        origin: Some("http://evil.example".into()),
+        ..ConnectOptions::default()
+    };
+    assert_eq!(Client::refused_status(&url, evil).await, 403);
+    let good = ConnectOptions {
+        origin: Some("http://good.example".into()),
+        ..ConnectOptions::default()
+    };
+    let mut client = Client::connect_with(&url, good)
+        .await
+        .expect("listed origin is accepted");
+    client.send_text("hi").await;
+    assert_eq!(recv_text(&mut client).await, "hi");
+    // Non-browser clients send no Origin at all and are accepted.
+    Client::connect(&url).await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_that_connection_with_1009() {
+    let config = ServerConfig {
+        max_frame_bytes: Some(1024),
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let mut bystander = server.connect("/ws").await;
+    let mut client = server.connect("/ws").await;
+    client.send_text(&"x".repeat(1024)).await;
+    assert_eq!(
+        recv_text(&mut client).await.len(),
+        1024,
+        "at the limit is fine"
+    );
+    client.send_text(&"x".repeat(1025)).await;
+    assert_eq!(client.expect_close().await.code, CloseCode::Size);
+    assert_eq!(server.handle().stats().oversized_total, 1);
+    // The bystander got the 1024-byte frame, and is still served.
+    assert_eq!(recv_text(&mut bystander).await.len(), 1024);
+    bystander.send_text("still serving").await;
+    assert_eq!(recv_text(&mut bystander).await, "still serving");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_as_a_slow_consumer_and_nobody_else_waits() {
+    let config = ServerConfig {
+        outbound_queue: 16,
+        close_timeout: TIMEOUT * 2,
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let url = server.ws_url("/ws");
+    let small = ConnectOptions {
+        recv_buffer: Some(4096),
+        ..ConnectOptions::default()
+    };
+    let mut slow = Client::connect_with(&url, small)
+        .await
+        .expect("slow client connects");
+    let mut fast = server.connect("/ws").await;
+    let text = "y".repeat(500);
+    let started = Instant::now();
+    let mut sent = 0usize;
+    while server.handle().stats().slow_consumers_total == 0 {
+        assert!(sent < 20_000, "the slow client was never disconnected");
+        assert!(started.elapsed() < TIMEOUT * 4, "flooding took too long");
+        fast.send_text(&text).await;
+        assert_eq!(recv_text(&mut fast).await, text);
+        sent += 1;
+    }
+    fast.send_text("after").await;
+    assert_eq!(recv_text(&mut fast).await, "after");
+    let close = slow.expect_close().await;
+    assert_eq!(close.code, CloseCode::Policy);
+    assert_eq!(close.reason.as_str(), "slow consumer");
+}
+
+#[tokio::test]
+async fn a_hook_waiting_on_the_engine_does_not_stall_its_sockets_writer() {
+    // A queue of 8 items: if the socket's writer stopped while its hook waits, the frames
+    // published to it meanwhile would overflow the queue and close it as a slow consumer.
+    let config = ServerConfig {
+        outbound_queue: 8,
+        ..ServerConfig::default()
+    };
+    let room = Room::new();
+    let gate = room.gate.clone();
+    let server = TestServer::start(room, config).await;
+    let mut waiting = server.connect("/ws").await;
+    let mut talker = server.connect("/ws").await;
+    waiting.send_text("wait").await;
+    for i in 0..200 {
+        talker.send_text(&format!("n{i}")).await;
+        assert_eq!(recv_text(&mut talker).await, format!("n{i}"));
+        // The waiting socket receives every frame while its own hook is still blocked.
+        assert_eq!(recv_text(&mut waiting).await, format!("n{i}"));
+    }
+    assert_eq!(server.handle().stats().slow_consumers_total, 0);
+    gate.add_permits(1);
+    assert_eq!(recv_text(&mut waiting).await, "done");
+    waiting.send_text("back").await;
+    assert_eq!(recv_text(&mut waiting).await, "back");
+}
+
+#[tokio::test]
+async fn a_member_of_a_lost_node_is_announced_by_the_protocols_engine_event_hook() {
+    let cluster = MemoryCluster::new(MemoryLimits::default());
+    let config = ServerConfig {
+        engine: cluster.node(),
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let mut client = server.connect("/ws").await;
+    // Another node of the cluster holds one member, then dies.
+    let other = cluster.node();
+    let conn = other.conn_ref(switchboard_core::ConnId::next());
+    assert!(other.presence_join(ROOM, "ghost", conn).await.unwrap());
+    cluster.kill(other.node());
+    assert_eq!(recv_text(&mut client).await, "expired:ghost");
+}
+
+#[tokio::test]
+async fn past_max_connections_upgrades_get_503() {
+    let config = ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let url = server.ws_url("/ws");
+    let first = Client::connect(&url).await;
+    let _second = Client::connect(&url).await;
+    assert_eq!(
+        Client::refused_status(&url, ConnectOptions::default()).await,
+        503
+    );
+    first.close().await;
+    let deadline = Instant::now() + TIMEOUT;
+    while server.handle().connections() >= 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection was never released"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    Client::connect(&url).await;
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_after_the_idle_timeout() {
+    let config = ServerConfig {
+        keepalive: Keepalive {
+            ping_interval: None,
+            idle_timeout: Duration::from_millis(300),
+        },
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let mut client = server.connect("/ws").await;
+    let close = client.expect_close().await;
+    assert_eq!(close.code, CloseCode::Away);
+    assert_eq!(close.reason.as_str(), "idle timeout");
+}
+
+#[tokio::test]
+async fn pings_keep_a_responsive_peer_alive() {
+    let config = ServerConfig {
+        keepalive: Keepalive {
+            ping_interval: Some(Duration::from_millis(50)),
+            idle_timeout: Duration::from_millis(300),
+        },
+        ..ServerConfig::default()
+    };
+    let server = start(config).await;
+    let mut client = server.connect("/ws").await;
+    // Reading answers the server's pings; a second of that outlives the idle timeout threefold.
+    client.expect_silence(Duration::from_secs(1)).await;
+    assert_eq!(server.handle().stats().idle_timeouts_total, 0);
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_socket_with_1001_and_returns() {
+    let server = start(ServerConfig::default()).await;
+    let mut alice = server.connect("/ws").await;
+    let mut bob = server.connect("/ws").await;
+    let addr = server.addr();
+    let stopping = tokio::spawn(server.shutdown());
+    for client in [&mut alice, &mut bob] {
+        let close = client.expect_close().await;
+        assert_eq!(close.code, CloseCode::Away);
+        assert_eq!(close.reason.as_str(), "server shutting down");
+    }
+    timeout(TIMEOUT, stopping)
+        .await
+        .expect("shutdown finished")
+        .expect("join")
+        .expect("serve returned Ok");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+}
