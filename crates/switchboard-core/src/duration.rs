@@ -41,17 +41,17 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
 /// (`1h`, `5m`, `15s`, `250ms`; `0s`), or in seconds with a fraction below a millisecond.
 pub fn format(duration: Duration) -> String {
     let millis = duration.as_millis();
-    let whole_millis = duration.subsec_nanos() % 1_000_000 == 0;
+    let whole_millis = duration.subsec_nanos().is_multiple_of(1_000_000);
     if duration.is_zero() {
         "0s".to_owned()
     } else if !whole_millis {
         let fraction = format!("{:09}", duration.subsec_nanos());
         format!("{}.{}s", duration.as_secs(), fraction.trim_end_matches('0'))
-    } else if millis % 3_600_000 == 0 {
+    } else if millis.is_multiple_of(3_600_000) {
         format!("{}h", millis / 3_600_000)
-    } else if millis % 60_000 == 0 {
+    } else if millis.is_multiple_of(60_000) {
         format!("{}m", millis / 60_000)
-    } else if millis % 1_000 == 0 {
+    } else if millis.is_multiple_of(1_000) {
         format!("{}s", millis / 1_000)
     } else {
         format!("{millis}ms")
