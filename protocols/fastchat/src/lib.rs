@@ -9,7 +9,7 @@
 //! next HELLO. See `docs/protocols/fastchat.md` for every rule and error.
 //!
 //! Everything stored is bounded in items, shared per client ([`ClientKey`]: an IP, never a
-//! `user_id`) where one client could exhaust it, and charged in bytes to a [`MemoryBudget`] of
+//! `user_id`) where one client could exhaust it, and charged in bytes against
 //! [`Config::max_state_bytes`]; see [`Config::worst_case_state_bytes`] and [`FastChat::stats`].
 //!
 //! [`FastChat`] implements [`switchboard_core::Protocol`]; serve it with `switchboard-server`:
@@ -27,44 +27,34 @@
 //! # }
 //! ```
 //!
-//! Shared state is one bounded [`state::Registry`] behind a mutex, plus the core's
-//! [`Broadcaster`] (topics `fastchat:user:<id>` and `fastchat:presence`) and [`Presence`] (who is
-//! online, per socket) stores, which an embedder may replace. Liveness is the protocol's own:
-//! there are no WebSocket pings; a socket from which no frame arrived for `ping_interval +
-//! pong_timeout` is dropped.
+//! Shared state lives in the node's state engine (`Context::engine`), so several nodes sharing
+//! one engine serve one chat: user records, chats and message records are keyed state, each
+//! user's inbox is a log published to that user's sockets, presence is the engine's, and rate
+//! limits per user are the engine's sliding windows ([`store`] names every key). The protocol
+//! value keeps only node-local things: its config, the per-client token buckets and a cache of
+//! the encoded presence list. Liveness is the protocol's own: there are no WebSocket pings; a
+//! socket from which no frame arrived for `ping_interval + pong_timeout` is dropped.
 
+mod chat;
 pub mod messages;
 pub mod sanitize;
 pub mod state;
+pub mod store;
 mod web;
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use switchboard_core::engine::Position;
 use switchboard_core::sync::lock;
-use switchboard_core::{
-    Broadcaster, ClientKey, ConnId, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse,
-    Keepalive, LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, Rate,
-    RateLimiter, Reject, TokenBuckets,
-};
-use tracing::debug;
+use switchboard_core::{ClientKey, Frame, Rate, TokenBuckets};
 use uuid::Uuid;
 
-use crate::messages::{ClientMessage, ErrorCode, Kind, PresenceUser, frame, now_iso8601};
-use crate::state::{OpenError, QueueError, RegisterError, Registry, chat_id};
+use crate::state::Usage;
 
 /// The only path served.
 pub const WS_PATH: &str = "/ws";
-/// Presence room of online users (members are user ids, one entry per socket).
-const ONLINE_ROOM: &str = "fastchat:online";
-/// Topic of every identified socket, for `PRESENCE`.
-const PRESENCE_TOPIC: &str = "fastchat:presence";
-
-fn user_topic(id: Uuid) -> String {
-    format!("fastchat:user:{id}")
-}
 
 /// fastchat's limits and timings. Every collection the protocol keeps is bounded here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,20 +258,27 @@ pub struct Stats {
     pub tracked_messages: usize,
 }
 
-/// The fastchat protocol: one value serves every connection.
+/// The fastchat protocol: one value serves every connection of a node; what the connections
+/// share lives in the node's state engine.
 pub struct FastChat {
     config: Config,
-    registry: Mutex<Registry>,
-    broadcaster: Arc<dyn Broadcaster>,
-    presence: Arc<dyn Presence>,
-    budget: Arc<MemoryBudget>,
-    msg_limiter: RateLimiter,
-    typing_limiter: RateLimiter,
-    hello_limiter: RateLimiter,
+    /// Node-local: the last accounting seen and the cached presence list.
+    local: Mutex<Local>,
     /// Per-client rate limits, keyed on the client so switching `user_id` does not dodge them.
+    /// Node-local: they protect this node from its own clients.
     client_msg: TokenBuckets<ClientKey>,
     client_typing: TokenBuckets<ClientKey>,
     client_hello: TokenBuckets<ClientKey>,
+}
+
+/// What one node keeps besides the engine.
+#[derive(Debug, Default)]
+struct Local {
+    /// The cluster-wide accounting as this node last read or wrote it (for [`FastChat::stats`]).
+    usage: Usage,
+    /// The encoded full `PRESENCE` list and the position of the delta log it is current at,
+    /// shared by every socket that says its first HELLO while no delta was appended.
+    presence: Option<(Position, Frame)>,
 }
 
 impl fmt::Debug for FastChat {
@@ -300,41 +297,14 @@ pub struct Conn {
 }
 
 impl FastChat {
-    /// fastchat with in-process stores.
+    /// fastchat on the state engine the runtime hands to every hook.
     pub fn new(config: Config) -> Self {
-        Self::with_stores(
-            config,
-            Arc::new(LocalBroadcaster::new()),
-            Arc::new(LocalPresence::new()),
-        )
-    }
-
-    /// fastchat with the given fan-out and presence backends.
-    pub fn with_stores(
-        config: Config,
-        broadcaster: Arc<dyn Broadcaster>,
-        presence: Arc<dyn Presence>,
-    ) -> Self {
-        let keys = config.max_users.max(1);
-        let budget = Arc::new(MemoryBudget::new(config.max_state_bytes));
-        // The rate-limit tables are bounded by their key counts; their worst case is charged up
-        // front so the budget covers them without instrumenting the core's limiters.
-        budget.force_reserve(config.fixed_state_bytes());
         let clients = config.max_clients;
         Self {
-            registry: Mutex::new(Registry::new(&config, budget.clone())),
-            budget,
-            msg_limiter: RateLimiter::new(config.msg_rate_limit, config.rate_window)
-                .with_max_keys(keys),
-            typing_limiter: RateLimiter::new(config.typing_rate_limit, config.rate_window)
-                .with_max_keys(keys),
-            hello_limiter: RateLimiter::new(config.hello_rate_limit, config.rate_window)
-                .with_max_keys(keys),
+            local: Mutex::new(Local::default()),
             client_msg: per_minute_buckets(config.client_msg_per_minute, clients),
             client_typing: per_minute_buckets(config.client_typing_per_minute, clients),
             client_hello: per_minute_buckets(config.client_hello_per_minute, clients),
-            broadcaster,
-            presence,
             config,
         }
     }
@@ -344,563 +314,55 @@ impl FastChat {
         &self.config
     }
 
-    /// What the protocol holds now, including the bytes charged to its state budget.
+    /// What the protocol holds, as this node last saw the cluster-wide accounting (exact on a
+    /// single node once a request is answered), plus this node's cached presence list.
     pub fn stats(&self) -> Stats {
-        let registry = lock(&self.registry);
+        let local = lock(&self.local);
+        let cache = local.presence.as_ref().map_or(0, |(_, frame)| frame.len());
         Stats {
-            state_bytes: self.budget.used(),
-            state_bytes_limit: self.budget.limit(),
-            users: registry.user_count(),
-            chats: registry.chat_count(),
-            queued: registry.queued_total(),
-            tracked_messages: registry.tracked_messages(),
+            state_bytes: self
+                .config
+                .fixed_state_bytes()
+                .saturating_add(local.usage.bytes)
+                .saturating_add(cache),
+            state_bytes_limit: self.config.max_state_bytes,
+            users: local.usage.users,
+            chats: local.usage.chats,
+            queued: local.usage.queued,
+            tracked_messages: local.usage.records,
         }
     }
 
-    fn rate_limited(
-        peer: &Peer,
-        message: &str,
-        limit: usize,
-        per_client: bool,
-        mut details: Value,
-    ) {
-        details["limit"] = json!(limit);
-        if per_client {
-            details["window_secs"] = json!(60);
-            details["per"] = json!("client");
-        }
-        Self::error(peer, ErrorCode::RateLimited, message, details);
-    }
-
-    fn is_online(&self, id: Uuid) -> bool {
-        self.presence.is_present(ONLINE_ROOM, &id.to_string())
-    }
-
-    /// The full `PRESENCE` list, for a socket's first HELLO: cached until the list changes, so
-    /// sockets joining meanwhile share one buffer.
-    fn presence_frame(&self, registry: &mut Registry) -> Option<Frame> {
-        if let Some(cached) = registry.cached_presence() {
-            return Some(cached);
-        }
-        let users = registry.presence(&|id| self.is_online(id));
-        let full = frame(
-            "PRESENCE",
-            &messages::Presence {
-                users,
-                delta: false,
-            },
-        )?;
-        registry.cache_presence(full.clone());
-        Some(full)
-    }
-
-    /// A `PRESENCE` delta with just `users`: what changed, in its current state.
-    fn presence_delta(users: Vec<PresenceUser>) -> Option<Frame> {
-        frame("PRESENCE", &messages::Presence { users, delta: true })
-    }
-
-    /// Sends a delta to every identified socket but `except`. Called with the registry locked,
-    /// so deltas reach each socket in the order the changes were made, and after any full list
-    /// that socket got before them.
-    fn publish_delta(&self, users: Vec<PresenceUser>, except: Option<ConnId>) {
-        if users.is_empty() {
-            return;
-        }
-        if let Some(delta) = Self::presence_delta(users) {
-            self.broadcaster.publish(PRESENCE_TOPIC, &delta, except);
+    /// Records the accounting just read or written. The cached presence list is only a cache:
+    /// it gives its room up when the budget needs it.
+    fn observe(&self, usage: Usage) {
+        let mut local = lock(&self.local);
+        local.usage = usage;
+        let used = self.config.fixed_state_bytes().saturating_add(usage.bytes);
+        let cache = local.presence.as_ref().map_or(0, |(_, frame)| frame.len());
+        if used.saturating_add(cache) > self.config.max_state_bytes {
+            local.presence = None;
         }
     }
 
-    fn send(peer: &Peer, frame: Option<Frame>) {
-        if let Some(frame) = frame {
-            // A full queue closes the peer (the runtime's policy); nothing else to do here.
-            let _ = peer.send(frame);
+    /// The cached full list, if it is current at `top`.
+    fn cached_presence(&self, top: Position) -> Option<Frame> {
+        let local = lock(&self.local);
+        match &local.presence {
+            Some((at, frame)) if *at == top => Some(frame.clone()),
+            _ => None,
         }
     }
 
-    fn publish(&self, topic: &str, frame: Option<&Frame>) -> usize {
-        frame.map_or(0, |frame| self.broadcaster.publish(topic, frame, None))
-    }
-
-    fn error(peer: &Peer, code: ErrorCode, message: &str, details: Value) {
-        Self::send(peer, messages::error_frame(code, message, details));
-    }
-
-    fn hello(&self, conn: &mut Conn, peer: &Peer, user_id: Uuid, display_name: &str) {
-        if let Some(current) = conn.user
-            && current != user_id
-        {
-            let message = format!("user_id: this connection already said HELLO as {current}");
-            Self::error(
-                peer,
-                ErrorCode::Validation,
-                &message,
-                json!({"field": "user_id"}),
-            );
-            return;
-        }
-        // HELLO rewrites presence for everyone, so it is rate-limited per client (switching
-        // user_id does not dodge that) and per user.
-        if !self.client_hello.check(&conn.client) {
-            let limit = usize::try_from(self.config.client_hello_per_minute).unwrap_or(usize::MAX);
-            Self::rate_limited(
-                peer,
-                "too many HELLOs from this client",
-                limit,
-                true,
-                json!({}),
-            );
-            return;
-        }
-        let id = user_id.to_string();
-        let mut registry = lock(&self.registry);
-        // Per user only for known users (reconnects and renames): new users are bounded by the
-        // client's bucket and share, and must not fill the limiter's key table.
-        if registry.knows(user_id) && !self.hello_limiter.check(&id) {
-            let details = json!({"window_secs": self.config.rate_window.as_secs_f64()});
-            let limit = self.config.hello_rate_limit;
-            Self::rate_limited(peer, "too many HELLOs for this user", limit, false, details);
-            return;
-        }
-        let registered =
-            match registry.register(user_id, display_name, conn.client, &|u| self.is_online(u)) {
-                Ok(registered) => registered,
-                Err(RegisterError::ClientShareFull { limit }) => {
-                    Self::rate_limited(
-                        peer,
-                        "this client has created the most users allowed, and all are online",
-                        limit,
-                        true,
-                        json!({}),
-                    );
-                    return;
-                }
-                Err(RegisterError::TableFull | RegisterError::NoMemory) => {
-                    Self::error(
-                        peer,
-                        ErrorCode::Unauthorized,
-                        "the server has no room for another user",
-                        json!({}),
-                    );
-                    return;
-                }
-            };
-        let first_hello = conn.user.is_none();
-        let mut came_online = false;
-        if first_hello {
-            self.broadcaster.subscribe(&user_topic(user_id), peer);
-            self.broadcaster.subscribe(PRESENCE_TOPIC, peer);
-            came_online = self.presence.join(ONLINE_ROOM, &id, peer.id());
-            conn.user = Some(user_id);
-        }
-        if came_online {
-            registry.invalidate_presence();
-        }
-        Self::send(
-            peer,
-            frame(
-                "HELLO_ACK",
-                &messages::HelloAck {
-                    user_id: &id,
-                    status: "connected",
-                },
-            ),
-        );
-        // This socket gets the full list on its first HELLO and a delta with its own entry on
-        // later ones (it already holds the list); everyone else gets a delta of what changed.
-        let me = registry.presence_of(user_id, true);
-        if first_hello {
-            Self::send(peer, self.presence_frame(&mut registry));
-        } else {
-            Self::send(peer, Self::presence_delta(me.iter().cloned().collect()));
-        }
-        if registered.new || registered.renamed || came_online {
-            let mut changed: Vec<PresenceUser> = registered
-                .forgotten
-                .into_iter()
-                .map(|(id, display_name)| PresenceUser {
-                    user_id: id.to_string(),
-                    display_name,
-                    online: false,
-                    removed: true,
-                })
-                .collect();
-            changed.extend(me);
-            self.publish_delta(changed, Some(peer.id()));
-        }
-        if came_online {
-            let queued = registry.take_queue(user_id);
-            if !queued.is_empty() {
-                debug!(user = %id, count = queued.len(), "delivering queued messages");
-                let _ = peer.send_batch(queued);
-            }
-        }
-    }
-
-    fn open_chat(&self, me: Uuid, peer: &Peer, target: Uuid) {
-        let details = json!({"target_user_id": target.to_string()});
-        if target == me {
-            let mut details = details;
-            details["field"] = json!("target_user_id");
-            Self::error(
-                peer,
-                ErrorCode::Validation,
-                "target_user_id: cannot open a chat with yourself",
-                details,
-            );
-            return;
-        }
-        let mut registry = lock(&self.registry);
-        let newly = match registry.open_chat(me, target) {
-            Ok(newly) => newly,
-            Err(OpenError::UserNotFound) => {
-                Self::error(
-                    peer,
-                    ErrorCode::UserNotFound,
-                    "target user not found",
-                    details,
-                );
-                return;
-            }
-            Err(OpenError::NoMemory) => {
-                Self::error(
-                    peer,
-                    ErrorCode::RateLimited,
-                    "the server has no room for another chat",
-                    details,
-                );
-                return;
-            }
-            Err(OpenError::TooManyChats { opener }) => {
-                let message = if opener {
-                    "you have too many open chats"
-                } else {
-                    "the target user has too many open chats"
-                };
-                let mut details = details;
-                details["limit"] = json!(self.config.max_chats_per_user);
-                Self::error(peer, ErrorCode::RateLimited, message, details);
-                return;
-            }
-        };
-        let chat = chat_id(me, target).to_string();
-        let (me_s, target_s) = (me.to_string(), target.to_string());
-        let participants = if me <= target {
-            [me_s.as_str(), target_s.as_str()]
-        } else {
-            [target_s.as_str(), me_s.as_str()]
-        };
-        let opened_for = |other: &str, other_name: &str| {
-            frame(
-                "CHAT_OPENED",
-                &messages::ChatOpened {
-                    chat_id: &chat,
-                    participants,
-                    target_user_id: other,
-                    target_display_name: other_name,
-                },
-            )
-        };
-        let target_name = registry.display_name(target).unwrap_or_default();
-        let my_name = registry.display_name(me).unwrap_or_default();
-        self.publish(&user_topic(me), opened_for(&target_s, target_name).as_ref());
-        if newly {
-            self.publish(&user_topic(target), opened_for(&me_s, my_name).as_ref());
-        }
-    }
-
-    fn msg(
-        &self,
-        (me, client): (Uuid, ClientKey),
-        peer: &Peer,
-        to: Uuid,
-        content: &str,
-        client_id: Option<String>,
-    ) {
-        let details = || match &client_id {
-            Some(id) => json!({"message_id": id, "to": to.to_string()}),
-            None => json!({"to": to.to_string()}),
-        };
-        let mut registry = lock(&self.registry);
-        if let Some(id) = &client_id
-            && let Some(record) = registry.message(id)
-        {
-            if record.from == me {
-                // Idempotent retry: answer with the current status, deliver nothing.
-                Self::send(
-                    peer,
-                    frame(
-                        "MSG_ACK",
-                        &messages::MsgAck {
-                            message_id: id,
-                            status: record.status.as_str(),
-                        },
-                    ),
-                );
-            } else {
-                let mut details = details();
-                details["field"] = json!("message_id");
-                Self::error(
-                    peer,
-                    ErrorCode::Validation,
-                    "message_id: already used by another sender",
-                    details,
-                );
-            }
-            return;
-        }
-        if !registry.knows(to) {
-            Self::error(
-                peer,
-                ErrorCode::UserNotFound,
-                "recipient not found",
-                details(),
-            );
-            return;
-        }
-        if !registry.chat_open(me, to) {
-            Self::error(
-                peer,
-                ErrorCode::ChatNotOpened,
-                "open a chat with the recipient first",
-                details(),
-            );
-            return;
-        }
-        let me_s = me.to_string();
-        if !self.msg_limiter.check(&me_s) {
-            let mut details = details();
-            details["window_secs"] = json!(self.config.rate_window.as_secs_f64());
-            let limit = self.config.msg_rate_limit;
-            Self::rate_limited(peer, "too many messages", limit, false, details);
-            return;
-        }
-        if !self.client_msg.check(&client) {
-            let limit = usize::try_from(self.config.client_msg_per_minute).unwrap_or(usize::MAX);
-            let message = "too many messages from this client";
-            Self::rate_limited(peer, message, limit, true, details());
-            return;
-        }
-        let message_id = client_id
-            .clone()
-            .unwrap_or_else(|| Uuid::new_v4().to_string());
-        let to_s = to.to_string();
-        let timestamp = now_iso8601();
-        let Some(incoming) = frame(
-            "MSG",
-            &messages::Msg {
-                from: &me_s,
-                to: &to_s,
-                content,
-                message_id: &message_id,
-                timestamp: &timestamp,
-            },
-        ) else {
-            return;
-        };
-        let failed = |why: &str| {
-            let mut details = details();
-            details["message_id"] = json!(message_id);
-            Self::error(peer, ErrorCode::MessageFailed, why, details);
-        };
-        // The record comes first: a message is only delivered once the server can remember it
-        // (for retries and the delivered tick).
-        if registry.record(message_id.clone(), me, to).is_err() {
-            failed("the server has no room to track another message");
-            return;
-        }
-        let live =
-            self.is_online(to) && self.broadcaster.publish(&user_topic(to), &incoming, None) > 0;
-        if !live && let Err(error) = registry.enqueue(to, incoming, client) {
-            registry.unrecord(&message_id);
-            failed(match error {
-                QueueError::UserQueueFull => "the recipient's offline queue is full",
-                QueueError::ServerQueueFull => "the server's offline queue is full",
-                QueueError::ClientQueueFull => {
-                    "this client has the most messages waiting in offline queues allowed"
-                }
-                QueueError::NoMemory => "the server has no room to queue another message",
-            });
-            return;
-        }
-        drop(registry);
-        Self::send(
-            peer,
-            frame(
-                "MSG_ACK",
-                &messages::MsgAck {
-                    message_id: &message_id,
-                    status: "sent",
-                },
-            ),
-        );
-    }
-
-    fn msg_ack(&self, me: Uuid, message_id: &str) {
-        let mut registry = lock(&self.registry);
-        if let Some(sender) = registry.mark_delivered(message_id, me) {
-            let ack = frame(
-                "MSG_ACK",
-                &messages::MsgAck {
-                    message_id,
-                    status: "delivered",
-                },
-            );
-            self.publish(&user_topic(sender), ack.as_ref());
-        }
-    }
-
-    fn typing(&self, (me, client): (Uuid, ClientKey), peer: &Peer, is_typing: bool) {
-        let me_s = me.to_string();
-        if !self.typing_limiter.check(&me_s) {
-            let details = json!({"window_secs": self.config.rate_window.as_secs_f64()});
-            let limit = self.config.typing_rate_limit;
-            Self::rate_limited(peer, "too many typing indicators", limit, false, details);
-            return;
-        }
-        if !self.client_typing.check(&client) {
-            let limit = usize::try_from(self.config.client_typing_per_minute).unwrap_or(usize::MAX);
-            let message = "too many typing indicators from this client";
-            Self::rate_limited(peer, message, limit, true, json!({}));
-            return;
-        }
-        let registry = lock(&self.registry);
-        let typing = frame(
-            "TYPING",
-            &messages::Typing {
-                user_id: &me_s,
-                is_typing,
-            },
-        );
-        for partner in registry.partners(me) {
-            self.publish(&user_topic(partner), typing.as_ref());
-        }
-    }
-}
-
-impl Protocol for FastChat {
-    type Conn = Conn;
-
-    fn name(&self) -> &'static str {
-        "fastchat"
-    }
-
-    fn admit(&self, handshake: &Handshake<'_>) -> Result<Conn, Reject> {
-        if handshake.path == WS_PATH {
-            Ok(Conn {
-                client: ClientKey::from_ip(handshake.client_ip),
-                user: None,
-            })
-        } else {
-            Err(Reject::NotFound)
-        }
-    }
-
-    async fn on_open(&self, _conn: &mut Conn, cx: &Context<'_>) {
-        let peer = cx.peer();
-        debug!(conn = %peer.id(), remote = %peer.remote(), "fastchat socket open");
-    }
-
-    async fn on_text(&self, conn: &mut Conn, cx: &Context<'_>, text: &str) {
-        let peer = cx.peer();
-        let (kind, data) = match messages::parse_envelope(text) {
-            Ok(parsed) => parsed,
-            Err(invalid) => {
-                let details = invalid
-                    .field
-                    .map_or_else(|| json!({}), |f| json!({"field": f}));
-                Self::error(peer, ErrorCode::Validation, &invalid.message, details);
-                return;
-            }
-        };
-        if conn.user.is_none() && !kind.allowed_before_hello() {
-            Self::error(peer, ErrorCode::Unauthorized, "send HELLO first", json!({}));
-            return;
-        }
-        let message = match messages::parse_body(kind, &data) {
-            Ok(message) => message,
-            Err(invalid) => {
-                let mut details = invalid
-                    .field
-                    .map_or_else(|| json!({}), |f| json!({"field": f}));
-                if kind == Kind::Msg
-                    && let Some(Value::String(id)) = data.get("message_id")
-                {
-                    details["message_id"] = json!(id);
-                }
-                Self::error(peer, ErrorCode::Validation, &invalid.message, details);
-                return;
-            }
-        };
-        match (message, conn.user) {
-            (ClientMessage::Ping, _) => {
-                let timestamp = now_iso8601();
-                Self::send(
-                    peer,
-                    frame(
-                        "PONG",
-                        &messages::Pong {
-                            timestamp: &timestamp,
-                        },
-                    ),
-                );
-            }
-            (
-                ClientMessage::Hello {
-                    user_id,
-                    display_name,
-                },
-                _,
-            ) => self.hello(conn, peer, user_id, &display_name),
-            (_, None) => Self::error(peer, ErrorCode::Unauthorized, "send HELLO first", json!({})),
-            (ClientMessage::OpenChat { target }, Some(me)) => self.open_chat(me, peer, target),
-            (
-                ClientMessage::Msg {
-                    to,
-                    content,
-                    message_id,
-                },
-                Some(me),
-            ) => self.msg((me, conn.client), peer, to, &content, message_id),
-            (ClientMessage::MsgAck { message_id }, Some(me)) => self.msg_ack(me, &message_id),
-            (ClientMessage::Typing { is_typing }, Some(me)) => {
-                self.typing((me, conn.client), peer, is_typing);
-            }
-        }
-    }
-
-    async fn on_close(&self, conn: Conn, cx: &Context<'_>) {
-        let peer = cx.peer();
-        let Some(user_id) = conn.user else {
-            return;
-        };
-        let id = user_id.to_string();
-        let mut registry = lock(&self.registry);
-        self.broadcaster
-            .unsubscribe(&user_topic(user_id), peer.id());
-        self.broadcaster.unsubscribe(PRESENCE_TOPIC, peer.id());
-        if self.presence.leave(ONLINE_ROOM, &id, peer.id()) {
-            registry.touch(user_id);
-            registry.invalidate_presence();
-            let gone = registry.presence_of(user_id, false);
-            self.publish_delta(gone.into_iter().collect(), Some(peer.id()));
-            debug!(user = %id, "user went offline");
-        }
-    }
-
-    fn keepalive(&self) -> Option<Keepalive> {
-        Some(Keepalive {
-            ping_interval: None,
-            idle_timeout: self.config.idle_timeout(),
-        })
-    }
-
-    fn default_max_frame_bytes(&self) -> usize {
-        self.config.max_frame_bytes
-    }
-
-    async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
-        web::serve(&request)
+    /// Caches the full list current at `top`, if the budget has room for it.
+    fn cache_presence(&self, top: Position, frame: Frame) {
+        let mut local = lock(&self.local);
+        let used = self
+            .config
+            .fixed_state_bytes()
+            .saturating_add(local.usage.bytes);
+        local.presence = (used.saturating_add(frame.len()) <= self.config.max_state_bytes)
+            .then_some((top, frame));
     }
 }
 
