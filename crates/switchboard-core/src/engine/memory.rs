@@ -124,6 +124,29 @@ struct Shared {
     last_sweep: Mutex<Option<Instant>>,
 }
 
+/// Runs `undo` on drop unless defused: gives a charge back on every early return.
+struct Undo<F: FnMut()> {
+    undo: Option<F>,
+}
+
+impl<F: FnMut()> Undo<F> {
+    fn defuse(mut self) {
+        self.undo = None;
+    }
+}
+
+impl<F: FnMut()> Drop for Undo<F> {
+    fn drop(&mut self) {
+        if let Some(undo) = self.undo.as_mut() {
+            undo();
+        }
+    }
+}
+
+fn scopeguard<F: FnMut()>(undo: F) -> Undo<F> {
+    Undo { undo: Some(undo) }
+}
+
 fn cost(len: usize) -> usize {
     len.saturating_add(ITEM_OVERHEAD)
 }
@@ -406,6 +429,13 @@ impl StateEngine for MemoryEngine {
     async fn append(&self, topic: &str, frame: Frame, options: Append) -> EngineResult<Appended> {
         self.shared.sweep(false);
         let retention = options.retention;
+        let size = frame.len();
+        if size > retention.max_bytes || retention.max_entries == 0 {
+            return Err(EngineError::Full("entry larger than the log's retention"));
+        }
+        // Charged before the log is locked: charging may sweep, and the sweep locks logs.
+        self.shared.charge(cost(size))?;
+        let charged = scopeguard(|| self.shared.uncharge(cost(size)));
         let log = self.shared.log(topic);
         let mut slot = lock(&log);
         let now = Instant::now();
@@ -429,7 +459,6 @@ impl StateEngine for MemoryEngine {
                 return Ok(Appended::Conflict(top));
             }
         }
-        let size = frame.len();
         let log = match slot.as_mut() {
             Some(log) => log,
             None => slot.insert(Log {
@@ -445,9 +474,6 @@ impl StateEngine for MemoryEngine {
             log.entries.len() >= retention.max_entries
                 || log.bytes.saturating_add(size) > retention.max_bytes
         };
-        if size > retention.max_bytes || retention.max_entries == 0 {
-            return Err(EngineError::Full("entry larger than the log's retention"));
-        }
         match retention.when_full {
             WhenFull::Refuse if at_bound(log) => return Err(EngineError::Full("log is full")),
             WhenFull::Refuse => {}
@@ -461,7 +487,7 @@ impl StateEngine for MemoryEngine {
                 }
             }
         }
-        self.shared.charge(cost(size))?;
+        charged.defuse();
         log.top = log.top.saturating_add(1);
         log.bytes = log.bytes.saturating_add(size);
         log.last_append = now;
@@ -559,6 +585,7 @@ impl StateEngine for MemoryEngine {
     }
 
     async fn presence_join(&self, room: &str, member: &str, conn: ConnRef) -> EngineResult<bool> {
+        // Charging under the presence lock is fine: the sweep never touches presence.
         let mut presence = lock(&self.shared.presence);
         let entry = presence.entry(room.to_owned()).or_default();
         let seq = entry.next_seq;
@@ -766,16 +793,24 @@ impl StateEngine for MemoryEngine {
         window: Duration,
     ) -> EngineResult<RateDecision> {
         let now = Instant::now();
-        let mut rates = lock(&self.shared.rates);
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        if !rates.contains_key(key) {
-            if limit == 0 {
-                return Ok(RateDecision::Limited {
-                    retry_after: window,
-                });
-            }
+        if limit == 0 {
+            return Ok(RateDecision::Limited {
+                retry_after: window,
+            });
+        }
+        let known = lock(&self.shared.rates).contains_key(key);
+        if !known {
+            // Charged before the table is locked again: charging may sweep it.
             self.shared.charge(cost(key.len()))?;
-            rates.insert(key.to_owned(), (window, VecDeque::new()));
+        }
+        let mut rates = lock(&self.shared.rates);
+        if !known {
+            if rates.contains_key(key) {
+                self.shared.uncharge(cost(key.len()));
+            } else {
+                rates.insert(key.to_owned(), (window, VecDeque::new()));
+            }
         }
         let Some((remembered_window, hits)) = rates.get_mut(key) else {
             return Err(full());
@@ -808,5 +843,120 @@ impl StateEngine for MemoryEngine {
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Retention;
+
+    fn engine(max_items: usize, max_bytes: usize) -> MemoryEngine {
+        MemoryEngine::single(MemoryLimits {
+            max_items,
+            max_bytes,
+        })
+        .0
+    }
+
+    const LOG: Retention = Retention::trim(1000, 1 << 20);
+
+    #[tokio::test]
+    async fn a_full_engine_refuses_new_state_and_keeps_what_it_has() {
+        let engine = engine(3, 1 << 20);
+        for text in ["a", "b", "c"] {
+            engine
+                .append("t", Frame::text(text), Append::store(LOG))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            engine
+                .append("t", Frame::text("d"), Append::store(LOG))
+                .await,
+            Err(full())
+        );
+        assert_eq!(
+            engine
+                .put("k", Bytes::from_static(b"v"), Expect::Any, None)
+                .await,
+            Err(full())
+        );
+        match engine.read("t", ReadFrom::Latest(10), 10).await.unwrap() {
+            Read::Entries { entries, .. } => assert_eq!(entries.len(), 3),
+            Read::Gone { .. } => panic!("gone"),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_byte_comes_back_when_state_goes() {
+        let engine = engine(1000, 1 << 20);
+        engine
+            .append("t", Frame::text("hello"), Append::store(LOG))
+            .await
+            .unwrap();
+        engine
+            .put("k", Bytes::from_static(b"value"), Expect::Any, None)
+            .await
+            .unwrap();
+        engine
+            .put(
+                "k",
+                Bytes::from_static(b"a longer value"),
+                Expect::Any,
+                None,
+            )
+            .await
+            .unwrap();
+        let conn = ConnRef {
+            node: engine.node,
+            conn: crate::ConnId::next(),
+        };
+        engine.presence_join("room", "m", conn).await.unwrap();
+        engine
+            .rate_limit("r", 5, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(engine.bytes_used() > 0);
+        engine.drop_log("t").await.unwrap();
+        engine.delete("k", Expect::Any).await.unwrap();
+        engine.presence_leave("room", "m", conn).await.unwrap();
+        // The rate window empties once its hits age out.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        engine.shared.sweep(true);
+        assert_eq!(engine.bytes_used(), 0);
+        assert_eq!(engine.shared.items.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_trimming_log_gives_back_what_it_trims() {
+        let engine = engine(1000, 1 << 20);
+        let small = Retention::trim(2, 1 << 20);
+        for text in ["one", "two", "three", "four"] {
+            engine
+                .append("t", Frame::text(text), Append::store(small))
+                .await
+                .unwrap();
+        }
+        assert_eq!(engine.shared.items.used(), 2);
+        assert_eq!(engine.bytes_used(), cost(5) + cost(4));
+    }
+
+    #[tokio::test]
+    async fn a_held_subscriber_that_falls_too_far_behind_is_closed() {
+        let (engine, hub) = MemoryEngine::single(MemoryLimits::default());
+        let engine = Engine::new(engine, hub);
+        let (peer, _link) = crate::peer_channel(([127, 0, 0, 1], 1).into(), 8);
+        let joining = engine
+            .join("t", &peer, ReadFrom::Latest(0), 0)
+            .await
+            .unwrap();
+        let big = Frame::text("x".repeat(64 * 1024));
+        for _ in 0..100 {
+            engine.publish("t", big.clone(), None).await.unwrap();
+        }
+        assert!(peer.is_closing(), "held publications are bounded in bytes");
+        drop(joining);
     }
 }
