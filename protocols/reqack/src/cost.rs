@@ -1,11 +1,16 @@
-//! What each stored thing is charged in bytes, and the rate of the token buckets behind the rate
-//! limits.
+//! What each node-local entry is charged in bytes, and the rate of the token buckets behind the
+//! node-local rate limits.
 //!
-//! The charges are estimates of heap use: the bytes of the strings and frames an entry holds,
-//! plus a fixed overhead per entry that covers the map node, the struct and the string headers
-//! (rounded up). Every pool is bounded in items and in these bytes, and every charge also goes to
-//! the protocol's [`switchboard_core::MemoryBudget`], so `docs/protocols/reqack.md` can state
-//! the worst case as a formula of the limits (see [`worst_case_bytes`]).
+//! Shared state (outboxes, messages, calls, responses, presence) lives in the state engine,
+//! bounded by the engine's own limit. What this node keeps about it (the books of what it
+//! queued and stored, for the per-client shares) and its own tables are charged here. The
+//! charges are estimates of heap use: the bytes of the strings an entry holds, plus a fixed
+//! overhead per entry that covers the map node, the struct and the string headers (rounded up);
+//! entries that account for a record in the engine are also charged that record's size, so each
+//! pool's bound also bounds what this node can make the engine keep. Every pool is bounded in
+//! items and in these bytes, and every charge also goes to the protocol's
+//! [`switchboard_core::MemoryBudget`], so `docs/protocols/reqack.md` can state the worst case as a
+//! formula of the limits (see [`worst_case_bytes`]).
 
 use std::time::Duration;
 
@@ -13,14 +18,14 @@ use switchboard_core::Rate;
 
 use crate::Config;
 
-/// Fixed overhead of one user: the `User` struct (counter, outbox header, socket list, rate
-/// bucket), its slot in the user table, and the slots it may hold in the online index and the
-/// expiry index.
+/// Fixed overhead of one entry of the node's user table (sockets open here, the cached newest
+/// outbox offset, whether the user ever connected) and its map slot.
 pub(crate) const USER_OVERHEAD: usize = 320;
-/// A user's name is held up to three times (user table, online index, expiry index).
+/// A user's name is charged three times in the user table (the key, and room for the copies a
+/// lookup may make).
 pub(crate) const USER_NAME_COPIES: usize = 3;
-/// Fixed overhead of one pending event: the B-tree slot, its times, its sender's client key and
-/// the per-client counters it may keep alive.
+/// Fixed overhead of one event on the node's books: the B-tree slot, its time, its sender's
+/// client key and the per-client counters it may keep alive.
 pub(crate) const EVENT_OVERHEAD: usize = 128;
 /// Fixed overhead of one stored message: the B-tree slot, the struct, and its id in the
 /// conversation index (whose key holds both names once more).
@@ -58,9 +63,13 @@ pub(crate) fn user_bytes(name: &str) -> usize {
     USER_OVERHEAD.saturating_add(name.len().saturating_mul(USER_NAME_COPIES))
 }
 
-/// Bytes charged for a pending event whose frame is `frame_len` bytes.
-pub(crate) fn event_bytes(frame_len: usize) -> usize {
-    EVENT_OVERHEAD.saturating_add(frame_len)
+/// Bytes charged for a pending event to `recipient` whose frame is `frame_len` bytes: the
+/// frame (kept in the engine's outbox log), the overhead, and the recipient's name, which the
+/// books hold once per recipient and per sending client.
+pub(crate) fn event_bytes(frame_len: usize, recipient: &str) -> usize {
+    EVENT_OVERHEAD
+        .saturating_add(frame_len)
+        .saturating_add(recipient.len().saturating_mul(2))
 }
 
 /// The worst-case bytes of the whole protocol state under `config`: the sum of every pool's
@@ -68,14 +77,14 @@ pub(crate) fn event_bytes(frame_len: usize) -> usize {
 /// formula documented in `docs/protocols/reqack.md` ("Limits and worst-case memory").
 pub fn worst_case_bytes(config: &Config) -> usize {
     let id = config.max_id_bytes;
-    // Users: the table never holds more than `max_users`, each with a name of at most `id`.
+    // The node's user table never holds more than `max_users`, each with a name of at most `id`.
     let users = config
         .max_users
         .saturating_mul(USER_OVERHEAD.saturating_add(id.saturating_mul(USER_NAME_COPIES)));
-    // Pending events: their charges (frame plus overhead) are bounded by `max_pending_bytes`.
+    // Pending events on the node's books: their charges are bounded by `max_pending_bytes`.
     let pending = config.max_pending_bytes;
-    // Stored messages, open calls and the response cache: each bounded in bytes, overhead
-    // included in their charge.
+    // The node's indexes of stored messages, open calls and remembered responses: each bounded
+    // in bytes, overhead included in their charge.
     let stores = config
         .max_message_store_bytes
         .saturating_add(config.max_open_calls_bytes)

@@ -12,21 +12,25 @@
 //! - `error {type, payload:{code, message}}` for frames that are not JSON or have an unknown type.
 //!
 //! # Delivery
-//! Every user has an outbox and one event-id counter that only grows. An event stays in the
-//! outbox until a socket of its user acks it; it is sent again, with its original id and in
-//! order, whenever a socket of the user connects, and on a live socket once it has gone
-//! unacknowledged for [`Config::redelivery_timeout`]. `typing`, `online` and `offline` are
-//! ephemeral: they get ids but go only to sockets connected now. Outboxes are bounded; a request
-//! whose event would not fit fails with `OUTBOX_FULL` and changes nothing. Requests are
-//! idempotent by (user, request id). See `docs/protocols/reqack.md` for the full protocol.
+//! Every user has an outbox: a log in the state engine whose offsets are the user's event ids,
+//! so they only grow and are unique per user across nodes. An event stays in the outbox until a
+//! socket of its user acks it, on any node; it is sent again, with its original id and in order,
+//! whenever a socket of the user connects, and on a live socket once it has gone unacknowledged
+//! for [`Config::redelivery_timeout`]. `typing`, `online` and `offline` are ephemeral: they get
+//! ids but go only to sockets connected now. Outboxes are bounded; a request whose event would
+//! not fit fails with `OUTBOX_FULL` and changes nothing. Requests are idempotent by (user,
+//! request id), on any node. See `docs/protocols/reqack.md` for the full protocol.
 //!
 //! # Bounds
-//! Every pool is bounded in items and bytes and charged to one
+//! Shared state is bounded by the state engine's own limit and by the retention of each log.
+//! What this node keeps (its books of what it queued and stored, per sending client; its user
+//! table; its rate buckets) is bounded in items and bytes and charged to one
 //! [`switchboard_core::MemoryBudget`] ([`Config::max_state_bytes`]); [`worst_case_bytes`] is the
 //! documented formula. What a client can make the server keep (users that never connected,
-//! pending events) and how fast it may ask (requests, connects) is counted per
-//! [`switchboard_core::ClientKey`] (its address), so changing `userId` dodges nothing. Events for
-//! a user that never connected are few and expire ([`Config::unclaimed_ttl`]).
+//! pending events, stored messages, open calls, remembered responses) and how fast it may ask
+//! (requests, connects) is counted per [`switchboard_core::ClientKey`] (its address), so
+//! changing `userId` dodges nothing. Events for a user that never connected are few and expire
+//! ([`Config::unclaimed_ttl`]).
 //!
 //! # Plugging in
 //! ```no_run
@@ -42,24 +46,26 @@
 //! ```
 //!
 //! # State
-//! All state lives in memory behind one lock (see the `state` module for why one: an event's id,
-//! its place in the outbox and its hand-off to the user's sockets must be one step). Unlike the
-//! broadcast protocols this one does not use `Broadcaster`: every recipient gets its own frame
-//! (its own event id), redeliveries are batches, and delivery must be atomic with the outbox.
+//! Nothing shared is kept in the protocol value: outboxes, messages, calls, remembered
+//! responses, presence and the per-user rate live in the node's [`Engine`] (see the `state`
+//! module), so the same code serves one node, a durable node or a cluster. Request handling is
+//! split into validation (pure) and effects on the engine; redelivery timing and the node's
+//! books are sans-IO state machines unit-tested without sockets.
 
 mod config;
 mod cost;
 mod idempotency;
+mod ledger;
 mod messages;
 mod outbox;
 mod state;
 mod store;
 mod web;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use switchboard_core::sync::lock;
+use switchboard_core::engine::EngineEvent;
 use switchboard_core::{
     ClientKey, Context, Engine, Handshake, HttpRequest, HttpResponse, MemoryBudget, Peer, Protocol,
     Reject,
@@ -69,68 +75,104 @@ use tracing::{debug, error};
 pub use config::Config;
 pub use cost::worst_case_bytes;
 pub use messages::{ApiError, CallStatus, CallType, Direction, ErrorCode};
-pub use state::{Memory, Stats};
+pub use state::{IDEMPOTENCY_TTL, Memory, Stats};
 
 use messages::Inbound;
-use state::State;
+use state::Node;
 
-/// The reqack protocol. Cheap to share behind an `Arc`; all state is inside.
+/// The reqack protocol. Cheap to share behind an `Arc`; shared state is in the engine.
 #[derive(Debug)]
 pub struct ReqAck {
-    config: Config,
-    budget: Arc<MemoryBudget>,
-    state: Mutex<State>,
-    /// Serializes presence fan-outs, which are sent outside the state lock: the online and
-    /// offline events of one user reach everybody in the order they were decided, and the state
-    /// lock is held only to allocate their ids. An async lock: a connect waiting for another's
-    /// fan-out yields its worker thread instead of blocking it, so requests keep being served.
-    presence: tokio::sync::Mutex<()>,
+    node: Node,
+    /// The engine this protocol is served with, remembered from the first hook that names it,
+    /// for [`ReqAck::stats`] and [`ReqAck::pending_for`] (the runtime owns the engine).
+    engine: OnceLock<Engine>,
 }
 
-/// Per-connection state: who this socket belongs to.
+/// Per-connection state: who this socket belongs to and what it redelivers.
 #[derive(Debug)]
 pub struct Conn {
     user: String,
     /// The client's address key: its shares and rate buckets.
     client: ClientKey,
+    /// The user's outbox topic.
+    topic: String,
+    /// When this socket last sent each pending event.
+    redelivery: outbox::Redelivery,
+    /// Counted in the node's sockets of the user.
+    registered: bool,
+    /// Subscribed to the outbox topic.
+    joined: bool,
+    /// In the online room.
+    present: bool,
+}
+
+impl Conn {
+    fn new(user: String, client: ClientKey) -> Self {
+        Self {
+            topic: state::keys::outbox(&user),
+            user,
+            client,
+            redelivery: outbox::Redelivery::default(),
+            registered: false,
+            joined: false,
+            present: false,
+        }
+    }
 }
 
 impl ReqAck {
-    /// A server with `config` and empty state.
+    /// A server with `config`; its shared state is in the engine it is served with.
     pub fn new(config: Config) -> Self {
         let budget = Arc::new(MemoryBudget::new(config.max_state_bytes));
         Self {
-            state: Mutex::new(State::new(config.clone(), budget.clone())),
-            budget,
-            presence: tokio::sync::Mutex::new(()),
-            config,
+            node: Node::new(config, budget),
+            engine: OnceLock::new(),
         }
     }
 
-    /// Bytes of protocol state charged to the memory budget now (at most
-    /// [`Config::max_state_bytes`]).
-    pub fn state_bytes(&self) -> usize {
-        self.budget.used()
+    fn remember_engine(&self, engine: &Engine) {
+        let _ = self.engine.get_or_init(|| engine.clone());
     }
 
-    /// Bytes charged per pool, and the budget's total and limit.
+    /// The engine this protocol is served with, once a connection or an HTTP request named it.
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.get()
+    }
+
+    /// Bytes of node-local protocol state charged to the memory budget now (at most
+    /// [`Config::max_state_bytes`]).
+    pub fn state_bytes(&self) -> usize {
+        self.node.budget().used()
+    }
+
+    /// Bytes charged per node-local pool, and the budget's total and limit.
     pub fn memory(&self) -> Memory {
-        lock(&self.state).memory()
+        self.node.memory()
     }
 
     /// The configuration in use.
     pub fn config(&self) -> &Config {
-        &self.config
+        self.node.config()
     }
 
-    /// Counters: users, online users, pending events, stored messages, open calls, cache size.
-    pub fn stats(&self) -> Stats {
-        lock(&self.state).stats()
+    /// Counters: users, online users, pending events, stored messages, open calls, cache size
+    /// (see [`Stats`] for which are cluster-wide). Before the first connection only the
+    /// node-local ones are known.
+    pub async fn stats(&self) -> Stats {
+        match self.engine.get() {
+            Some(engine) => self.node.stats(engine).await,
+            None => self.node.stats(&Engine::default()).await,
+        }
     }
 
-    /// Unacknowledged events waiting for `user`.
-    pub fn pending_for(&self, user: &str) -> usize {
-        lock(&self.state).pending_for(user)
+    /// Unacknowledged events waiting for `user` (its outbox, on any node); 0 before the first
+    /// connection.
+    pub async fn pending_for(&self, user: &str) -> usize {
+        match self.engine.get() {
+            Some(engine) => self.node.pending_for(engine, user).await,
+            None => 0,
+        }
     }
 
     fn send_error(peer: &Peer, error: &ApiError) {
@@ -165,42 +207,45 @@ impl Protocol for ReqAck {
             .filter(|u| !u.is_empty())
             .ok_or_else(|| Reject::BadRequest("missing `userId` query parameter".into()))?;
         let client = ClientKey::from_ip(handshake.client_ip);
-        lock(&self.state).admit(&user, client, Instant::now())?;
-        Ok(Conn { user, client })
+        self.node.admit(&user, client, Instant::now())?;
+        Ok(Conn::new(user, client))
     }
 
     async fn on_open(&self, conn: &mut Conn, cx: &Context<'_>) {
-        let peer = cx.peer();
-        debug!(user = %conn.user, conn = %peer.id(), "reqack socket open");
-        let _order = self.presence.lock().await;
-        let fanout = lock(&self.state).open(&conn.user, peer, Instant::now());
-        if let Some(fanout) = fanout {
-            fanout.send();
-        }
+        self.remember_engine(cx.engine());
+        debug!(user = %conn.user, conn = %cx.me(), "reqack socket open");
+        self.node
+            .open(cx.engine(), conn, cx.peer(), cx.me(), Instant::now())
+            .await;
     }
 
     async fn on_text(&self, conn: &mut Conn, cx: &Context<'_>, text: &str) {
         let peer = cx.peer();
-        let inbound = match messages::parse(text, self.config.max_id_bytes) {
+        let engine = cx.engine();
+        let inbound = match messages::parse(text, self.node.config().max_id_bytes) {
             Ok(inbound) => inbound,
             Err(error) => return Self::send_error(peer, &error),
         };
         let now = Instant::now();
         match inbound {
-            Inbound::Ack { id } => lock(&self.state).ack(&conn.user, id),
+            Inbound::Ack { id } => self.node.ack(engine, &conn.user, id).await,
             Inbound::Request {
                 id,
                 payload_type,
                 payload,
             } => {
-                let response = lock(&self.state).request(
-                    &conn.user,
-                    conn.client,
-                    &id,
-                    payload_type.as_deref(),
-                    payload,
-                    now,
-                );
+                let response = self
+                    .node
+                    .request(
+                        engine,
+                        &conn.user,
+                        conn.client,
+                        &id,
+                        payload_type.as_deref(),
+                        payload,
+                        now,
+                    )
+                    .await;
                 if let Some(frame) = response {
                     let _ = peer.send(frame);
                 }
@@ -209,13 +254,10 @@ impl Protocol for ReqAck {
                 event_type,
                 payload,
             } => {
-                let result = lock(&self.state).client_event(
-                    &conn.user,
-                    conn.client,
-                    &event_type,
-                    payload,
-                    now,
-                );
+                let result = self
+                    .node
+                    .client_event(engine, &conn.user, conn.client, &event_type, payload, now)
+                    .await;
                 if let Err(error) = result {
                     Self::send_error(peer, &error);
                 }
@@ -224,29 +266,37 @@ impl Protocol for ReqAck {
     }
 
     async fn on_close(&self, conn: Conn, cx: &Context<'_>) {
-        let peer = cx.peer();
-        debug!(user = %conn.user, conn = %peer.id(), "reqack socket closed");
-        let _order = self.presence.lock().await;
-        let fanout = lock(&self.state).close(&conn.user, peer.id());
-        if let Some(fanout) = fanout {
-            fanout.send();
-        }
+        debug!(user = %conn.user, conn = %cx.me(), "reqack socket closed");
+        self.node.close(cx.engine(), conn, cx.me()).await;
     }
 
     fn tick_interval(&self) -> Option<Duration> {
-        Some(self.config.tick_interval())
+        Some(self.node.config().tick_interval())
     }
 
-    async fn on_tick(&self, conn: &mut Conn, _cx: &Context<'_>) {
-        let now = Instant::now();
-        let mut state = lock(&self.state);
-        state.expire_unclaimed(now);
-        state.redeliver_overdue(&conn.user, now);
+    async fn on_tick(&self, conn: &mut Conn, cx: &Context<'_>) {
+        self.node
+            .tick(cx.engine(), conn, cx.peer(), Instant::now())
+            .await;
     }
 
     /// The browser demo client: `GET /` and its assets (see `web/`).
-    async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
+    async fn http(&self, engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
+        self.remember_engine(engine);
         web::serve(&request)
+    }
+
+    /// A user whose last socket was on a node that disappeared is announced `offline`, as if
+    /// that socket had closed.
+    async fn on_engine_event(&self, engine: &Engine, event: EngineEvent) {
+        self.remember_engine(engine);
+        match event {
+            EngineEvent::MemberExpired { room, member } if room == state::ONLINE_ROOM => {
+                debug!(user = %member, "online user expired with its node");
+                self.node.member_expired(engine, &member).await;
+            }
+            other => debug!(event = ?other, "engine event ignored"),
+        }
     }
 }
 

@@ -45,7 +45,11 @@ pub enum ErrorCode {
     /// A server limit other than an outbox is reached: the user table, the client's share of
     /// users that never connected, or the protocol's memory budget. Nothing was done; retry later.
     LimitReached,
-    /// The server failed to encode its answer (never expected).
+    /// The state engine cannot be reached now, or the same request id is still being answered
+    /// on another socket; nothing was done. Retry later with the same request id.
+    Unavailable,
+    /// The server failed to encode its answer, or stored state could not be read (never
+    /// expected).
     Internal,
 }
 
@@ -292,6 +296,22 @@ impl ServerEvent {
     pub(crate) fn is_ephemeral(&self) -> bool {
         matches!(self, Self::Typing(_) | Self::Online(_) | Self::Offline(_))
     }
+}
+
+/// Whether an encoded event frame (from [`event_frame`]) carries an ephemeral event. Ephemeral
+/// events pass through a user's outbox log for their id and are removed at once; a reader that
+/// catches one in between must not redeliver it. The envelope is ours and its fields come in a
+/// fixed order (`type`, `timestamp`, `id`: none of them strings a client controls), so the first
+/// `"eventType":"` is the envelope's own.
+pub(crate) fn is_ephemeral_frame(text: &str) -> bool {
+    const MARK: &str = "\"eventType\":\"";
+    let Some(at) = text.find(MARK) else {
+        return false;
+    };
+    let rest = text.get(at.saturating_add(MARK.len())..).unwrap_or("");
+    ["typing\"", "online\"", "offline\""]
+        .iter()
+        .any(|kind| rest.starts_with(kind))
 }
 
 /// Event `new`.
@@ -545,8 +565,30 @@ mod tests {
         });
         assert!(typing.is_ephemeral());
         assert!(!event.is_ephemeral());
-        let v = value(&event_frame(1, 1, &typing).unwrap());
+        let typing_frame = event_frame(1, 1, &typing).unwrap();
+        let v = value(&typing_frame);
         assert_eq!(v["eventType"], "typing");
+        assert!(is_ephemeral_frame(typing_frame.as_str()));
+        assert!(!is_ephemeral_frame(frame.as_str()));
+        let sneaky = ServerEvent::New(NewEvent {
+            message_id: 5,
+            from: "a".into(),
+            chat_id: "a".into(),
+            message: r#""eventType":"typing""#.into(),
+            client_message_id: None,
+            timestamp: 7,
+        });
+        let sneaky = event_frame(3, 9, &sneaky).unwrap();
+        assert!(
+            !is_ephemeral_frame(sneaky.as_str()),
+            "text a client chose cannot make an event look ephemeral"
+        );
+        let online = ServerEvent::Online(PresenceEvent {
+            user_id: "typing".into(),
+        });
+        assert!(is_ephemeral_frame(
+            event_frame(4, 1, &online).unwrap().as_str()
+        ));
         let close = ServerEvent::CloseCall(CallStored {
             call_id: "c".into(),
             caller: "a".into(),

@@ -1,79 +1,189 @@
-//! The shared state behind one lock: users (event counter, outbox, sockets), stored messages,
-//! open calls, the idempotency cache, the rate buckets and the per-client shares.
+//! One reqack node: requests, acks, presence and redelivery on the state engine, and the
+//! node-local bounds that protect this node.
 //!
-//! Everything that decides a durable event's id, puts it in an outbox and hands it to sockets
-//! happens under the one lock, so a user's sockets see durable events in id order and a socket
-//! that connects while events are created misses none of them: it registers, then gets the
-//! outbox. Nothing here waits: [`Peer::send`] never blocks. Presence fan-out is the exception to
-//! "send under the lock": its ids are allocated here, but the frames are encoded and sent by
-//! [`PresenceFanout::send`] after the lock is released (it is O(online users)).
+//! Everything shared lives in the engine (see `docs/protocols/reqack.md`, "State and the
+//! engine"): each user's outbox is a log whose offsets are the user's event ids, messages and
+//! calls are keyed records changed by compare-and-set, idempotent responses are engine records,
+//! presence is the engine's. Nothing here holds a lock across an engine call: the node-local
+//! [`Local`] tables are locked only between awaits, and every ordering the protocol promises
+//! comes from log order or compare-and-set.
 //!
-//! Every pool is bounded in items and bytes and charged to one [`MemoryBudget`]; what a client
-//! can make the server keep (users that never connected, pending events) is also counted per
-//! [`ClientKey`], the client's address, which it cannot change as freely as a `userId`.
+//! What stays node-local (in [`Local`]): the books of what this node queued and stored, by
+//! sending client (per-client shares, the node's totals, expiry of events for users that never
+//! connected), the per-address rate buckets, the sockets each user has open here, and caches
+//! (a user's newest outbox offset, whether it ever connected) that are rebuilt on a miss.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde_json::{Value, json};
+use switchboard_core::engine::{
+    Append, Appended, ConnRef, EngineError, Entry, Expect, Position, Put, RateDecision, Read,
+    ReadFrom, Retention,
+};
 use switchboard_core::{
-    ClientKey, CloseReason, ConnId, Frame, MemoryBudget, Peer, Reject, TokenBucket,
+    ClientKey, CloseReason, Engine, Frame, MemoryBudget, Peer, Reject, TokenBucket,
 };
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
-use crate::Config;
-use crate::cost::Share;
-use crate::cost::{self, RATE_ENTRY};
+use crate::cost::{self, RATE_ENTRY, Share};
 use crate::idempotency::IdempotencyCache;
+use crate::ledger::{Ledger, Limits, Refusal, Reservation};
 use crate::messages::{
-    self, ApiError, CallEvent, CallRequest, CallStored, CloseCallRequest, DeleteEvent, EditEvent,
-    EditRequest, ErrorCode, HistoryRequest, MessageRef, NewCallRequest, NewEvent, NewRequest,
-    PresenceEvent, ReceiptEvent, ServerEvent, TypingEvent, TypingRequest, now_ms,
+    self, ApiError, CallEvent, CallRequest, CallStored, CallType, CloseCallRequest, DeleteEvent,
+    EditEvent, EditRequest, ErrorCode, HistoryRequest, MessageRef, NewCallRequest, NewEvent,
+    NewRequest, PresenceEvent, ReceiptEvent, ServerEvent, TypingEvent, TypingRequest, now_ms,
 };
-use crate::outbox::{Charge, Outbox};
-use crate::store::{Body, Calls, Messages, OpenCall, Receipt};
+use crate::outbox;
+use crate::store::{self, Body, Evictions, OpenCall, Receipt, StoredMessage};
+use crate::{Config, Conn};
 
-/// One user: known implicitly from the first time it connects or is written to.
+/// The presence room of every connected user (member = user id, one entry per socket).
+pub(crate) const ONLINE_ROOM: &str = "reqack:online";
+
+/// How long a remembered response answers retries of its request id (on any node), unless
+/// the node that remembered it forgets it earlier to stay within its bounds.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// A request id being answered is claimed for at most this long (the claim outlives a node
+/// that dies while answering by no more than this).
+const CLAIM_TTL: Duration = Duration::from_secs(30);
+/// How long a retry waits for the answer of the same request id being answered elsewhere.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+/// How often such a retry looks for that answer.
+const CLAIM_POLL: Duration = Duration::from_millis(10);
+/// Compare-and-set attempts before an append or a record update gives up (`UNAVAILABLE`).
+const CAS_ATTEMPTS: usize = 64;
+/// The node's books are checked against the logs (for acks that arrived on other nodes) at
+/// most this often, and only when a bound is reached.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// Presence fan-outs that settle a race with an opposite fan-out, at most.
+const PRESENCE_ROUNDS: usize = 3;
+/// Outbox entries read at once beyond the outbox limit (ephemeral events in passing).
+const READ_SLACK: usize = 64;
+
+const START: Position = Position {
+    offset: 0,
+    epoch: 0,
+};
+
+/// Names of everything the protocol keeps in the engine.
+pub(crate) mod keys {
+    /// A user's outbox log, and the topic its sockets subscribe to.
+    pub(crate) fn outbox(user: &str) -> String {
+        format!("reqack:outbox:{user}")
+    }
+
+    /// Present once a user has connected at least once (it is then *claimed*).
+    pub(crate) fn claimed(user: &str) -> String {
+        format!("reqack:claimed:{user}")
+    }
+
+    /// Prefix of message records.
+    pub(crate) const MESSAGE_PREFIX: &str = "reqack:msg:";
+
+    /// Message `id`'s record.
+    pub(crate) fn message(id: u64) -> String {
+        format!("{MESSAGE_PREFIX}{id}")
+    }
+
+    /// Prefix of open-call records.
+    pub(crate) const CALL_PREFIX: &str = "reqack:call:";
+
+    /// Open call `id`'s record.
+    pub(crate) fn call(id: &str) -> String {
+        format!("{CALL_PREFIX}{id}")
+    }
+
+    /// The log whose offsets are message ids (cluster-wide, only growing).
+    pub(crate) const MESSAGE_IDS: &str = "reqack:message-ids";
+
+    /// The message-id index of the conversation of `a` and `b` (either order). The first name
+    /// is length-prefixed so no two pairs share a name.
+    pub(crate) fn conversation(a: &str, b: &str) -> String {
+        let (a, b) = if a <= b { (a, b) } else { (b, a) };
+        format!("reqack:conv:{}:{a}:{b}", a.len())
+    }
+
+    /// The idempotency record of request `id` of `user` (the engine adds its own prefix).
+    pub(crate) fn request(user: &str, id: &str) -> String {
+        format!("reqack:{}:{user}:{id}", user.len())
+    }
+
+    /// The engine's own key of the idempotency record `request` (documented by `Engine`).
+    pub(crate) fn remembered(request: &str) -> String {
+        format!("idem:{request}")
+    }
+
+    /// Claimed while request `id` of `user` is being answered.
+    pub(crate) fn inflight(user: &str, id: &str) -> String {
+        format!("reqack:inflight:{}:{user}:{id}", user.len())
+    }
+
+    /// The per-user request rate (cluster-wide sliding window).
+    pub(crate) fn rate(user: &str) -> String {
+        format!("reqack:rate:{user}")
+    }
+}
+
+/// Counters for tests and status output. Which are cluster-wide and which count this node
+/// only is said per field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Users in this node's table (sockets open here, or cached).
+    pub users: usize,
+    /// Users with at least one open socket on any node (cluster-wide).
+    pub online_users: usize,
+    /// Users that never connected holding events this node queued.
+    pub unclaimed_users: usize,
+    /// Events this node queued that are not known to be acknowledged.
+    pub pending_events: usize,
+    /// Charged bytes of those events.
+    pub pending_bytes: usize,
+    /// Stored messages, deleted ones included until forgotten (cluster-wide).
+    pub messages: usize,
+    /// Open calls (cluster-wide).
+    pub open_calls: usize,
+    /// Responses this node remembers for retries.
+    pub cached_responses: usize,
+    /// Client keys holding a share of this node's books.
+    pub clients: usize,
+    /// Client keys with rate buckets on this node.
+    pub rate_keys: usize,
+}
+
+/// Bytes charged per node-local pool; their sum is what the [`MemoryBudget`] holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// The node's user table.
+    pub users: usize,
+    /// Pending events on the node's books.
+    pub pending: usize,
+    /// The index of messages this node stored.
+    pub messages: usize,
+    /// The index of calls this node opened.
+    pub calls: usize,
+    /// The index of responses this node remembered.
+    pub cache: usize,
+    /// Rate buckets.
+    pub rates: usize,
+    /// What the budget holds now (the sum of the above).
+    pub total: usize,
+    /// The budget's limit (`Config::max_state_bytes`).
+    pub limit: usize,
+}
+
+/// One user in this node's table.
 #[derive(Debug)]
-struct User {
-    /// The next event id for this user; only grows.
-    next_event_id: u64,
-    outbox: Outbox,
-    sockets: Vec<Peer>,
-    /// While the user has never connected: the client that created it by writing to it (its
-    /// share of unclaimed users). `None` once it connected, or if it was created by connecting.
-    creator: Option<ClientKey>,
-    /// The per-user request bucket (`rate_limit` per `rate_window`).
-    rate: TokenBucket,
-    /// Bytes charged for the user itself (not its outbox).
+struct LocalUser {
+    /// Sockets of the user open on this node.
+    sockets: usize,
+    /// The newest offset of its outbox this node saw (a guess for the next append).
+    top: Option<u64>,
+    /// It has connected at least once (never reverts, so a cached `true` is always right).
+    claimed: bool,
     charge: usize,
-}
-
-impl User {
-    fn is_idle(&self) -> bool {
-        self.sockets.is_empty() && self.outbox.is_empty()
-    }
-
-    fn is_unclaimed(&self) -> bool {
-        self.creator.is_some()
-    }
-}
-
-/// What one client (by address) makes the server keep.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct ClientUsage {
-    /// Users it created by writing to them that never connected.
-    unclaimed_users: usize,
-    /// Unacknowledged events its requests caused, and their charged bytes.
-    pending: usize,
-    pending_bytes: usize,
-}
-
-impl ClientUsage {
-    fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
 /// One client's rate buckets.
@@ -90,8 +200,103 @@ enum RateKind {
     Connects,
 }
 
+/// This node's own tables. Locked only between engine calls, never across one.
+#[derive(Debug)]
+struct Local {
+    users: HashMap<String, LocalUser>,
+    users_bytes: usize,
+    /// Entries of `users` without sockets here (forgettable when the table is full).
+    idle: usize,
+    rates: HashMap<ClientKey, ClientRate>,
+    ledger: Ledger,
+    messages: Evictions<u64>,
+    calls: Evictions<String>,
+    cache: IdempotencyCache,
+    next_sweep: Option<Instant>,
+    last_prune: Option<Instant>,
+}
+
+impl Local {
+    /// Makes sure `name` has an entry, forgetting idle entries if the table is full; `false`
+    /// if there is no room.
+    fn ensure_user(&mut self, name: &str, max_users: usize, budget: &MemoryBudget) -> bool {
+        if self.users.contains_key(name) {
+            return true;
+        }
+        if self.users.len() >= max_users && self.idle > 0 {
+            let mut freed = 0usize;
+            self.users.retain(|_, user| {
+                let keep = user.sockets > 0;
+                if !keep {
+                    freed = freed.saturating_add(user.charge);
+                }
+                keep
+            });
+            self.users_bytes = self.users_bytes.saturating_sub(freed);
+            budget.release(freed);
+            self.idle = 0;
+            debug!(
+                kept = self.users.len(),
+                "forgot idle users of the node's table"
+            );
+        }
+        if self.users.len() >= max_users {
+            return false;
+        }
+        let charge = cost::user_bytes(name);
+        if budget.try_reserve(charge).is_err() {
+            return false;
+        }
+        self.users_bytes = self.users_bytes.saturating_add(charge);
+        self.idle = self.idle.saturating_add(1);
+        self.users.insert(
+            name.to_owned(),
+            LocalUser {
+                sockets: 0,
+                top: None,
+                claimed: false,
+                charge,
+            },
+        );
+        true
+    }
+
+    fn usage_error(&self, refusal: Refusal, config: &Config) -> ApiError {
+        match refusal {
+            Refusal::Total {
+                pending,
+                pending_bytes,
+            } => ApiError::new(
+                ErrorCode::OutboxFull,
+                format!(
+                    "the server holds {pending} unacknowledged events ({pending_bytes} bytes; the limit is {} events, {} bytes); nothing was sent, retry later",
+                    config.max_pending_events, config.max_pending_bytes
+                ),
+            ),
+            Refusal::ClientShare {
+                pending,
+                pending_bytes,
+            } => ApiError::new(
+                ErrorCode::OutboxFull,
+                format!(
+                    "events your client sent are waiting unacknowledged: {pending} ({pending_bytes} bytes; at most {} events, {} bytes); nothing was sent, retry later",
+                    config.max_pending_per_client, config.max_pending_bytes_per_client
+                ),
+            ),
+            Refusal::Unclaimed { held } => ApiError::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "your client already has {held} users waiting that never connected (at most {}); retry later",
+                    config.max_unclaimed_users_per_client
+                ),
+            ),
+            Refusal::Budget => budget_error(),
+        }
+    }
+}
+
 /// What a request produced: the response payload, and whether a retry should get it again.
-struct Answer {
+pub(crate) struct Answer {
     payload: Value,
     cache: bool,
 }
@@ -106,153 +311,188 @@ impl Answer {
     }
 }
 
-/// A durable event encoded for one recipient, checked against every limit and charged to the
-/// budget, not yet in the outbox (see [`State::prepare_events`] and [`State::commit_events`]).
-struct Prepared {
-    to: String,
-    id: u64,
-    frame: Frame,
-    bytes: usize,
+/// A request, validated: everything a client sent that can be checked without stored state.
+#[derive(Debug, Clone)]
+pub(crate) enum Command {
+    New(NewRequest),
+    Edit(EditRequest),
+    Delete(MessageRef),
+    Receipt(MessageRef, Receipt),
+    Call(CallRequest),
+    NewCall {
+        participants: Vec<String>,
+        call_type: CallType,
+    },
+    CloseCall(CloseCallRequest),
+    History {
+        chat_id: String,
+        before: Option<u64>,
+        limit: usize,
+    },
 }
 
-/// Counters for tests and status output.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Users tracked.
-    pub users: usize,
-    /// Users with at least one open socket.
-    pub online_users: usize,
-    /// Users that never connected (created by being written to).
-    pub unclaimed_users: usize,
-    /// Unacknowledged events across all outboxes.
-    pub pending_events: usize,
-    /// Charged bytes of those events.
-    pub pending_bytes: usize,
-    /// Stored messages (deleted ones included until forgotten).
-    pub messages: usize,
-    /// Open calls.
-    pub open_calls: usize,
-    /// Remembered responses.
-    pub cached_responses: usize,
-    /// Client keys holding a share (unclaimed users or pending events).
-    pub clients: usize,
-    /// Client keys with rate buckets.
-    pub rate_keys: usize,
-}
-
-/// Bytes charged per pool; their sum is what the [`MemoryBudget`] holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Memory {
-    /// Users (without their outboxes).
-    pub users: usize,
-    /// Pending events (frames plus overhead).
-    pub pending: usize,
-    /// Stored messages.
-    pub messages: usize,
-    /// Open calls.
-    pub calls: usize,
-    /// Remembered responses.
-    pub cache: usize,
-    /// Rate buckets.
-    pub rates: usize,
-    /// What the budget holds now (the sum of the above).
-    pub total: usize,
-    /// The budget's limit (`Config::max_state_bytes`).
-    pub limit: usize,
-}
-
-/// Presence events decided under the lock (ids allocated), to be encoded and sent without it.
-#[derive(Debug)]
-pub(crate) struct PresenceFanout {
-    user: String,
-    online: bool,
-    /// (event id, sockets) of each other user told about `user`.
-    announce: Vec<(u64, Vec<Peer>)>,
-    /// For a newcomer: (event id in its own counter, user online now), and its socket.
-    roster: Vec<(u64, String)>,
-    newcomer: Option<Peer>,
-}
-
-impl PresenceFanout {
-    /// Encodes and sends every presence frame. Call without holding the state lock.
-    pub(crate) fn send(self) {
-        let timestamp = now_ms();
-        let event = if self.online {
-            ServerEvent::Online(PresenceEvent { user_id: self.user })
-        } else {
-            ServerEvent::Offline(PresenceEvent { user_id: self.user })
-        };
-        for (id, sockets) in self.announce {
-            match messages::event_frame(id, timestamp, &event) {
-                Ok(frame) => {
-                    for peer in &sockets {
-                        let _ = peer.send(frame.clone());
-                    }
-                }
-                Err(e) => error!(error = %e, "could not encode a presence event"),
-            }
-        }
-        let Some(newcomer) = self.newcomer else {
-            return;
-        };
-        let frames: Vec<Frame> = self
-            .roster
-            .into_iter()
-            .filter_map(|(id, other)| {
-                let event = ServerEvent::Online(PresenceEvent { user_id: other });
-                messages::event_frame(id, timestamp, &event)
-                    .map_err(|e| error!(error = %e, "could not encode a presence event"))
-                    .ok()
-            })
-            .collect();
-        if !frames.is_empty() {
-            let _ = newcomer.send_batch(frames);
-        }
+impl Command {
+    /// Whether the request only reads (never claimed, never remembered).
+    pub(crate) fn is_read_only(payload_type: Option<&str>) -> bool {
+        payload_type == Some("history")
     }
 }
 
-#[derive(Debug)]
-pub(crate) struct State {
-    config: Config,
-    budget: Arc<MemoryBudget>,
-    users: HashMap<String, User>,
-    /// Bytes charged for `users` (without outboxes).
-    users_bytes: usize,
-    /// Users with at least one socket: presence fans out over this, not the whole table.
-    online: HashSet<String>,
-    /// Users that never connected and have events waiting, keyed by the creation time of their
-    /// oldest event: expiry pops from the front.
-    expiry: BTreeSet<(Instant, String)>,
-    /// Per-client shares, for clients holding anything (removed when back to zero).
-    clients: HashMap<ClientKey, ClientUsage>,
-    /// Per-client rate buckets, at most `max_clients`.
-    rates: HashMap<ClientKey, ClientRate>,
-    /// The lowest first event id for a user created from now on: the highest counter of any user
-    /// forgotten so far, so ids keep growing even for a user that was forgotten and comes back.
-    id_floor: u64,
-    pending_total: usize,
-    pending_bytes: usize,
-    /// Some user may have become idle since the last fruitless sweep of the user table.
-    maybe_idle: bool,
-    messages: Messages,
-    calls: Calls,
-    cache: IdempotencyCache,
+fn check_id(config: &Config, field: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > config.max_id_bytes {
+        return Err(ApiError::bad_request(format!(
+            "`{field}` must be a non-empty string of at most {} bytes",
+            config.max_id_bytes
+        )));
+    }
+    Ok(())
 }
 
-impl State {
+fn check_text(config: &Config, text: &str) -> Result<(), ApiError> {
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request("`message` must not be empty"));
+    }
+    if text.len() > config.max_message_bytes {
+        return Err(ApiError::bad_request(format!(
+            "`message` is longer than {} bytes",
+            config.max_message_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Checks request `payload_type` of `user` with `payload` against `config` (sans-IO): the
+/// command to run, or the error to answer. Nothing stored is consulted.
+pub(crate) fn validate(
+    config: &Config,
+    user: &str,
+    payload_type: Option<&str>,
+    payload: Value,
+) -> Result<Command, ApiError> {
+    let Some(kind) = payload_type else {
+        return Err(ApiError::bad_request(
+            "a request needs a string `payloadType`",
+        ));
+    };
+    match kind {
+        "new" => {
+            let request: NewRequest = messages::payload(kind, payload)?;
+            check_id(config, "chatId", &request.chat_id)?;
+            check_text(config, &request.message)?;
+            if let Some(client_id) = &request.client_message_id {
+                check_id(config, "clientMessageId", client_id)?;
+            }
+            Ok(Command::New(request))
+        }
+        "edit" => {
+            let request: EditRequest = messages::payload(kind, payload)?;
+            check_text(config, &request.message)?;
+            Ok(Command::Edit(request))
+        }
+        "delete" => Ok(Command::Delete(messages::payload(kind, payload)?)),
+        "dlvrd" => Ok(Command::Receipt(
+            messages::payload(kind, payload)?,
+            Receipt::Delivered,
+        )),
+        "read" => Ok(Command::Receipt(
+            messages::payload(kind, payload)?,
+            Receipt::Read,
+        )),
+        "call" => {
+            let request: CallRequest = messages::payload(kind, payload)?;
+            check_id(config, "chatId", &request.chat_id)?;
+            Ok(Command::Call(request))
+        }
+        "newCall" => {
+            let request: NewCallRequest = messages::payload(kind, payload)?;
+            let mut participants: Vec<String> = Vec::new();
+            for participant in request.participants {
+                check_id(config, "participants[]", &participant)?;
+                if participant != user && !participants.contains(&participant) {
+                    participants.push(participant);
+                }
+                if participants.len() > config.max_call_participants {
+                    return Err(ApiError::bad_request(format!(
+                        "a call has at most {} participants besides the caller",
+                        config.max_call_participants
+                    )));
+                }
+            }
+            if participants.is_empty() {
+                return Err(ApiError::bad_request(
+                    "`participants` must name at least one user besides the caller",
+                ));
+            }
+            Ok(Command::NewCall {
+                participants,
+                call_type: request.call_type,
+            })
+        }
+        "closeCall" => {
+            let request: CloseCallRequest = messages::payload(kind, payload)?;
+            check_id(config, "callId", &request.call_id)?;
+            Ok(Command::CloseCall(request))
+        }
+        "history" => {
+            let request: HistoryRequest = messages::payload(kind, payload)?;
+            check_id(config, "chatId", &request.chat_id)?;
+            let limit = request
+                .limit
+                .unwrap_or(config.history_default_limit)
+                .clamp(1, config.history_page_limit.max(1));
+            Ok(Command::History {
+                chat_id: request.chat_id,
+                before: request.before,
+                limit,
+            })
+        }
+        other => Err(ApiError::new(
+            ErrorCode::UnknownPayloadType,
+            format!(
+                "unknown payloadType {other:?}; expected new, edit, delete, dlvrd, read, call, newCall, closeCall or history"
+            ),
+        )),
+    }
+}
+
+/// The outcome of claiming a request id.
+enum Claim {
+    /// This socket answers it; the claim is released under this key.
+    Mine(String),
+    /// It was answered meanwhile: the remembered response.
+    Answered(Frame),
+    /// It cannot be answered now.
+    Refused(ApiError),
+}
+
+/// The protocol's node: configuration, budget and node-local tables.
+#[derive(Debug)]
+pub(crate) struct Node {
+    config: Config,
+    budget: Arc<MemoryBudget>,
+    local: Mutex<Local>,
+}
+
+impl Node {
     pub(crate) fn new(config: Config, budget: Arc<MemoryBudget>) -> Self {
-        Self {
+        let local = Local {
             users: HashMap::new(),
             users_bytes: 0,
-            online: HashSet::new(),
-            expiry: BTreeSet::new(),
-            clients: HashMap::new(),
+            idle: 0,
             rates: HashMap::new(),
-            id_floor: 1,
-            pending_total: 0,
-            pending_bytes: 0,
-            maybe_idle: false,
-            messages: Messages::new(
+            ledger: Ledger::new(
+                Limits {
+                    max_pending: config.max_pending_events,
+                    max_pending_bytes: config.max_pending_bytes,
+                    share: Share {
+                        items: config.max_pending_per_client,
+                        bytes: config.max_pending_bytes_per_client,
+                    },
+                    max_unclaimed_users_per_client: config.max_unclaimed_users_per_client,
+                },
+                budget.clone(),
+            ),
+            messages: Evictions::new(
                 config.max_messages,
                 config.max_message_store_bytes,
                 Share {
@@ -261,7 +501,7 @@ impl State {
                 },
                 budget.clone(),
             ),
-            calls: Calls::new(
+            calls: Evictions::new(
                 config.max_open_calls,
                 config.max_open_calls_bytes,
                 Share {
@@ -279,76 +519,100 @@ impl State {
                 },
                 budget.clone(),
             ),
-            budget,
+            next_sweep: None,
+            last_prune: None,
+        };
+        Self {
             config,
+            budget,
+            local: Mutex::new(local),
         }
     }
 
-    pub(crate) fn stats(&self) -> Stats {
-        Stats {
-            users: self.users.len(),
-            online_users: self.online.len(),
-            unclaimed_users: self.clients.values().map(|c| c.unclaimed_users).sum(),
-            pending_events: self.pending_total,
-            pending_bytes: self.pending_bytes,
-            messages: self.messages.len(),
-            open_calls: self.calls.len(),
-            cached_responses: self.cache.len(),
-            clients: self.clients.len(),
-            rate_keys: self.rates.len(),
-        }
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
     }
+
+    pub(crate) fn budget(&self) -> &MemoryBudget {
+        &self.budget
+    }
+
+    fn local(&self) -> MutexGuard<'_, Local> {
+        switchboard_core::sync::lock(&self.local)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Status
 
     pub(crate) fn memory(&self) -> Memory {
+        let local = self.local();
         Memory {
-            users: self.users_bytes,
-            pending: self.pending_bytes,
-            messages: self.messages.bytes(),
-            calls: self.calls.bytes(),
-            cache: self.cache.bytes(),
-            rates: self.rates.len().saturating_mul(RATE_ENTRY),
+            users: local.users_bytes,
+            pending: local.ledger.pending_bytes(),
+            messages: local.messages.bytes(),
+            calls: local.calls.bytes(),
+            cache: local.cache.bytes(),
+            rates: local.rates.len().saturating_mul(RATE_ENTRY),
             total: self.budget.used(),
             limit: self.budget.limit(),
         }
     }
 
-    /// Unacknowledged events of `user`.
-    pub(crate) fn pending_for(&self, user: &str) -> usize {
-        self.users.get(user).map_or(0, |u| u.outbox.len())
+    pub(crate) async fn stats(&self, engine: &Engine) -> Stats {
+        let mut stats = {
+            let local = self.local();
+            let (_, unclaimed) = local.ledger.recipients();
+            Stats {
+                users: local.users.len(),
+                online_users: 0,
+                unclaimed_users: unclaimed,
+                pending_events: local.ledger.pending(),
+                pending_bytes: local.ledger.pending_bytes(),
+                messages: 0,
+                open_calls: 0,
+                cached_responses: local.cache.len(),
+                clients: local.ledger.clients(),
+                rate_keys: local.rates.len(),
+            }
+        };
+        stats.online_users = engine
+            .presence_members(ONLINE_ROOM)
+            .await
+            .map_or(0, |members| members.len());
+        stats.messages = count_keys(engine, keys::MESSAGE_PREFIX).await;
+        stats.open_calls = count_keys(engine, keys::CALL_PREFIX).await;
+        stats
     }
 
-    // -----------------------------------------------------------------------------------------
-    // Clients: shares and rate buckets
-
-    fn usage_mut(&mut self, client: ClientKey) -> &mut ClientUsage {
-        self.clients.entry(client).or_default()
-    }
-
-    fn usage(&self, client: ClientKey) -> ClientUsage {
-        self.clients.get(&client).copied().unwrap_or_default()
-    }
-
-    /// Drops `client`'s entry once it holds nothing.
-    fn tidy_client(&mut self, client: ClientKey) {
-        if self.clients.get(&client).is_some_and(ClientUsage::is_empty) {
-            self.clients.remove(&client);
+    /// Unacknowledged events waiting for `user` (cluster-wide: its outbox log).
+    pub(crate) async fn pending_for(&self, engine: &Engine, user: &str) -> usize {
+        match engine
+            .read(
+                &keys::outbox(user),
+                ReadFrom::After(START),
+                self.read_limit(),
+            )
+            .await
+        {
+            Ok(Read::Entries { entries, .. }) => outbox::durable(&entries).len(),
+            Ok(Read::Gone { .. }) => 0,
+            Err(e) => {
+                warn!(error = %e, "could not read an outbox");
+                0
+            }
         }
     }
 
-    /// Gives back what a pending event held.
-    fn release_event(&mut self, charge: Charge) {
-        self.pending_total = self.pending_total.saturating_sub(1);
-        self.pending_bytes = self.pending_bytes.saturating_sub(charge.bytes);
-        self.budget.release(charge.bytes);
-        let usage = self.usage_mut(charge.sender);
-        usage.pending = usage.pending.saturating_sub(1);
-        usage.pending_bytes = usage.pending_bytes.saturating_sub(charge.bytes);
-        self.tidy_client(charge.sender);
+    // -----------------------------------------------------------------------------------------
+    // Node-local: rates and the user table
+
+    fn read_limit(&self) -> usize {
+        self.config.outbox_limit.saturating_add(READ_SLACK)
     }
 
     /// Spends a token of `client`'s bucket of `kind`; `false` means over the rate (or a new
     /// client while the table is full of clients that are all still limited).
-    fn rate_allows(&mut self, client: ClientKey, kind: RateKind, now: Instant) -> bool {
+    fn rate_allows(&self, client: ClientKey, kind: RateKind, now: Instant) -> bool {
         let (limit, window) = match kind {
             RateKind::Requests => (self.config.client_rate_limit, self.config.rate_window),
             RateKind::Connects => (self.config.connect_rate_limit, self.config.rate_window),
@@ -356,22 +620,24 @@ impl State {
         if limit == 0 {
             return true;
         }
-        if !self.rates.contains_key(&client) {
-            if self.rates.len() >= self.config.max_clients.max(1) {
+        let mut local = self.local();
+        if !local.rates.contains_key(&client) {
+            if local.rates.len() >= self.config.max_clients.max(1) {
                 // Forget clients whose buckets refilled: a new bucket would be the same.
-                let before = self.rates.len();
-                self.rates
+                let before = local.rates.len();
+                local
+                    .rates
                     .retain(|_, r| !(r.requests.is_full(now) && r.connects.is_full(now)));
-                let forgotten = before.saturating_sub(self.rates.len());
+                let forgotten = before.saturating_sub(local.rates.len());
                 self.budget.release(forgotten.saturating_mul(RATE_ENTRY));
-                if self.rates.len() >= self.config.max_clients.max(1) {
+                if local.rates.len() >= self.config.max_clients.max(1) {
                     return false;
                 }
             }
             if self.budget.try_reserve(RATE_ENTRY).is_err() {
                 return false;
             }
-            self.rates.insert(
+            local.rates.insert(
                 client,
                 ClientRate {
                     requests: TokenBucket::full(now),
@@ -379,7 +645,7 @@ impl State {
                 },
             );
         }
-        let Some(rate) = self.rates.get_mut(&client) else {
+        let Some(rate) = local.rates.get_mut(&client) else {
             return false;
         };
         match kind {
@@ -388,545 +654,551 @@ impl State {
         }
     }
 
-    // -----------------------------------------------------------------------------------------
-    // Users
-
-    fn check_id(&self, field: &str, value: &str) -> Result<(), ApiError> {
-        if value.is_empty() || value.len() > self.config.max_id_bytes {
-            return Err(ApiError::bad_request(format!(
-                "`{field}` must be a non-empty string of at most {} bytes",
-                self.config.max_id_bytes
-            )));
-        }
-        Ok(())
+    fn cached_top(&self, user: &str) -> Option<u64> {
+        self.local().users.get(user).and_then(|u| u.top)
     }
 
-    /// Makes sure every user in `names` exists, forgetting idle users if the table is full, and
-    /// returns the ones it created. Users created by writing to them (`creator` is the writing
-    /// client) count against that client's share of unclaimed users until they connect.
-    fn ensure_users(
-        &mut self,
-        names: &[&str],
-        creator: Option<ClientKey>,
-    ) -> Result<Vec<String>, ApiError> {
-        let missing: Vec<&str> = names
-            .iter()
-            .copied()
-            .filter(|n| !self.users.contains_key(*n))
-            .collect();
-        if missing.is_empty() {
-            return Ok(Vec::new());
-        }
-        if self.users.len().saturating_add(missing.len()) > self.config.max_users {
-            self.forget_idle_users(names);
-        }
-        if self.users.len().saturating_add(missing.len()) > self.config.max_users {
-            return Err(ApiError::new(
-                ErrorCode::LimitReached,
-                format!(
-                    "the server tracks at most {} users and none can be forgotten now; retry later",
-                    self.config.max_users
-                ),
-            ));
-        }
-        if let Some(client) = creator {
-            let held = self.usage(client).unclaimed_users;
-            if held.saturating_add(missing.len()) > self.config.max_unclaimed_users_per_client {
-                return Err(ApiError::new(
-                    ErrorCode::LimitReached,
-                    format!(
-                        "your client already has {held} users waiting that never connected (at most {}); retry later",
-                        self.config.max_unclaimed_users_per_client
-                    ),
-                ));
-            }
-        }
-        let bytes: Vec<usize> = missing.iter().map(|n| cost::user_bytes(n)).collect();
-        let total = bytes.iter().copied().fold(0usize, usize::saturating_add);
-        if self.budget.try_reserve(total).is_err() {
-            return Err(budget_error());
-        }
-        self.users_bytes = self.users_bytes.saturating_add(total);
-        let now = Instant::now();
-        for (name, charge) in missing.iter().zip(bytes) {
-            self.users.insert(
-                (*name).to_owned(),
-                User {
-                    next_event_id: self.id_floor,
-                    outbox: Outbox::default(),
-                    sockets: Vec::new(),
-                    creator,
-                    rate: TokenBucket::full(now),
-                    charge,
-                },
-            );
-        }
-        if let Some(client) = creator {
-            let usage = self.usage_mut(client);
-            usage.unclaimed_users = usage.unclaimed_users.saturating_add(missing.len());
-        }
-        Ok(missing.into_iter().map(str::to_owned).collect())
-    }
-
-    /// Forgets `name` (it must be idle): gives back its charge and share, and raises the id
-    /// floor so a re-created user continues above its old ids.
-    fn forget_user(&mut self, name: &str) {
-        let Some(user) = self.users.remove(name) else {
-            return;
-        };
-        self.id_floor = self.id_floor.max(user.next_event_id);
-        self.users_bytes = self.users_bytes.saturating_sub(user.charge);
-        self.budget.release(user.charge);
-        if let Some(client) = user.creator {
-            let usage = self.usage_mut(client);
-            usage.unclaimed_users = usage.unclaimed_users.saturating_sub(1);
-            self.tidy_client(client);
+    fn cache_top(&self, user: &str, offset: u64) {
+        let mut local = self.local();
+        if local.ensure_user(user, self.config.max_users, &self.budget)
+            && let Some(entry) = local.users.get_mut(user)
+        {
+            entry.top = Some(entry.top.map_or(offset, |top| top.max(offset)));
         }
     }
 
-    /// Forgets users created by a request that then failed (they are idle and never connected).
-    fn rollback_users(&mut self, created: &[String]) {
-        for name in created {
-            if self.users.get(name).is_some_and(User::is_idle) {
-                self.forget_user(name);
-            }
+    fn cache_claimed(&self, user: &str) {
+        let mut local = self.local();
+        local.ledger.claimed(user);
+        if local.ensure_user(user, self.config.max_users, &self.budget)
+            && let Some(entry) = local.users.get_mut(user)
+        {
+            entry.claimed = true;
         }
     }
 
-    /// Forgets every user that is offline with an empty outbox, except those in `keep`. Skipped
-    /// when no user became idle since the last sweep that found nobody (so a full table of
-    /// active users does not cost a full scan per request).
-    fn forget_idle_users(&mut self, keep: &[&str]) {
-        if !self.maybe_idle {
-            return;
-        }
-        let idle: Vec<String> = self
-            .users
-            .iter()
-            .filter(|(name, user)| user.is_idle() && !keep.contains(&name.as_str()))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in &idle {
-            self.forget_user(name);
-        }
-        debug!(forgotten = idle.len(), "forgot idle users");
-        // Users kept only because of `keep` may still be idle.
-        self.maybe_idle = self.users.values().any(User::is_idle);
-    }
-
-    /// Drops events that waited `unclaimed_ttl` for a user that never connected, and forgets
-    /// such users once nothing is left for them. Cheap when nothing is due (one look at the
-    /// oldest entry).
-    pub(crate) fn expire_unclaimed(&mut self, now: Instant) {
-        let Some(cutoff) = now.checked_sub(self.config.unclaimed_ttl) else {
-            return;
-        };
-        while let Some((oldest, _)) = self.expiry.first() {
-            if *oldest > cutoff {
-                return;
-            }
-            let Some((_, name)) = self.expiry.pop_first() else {
-                return;
-            };
-            let Some(user) = self.users.get_mut(&name) else {
-                continue;
-            };
-            if !user.is_unclaimed() {
-                continue;
-            }
-            let expired = user.outbox.expire(cutoff);
-            let next = user.outbox.oldest_created();
-            let count = expired.len();
-            for charge in expired {
-                self.release_event(charge);
-            }
-            debug!(user = %name, count, "dropped events that waited too long for a user that never connected");
-            match next {
-                Some(created) => {
-                    self.expiry.insert((created, name));
-                }
-                None => self.forget_user(&name),
-            }
-        }
-    }
-
-    /// Admission for an upgrade by `user` from `client`.
-    pub(crate) fn admit(
-        &mut self,
-        user: &str,
-        client: ClientKey,
-        now: Instant,
-    ) -> Result<(), Reject> {
-        self.check_id("userId", user)
-            .map_err(|e| Reject::BadRequest(e.message))?;
-        self.expire_unclaimed(now);
+    /// Admission for an upgrade by `user` from `client` (node-local checks only: the connect
+    /// rate of the address and the sockets the user has open on this node).
+    pub(crate) fn admit(&self, user: &str, client: ClientKey, now: Instant) -> Result<(), Reject> {
+        check_id(&self.config, "userId", user).map_err(|e| Reject::BadRequest(e.message))?;
         if !self.rate_allows(client, RateKind::Connects, now) {
             return Err(Reject::TooMany(format!(
                 "more than {} connects from your address in {:?}; retry later",
                 self.config.connect_rate_limit, self.config.rate_window
             )));
         }
-        self.ensure_users(&[user], None)
-            .map_err(|e| Reject::Unavailable(e.message))?;
-        let sockets = self.users.get(user).map_or(0, |u| u.sockets.len());
+        let mut local = self.local();
+        if !local.ensure_user(user, self.config.max_users, &self.budget) {
+            return Err(Reject::Unavailable(format!(
+                "the server tracks at most {} users and none can be forgotten now; retry later",
+                self.config.max_users
+            )));
+        }
+        let sockets = local.users.get(user).map_or(0, |u| u.sockets);
         if sockets >= self.config.max_sockets_per_user {
             return Err(Reject::Unavailable(format!(
                 "user already has {sockets} sockets open (at most {})",
                 self.config.max_sockets_per_user
             )));
         }
-        // Until its socket opens the user may look idle; that is fine: `open` recreates it.
-        self.maybe_idle = true;
         Ok(())
     }
 
-    /// A socket of `user` opened: register it, send it every unacked event in id order, and
-    /// decide the presence fan-out if this is its first socket (sent by the caller without the
-    /// lock).
-    pub(crate) fn open(&mut self, user: &str, peer: &Peer, now: Instant) -> Option<PresenceFanout> {
-        if let Err(error) = self.ensure_users(&[user], None) {
-            peer.close(CloseReason::new(1013, error.message));
-            return None;
+    // -----------------------------------------------------------------------------------------
+    // Outboxes
+
+    /// The bounds of `user`'s outbox: smaller for a user that never connected.
+    fn retention(&self, claimed: bool) -> Retention {
+        if claimed {
+            Retention::refuse(self.config.outbox_limit, self.config.outbox_limit_bytes)
+        } else {
+            Retention::refuse(
+                self.config
+                    .unclaimed_outbox_limit
+                    .min(self.config.outbox_limit),
+                self.config
+                    .unclaimed_outbox_bytes
+                    .min(self.config.outbox_limit_bytes),
+            )
         }
-        let timeout = self.config.redelivery_timeout;
-        let max_sockets = self.config.max_sockets_per_user;
-        let entry = self.users.get_mut(user)?;
-        if entry.sockets.len() >= max_sockets {
-            peer.close(CloseReason::new(
-                CloseReason::POLICY,
-                "too many sockets for this user",
-            ));
-            return None;
-        }
-        entry.sockets.push(peer.clone());
-        let frames = entry.outbox.resend_all(now, timeout);
-        let first = entry.sockets.len() == 1;
-        // The user connected: it is claimed. Its events are kept until acked from now on, and it
-        // no longer counts against its creator's share.
-        let oldest = entry.outbox.oldest_created();
-        if let Some(creator) = entry.creator.take() {
-            if let Some(created) = oldest {
-                self.expiry.remove(&(created, user.to_owned()));
-            }
-            let usage = self.usage_mut(creator);
-            usage.unclaimed_users = usage.unclaimed_users.saturating_sub(1);
-            self.tidy_client(creator);
-        }
-        if !frames.is_empty() {
-            let _ = peer.send_batch(frames);
-        }
-        if !first {
-            return None;
-        }
-        self.online.insert(user.to_owned());
-        let mut fanout = self.presence(user, true);
-        // The newcomer learns who is online now, after its redelivered events.
-        let names = self.online_others(user);
-        if let Some(entry) = self.users.get_mut(user) {
-            for other in names {
-                let id = entry.next_event_id;
-                entry.next_event_id = id.saturating_add(1);
-                fanout.roster.push((id, other));
-            }
-        }
-        fanout.newcomer = Some(peer.clone());
-        Some(fanout)
     }
 
-    /// A socket of `user` closed: forget it, and decide the offline fan-out if it was the last.
-    pub(crate) fn close(&mut self, user: &str, conn: ConnId) -> Option<PresenceFanout> {
-        let entry = self.users.get_mut(user)?;
-        let before = entry.sockets.len();
-        entry.sockets.retain(|p| p.id() != conn);
-        let last = before > 0 && entry.sockets.is_empty();
-        if entry.is_idle() {
-            self.maybe_idle = true;
+    /// Whether `user` ever connected (cached once true).
+    async fn is_claimed(&self, engine: &Engine, user: &str) -> Result<bool, EngineError> {
+        if self.local().users.get(user).is_some_and(|u| u.claimed) {
+            return Ok(true);
         }
-        if !last {
-            return None;
+        let claimed = engine.get(&keys::claimed(user)).await?.is_some();
+        if claimed {
+            self.cache_claimed(user);
         }
-        self.online.remove(user);
-        Some(self.presence(user, false))
+        Ok(claimed)
     }
 
-    /// Other online users, at most `max_presence_fanout`.
-    fn online_others(&self, user: &str) -> Vec<String> {
-        self.online
+    /// Appends `event` to `user`'s outbox and publishes it to the user's sockets on every
+    /// node. The event id is the log offset: the frame is encoded for the offset the append
+    /// expects and appended only if the log is still there (compare-and-set), so ids are unique
+    /// per user across nodes, only grow, and sockets see them in id order.
+    async fn append_event(
+        &self,
+        engine: &Engine,
+        user: &str,
+        event: &ServerEvent,
+        timestamp: u64,
+        retention: Retention,
+    ) -> Result<(u64, Frame), EngineError> {
+        let topic = keys::outbox(user);
+        let mut top = self.cached_top(user).unwrap_or(0);
+        for _ in 0..CAS_ATTEMPTS {
+            let id = top.saturating_add(1);
+            let frame = messages::event_frame(id, timestamp, event)
+                .map_err(|e| EngineError::Corrupt(format!("could not encode an event: {e}")))?;
+            let append = Append::publish(retention).if_top(top);
+            match engine.append(&topic, frame.clone(), append).await? {
+                Appended::Done(position) => {
+                    if position.offset != id {
+                        // An engine that ignored the condition: the frame names another id.
+                        error!(
+                            user,
+                            id,
+                            offset = position.offset,
+                            "outbox offset is not the event id"
+                        );
+                    }
+                    self.cache_top(user, position.offset);
+                    return Ok((position.offset, frame));
+                }
+                Appended::Conflict(position) => top = position.offset,
+            }
+        }
+        Err(EngineError::Unavailable(format!(
+            "{user:?}'s outbox changed {CAS_ATTEMPTS} times during one append"
+        )))
+    }
+
+    /// Sends an ephemeral event to the sockets `to` has open now, on any node: it takes the
+    /// next id of `to`'s outbox and leaves it at once. Best effort (a full outbox drops it).
+    async fn emit_ephemeral(&self, engine: &Engine, to: &str, event: &ServerEvent) {
+        match self
+            .append_event(engine, to, event, now_ms(), self.retention(true))
+            .await
+        {
+            Ok((id, _)) => {
+                if let Err(e) = engine.remove(&keys::outbox(to), id).await {
+                    warn!(error = %e, to, id, "an ephemeral event stays in the outbox");
+                }
+            }
+            Err(e) => debug!(error = %e, to, "ephemeral event dropped"),
+        }
+    }
+
+    fn outbox_full(&self, user: &str, claimed: bool) -> ApiError {
+        let retention = self.retention(claimed);
+        let whose = if claimed {
+            "a user may have"
+        } else {
+            "a user that never connected may have"
+        };
+        ApiError::new(
+            ErrorCode::OutboxFull,
+            format!(
+                "{user:?} has too many unacknowledged events ({whose} {} events, {} bytes); nothing was sent, retry later",
+                retention.max_entries, retention.max_bytes
+            ),
+        )
+    }
+
+    /// Takes room on the node's books for one event to each of `targets`, checking the books
+    /// against the logs once first if a pending bound is reached (acks on other nodes).
+    async fn reserve(
+        &self,
+        engine: &Engine,
+        client: ClientKey,
+        targets: &[(&str, bool)],
+        each: usize,
+        now: Instant,
+    ) -> Result<Reservation, ApiError> {
+        let first = self.local().ledger.reserve(client, targets, each);
+        let scope = match first {
+            Ok(reservation) => return Ok(reservation),
+            Err(Refusal::Total { .. }) => None,
+            Err(Refusal::ClientShare { .. }) => Some(client),
+            Err(refusal) => return Err(self.local().usage_error(refusal, &self.config)),
+        };
+        let may_prune = {
+            let mut local = self.local();
+            let due = local
+                .last_prune
+                .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY);
+            if due {
+                local.last_prune = Some(now);
+            }
+            due
+        };
+        if may_prune {
+            self.prune(engine, scope).await;
+        }
+        let mut local = self.local();
+        local
+            .ledger
+            .reserve(client, targets, each)
+            .map_err(|refusal| local.usage_error(refusal, &self.config))
+    }
+
+    /// Settles the books' events (of `client`, or all) that are no longer in their outbox:
+    /// acknowledged on another node.
+    async fn prune(&self, engine: &Engine, client: Option<ClientKey>) {
+        let queued = self.local().ledger.queued_by(client);
+        let mut settled = 0usize;
+        for (user, ids) in queued {
+            let present: HashSet<u64> = match engine
+                .read(
+                    &keys::outbox(&user),
+                    ReadFrom::After(START),
+                    self.read_limit(),
+                )
+                .await
+            {
+                Ok(Read::Entries { entries, .. }) => entries.iter().map(|e| e.offset).collect(),
+                Ok(Read::Gone { .. }) => HashSet::new(),
+                Err(e) => {
+                    debug!(error = %e, "could not check an outbox");
+                    continue;
+                }
+            };
+            let mut local = self.local();
+            for id in ids.into_iter().filter(|id| !present.contains(id)) {
+                if local.ledger.settle(&user, id) {
+                    settled = settled.saturating_add(1);
+                }
+            }
+        }
+        debug!(settled, "checked the node's books against the outboxes");
+    }
+
+    /// Queues `event` for each of `recipients` (created implicitly; those that never connected
+    /// get the smaller outbox and count against `client`'s share), or for none: if one outbox
+    /// refuses, the events already appended are removed again and the request fails.
+    async fn deliver(
+        &self,
+        engine: &Engine,
+        recipients: &[&str],
+        event: &ServerEvent,
+        client: ClientKey,
+        now: Instant,
+    ) -> Result<(), ApiError> {
+        if event.is_ephemeral() {
+            return Err(internal("an ephemeral event cannot be queued (bug)"));
+        }
+        let mut targets = Vec::with_capacity(recipients.len());
+        for name in recipients {
+            let claimed = self
+                .is_claimed(engine, name)
+                .await
+                .map_err(|e| engine_error(&e))?;
+            targets.push((*name, !claimed));
+        }
+        let timestamp = now_ms();
+        // An upper bound of every recipient's frame: the widest id, the longest name.
+        let estimate = messages::event_frame(u64::MAX, timestamp, event)
+            .map_err(|e| internal(format!("could not encode: {e}")))?
+            .len();
+        let each = targets
             .iter()
-            .filter(|name| name.as_str() != user)
-            .take(self.config.max_presence_fanout)
-            .cloned()
-            .collect()
-    }
-
-    /// Allocates one presence event id in each other online user's counter (at most
-    /// `max_presence_fanout`) and collects their sockets.
-    fn presence(&mut self, user: &str, online: bool) -> PresenceFanout {
-        let names = self.online_others(user);
-        let mut announce = Vec::with_capacity(names.len());
-        for name in names {
-            if let Some(other) = self.users.get_mut(&name) {
-                let id = other.next_event_id;
-                other.next_event_id = id.saturating_add(1);
-                announce.push((id, other.sockets.clone()));
+            .map(|(name, _)| cost::event_bytes(estimate, name))
+            .max()
+            .unwrap_or(0);
+        let mut reservation = self.reserve(engine, client, &targets, each, now).await?;
+        let mut appended: Vec<(&str, u64)> = Vec::with_capacity(targets.len());
+        for (name, unclaimed) in &targets {
+            match self
+                .append_event(engine, name, event, timestamp, self.retention(!unclaimed))
+                .await
+            {
+                Ok((id, frame)) => {
+                    self.local().ledger.commit(
+                        &mut reservation,
+                        name,
+                        id,
+                        frame.len(),
+                        *unclaimed,
+                        now,
+                    );
+                    appended.push((name, id));
+                }
+                Err(e) => {
+                    for (done, id) in appended {
+                        if let Err(e) = engine.remove(&keys::outbox(done), id).await {
+                            warn!(error = %e, to = done, id, "could not take back an event");
+                        }
+                        self.local().ledger.settle(done, id);
+                    }
+                    self.local().ledger.cancel(reservation);
+                    return Err(match e {
+                        EngineError::Full(_) => self.outbox_full(name, !unclaimed),
+                        other => engine_error(&other),
+                    });
+                }
             }
         }
-        PresenceFanout {
-            user: user.to_owned(),
-            online,
-            announce,
-            roster: Vec::new(),
-            newcomer: None,
-        }
-    }
-
-    /// An ack from any socket of `user` removes the event from its outbox.
-    pub(crate) fn ack(&mut self, user: &str, id: u64) {
-        let Some(entry) = self.users.get_mut(user) else {
-            return;
-        };
-        let Some(charge) = entry.outbox.ack(id) else {
-            return;
-        };
-        if entry.is_idle() {
-            self.maybe_idle = true;
-        }
-        self.release_event(charge);
-    }
-
-    /// Sends `user`'s overdue events again, to every socket it has open.
-    pub(crate) fn redeliver_overdue(&mut self, user: &str, now: Instant) {
-        let timeout = self.config.redelivery_timeout;
-        let Some(entry) = self.users.get_mut(user) else {
-            return;
-        };
-        if entry.sockets.is_empty() {
-            return;
-        }
-        let frames = entry.outbox.take_overdue(now, timeout);
-        if frames.is_empty() {
-            return;
-        }
-        debug!(user, count = frames.len(), "redelivering unacked events");
-        for peer in &entry.sockets {
-            let _ = peer.send_batch(frames.clone());
-        }
+        self.local().ledger.cancel(reservation);
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
-    // Events
+    // Sockets
 
-    /// Encodes `event` for each recipient (with the id it will get), checks every limit the
-    /// events must fit (each outbox in items and bytes, the smaller outbox of users that never
-    /// connected, the server's totals, the sender client's share) and charges their bytes to the
-    /// budget. Nothing else changes: [`State::commit_events`] stores and sends them, or
-    /// [`State::cancel_events`] gives the charge back.
-    fn prepare_events(
+    /// A socket of `conn.user` opened: count it, mark the user claimed, send it every unacked
+    /// event in id order and make it live on the outbox, then join presence (announcing
+    /// `online` if it is the user's first socket anywhere).
+    pub(crate) async fn open(
         &self,
-        recipients: &[&str],
-        event: &ServerEvent,
-        sender: ClientKey,
-    ) -> Result<Vec<Prepared>, ApiError> {
-        if event.is_ephemeral() {
-            return Err(ApiError::new(
-                ErrorCode::Internal,
-                "an ephemeral event cannot be queued (bug)",
-            ));
-        }
-        // Item limits first: they need no encoding, so a flood of refused requests stays cheap.
-        let count = recipients.len();
-        if self.pending_total.saturating_add(count) > self.config.max_pending_events {
-            return Err(self.pending_full());
-        }
-        let usage = self.usage(sender);
-        if usage.pending.saturating_add(count) > self.config.max_pending_per_client {
-            return Err(self.client_share_full(usage));
-        }
-        let timestamp = now_ms();
-        let mut prepared = Vec::with_capacity(recipients.len());
-        for name in recipients {
-            let Some(user) = self.users.get(*name) else {
-                return Err(ApiError::new(
-                    ErrorCode::Internal,
-                    format!("{name:?} is not known (bug)"),
+        engine: &Engine,
+        conn: &mut Conn,
+        peer: &Peer,
+        me: ConnRef,
+        now: Instant,
+    ) {
+        let user = conn.user.clone();
+        {
+            let mut local = self.local();
+            if !local.ensure_user(&user, self.config.max_users, &self.budget) {
+                peer.close(CloseReason::new(
+                    1013,
+                    "the user table is full; retry later",
                 ));
+                return;
+            }
+            let Some(entry) = local.users.get_mut(&user) else {
+                return;
             };
-            let id = user.next_event_id;
-            let frame = messages::event_frame(id, timestamp, event).map_err(|e| {
-                ApiError::new(ErrorCode::Internal, format!("could not encode: {e}"))
-            })?;
-            let bytes = cost::event_bytes(frame.as_str().len());
-            let (limit, limit_bytes, whose) = if user.is_unclaimed() {
-                (
-                    self.config
-                        .unclaimed_outbox_limit
-                        .min(self.config.outbox_limit),
-                    self.config
-                        .unclaimed_outbox_bytes
-                        .min(self.config.outbox_limit_bytes),
-                    "a user that never connected may have",
-                )
-            } else {
-                (
-                    self.config.outbox_limit,
-                    self.config.outbox_limit_bytes,
-                    "a user may have",
-                )
-            };
-            let waiting = user.outbox.len();
-            if waiting >= limit || user.outbox.bytes().saturating_add(bytes) > limit_bytes {
-                return Err(ApiError::new(
-                    ErrorCode::OutboxFull,
-                    format!(
-                        "{name:?} has {waiting} unacknowledged events ({} bytes; {whose} {limit} events, {limit_bytes} bytes); nothing was sent, retry later",
-                        user.outbox.bytes()
-                    ),
+            if entry.sockets >= self.config.max_sockets_per_user {
+                peer.close(CloseReason::new(
+                    CloseReason::POLICY,
+                    "too many sockets for this user",
                 ));
+                return;
             }
-            prepared.push(Prepared {
-                to: (*name).to_owned(),
-                id,
-                frame,
-                bytes,
-            });
-        }
-        let bytes = prepared
-            .iter()
-            .map(|p| p.bytes)
-            .fold(0usize, usize::saturating_add);
-        if self.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes {
-            return Err(self.pending_full());
-        }
-        if usage.pending_bytes.saturating_add(bytes) > self.config.max_pending_bytes_per_client {
-            return Err(self.client_share_full(usage));
-        }
-        if self.budget.try_reserve(bytes).is_err() {
-            return Err(budget_error());
-        }
-        Ok(prepared)
-    }
-
-    fn pending_full(&self) -> ApiError {
-        ApiError::new(
-            ErrorCode::OutboxFull,
-            format!(
-                "the server holds {} unacknowledged events ({} bytes; the limit is {} events, {} bytes); nothing was sent, retry later",
-                self.pending_total,
-                self.pending_bytes,
-                self.config.max_pending_events,
-                self.config.max_pending_bytes
-            ),
-        )
-    }
-
-    fn client_share_full(&self, usage: ClientUsage) -> ApiError {
-        ApiError::new(
-            ErrorCode::OutboxFull,
-            format!(
-                "events your client sent are waiting unacknowledged: {} ({} bytes; at most {} events, {} bytes); nothing was sent, retry later",
-                usage.pending,
-                usage.pending_bytes,
-                self.config.max_pending_per_client,
-                self.config.max_pending_bytes_per_client
-            ),
-        )
-    }
-
-    /// Gives back the budget charge of events that will not be committed.
-    fn cancel_events(&self, prepared: &[Prepared]) {
-        let bytes = prepared
-            .iter()
-            .map(|p| p.bytes)
-            .fold(0usize, usize::saturating_add);
-        self.budget.release(bytes);
-    }
-
-    /// Stores each prepared event in its recipient's outbox (charged to `sender`) and sends it
-    /// to every socket of the recipient.
-    fn commit_events(&mut self, prepared: Vec<Prepared>, sender: ClientKey, now: Instant) {
-        let timeout = self.config.redelivery_timeout;
-        for event in prepared {
-            let Some(user) = self.users.get_mut(&event.to) else {
-                // Cannot happen (checked in prepare under the same lock); keep the books right.
-                self.budget.release(event.bytes);
-                error!(to = %event.to, "durable event for an unknown user dropped (bug)");
-                continue;
-            };
-            user.next_event_id = event.id.saturating_add(1);
-            let was_empty = user.outbox.is_empty();
-            let charge = Charge {
-                sender,
-                bytes: event.bytes,
-            };
-            user.outbox
-                .push(event.id, event.frame.clone(), charge, now, timeout);
-            for peer in &user.sockets {
-                let _ = peer.send(event.frame.clone());
+            entry.sockets = entry.sockets.saturating_add(1);
+            if entry.sockets == 1 {
+                local.idle = local.idle.saturating_sub(1);
             }
-            if was_empty && user.is_unclaimed() {
-                self.expiry.insert((now, event.to));
-            }
-            self.pending_total = self.pending_total.saturating_add(1);
-            self.pending_bytes = self.pending_bytes.saturating_add(charge.bytes);
-            let usage = self.usage_mut(sender);
-            usage.pending = usage.pending.saturating_add(1);
-            usage.pending_bytes = usage.pending_bytes.saturating_add(charge.bytes);
+            conn.registered = true;
         }
-    }
-
-    /// Sends an ephemeral event (`typing`) to the sockets of `to` open now, with the next id of
-    /// `to`; nothing is stored, and a user without sockets gets nothing (and uses no id).
-    fn emit_ephemeral(&mut self, to: &str, event: &ServerEvent) {
-        let Some(entry) = self.users.get_mut(to) else {
-            return;
-        };
-        if entry.sockets.is_empty() {
+        // The user connected: it is claimed. Its events are kept until acked from now on.
+        let claim = engine
+            .put(
+                &keys::claimed(&user),
+                Bytes::from_static(b"1"),
+                Expect::Absent,
+                None,
+            )
+            .await;
+        if let Err(e) = claim {
+            peer.close(CloseReason::new(1013, format!("state unavailable: {e}")));
             return;
         }
-        let id = entry.next_event_id;
-        entry.next_event_id = id.saturating_add(1);
-        match messages::event_frame(id, now_ms(), event) {
-            Ok(frame) => {
-                for peer in &entry.sockets {
-                    let _ = peer.send(frame.clone());
+        self.cache_claimed(&user);
+        match engine
+            .join(&conn.topic, peer, ReadFrom::After(START), self.read_limit())
+            .await
+        {
+            Ok(joining) => {
+                let entries = match joining.read() {
+                    Read::Entries { entries, .. } => outbox::durable(entries),
+                    Read::Gone { .. } => Vec::new(),
+                };
+                if let Some(last) = entries.last() {
+                    self.cache_top(&user, last.offset);
+                }
+                conn.redelivery.sent(&entries, now);
+                joining.go_live(entries.into_iter().map(|entry| entry.frame).collect());
+                conn.joined = true;
+            }
+            Err(e) => {
+                peer.close(CloseReason::new(1013, format!("state unavailable: {e}")));
+                return;
+            }
+        }
+        match engine.presence_join(ONLINE_ROOM, &user, me).await {
+            Ok(first) => {
+                conn.present = true;
+                if first {
+                    self.announce(engine, &user, true).await;
                 }
             }
-            Err(e) => error!(error = %e, "could not encode an event"),
+            Err(e) => warn!(error = %e, user, "presence unavailable; not announced"),
         }
     }
 
-    /// Makes sure the recipients exist (created users charged to `sender` until they connect)
-    /// and that one `event` fits for each of them; on success the events are ready to commit.
-    /// On failure users created here are forgotten again and nothing is charged.
-    fn prepare(
-        &mut self,
-        recipients: &[&str],
-        event: &ServerEvent,
-        sender: ClientKey,
-    ) -> Result<(Vec<Prepared>, Vec<String>), ApiError> {
-        let created = self.ensure_users(recipients, Some(sender))?;
-        match self.prepare_events(recipients, event, sender) {
-            Ok(prepared) => Ok((prepared, created)),
-            Err(error) => {
-                self.rollback_users(&created);
-                Err(error)
+    /// A socket closed: leave the outbox topic and presence (announcing `offline` if it was the
+    /// user's last socket anywhere).
+    pub(crate) async fn close(&self, engine: &Engine, conn: Conn, me: ConnRef) {
+        if conn.joined {
+            engine.unsubscribe(&conn.topic, me.conn);
+        }
+        if conn.registered {
+            let mut local = self.local();
+            let mut now_idle = false;
+            if let Some(entry) = local.users.get_mut(&conn.user) {
+                entry.sockets = entry.sockets.saturating_sub(1);
+                now_idle = entry.sockets == 0;
+            }
+            if now_idle {
+                local.idle = local.idle.saturating_add(1);
+            }
+        }
+        if conn.present {
+            match engine.presence_leave(ONLINE_ROOM, &conn.user, me).await {
+                Ok(true) => self.announce(engine, &conn.user, false).await,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, user = %conn.user, "presence unavailable; not announced")
+                }
             }
         }
     }
 
-    /// Undoes a successful [`State::prepare`] whose request then failed.
-    fn abandon(&mut self, prepared: &[Prepared], created: &[String]) {
-        self.cancel_events(prepared);
-        self.rollback_users(created);
+    /// A member of the online room expired with its node: announced like a last close.
+    pub(crate) async fn member_expired(&self, engine: &Engine, user: &str) {
+        self.announce(engine, user, false).await;
+    }
+
+    /// Tells every other online user (at most `max_presence_fanout`) that `user` came online or
+    /// went offline, each in its own outbox order; a newcomer also learns who is online. Two
+    /// opposite fan-outs of one user may run at once (its last socket closing on one node while
+    /// a new one opens on another): the one that finds the user's state changed when it is done
+    /// announces the state again, so every recipient's last word is the user's real state.
+    async fn announce(&self, engine: &Engine, user: &str, online: bool) {
+        let mut state = online;
+        for round in 0..PRESENCE_ROUNDS {
+            let members = match engine.presence_members(ONLINE_ROOM).await {
+                Ok(members) => members,
+                Err(e) => {
+                    warn!(error = %e, user, "presence unavailable; not announced");
+                    return;
+                }
+            };
+            let others: Vec<String> = members
+                .into_iter()
+                .filter(|member| member != user)
+                .take(self.config.max_presence_fanout)
+                .collect();
+            let payload = PresenceEvent {
+                user_id: user.to_owned(),
+            };
+            let event = if state {
+                ServerEvent::Online(payload)
+            } else {
+                ServerEvent::Offline(payload)
+            };
+            for other in &others {
+                self.emit_ephemeral(engine, other, &event).await;
+            }
+            if round == 0 && online {
+                // The newcomer learns who is online now, after its redelivered events.
+                for other in others {
+                    let event = ServerEvent::Online(PresenceEvent { user_id: other });
+                    self.emit_ephemeral(engine, user, &event).await;
+                }
+            }
+            match engine.presence_contains(ONLINE_ROOM, user).await {
+                Ok(now_online) if now_online != state => state = now_online,
+                _ => return,
+            }
+        }
+    }
+
+    /// An ack from any socket of `user`, on any node, removes the event from its outbox.
+    pub(crate) async fn ack(&self, engine: &Engine, user: &str, id: u64) {
+        match engine.remove(&keys::outbox(user), id).await {
+            Ok(true) => {
+                self.local().ledger.settle(user, id);
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, user, id, "ack not applied; the event will come again"),
+        }
+    }
+
+    /// Periodic work of one socket: the node's expiry of events for users that never
+    /// connected (at most every `expiry_interval`), and this socket's overdue events.
+    pub(crate) async fn tick(&self, engine: &Engine, conn: &mut Conn, peer: &Peer, now: Instant) {
+        self.expire_unclaimed(engine, now).await;
+        if !conn.joined {
+            return;
+        }
+        let entries: Vec<Entry> = match engine
+            .read(&conn.topic, ReadFrom::After(START), self.read_limit())
+            .await
+        {
+            Ok(Read::Entries { entries, .. }) => entries,
+            Ok(Read::Gone { .. }) => Vec::new(),
+            Err(e) => {
+                debug!(error = %e, "could not read the outbox for redelivery");
+                return;
+            }
+        };
+        let frames = conn
+            .redelivery
+            .overdue(&entries, now, self.config.redelivery_timeout);
+        if !frames.is_empty() {
+            debug!(user = %conn.user, count = frames.len(), "redelivering unacked events");
+            let _ = peer.send_batch(frames);
+        }
+    }
+
+    /// Drops the events this node queued that waited `unclaimed_ttl` for a user that never
+    /// connected. At most every `expiry_interval`; cheap when nothing is due.
+    pub(crate) async fn expire_unclaimed(&self, engine: &Engine, now: Instant) {
+        let due = {
+            let mut local = self.local();
+            if local.next_sweep.is_some_and(|at| now < at) {
+                return;
+            }
+            local.next_sweep = now.checked_add(self.config.expiry_interval());
+            let Some(cutoff) = now.checked_sub(self.config.unclaimed_ttl) else {
+                return;
+            };
+            local.ledger.expired(cutoff)
+        };
+        for (user, ids) in due {
+            match engine.get(&keys::claimed(&user)).await {
+                Ok(Some(_)) => {
+                    // It connected on another node meanwhile: its events are kept.
+                    self.cache_claimed(&user);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(error = %e, "expiry postponed");
+                    continue;
+                }
+            }
+            let count = ids.len();
+            for id in ids {
+                match engine.remove(&keys::outbox(&user), id).await {
+                    Ok(_) => {
+                        self.local().ledger.settle(&user, id);
+                    }
+                    Err(e) => debug!(error = %e, "expiry postponed"),
+                }
+            }
+            debug!(user = %user, count, "dropped events that waited too long for a user that never connected");
+        }
     }
 
     // -----------------------------------------------------------------------------------------
     // Requests
 
-    /// Answers request `id` of `user`: from the idempotency cache if it was answered before,
-    /// else by running it (rate limit first). Returns the response frame.
-    pub(crate) fn request(
-        &mut self,
+    /// Answers request `id` of `user`: with the remembered response if it was answered before
+    /// (on any node), else by running it (rate limits first). Returns the response frame.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one request's parts, passed through"
+    )]
+    pub(crate) async fn request(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
         id: &str,
@@ -934,47 +1206,158 @@ impl State {
         payload: Value,
         now: Instant,
     ) -> Option<Frame> {
-        self.expire_unclaimed(now);
-        if let Some(cached) = self.cache.get(user, id) {
-            debug!(user, id, "idempotent retry answered from the cache");
-            return Some(cached);
+        let record = keys::request(user, id);
+        match engine.recall(&record).await {
+            Ok(Some(stored)) => {
+                if let Some(frame) = frame_of(&stored) {
+                    debug!(user, id, "idempotent retry answered from the engine");
+                    return Some(frame);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return respond(id, &Err(engine_error(&e))),
         }
-        let answer = match self.rate_check(user, client, now) {
-            Ok(()) => self.dispatch(user, client, payload_type, payload, now),
+        let claim = if Command::is_read_only(payload_type) {
+            None
+        } else {
+            match self.claim(engine, &record, user, id).await {
+                Claim::Mine(key) => Some(key),
+                Claim::Answered(frame) => return Some(frame),
+                Claim::Refused(error) => return respond(id, &Err(error)),
+            }
+        };
+        let answer = match self.rate_check(engine, user, client, now).await {
+            Ok(()) => match validate(&self.config, user, payload_type, payload) {
+                Ok(command) => self.execute(engine, user, client, command, now).await,
+                Err(error) => Err(error),
+            },
             Err(error) => Err(error),
         };
-        let (payload, cache) = match answer {
-            Ok(answer) => (answer.payload, answer.cache),
-            Err(error) => (messages::error_payload(&error), false),
+        let cache = answer.as_ref().is_ok_and(|a| a.cache);
+        let frame = respond(id, &answer.map(|a| a.payload));
+        let frame = match frame {
+            Some(frame) if cache => Some(
+                self.remember(engine, user, id, client, &record, frame)
+                    .await,
+            ),
+            other => other,
         };
-        match messages::response_frame(id, now_ms(), &payload) {
-            Ok(frame) => {
-                if cache {
-                    self.cache.insert(user, id, client, frame.clone());
+        if let Some(key) = claim
+            && let Err(e) = engine.delete(&key, Expect::Any).await
+        {
+            debug!(error = %e, "a request claim stays until it expires");
+        }
+        frame
+    }
+
+    /// Claims request id `record` so only one socket answers it; a retry that finds it claimed
+    /// waits (bounded) for the answer.
+    async fn claim(&self, engine: &Engine, record: &str, user: &str, id: &str) -> Claim {
+        let key = keys::inflight(user, id);
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            match engine
+                .put(&key, Bytes::new(), Expect::Absent, Some(CLAIM_TTL))
+                .await
+            {
+                Ok(Put::Stored(_)) => {
+                    // Answered between the first look and the claim: that answer stands.
+                    return match engine.recall(record).await {
+                        Ok(Some(stored)) => {
+                            let _ = engine.delete(&key, Expect::Any).await;
+                            frame_of(&stored).map_or(Claim::Mine(key), Claim::Answered)
+                        }
+                        Ok(None) => Claim::Mine(key),
+                        Err(e) => {
+                            let _ = engine.delete(&key, Expect::Any).await;
+                            Claim::Refused(engine_error(&e))
+                        }
+                    };
                 }
-                Some(frame)
+                Ok(Put::Conflict(_)) => {}
+                Err(e) => return Claim::Refused(engine_error(&e)),
             }
-            Err(e) => {
-                error!(error = %e, "could not encode a response");
-                None
+            if tokio::time::Instant::now() >= deadline {
+                return Claim::Refused(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("request {id:?} is still being answered; retry later with the same id"),
+                ));
+            }
+            tokio::time::sleep(CLAIM_POLL).await;
+            match engine.recall(record).await {
+                Ok(Some(stored)) => {
+                    if let Some(frame) = frame_of(&stored) {
+                        return Claim::Answered(frame);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Claim::Refused(engine_error(&e)),
             }
         }
     }
 
-    /// Spends a token of `user`'s bucket and of `client`'s; `RATE_LIMITED` if either is empty.
-    fn rate_check(&mut self, user: &str, client: ClientKey, now: Instant) -> Result<(), ApiError> {
+    /// Remembers `frame` as the answer to request `id` of `user`, within this node's bounds;
+    /// returns the answer to give (an earlier one if another node remembered first).
+    async fn remember(
+        &self,
+        engine: &Engine,
+        user: &str,
+        id: &str,
+        client: ClientKey,
+        record: &str,
+        frame: Frame,
+    ) -> Frame {
+        let (keep, forgotten) = match self.local().cache.insert(user, id, client, frame.len()) {
+            Ok(forgotten) => (true, forgotten),
+            Err(forgotten) => (false, forgotten),
+        };
+        for (user, id) in forgotten {
+            let key = keys::remembered(&keys::request(&user, &id));
+            if let Err(e) = engine.delete(&key, Expect::Any).await {
+                debug!(error = %e, "a forgotten response stays until it expires");
+            }
+        }
+        if !keep {
+            return frame;
+        }
+        let bytes = Bytes::from(frame.as_str().to_owned());
+        match engine.remember(record, bytes, IDEMPOTENCY_TTL).await {
+            Ok(None) => frame,
+            Ok(Some(earlier)) => frame_of(&earlier).unwrap_or(frame),
+            Err(e) => {
+                warn!(error = %e, user, id, "response not remembered; a retry runs the request again");
+                frame
+            }
+        }
+    }
+
+    /// Spends one request of `user` (cluster-wide) and one of `client` (this node);
+    /// `RATE_LIMITED` if either is used up.
+    async fn rate_check(
+        &self,
+        engine: &Engine,
+        user: &str,
+        client: ClientKey,
+        now: Instant,
+    ) -> Result<(), ApiError> {
         let (limit, window) = (self.config.rate_limit, self.config.rate_window);
-        let user_ok = self
-            .users
-            .get_mut(user)
-            .is_none_or(|u| u.rate.try_take(cost::rate(limit, window), now));
-        if !user_ok {
-            return Err(ApiError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {limit} requests and events in {window:?}; retry later with the same id"
-                ),
-            ));
+        if limit > 0 && !window.is_zero() {
+            let per_window = u32::try_from(limit).unwrap_or(u32::MAX);
+            match engine
+                .rate_limit(&keys::rate(user), per_window, window)
+                .await
+            {
+                Ok(RateDecision::Allowed) => {}
+                Ok(RateDecision::Limited { .. }) => {
+                    return Err(ApiError::new(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "more than {limit} requests and events in {window:?}; retry later with the same id"
+                        ),
+                    ));
+                }
+                Err(e) => return Err(engine_error(&e)),
+            }
         }
         if !self.rate_allows(client, RateKind::Requests, now) {
             return Err(ApiError::new(
@@ -988,179 +1371,349 @@ impl State {
         Ok(())
     }
 
-    fn dispatch(
-        &mut self,
+    async fn execute(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
-        payload_type: Option<&str>,
-        payload: Value,
+        command: Command,
         now: Instant,
     ) -> Result<Answer, ApiError> {
-        let Some(kind) = payload_type else {
-            return Err(ApiError::bad_request(
-                "a request needs a string `payloadType`",
-            ));
+        match command {
+            Command::New(request) => {
+                let body = Body::Text {
+                    message: request.message,
+                    client_message_id: request.client_message_id,
+                    edited: false,
+                };
+                self.new_message(engine, user, client, request.chat_id, body, now)
+                    .await
+            }
+            Command::Call(request) => {
+                let body = Body::Call {
+                    call_type: request.call_type,
+                    direction: request.direction,
+                    status: request.status,
+                };
+                self.new_message(engine, user, client, request.chat_id, body, now)
+                    .await
+            }
+            Command::Edit(request) => self.edit(engine, user, client, request, now).await,
+            Command::Delete(request) => self.delete(engine, user, client, request, now).await,
+            Command::Receipt(request, receipt) => {
+                self.receipt(engine, user, client, request, receipt, now)
+                    .await
+            }
+            Command::NewCall {
+                participants,
+                call_type,
+            } => {
+                self.new_call(engine, user, client, participants, call_type, now)
+                    .await
+            }
+            Command::CloseCall(request) => {
+                self.close_call(engine, user, client, request, now).await
+            }
+            Command::History {
+                chat_id,
+                before,
+                limit,
+            } => self.history(engine, user, &chat_id, before, limit).await,
+        }
+    }
+
+    /// The next message id: the offset of a tiny log appended to by every node.
+    async fn next_message_id(&self, engine: &Engine) -> Result<u64, ApiError> {
+        let append = Append::store(Retention::trim(1, 16));
+        match engine
+            .append(keys::MESSAGE_IDS, Frame::from_static(""), append)
+            .await
+        {
+            Ok(Appended::Done(position)) => Ok(position.offset),
+            Ok(Appended::Conflict(_)) => Err(internal("message ids could not be allocated")),
+            Err(e) => Err(engine_error(&e)),
+        }
+    }
+
+    /// A message record with its version, if it exists.
+    async fn load_message(
+        &self,
+        engine: &Engine,
+        id: u64,
+    ) -> Result<Option<(u64, StoredMessage)>, ApiError> {
+        let Some(stored) = engine
+            .get(&keys::message(id))
+            .await
+            .map_err(|e| engine_error(&e))?
+        else {
+            return Ok(None);
         };
-        match kind {
-            "new" => self.new_message(user, client, messages::payload(kind, payload)?, now),
-            "edit" => self.edit(user, client, messages::payload(kind, payload)?, now),
-            "delete" => self.delete(user, client, messages::payload(kind, payload)?, now),
-            "dlvrd" => self.receipt(
-                user,
-                client,
-                messages::payload(kind, payload)?,
-                Receipt::Delivered,
-                now,
-            ),
-            "read" => self.receipt(
-                user,
-                client,
-                messages::payload(kind, payload)?,
-                Receipt::Read,
-                now,
-            ),
-            "call" => self.call(user, client, messages::payload(kind, payload)?, now),
-            "newCall" => self.new_call(user, client, messages::payload(kind, payload)?, now),
-            "closeCall" => self.close_call(user, client, messages::payload(kind, payload)?, now),
-            "history" => self.history(user, messages::payload(kind, payload)?),
-            other => Err(ApiError::new(
-                ErrorCode::UnknownPayloadType,
-                format!(
-                    "unknown payloadType {other:?}; expected new, edit, delete, dlvrd, read, call, newCall, closeCall or history"
-                ),
+        let message: StoredMessage = serde_json::from_slice(&stored.value)
+            .map_err(|e| internal(format!("stored message {id} is unreadable: {e}")))?;
+        Ok(Some((stored.version, message)))
+    }
+
+    /// The live message `id`, or `NOT_FOUND`.
+    async fn live_message(
+        &self,
+        engine: &Engine,
+        id: u64,
+    ) -> Result<(u64, StoredMessage), ApiError> {
+        match self.load_message(engine, id).await? {
+            Some((version, message)) if message.is_live() => Ok((version, message)),
+            _ => Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no message {id}"),
             )),
         }
     }
 
-    fn check_text(&self, text: &str) -> Result<(), ApiError> {
-        if text.trim().is_empty() {
-            return Err(ApiError::bad_request("`message` must not be empty"));
+    /// Changes live message `id` by compare-and-set: `change` returns `false` when there is
+    /// nothing to change. Returns the record as written (or as found, unchanged) and its
+    /// version.
+    async fn update_message(
+        &self,
+        engine: &Engine,
+        id: u64,
+        change: impl Fn(&mut StoredMessage) -> Result<bool, ApiError>,
+    ) -> Result<(u64, StoredMessage), ApiError> {
+        let key = keys::message(id);
+        for _ in 0..CAS_ATTEMPTS {
+            let (version, mut message) = self.live_message(engine, id).await?;
+            if !change(&mut message)? {
+                return Ok((version, message));
+            }
+            let value = to_bytes(&message)?;
+            match engine
+                .put(&key, value, Expect::Version(version), None)
+                .await
+                .map_err(|e| engine_error(&e))?
+            {
+                Put::Stored(version) => return Ok((version, message)),
+                Put::Conflict(_) => continue,
+            }
         }
-        if text.len() > self.config.max_message_bytes {
-            return Err(ApiError::bad_request(format!(
-                "`message` is longer than {} bytes",
-                self.config.max_message_bytes
-            )));
-        }
-        Ok(())
+        Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("message {id} changed too often meanwhile; retry later with the same id"),
+        ))
     }
 
-    fn new_message(
-        &mut self,
+    /// Forgets the message records this node's index gave up (oldest first).
+    async fn forget_messages(&self, engine: &Engine, ids: Vec<u64>) {
+        for id in ids {
+            if let Err(e) = engine.delete(&keys::message(id), Expect::Any).await {
+                debug!(error = %e, id, "a forgotten message stays");
+            }
+        }
+    }
+
+    /// `new` and `call`: stores a message from `user` to `to` and queues its event.
+    async fn new_message(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
-        request: NewRequest,
+        to: String,
+        body: Body,
         now: Instant,
     ) -> Result<Answer, ApiError> {
-        self.check_id("chatId", &request.chat_id)?;
-        self.check_text(&request.message)?;
-        if let Some(client_id) = &request.client_message_id {
-            self.check_id("clientMessageId", client_id)?;
-        }
-        let to = request.chat_id;
+        let message_id = self.next_message_id(engine).await?;
         let timestamp = now_ms();
-        let message_id = self.messages.next_id();
-        let event = ServerEvent::New(NewEvent {
+        let event = match &body {
+            Body::Text {
+                message,
+                client_message_id,
+                ..
+            } => ServerEvent::New(NewEvent {
+                message_id,
+                from: user.to_owned(),
+                chat_id: user.to_owned(),
+                message: message.clone(),
+                client_message_id: client_message_id.clone(),
+                timestamp,
+            }),
+            Body::Call {
+                call_type,
+                direction,
+                status,
+            } => ServerEvent::Call(CallEvent {
+                message_id,
+                from: user.to_owned(),
+                chat_id: user.to_owned(),
+                call_type: *call_type,
+                direction: *direction,
+                status: *status,
+                timestamp,
+            }),
+        };
+        let stored = StoredMessage {
             message_id,
             from: user.to_owned(),
-            chat_id: user.to_owned(),
-            message: request.message.clone(),
-            client_message_id: request.client_message_id.clone(),
+            to: to.clone(),
             timestamp,
-        });
-        let (prepared, created) = self.prepare(&[&to], &event, client)?;
-        let body = Body::Text {
-            message: request.message,
-            client_message_id: request.client_message_id,
-            edited: false,
+            body,
+            receipt: Receipt::Sent,
+            deleted: false,
         };
-        if self
-            .messages
-            .insert(user, &to, timestamp, body, client)
-            .is_err()
-        {
-            self.abandon(&prepared, &created);
+        let bytes = stored.bytes();
+        // Room on this node's index first, so a refused request forgets nobody's message.
+        if self.budget.try_reserve(bytes).is_err() {
             return Err(budget_error());
         }
-        self.commit_events(prepared, client, now);
+        let key = keys::message(message_id);
+        let stored_ok = async {
+            match engine
+                .put(&key, to_bytes(&stored)?, Expect::Absent, None)
+                .await
+                .map_err(|e| engine_error(&e))?
+            {
+                Put::Stored(_) => {}
+                Put::Conflict(_) => {
+                    return Err(internal(format!("message id {message_id} is taken")));
+                }
+            }
+            let index = Append::store(self.conversation_retention());
+            let entry = Frame::text(message_id.to_string());
+            let indexed = engine
+                .append(&keys::conversation(user, &to), entry, index)
+                .await
+                .map_err(|e| engine_error(&e));
+            match indexed {
+                Ok(_) => self.deliver(engine, &[&to], &event, client, now).await,
+                Err(error) => Err(error),
+            }
+        }
+        .await;
+        if let Err(error) = stored_ok {
+            self.budget.release(bytes);
+            if let Err(e) = engine.delete(&key, Expect::Any).await {
+                warn!(error = %e, message_id, "a refused message's record stays");
+            }
+            return Err(error);
+        }
+        let forgotten = self
+            .local()
+            .messages
+            .insert_reserved(message_id, bytes, client);
+        self.forget_messages(engine, forgotten).await;
         Ok(Answer::done(json!({ "messageId": message_id })))
     }
 
-    /// The live message `id` authored by `user`.
-    fn own_message(&self, user: &str, id: u64) -> Result<(String, Option<String>), ApiError> {
-        let message = self
-            .messages
-            .live(id)
-            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id}")))?;
-        if message.from != user {
-            return Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!("message {id} was not sent by you"),
-            ));
-        }
-        Ok((message.to.clone(), message.body.client_message_id()))
+    fn conversation_retention(&self) -> Retention {
+        // Message ids are at most 20 digits.
+        let entries = self.config.max_messages.max(1);
+        Retention::trim(entries, entries.saturating_mul(20))
     }
 
-    fn edit(
-        &mut self,
+    async fn edit(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
         request: EditRequest,
         now: Instant,
     ) -> Result<Answer, ApiError> {
         let id = request.message_id;
-        let (to, client_message_id) = self.own_message(user, id)?;
-        if matches!(
-            self.messages.live(id).map(|m| &m.body),
-            Some(Body::Call { .. })
-        ) {
-            return Err(ApiError::bad_request(format!(
-                "message {id} is a call message and cannot be edited"
-            )));
-        }
-        self.check_text(&request.message)?;
+        let (_, before) = self.live_message(engine, id).await?;
+        let text = request.message;
+        let (version, edited) = self
+            .update_message(engine, id, |message| {
+                if message.from != user {
+                    return Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        format!("message {id} was not sent by you"),
+                    ));
+                }
+                match &mut message.body {
+                    Body::Text {
+                        message: current,
+                        edited,
+                        ..
+                    } => {
+                        current.clone_from(&text);
+                        *edited = true;
+                        Ok(true)
+                    }
+                    Body::Call { .. } => Err(ApiError::bad_request(format!(
+                        "message {id} is a call message and cannot be edited"
+                    ))),
+                }
+            })
+            .await?;
         let event = ServerEvent::Edit(EditEvent {
             message_id: id,
             from: user.to_owned(),
             chat_id: user.to_owned(),
-            message: request.message.clone(),
+            message: text,
             original_message_id: id,
-            original_client_message_id: client_message_id,
+            original_client_message_id: edited.body.client_message_id(),
             timestamp: now_ms(),
         });
-        let (prepared, created) = self.prepare(&[&to], &event, client)?;
-        if self.messages.edit(id, &request.message).is_err() {
-            self.abandon(&prepared, &created);
-            return Err(budget_error());
+        if let Err(error) = self
+            .deliver(engine, &[&edited.to], &event, client, now)
+            .await
+        {
+            // Nothing happens on failure: the old text comes back unless someone changed the
+            // message since.
+            if let Ok(value) = to_bytes(&before) {
+                let _ = engine
+                    .put(&keys::message(id), value, Expect::Version(version), None)
+                    .await;
+            }
+            return Err(error);
         }
-        self.commit_events(prepared, client, now);
+        self.local().messages.resize(&id, edited.bytes());
         Ok(Answer::done(json!({ "messageId": id })))
     }
 
-    fn delete(
-        &mut self,
+    async fn delete(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
         request: MessageRef,
         now: Instant,
     ) -> Result<Answer, ApiError> {
         let id = request.message_id;
-        let (to, client_message_id) = self.own_message(user, id)?;
+        let (_, message) = self.live_message(engine, id).await?;
+        if message.from != user {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("message {id} was not sent by you"),
+            ));
+        }
         let event = ServerEvent::Delete(DeleteEvent {
             message_id: id,
             from: user.to_owned(),
             chat_id: user.to_owned(),
             original_message_id: id,
-            original_client_message_id: client_message_id,
+            original_client_message_id: message.body.client_message_id(),
         });
-        let (prepared, _) = self.prepare(&[&to], &event, client)?;
-        self.messages.delete(id);
-        self.commit_events(prepared, client, now);
+        self.deliver(engine, &[&message.to], &event, client, now)
+            .await?;
+        // A tombstone: the id stays taken, the text goes.
+        let deleted = self
+            .update_message(engine, id, |message| {
+                message.deleted = true;
+                if let Body::Text { message, .. } = &mut message.body {
+                    *message = String::new();
+                }
+                Ok(true)
+            })
+            .await;
+        match deleted {
+            Ok((_, tombstone)) => self.local().messages.resize(&id, tombstone.bytes()),
+            // Deleted meanwhile by a retry on another socket: the same outcome.
+            Err(error) if error.code == ErrorCode::NotFound => {}
+            Err(error) => return Err(error),
+        }
         Ok(Answer::done(json!({ "messageId": id })))
     }
 
-    fn receipt(
-        &mut self,
+    async fn receipt(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
         request: MessageRef,
@@ -1168,10 +1721,7 @@ impl State {
         now: Instant,
     ) -> Result<Answer, ApiError> {
         let id = request.message_id;
-        let message = self
-            .messages
-            .live(id)
-            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no message {id}")))?;
+        let (_, message) = self.live_message(engine, id).await?;
         if message.to != user {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,
@@ -1183,7 +1733,6 @@ impl State {
             // Receipts only advance: a repeated or older receipt is acknowledged, not re-sent.
             return Ok(salute);
         }
-        let author = message.from.clone();
         let payload = ReceiptEvent {
             message_id: id,
             chat_id: user.to_owned(),
@@ -1192,165 +1741,191 @@ impl State {
             Receipt::Read => ServerEvent::Read(payload),
             Receipt::Delivered | Receipt::Sent => ServerEvent::Dlvrd(payload),
         };
-        let (prepared, _) = self.prepare(&[&author], &event, client)?;
-        if let Some(stored) = self.messages.live_mut(id) {
-            stored.receipt = receipt;
+        self.deliver(engine, &[&message.from], &event, client, now)
+            .await?;
+        let advanced = self
+            .update_message(engine, id, |message| {
+                if message.receipt >= receipt {
+                    return Ok(false);
+                }
+                message.receipt = receipt;
+                Ok(true)
+            })
+            .await;
+        match advanced {
+            Ok(_) => Ok(salute),
+            Err(error) if error.code == ErrorCode::NotFound => Ok(salute),
+            Err(error) => Err(error),
         }
-        self.commit_events(prepared, client, now);
-        Ok(salute)
     }
 
-    fn call(
-        &mut self,
+    async fn new_call(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
-        request: CallRequest,
+        participants: Vec<String>,
+        call_type: CallType,
         now: Instant,
     ) -> Result<Answer, ApiError> {
-        self.check_id("chatId", &request.chat_id)?;
-        let to = request.chat_id;
-        let timestamp = now_ms();
-        let message_id = self.messages.next_id();
-        let event = ServerEvent::Call(CallEvent {
-            message_id,
-            from: user.to_owned(),
-            chat_id: user.to_owned(),
-            call_type: request.call_type,
-            direction: request.direction,
-            status: request.status,
-            timestamp,
-        });
-        let (prepared, created) = self.prepare(&[&to], &event, client)?;
-        let body = Body::Call {
-            call_type: request.call_type,
-            direction: request.direction,
-            status: request.status,
-        };
-        if self
-            .messages
-            .insert(user, &to, timestamp, body, client)
-            .is_err()
-        {
-            self.abandon(&prepared, &created);
-            return Err(budget_error());
-        }
-        self.commit_events(prepared, client, now);
-        Ok(Answer::done(json!({ "messageId": message_id })))
-    }
-
-    fn new_call(
-        &mut self,
-        user: &str,
-        client: ClientKey,
-        request: NewCallRequest,
-        now: Instant,
-    ) -> Result<Answer, ApiError> {
-        let mut participants: Vec<String> = Vec::new();
-        for participant in request.participants {
-            self.check_id("participants[]", &participant)?;
-            if participant != user && !participants.contains(&participant) {
-                participants.push(participant);
-            }
-            if participants.len() > self.config.max_call_participants {
-                return Err(ApiError::bad_request(format!(
-                    "a call has at most {} participants besides the caller",
-                    self.config.max_call_participants
-                )));
-            }
-        }
-        if participants.is_empty() {
-            return Err(ApiError::bad_request(
-                "`participants` must name at least one user besides the caller",
-            ));
-        }
         let call_id = uuid::Uuid::new_v4().to_string();
         let stored = CallStored {
             call_id: call_id.clone(),
             caller: user.to_owned(),
             participants: participants.clone(),
-            call_type: request.call_type,
+            call_type,
             call_duration: 0,
         };
         let answer = to_value(&stored)?;
         let event = ServerEvent::NewCall(stored);
-        let recipients: Vec<&str> = participants.iter().map(String::as_str).collect();
-        let (prepared, created) = self.prepare(&recipients, &event, client)?;
         let call = OpenCall {
             caller: user.to_owned(),
             participants,
-            call_type: request.call_type,
-            started: now,
+            call_type,
+            started_ms: now_ms(),
         };
-        if self.calls.insert(call_id, call, client).is_err() {
-            self.abandon(&prepared, &created);
+        let bytes = call.bytes(&call_id);
+        if self.budget.try_reserve(bytes).is_err() {
             return Err(budget_error());
         }
-        self.commit_events(prepared, client, now);
+        let key = keys::call(&call_id);
+        let opened = async {
+            match engine
+                .put(&key, to_bytes(&call)?, Expect::Absent, None)
+                .await
+                .map_err(|e| engine_error(&e))?
+            {
+                Put::Stored(_) => {}
+                Put::Conflict(_) => return Err(internal("a fresh call id is taken")),
+            }
+            let recipients: Vec<&str> = call.participants.iter().map(String::as_str).collect();
+            self.deliver(engine, &recipients, &event, client, now).await
+        }
+        .await;
+        if let Err(error) = opened {
+            self.budget.release(bytes);
+            let _ = engine.delete(&key, Expect::Any).await;
+            return Err(error);
+        }
+        let forgotten = self.local().calls.insert_reserved(call_id, bytes, client);
+        for id in forgotten {
+            if let Err(e) = engine.delete(&keys::call(&id), Expect::Any).await {
+                debug!(error = %e, "a forgotten call stays");
+            }
+        }
         Ok(Answer::done(answer))
     }
 
-    fn close_call(
-        &mut self,
+    async fn close_call(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
         request: CloseCallRequest,
         now: Instant,
     ) -> Result<Answer, ApiError> {
-        self.check_id("callId", &request.call_id)?;
-        let call = self.calls.get(&request.call_id).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::NotFound,
-                format!("no open call {:?}", request.call_id),
-            )
-        })?;
+        let call_id = request.call_id;
+        let key = keys::call(&call_id);
+        let not_found = || ApiError::new(ErrorCode::NotFound, format!("no open call {call_id:?}"));
+        let stored = engine
+            .get(&key)
+            .await
+            .map_err(|e| engine_error(&e))?
+            .ok_or_else(not_found)?;
+        let call: OpenCall = serde_json::from_slice(&stored.value)
+            .map_err(|e| internal(format!("stored call is unreadable: {e}")))?;
         if !call.involves(user) {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,
                 "only the caller or a participant can close a call",
             ));
         }
+        // Closing is taking the record: of two closes on two nodes, one wins.
+        if !engine
+            .delete(&key, Expect::Version(stored.version))
+            .await
+            .map_err(|e| engine_error(&e))?
+        {
+            return Err(not_found());
+        }
         let members: Vec<String> = std::iter::once(call.caller.clone())
             .chain(call.participants.iter().cloned())
             .filter(|m| m != user)
             .collect();
-        let stored = CallStored {
-            call_id: request.call_id.clone(),
+        let elapsed_ms = now_ms().saturating_sub(call.started_ms);
+        let closed = CallStored {
+            call_id: call_id.clone(),
             caller: call.caller.clone(),
             participants: call.participants.clone(),
             call_type: call.call_type,
-            call_duration: now.saturating_duration_since(call.started).as_secs(),
+            call_duration: elapsed_ms / 1000,
         };
-        let answer = to_value(&stored)?;
-        let event = ServerEvent::CloseCall(stored);
+        let answer = to_value(&closed)?;
+        let event = ServerEvent::CloseCall(closed);
         let recipients: Vec<&str> = members.iter().map(String::as_str).collect();
-        let (prepared, _) = self.prepare(&recipients, &event, client)?;
-        self.calls.remove(&request.call_id);
-        self.commit_events(prepared, client, now);
+        if let Err(error) = self.deliver(engine, &recipients, &event, client, now).await {
+            // Nothing happens on failure: the call is open again.
+            let _ = engine.put(&key, stored.value, Expect::Absent, None).await;
+            return Err(error);
+        }
+        self.local().calls.remove(&call_id);
         Ok(Answer::done(answer))
     }
 
-    fn history(&self, user: &str, request: HistoryRequest) -> Result<Answer, ApiError> {
-        self.check_id("chatId", &request.chat_id)?;
-        let limit = request
-            .limit
-            .unwrap_or(self.config.history_default_limit)
-            .clamp(1, self.config.history_page_limit.max(1));
-        let page = self
-            .messages
-            .history(user, &request.chat_id, request.before, limit);
-        Ok(Answer {
-            payload: json!({ "messages": page }),
-            // Read-only and possibly large: a retry reads again instead of using the cache.
-            cache: false,
-        })
+    async fn history(
+        &self,
+        engine: &Engine,
+        user: &str,
+        chat_id: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Answer, ApiError> {
+        let topic = keys::conversation(user, chat_id);
+        let most = self.conversation_retention().max_entries;
+        let mut want = limit.saturating_mul(2).clamp(16, most.max(16));
+        loop {
+            let entries = match engine
+                .read(&topic, ReadFrom::Latest(want), want)
+                .await
+                .map_err(|e| engine_error(&e))?
+            {
+                Read::Entries { entries, .. } => entries,
+                Read::Gone { .. } => Vec::new(),
+            };
+            let index: Vec<u64> = entries
+                .iter()
+                .filter_map(|entry| entry.frame.as_str().parse().ok())
+                .collect();
+            let mut page = Vec::new();
+            for id in store::page_candidates(&index, before) {
+                if page.len() >= limit {
+                    break;
+                }
+                if let Some((_, message)) = self.load_message(engine, id).await?
+                    && message.is_live()
+                {
+                    page.push(message.history_item());
+                }
+            }
+            if page.len() >= limit || entries.len() < want || want >= most {
+                page.reverse();
+                return Ok(Answer {
+                    payload: json!({ "messages": page }),
+                    // Read-only and possibly large: a retry reads again instead.
+                    cache: false,
+                });
+            }
+            want = want.saturating_mul(4).min(most);
+        }
     }
 
     // -----------------------------------------------------------------------------------------
     // Client events
 
     /// A client event from `user`; `Err` is answered with an error frame.
-    pub(crate) fn client_event(
-        &mut self,
+    pub(crate) async fn client_event(
+        &self,
+        engine: &Engine,
         user: &str,
         client: ClientKey,
         event_type: &str,
@@ -1363,14 +1938,68 @@ impl State {
                 format!("unknown client eventType {event_type:?}; expected typing"),
             ));
         }
-        self.rate_check(user, client, now)?;
+        self.rate_check(engine, user, client, now).await?;
         let typing: TypingRequest = messages::payload(event_type, payload)?;
-        self.check_id("chatId", &typing.chat_id)?;
-        let event = ServerEvent::Typing(TypingEvent {
-            chat_id: user.to_owned(),
-        });
-        self.emit_ephemeral(&typing.chat_id, &event);
+        check_id(&self.config, "chatId", &typing.chat_id)?;
+        // Nothing is queued for a user without sockets (and it uses no id).
+        let online = engine
+            .presence_contains(ONLINE_ROOM, &typing.chat_id)
+            .await
+            .map_err(|e| engine_error(&e))?;
+        if online {
+            let event = ServerEvent::Typing(TypingEvent {
+                chat_id: user.to_owned(),
+            });
+            self.emit_ephemeral(engine, &typing.chat_id, &event).await;
+        }
         Ok(())
+    }
+}
+
+/// Counts the keys under `prefix` (for status output).
+async fn count_keys(engine: &Engine, prefix: &str) -> usize {
+    const PAGE: usize = 1024;
+    let mut count = 0usize;
+    let mut after: Option<String> = None;
+    loop {
+        let page = match engine.scan(prefix, after.as_deref(), PAGE).await {
+            Ok(page) => page,
+            Err(e) => {
+                warn!(error = %e, "could not count stored records");
+                return count;
+            }
+        };
+        count = count.saturating_add(page.len());
+        match page.last() {
+            Some((key, _)) if page.len() == PAGE => after = Some(key.clone()),
+            _ => return count,
+        }
+    }
+}
+
+/// The response frame for request `id`, or `None` (logged) if it cannot be encoded.
+fn respond(id: &str, answer: &Result<Value, ApiError>) -> Option<Frame> {
+    let payload = match answer {
+        Ok(payload) => payload.clone(),
+        Err(error) => messages::error_payload(error),
+    };
+    match messages::response_frame(id, now_ms(), &payload) {
+        Ok(frame) => Some(frame),
+        Err(e) => {
+            error!(error = %e, "could not encode a response");
+            None
+        }
+    }
+}
+
+/// A remembered response as a frame.
+fn frame_of(stored: &[u8]) -> Option<Frame> {
+    match std::str::from_utf8(stored) {
+        Ok(text) => Some(Frame::text(text)),
+        Err(e) => {
+            error!(error = %e, "a remembered response is not UTF-8");
+            None
+        }
     }
 }
 
@@ -1382,22 +2011,48 @@ fn budget_error() -> ApiError {
     )
 }
 
+fn internal(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::Internal, message)
+}
+
+/// The protocol's answer to an engine failure (nothing was done).
+fn engine_error(error: &EngineError) -> ApiError {
+    match error {
+        EngineError::Unavailable(why) => ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "the state engine is unavailable ({why}); nothing was done, retry later with the same id"
+            ),
+        ),
+        EngineError::Full(what) => ApiError::new(
+            ErrorCode::LimitReached,
+            format!("the state engine is full ({what}); nothing was done, retry later"),
+        ),
+        other => internal(format!("{other}")),
+    }
+}
+
 fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(value)
-        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("could not encode: {e}")))
+    serde_json::to_value(value).map_err(|e| internal(format!("could not encode: {e}")))
+}
+
+fn to_bytes<T: serde::Serialize>(value: &T) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| internal(format!("could not encode: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
-    use std::time::Duration;
 
+    use switchboard_core::engine::{MemoryCluster, MemoryLimits};
     use switchboard_core::{Outgoing, PeerLink, peer_channel};
 
     use super::*;
 
     fn peer() -> (Peer, PeerLink) {
-        peer_channel(SocketAddr::from(([127, 0, 0, 1], 1)), 64)
+        peer_channel(SocketAddr::from(([127, 0, 0, 1], 1)), 256)
     }
 
     fn drain(link: &mut PeerLink) -> Vec<Value> {
@@ -1421,224 +2076,412 @@ mod tests {
         ClientKey::from_ip(std::net::IpAddr::from([127, 0, 0, last]))
     }
 
-    fn state(config: Config) -> State {
+    /// One node on its own in-memory engine.
+    struct Rig {
+        node: Node,
+        engine: Engine,
+    }
+
+    fn rig(config: Config) -> Rig {
+        rig_on(config, Engine::memory(MemoryLimits::default()))
+    }
+
+    fn rig_on(config: Config, engine: Engine) -> Rig {
         let budget = Arc::new(MemoryBudget::new(config.max_state_bytes));
-        State::new(config, budget)
-    }
-
-    fn send(state: &mut State, user: &str, id: &str, kind: &str, payload: Value) -> Value {
-        send_from(state, client(1), user, id, kind, payload)
-    }
-
-    fn send_from(
-        state: &mut State,
-        from: ClientKey,
-        user: &str,
-        id: &str,
-        kind: &str,
-        payload: Value,
-    ) -> Value {
-        let frame = state
-            .request(user, from, id, Some(kind), payload, Instant::now())
-            .unwrap();
-        serde_json::from_str(frame.as_str()).unwrap()
-    }
-
-    fn open(state: &mut State, user: &str, peer: &Peer, now: Instant) {
-        if let Some(fanout) = state.open(user, peer, now) {
-            fanout.send();
+        Rig {
+            node: Node::new(config, budget),
+            engine,
         }
     }
 
+    impl Rig {
+        async fn send_from(
+            &self,
+            from: ClientKey,
+            user: &str,
+            id: &str,
+            kind: &str,
+            payload: Value,
+            now: Instant,
+        ) -> Value {
+            let frame = self
+                .node
+                .request(&self.engine, user, from, id, Some(kind), payload, now)
+                .await
+                .unwrap();
+            serde_json::from_str(frame.as_str()).unwrap()
+        }
+
+        async fn send(&self, user: &str, id: &str, kind: &str, payload: Value) -> Value {
+            self.send_from(client(1), user, id, kind, payload, Instant::now())
+                .await
+        }
+
+        async fn open(&self, user: &str, peer: &Peer, now: Instant) -> Conn {
+            let mut conn = Conn::new(user.to_owned(), client(1));
+            let me = self.engine.conn_ref(peer.id());
+            self.node.open(&self.engine, &mut conn, peer, me, now).await;
+            conn
+        }
+
+        async fn close(&self, conn: Conn, peer: &Peer) {
+            let me = self.engine.conn_ref(peer.id());
+            self.node.close(&self.engine, conn, me).await;
+        }
+
+        async fn pending(&self, user: &str) -> usize {
+            self.node.pending_for(&self.engine, user).await
+        }
+
+        async fn stats(&self) -> Stats {
+            self.node.stats(&self.engine).await
+        }
+
+        /// Acks every pending event of `users` (makes room in the pending pool).
+        async fn ack_everything(&self, users: &[String]) {
+            for user in users {
+                if let Ok(Read::Entries { entries, .. }) = self
+                    .engine
+                    .read(&keys::outbox(user), ReadFrom::After(START), usize::MAX)
+                    .await
+                {
+                    for entry in entries {
+                        self.node.ack(&self.engine, user, entry.offset).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn new(to: &str, text: &str) -> Value {
+        json!({"chatId": to, "message": text})
+    }
+
     #[test]
-    fn offline_events_wait_and_ids_survive_forgetting_idle_users() {
-        let mut state = state(Config {
+    fn validation_needs_no_stored_state() {
+        let config = Config {
+            max_call_participants: 2,
+            ..Config::default()
+        };
+        let code = |kind: Option<&str>, payload: Value| {
+            validate(&config, "me", kind, payload).unwrap_err().code
+        };
+        assert_eq!(code(None, json!({})), ErrorCode::BadRequest);
+        assert_eq!(
+            code(Some("teleport"), json!({})),
+            ErrorCode::UnknownPayloadType
+        );
+        assert_eq!(code(Some("new"), new("b", " ")), ErrorCode::BadRequest);
+        assert_eq!(code(Some("new"), new("", "x")), ErrorCode::BadRequest);
+        assert_eq!(
+            code(Some("new"), new("b", &"x".repeat(5_000))),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(Some("edit"), json!({"messageId": 1, "message": ""})),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code(Some("history"), json!({})), ErrorCode::BadRequest);
+        let participants = |list: Value| {
+            validate(
+                &config,
+                "me",
+                Some("newCall"),
+                json!({"participants": list, "callType": "video"}),
+            )
+        };
+        match participants(json!(["a", "me", "a", "b"])).unwrap() {
+            Command::NewCall { participants, .. } => assert_eq!(participants, ["a", "b"]),
+            other => panic!("{other:?}"),
+        }
+        assert!(participants(json!(["me"])).is_err());
+        assert!(participants(json!(["a", "b", "c"])).is_err());
+        match validate(
+            &config,
+            "me",
+            Some("history"),
+            json!({"chatId": "b", "limit": 100_000}),
+        )
+        .unwrap()
+        {
+            Command::History { limit, .. } => assert_eq!(limit, config.history_page_limit),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn offline_events_wait_and_ids_survive_forgetting_idle_users() {
+        let rig = rig(Config {
             max_users: 2,
             ..Config::default()
         });
         let now = Instant::now();
         let (a, mut a_link) = peer();
-        state.admit("a", client(1), now).unwrap();
-        open(&mut state, "a", &a, now);
-        let r = send(
-            &mut state,
-            "a",
-            "1",
-            "new",
-            json!({"chatId":"b","message":"hi"}),
-        );
-        assert_eq!(r["payload"]["messageId"], 1);
-        assert_eq!(state.pending_for("b"), 1);
-        // b connects, gets the event with id 1, acks it and leaves: b is idle now.
+        rig.node.admit("a", client(1), now).unwrap();
+        let a_conn = rig.open("a", &a, now).await;
+        let r = rig.send("a", "1", "new", new("b", "hi")).await;
+        assert!(r["payload"]["messageId"].is_u64(), "{r}");
+        assert_eq!(rig.pending("b").await, 1);
+        // b connects, gets the event with id 1, acks it and leaves.
         let (b, mut b_link) = peer();
-        open(&mut state, "b", &b, now);
+        let b_conn = rig.open("b", &b, now).await;
         let events = drain(&mut b_link);
         assert_eq!(events[0]["id"], 1);
         assert_eq!(events[0]["eventType"], "new");
-        state.ack("b", 1);
-        state.close("b", b.id());
-        assert_eq!(state.stats().pending_events, 0);
+        rig.node.ack(&rig.engine, "b", 1).await;
+        rig.close(b_conn, &b).await;
+        assert_eq!(rig.stats().await.pending_events, 0);
         drain(&mut a_link);
-        // A third user needs b's slot: b is forgotten, and its ids still grow when it returns.
-        send(
-            &mut state,
-            "a",
-            "2",
-            "new",
-            json!({"chatId":"c","message":"hi"}),
-        );
-        assert_eq!(state.stats().users, 2);
+        // Writing to c needs room in the node's table: b (idle) is forgotten there. Its ids
+        // are its outbox's offsets, in the engine: they keep growing when it comes back.
+        rig.send("a", "2", "new", new("c", "hi")).await;
+        assert!(rig.stats().await.users <= 2);
         let (b2, mut b2_link) = peer();
-        state.admit("b", client(1), now).unwrap_err();
-        // c was created after b was forgotten: its ids start above b's (the floor), not at 1.
-        state.ack("c", 1);
-        assert_eq!(state.pending_for("c"), 1);
-        for id in 2..10 {
-            state.ack("c", id);
-        }
-        assert_eq!(state.pending_for("c"), 0);
-        state.admit("b", client(1), now).unwrap();
-        open(&mut state, "b", &b2, now);
+        rig.node.admit("b", client(1), now).unwrap();
+        let _b2_conn = rig.open("b", &b2, now).await;
+        rig.send("a", "3", "new", new("b", "again")).await;
         let ids: Vec<u64> = drain(&mut b2_link)
             .iter()
+            .filter(|e| e["eventType"] == "new")
             .map(|e| e["id"].as_u64().unwrap())
             .collect();
-        assert!(ids.iter().all(|id| *id > 1), "{ids:?}");
+        assert!(!ids.is_empty() && ids.iter().all(|id| *id > 1), "{ids:?}");
+        drop(a_conn);
     }
 
-    #[test]
-    fn a_full_outbox_fails_the_request_and_stores_nothing() {
-        let mut state = state(Config {
+    #[tokio::test]
+    async fn a_full_outbox_fails_the_request_and_stores_nothing() {
+        let rig = rig(Config {
             outbox_limit: 2,
             ..Config::default()
         });
         for i in 0..2 {
-            let r = send(
-                &mut state,
-                "a",
-                &i.to_string(),
-                "new",
-                json!({"chatId":"b","message":"x"}),
-            );
+            let r = rig.send("a", &i.to_string(), "new", new("b", "x")).await;
             assert!(r["payload"]["messageId"].is_u64());
         }
-        let r = send(
-            &mut state,
-            "a",
-            "3",
-            "new",
-            json!({"chatId":"b","message":"x"}),
-        );
+        let r = rig.send("a", "3", "new", new("b", "x")).await;
         assert_eq!(r["payload"]["error"]["code"], "OUTBOX_FULL");
-        assert_eq!(state.stats().messages, 2);
-        // The failure is not cached: once b acks, the same request id goes through.
-        state.ack("b", 1);
-        let r = send(
-            &mut state,
-            "a",
-            "3",
-            "new",
-            json!({"chatId":"b","message":"x"}),
-        );
-        assert_eq!(r["payload"]["messageId"], 3);
+        let stats = rig.stats().await;
+        assert_eq!((stats.messages, stats.pending_events), (2, 2));
+        // The failure is not remembered: once b acks, the same request id goes through.
+        rig.node.ack(&rig.engine, "b", 1).await;
+        let r = rig.send("a", "3", "new", new("b", "x")).await;
+        assert!(r["payload"]["messageId"].as_u64().unwrap() > 2, "{r}");
+        assert_eq!(rig.stats().await.messages, 3);
     }
 
-    #[test]
-    fn the_server_wide_pending_bound_applies_too() {
-        let mut state = state(Config {
+    #[tokio::test]
+    async fn the_server_wide_pending_bound_applies_too() {
+        let rig = rig(Config {
             max_pending_events: 1,
             ..Config::default()
         });
-        send(
-            &mut state,
-            "a",
-            "1",
-            "new",
-            json!({"chatId":"b","message":"x"}),
-        );
-        let r = send(
-            &mut state,
-            "a",
-            "2",
-            "new",
-            json!({"chatId":"c","message":"x"}),
-        );
+        rig.send("a", "1", "new", new("b", "x")).await;
+        let r = rig.send("a", "2", "new", new("c", "x")).await;
         assert_eq!(r["payload"]["error"]["code"], "OUTBOX_FULL");
+        assert_eq!(
+            rig.stats().await.messages,
+            1,
+            "the refused message is not kept"
+        );
     }
 
-    #[test]
-    fn retries_are_answered_from_the_cache() {
-        let mut state = state(Config::default());
-        let first = send(
-            &mut state,
-            "a",
-            "r",
-            "new",
-            json!({"chatId":"b","message":"x"}),
-        );
-        let again = send(
-            &mut state,
-            "a",
-            "r",
-            "new",
-            json!({"chatId":"b","message":"x"}),
-        );
+    #[tokio::test]
+    async fn retries_are_answered_from_the_engine() {
+        let rig = rig(Config::default());
+        let first = rig.send("a", "r", "new", new("b", "x")).await;
+        let again = rig.send("a", "r", "new", new("b", "x")).await;
         assert_eq!(first, again);
-        assert_eq!(state.pending_for("b"), 1);
-        assert_eq!(state.stats().messages, 1);
+        assert_eq!(rig.pending("b").await, 1);
+        assert_eq!(rig.stats().await.messages, 1);
+        // Another node of the same engine answers it the same way.
+        let other = rig_on(Config::default(), rig.engine.clone());
+        assert_eq!(other.send("a", "r", "new", new("b", "x")).await, first);
+        assert_eq!(rig.pending("b").await, 1);
     }
 
-    #[test]
-    fn overdue_events_go_to_every_socket_of_the_user() {
-        let mut state = state(Config {
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_of_a_request_being_answered_waits_for_that_answer() {
+        let rig = rig(Config::default());
+        // Another socket is answering request "r" of a right now.
+        let claimed = rig
+            .engine
+            .put(
+                &keys::inflight("a", "r"),
+                Bytes::new(),
+                Expect::Absent,
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(claimed, Put::Stored(_)));
+        let answer = Frame::text(r#"{"type":"response","id":"r","payload":{"messageId":7}}"#);
+        let engine = rig.engine.clone();
+        let record = keys::request("a", "r");
+        let remembered = answer.clone();
+        let answering = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            engine
+                .remember(
+                    &record,
+                    Bytes::from(remembered.as_str().to_owned()),
+                    IDEMPOTENCY_TTL,
+                )
+                .await
+        });
+        let retry = rig
+            .node
+            .request(
+                &rig.engine,
+                "a",
+                client(1),
+                "r",
+                Some("new"),
+                new("b", "x"),
+                Instant::now(),
+            )
+            .await;
+        assert_eq!(retry, Some(answer));
+        assert_eq!(answering.await.unwrap(), Ok(None));
+        assert_eq!(rig.pending("b").await, 0, "the retry ran nothing");
+        // An answer that never comes ends the wait with UNAVAILABLE, bounded.
+        rig.engine
+            .put(
+                &keys::inflight("a", "s"),
+                Bytes::new(),
+                Expect::Absent,
+                None,
+            )
+            .await
+            .unwrap();
+        let r = rig.send("a", "s", "new", new("b", "x")).await;
+        assert_eq!(r["payload"]["error"]["code"], "UNAVAILABLE", "{r}");
+    }
+
+    #[tokio::test]
+    async fn overdue_events_go_to_every_socket_of_the_user() {
+        let rig = rig(Config {
             redelivery_timeout: Duration::from_secs(1),
             ..Config::default()
         });
         let t0 = Instant::now();
         let (b1, mut l1) = peer();
         let (b2, mut l2) = peer();
-        open(&mut state, "b", &b1, t0);
-        open(&mut state, "b", &b2, t0);
-        send(
-            &mut state,
-            "a",
-            "1",
-            "new",
-            json!({"chatId":"b","message":"x"}),
-        );
-        assert_eq!(drain(&mut l1).len(), 1);
+        let mut c1 = rig.open("b", &b1, t0).await;
+        let mut c2 = rig.open("b", &b2, t0).await;
+        drain(&mut l1);
+        drain(&mut l2);
+        rig.send("a", "1", "new", new("b", "x")).await;
+        assert_eq!(drain(&mut l1).len(), 1, "live on both sockets");
         assert_eq!(drain(&mut l2).len(), 1);
-        state.redeliver_overdue("b", t0 + Duration::from_millis(500));
-        assert!(drain(&mut l1).is_empty());
-        state.redeliver_overdue("b", t0 + Duration::from_secs(5));
-        assert_eq!(drain(&mut l1)[0]["id"], 1);
-        assert_eq!(drain(&mut l2)[0]["id"], 1);
-        state.ack("b", 1);
-        state.redeliver_overdue("b", t0 + Duration::from_secs(60));
-        assert!(drain(&mut l1).is_empty());
+        for at in [
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        ] {
+            rig.node.tick(&rig.engine, &mut c1, &b1, t0 + at).await;
+            rig.node.tick(&rig.engine, &mut c2, &b2, t0 + at).await;
+            let (one, two) = (drain(&mut l1), drain(&mut l2));
+            if at == Duration::from_millis(500) {
+                // First seen on this tick: not overdue yet.
+                assert!(one.is_empty() && two.is_empty());
+            } else if at == Duration::from_secs(5) {
+                assert_eq!(one[0]["id"], 1);
+                assert_eq!(two[0]["id"], 1);
+                rig.node.ack(&rig.engine, "b", 1).await;
+            } else {
+                assert!(one.is_empty() && two.is_empty(), "acked: never again");
+            }
+        }
     }
 
-    #[test]
-    fn receipts_only_advance() {
-        let mut state = state(Config::default());
-        send(
-            &mut state,
-            "a",
-            "1",
-            "new",
-            json!({"chatId":"b","message":"x"}),
-        );
-        let r = send(&mut state, "b", "1", "read", json!({"messageId":1}));
+    #[tokio::test]
+    async fn receipts_only_advance() {
+        let rig = rig(Config::default());
+        let sent = rig.send("a", "1", "new", new("b", "x")).await;
+        let id = sent["payload"]["messageId"].clone();
+        let r = rig.send("b", "1", "read", json!({"messageId": id})).await;
         assert_eq!(r["payload"], "🫡");
-        let r = send(&mut state, "b", "2", "dlvrd", json!({"messageId":1}));
+        let r = rig.send("b", "2", "dlvrd", json!({"messageId": id})).await;
         assert_eq!(r["payload"], "🫡");
         assert_eq!(
-            state.pending_for("a"),
+            rig.pending("a").await,
             1,
             "only the read receipt became an event"
         );
-        let r = send(&mut state, "a", "2", "read", json!({"messageId":1}));
+        let r = rig.send("a", "2", "read", json!({"messageId": id})).await;
         assert_eq!(r["payload"]["error"]["code"], "FORBIDDEN");
+    }
+
+    #[tokio::test]
+    async fn two_nodes_never_lose_each_others_updates() {
+        let cluster = MemoryCluster::new(MemoryLimits::default());
+        let a = rig_on(Config::default(), cluster.node());
+        let b = rig_on(Config::default(), cluster.node());
+        let sent = a.send("alice", "1", "new", new("bob", "hi")).await;
+        let id = sent["payload"]["messageId"].clone();
+        // The receipt through node B, the edit through node A: both stick.
+        b.send("bob", "1", "dlvrd", json!({"messageId": id})).await;
+        a.send(
+            "alice",
+            "2",
+            "edit",
+            json!({"messageId": id, "message": "hello"}),
+        )
+        .await;
+        let page = b
+            .send("bob", "h", "history", json!({"chatId": "alice"}))
+            .await;
+        let item = &page["payload"]["messages"][0];
+        assert_eq!(
+            (item["message"].as_str(), item["receipt"].as_str()),
+            (Some("hello"), Some("delivered"))
+        );
+        assert_eq!(item["edited"], true);
+        // Message ids only grow across nodes.
+        let next = b.send("bob", "2", "new", new("alice", "yo")).await;
+        assert!(next["payload"]["messageId"].as_u64() > id.as_u64());
+        // Of two closes of one call, on two nodes, exactly one wins.
+        let call = a
+            .send(
+                "alice",
+                "c",
+                "newCall",
+                json!({"participants": ["bob"], "callType": "audio"}),
+            )
+            .await;
+        let call_id = call["payload"]["callId"].clone();
+        let first = a
+            .send("alice", "x", "closeCall", json!({"callId": call_id}))
+            .await;
+        let second = b
+            .send("bob", "x", "closeCall", json!({"callId": call_id}))
+            .await;
+        assert!(first["payload"]["callId"].is_string(), "{first}");
+        assert_eq!(second["payload"]["error"]["code"], "NOT_FOUND");
+    }
+
+    #[tokio::test]
+    async fn acks_on_another_node_free_this_nodes_share_once_it_checks() {
+        let cluster = MemoryCluster::new(MemoryLimits::default());
+        let config = Config {
+            max_pending_per_client: 2,
+            ..Config::default()
+        };
+        let a = rig_on(config.clone(), cluster.node());
+        let b = rig_on(config, cluster.node());
+        a.send("alice", "1", "new", new("bob", "1")).await;
+        a.send("alice", "2", "new", new("bob", "2")).await;
+        // bob acks both through node B: A's books still count them until A looks.
+        b.node.ack(&b.engine, "bob", 1).await;
+        b.node.ack(&b.engine, "bob", 2).await;
+        assert_eq!(a.stats().await.pending_events, 2);
+        let r = a.send("alice", "3", "new", new("bob", "3")).await;
+        assert!(
+            r["payload"]["messageId"].is_u64(),
+            "the share was checked: {r}"
+        );
+        assert_eq!(a.stats().await.pending_events, 1);
     }
 
     fn name(prefix: &str, i: usize, len: usize) -> String {
@@ -1649,24 +2492,10 @@ mod tests {
         name
     }
 
-    /// Acks every pending event of every user (makes room in the pending pool).
-    fn ack_everything(state: &mut State) {
-        let names: Vec<(String, u64)> = state
-            .users
-            .iter()
-            .map(|(n, u)| (n.clone(), u.next_event_id))
-            .collect();
-        for (n, next) in names {
-            for id in 0..next {
-                state.ack(&n, id);
-            }
-        }
-    }
-
     /// Fills every pool through requests with maximal ids and texts; returns the error codes
     /// seen.
-    fn fill_every_pool(state: &mut State) -> HashSet<String> {
-        let config = state.config.clone();
+    async fn fill_every_pool(rig: &Rig) -> HashSet<String> {
+        let config = rig.node.config.clone();
         let id_len = config.max_id_bytes;
         let text = "\"".repeat(config.max_message_bytes);
         let mut codes = HashSet::new();
@@ -1679,57 +2508,52 @@ mod tests {
         let recipients: Vec<String> = (0..config.max_users)
             .map(|i| name("r", i, id_len))
             .collect();
+        let now = Instant::now();
         for i in 0..(config.max_messages * 3) {
             let from = name("s", i % clients, id_len);
             let to = &recipients[i % recipients.len()];
-            let request_id = name("q", i, id_len);
             let key = client(u8::try_from(i % clients).unwrap());
-            let r = send_from(
-                state,
-                key,
-                &from,
-                &request_id,
-                "new",
-                json!({"chatId": to, "message": text, "clientMessageId": name("c", i, id_len)}),
-            );
+            let payload =
+                json!({"chatId": to, "message": text, "clientMessageId": name("c", i, id_len)});
+            let r = rig
+                .send_from(key, &from, &name("q", i, id_len), "new", payload, now)
+                .await;
             note(&r);
             if i % 7 == 0 {
-                ack_everything(state);
+                rig.ack_everything(&recipients).await;
             }
         }
         for i in 0..(config.max_open_calls * 2) {
-            ack_everything(state);
+            rig.ack_everything(&recipients).await;
             let participants: Vec<&String> = recipients
                 .iter()
                 .skip(i % 3)
                 .take(config.max_call_participants)
                 .collect();
-            let r = send(
-                state,
-                &recipients[recipients.len() - 1],
-                &name("call", i, id_len),
-                "newCall",
-                json!({"participants": participants, "callType": "video"}),
-            );
+            let r = rig
+                .send(
+                    &recipients[recipients.len() - 1],
+                    &name("call", i, id_len),
+                    "newCall",
+                    json!({"participants": participants, "callType": "video"}),
+                )
+                .await;
             note(&r);
         }
         // Leave the pending pool full: events nobody acks.
         for i in 0..(config.max_pending_events * 2) {
-            let r = send(
-                state,
-                &recipients[0],
-                &name("p", i, id_len),
-                "new",
-                json!({"chatId": recipients[1 + i % (recipients.len() - 1)], "message": text}),
-            );
+            let to = &recipients[1 + i % (recipients.len() - 1)];
+            let r = rig
+                .send(&recipients[0], &name("p", i, id_len), "new", new(to, &text))
+                .await;
             note(&r);
         }
         codes
     }
 
-    fn assert_within_formula(state: &State) -> Memory {
-        let config = &state.config;
-        let memory = state.memory();
+    fn assert_within_formula(node: &Node) -> Memory {
+        let config = &node.config;
+        let memory = node.memory();
         let sum = memory.users
             + memory.pending
             + memory.messages
@@ -1788,25 +2612,25 @@ mod tests {
         assert_eq!(slot, 57, "the figure in docs/protocols/reqack.md");
     }
 
-    #[test]
-    fn every_pool_filled_to_its_limit_stays_within_the_documented_formula() {
-        let mut state = state(small_pools());
-        let codes = fill_every_pool(&mut state);
-        let memory = assert_within_formula(&state);
-        let stats = state.stats();
+    #[tokio::test]
+    async fn every_pool_filled_to_its_limit_stays_within_the_documented_formula() {
+        let rig = rig(small_pools());
+        let codes = fill_every_pool(&rig).await;
+        let memory = assert_within_formula(&rig.node);
+        let stats = rig.stats().await;
         // The pools really were full.
         assert!(stats.users >= 35, "{stats:?}");
         assert_eq!(stats.rate_keys, 8);
-        assert!(
-            stats.messages > 0 && memory.messages > 60_000 - 10_000,
-            "{memory:?}"
-        );
+        assert!(memory.messages > 60_000 - 10_000, "{memory:?}");
         assert!(memory.cache > 30_000 - 10_000, "{memory:?}");
         assert!(memory.calls > 25_000 - 6_000, "{memory:?}");
         assert!(
             stats.pending_events == 60 || memory.pending > 200_000 - 10_000,
             "{stats:?} {memory:?}"
         );
+        // What the node's indexes gave up is gone from the engine too.
+        assert!(stats.messages <= 30, "{stats:?}");
+        assert!(stats.open_calls <= 10, "{stats:?}");
         assert!(codes.contains("OUTBOX_FULL"), "{codes:?}");
         assert!(
             codes.contains("RATE_LIMITED"),
@@ -1814,136 +2638,92 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_state_budget_caps_everything_and_refuses_new_work() {
-        let mut state = state(Config {
+    #[tokio::test]
+    async fn the_state_budget_caps_everything_and_refuses_new_work() {
+        let rig = rig(Config {
             max_state_bytes: 120_000,
             ..small_pools()
         });
-        let codes = fill_every_pool(&mut state);
-        let memory = assert_within_formula(&state);
+        let codes = fill_every_pool(&rig).await;
+        let memory = assert_within_formula(&rig.node);
         assert!(memory.total <= 120_000);
         assert!(codes.contains("LIMIT_REACHED"), "{codes:?}");
     }
 
-    #[test]
-    fn events_for_a_user_that_never_connected_expire_and_free_the_senders_share() {
+    #[tokio::test]
+    async fn events_for_a_user_that_never_connected_expire_and_free_the_senders_share() {
         let ttl = Duration::from_secs(60);
-        let mut state = state(Config {
+        let rig = rig(Config {
             unclaimed_ttl: ttl,
             unclaimed_outbox_limit: 2,
             ..Config::default()
         });
         let t0 = Instant::now();
-        let new = |state: &mut State, id: &str, to: &str, at: Instant| -> Value {
-            let frame = state
-                .request(
-                    "a",
-                    client(1),
-                    id,
-                    Some("new"),
-                    json!({"chatId": to, "message": "x"}),
-                    at,
-                )
-                .unwrap();
-            serde_json::from_str(frame.as_str()).unwrap()
+        let send = |id: &'static str, to: &'static str, at: Instant| {
+            rig.send_from(client(1), "a", id, "new", new(to, "x"), at)
         };
-        assert!(new(&mut state, "1", "ghost", t0)["payload"]["messageId"].is_u64());
+        assert!(send("1", "ghost", t0).await["payload"]["messageId"].is_u64());
         let later = t0 + Duration::from_secs(30);
-        assert!(new(&mut state, "2", "ghost", later)["payload"]["messageId"].is_u64());
-        let r = new(&mut state, "3", "ghost", later);
+        assert!(send("2", "ghost", later).await["payload"]["messageId"].is_u64());
+        let r = send("3", "ghost", later).await;
         assert_eq!(r["payload"]["error"]["code"], "OUTBOX_FULL", "{r}");
-        assert_eq!(state.stats().unclaimed_users, 1);
-        // The first event expires at t0 + ttl, the second 30 s later; then ghost is forgotten.
-        state.expire_unclaimed(t0 + ttl);
-        assert_eq!(state.pending_for("ghost"), 1);
-        state.expire_unclaimed(later + ttl);
-        assert_eq!(state.pending_for("ghost"), 0);
-        let stats = state.stats();
-        assert_eq!(
-            (stats.users, stats.unclaimed_users, stats.clients),
-            (0, 0, 0),
-            "{stats:?}"
-        );
-        assert_eq!(state.memory().pending, 0);
+        assert_eq!(rig.stats().await.unclaimed_users, 1);
+        // The first event expires at t0 + ttl, the second 30 s later.
+        rig.node.expire_unclaimed(&rig.engine, t0 + ttl).await;
+        assert_eq!(rig.pending("ghost").await, 1);
+        rig.node.expire_unclaimed(&rig.engine, later + ttl).await;
+        assert_eq!(rig.pending("ghost").await, 0);
+        let stats = rig.stats().await;
+        assert_eq!((stats.unclaimed_users, stats.clients), (0, 0), "{stats:?}");
+        assert_eq!(rig.node.memory().pending, 0);
         // A user that connects is claimed: its events are kept until acked, however old.
-        new(&mut state, "4", "bob", later + ttl);
+        send("4", "bob", later + ttl).await;
         let (bob, mut link) = peer();
-        open(&mut state, "bob", &bob, later + ttl);
+        let _conn = rig.open("bob", &bob, later + ttl).await;
         assert_eq!(drain(&mut link).len(), 1);
-        state.expire_unclaimed(later + ttl * 10);
-        assert_eq!(state.pending_for("bob"), 1);
+        rig.node
+            .expire_unclaimed(&rig.engine, later + ttl * 10)
+            .await;
+        assert_eq!(rig.pending("bob").await, 1);
     }
 
-    #[test]
-    fn unclaimed_users_and_pending_events_are_limited_per_client_not_per_user_id() {
-        let mut state = state(Config {
+    #[tokio::test]
+    async fn unclaimed_users_and_pending_events_are_limited_per_client_not_per_user_id() {
+        let rig = rig(Config {
             max_unclaimed_users_per_client: 3,
             max_pending_per_client: 5,
             ..Config::default()
         });
         // One client, changing its userId, may create 3 users that never connect.
         for (i, sender) in ["a", "b", "c"].iter().enumerate() {
-            let r = send(
-                &mut state,
-                sender,
-                "1",
-                "new",
-                json!({"chatId": format!("g{i}"), "message": "x"}),
-            );
+            let r = rig
+                .send(sender, "1", "new", new(&format!("g{i}"), "x"))
+                .await;
             assert!(r["payload"]["messageId"].is_u64(), "{r}");
         }
-        let r = send(
-            &mut state,
-            "d",
-            "1",
-            "new",
-            json!({"chatId": "g3", "message": "x"}),
-        );
+        let r = rig.send("d", "1", "new", new("g3", "x")).await;
         assert_eq!(r["payload"]["error"]["code"], "LIMIT_REACHED", "{r}");
-        assert!(
-            !state.users.contains_key("g3"),
-            "the refused request created nobody"
+        assert_eq!(
+            rig.pending("g3").await,
+            0,
+            "the refused request queued nothing"
         );
         // Another client is not affected.
-        let r = send_from(
-            &mut state,
-            client(2),
-            "e",
-            "1",
-            "new",
-            json!({"chatId": "g3", "message": "x"}),
-        );
+        let r = rig
+            .send_from(client(2), "e", "1", "new", new("g3", "x"), Instant::now())
+            .await;
         assert!(r["payload"]["messageId"].is_u64(), "{r}");
         // Pending events are counted per sending client too, whoever the recipients are.
-        send(
-            &mut state,
-            "a",
-            "2",
-            "new",
-            json!({"chatId": "g0", "message": "x"}),
-        );
-        send(
-            &mut state,
-            "b",
-            "2",
-            "new",
-            json!({"chatId": "g1", "message": "x"}),
-        );
-        let r = send(
-            &mut state,
-            "c",
-            "2",
-            "new",
-            json!({"chatId": "g2", "message": "x"}),
-        );
+        rig.send("a", "2", "new", new("g0", "x")).await;
+        rig.send("b", "2", "new", new("g1", "x")).await;
+        let r = rig.send("c", "2", "new", new("g2", "x")).await;
         assert_eq!(r["payload"]["error"]["code"], "OUTBOX_FULL", "{r}");
-        assert_eq!(state.stats().pending_events, 6);
+        assert_eq!(rig.stats().await.pending_events, 6);
     }
 
-    #[test]
-    fn presence_is_bounded_and_leaves_the_lock_to_the_caller() {
-        let mut state = state(Config {
+    #[tokio::test]
+    async fn presence_is_bounded_both_ways() {
+        let rig = rig(Config {
             max_presence_fanout: 3,
             ..Config::default()
         });
@@ -1951,23 +2731,34 @@ mod tests {
         let mut links = Vec::new();
         for i in 0..6 {
             let (p, link) = peer();
-            open(&mut state, &format!("u{i}"), &p, now);
-            links.push((p, link));
+            let conn = rig.open(&format!("u{i}"), &p, now).await;
+            links.push((p, link, conn));
         }
-        for (_, link) in &mut links {
+        for (_, link, _) in &mut links {
             drain(link);
         }
-        let (newcomer, _link) = peer();
-        let fanout = state.open("new", &newcomer, now).unwrap();
-        assert_eq!(fanout.announce.len(), 3);
-        assert_eq!(fanout.roster.len(), 3);
-        // Nothing was sent yet: the frames go out when the caller sends them (without the lock).
-        let before: usize = links.iter_mut().map(|(_, l)| drain(l).len()).sum();
-        fanout.send();
-        let after: usize = links.iter_mut().map(|(_, l)| drain(l).len()).sum();
-        assert_eq!((before, after), (0, 3));
-        let offline = state.close("new", newcomer.id()).unwrap();
-        assert_eq!(offline.announce.len(), 3);
-        assert!(offline.newcomer.is_none());
+        let presence = |events: Vec<Value>, kind: &str| {
+            events.iter().filter(|e| e["eventType"] == kind).count()
+        };
+        let (newcomer, mut own) = peer();
+        let conn = rig.open("new", &newcomer, now).await;
+        let told: usize = links
+            .iter_mut()
+            .map(|(_, link, _)| presence(drain(link), "online"))
+            .sum();
+        assert_eq!(told, 3, "at most max_presence_fanout are told");
+        assert_eq!(
+            presence(drain(&mut own), "online"),
+            3,
+            "the roster is bounded too"
+        );
+        assert_eq!(rig.stats().await.online_users, 7);
+        rig.close(conn, &newcomer).await;
+        let told: usize = links
+            .iter_mut()
+            .map(|(_, link, _)| presence(drain(link), "offline"))
+            .sum();
+        assert_eq!(told, 3);
+        assert_eq!(rig.stats().await.online_users, 6);
     }
 }

@@ -104,7 +104,7 @@ async fn new_call_flood_to_never_connecting_users_is_bounded_and_alice_still_rea
     let attack = started.elapsed();
 
     // (a) The bound, by the protocol's own accounting.
-    let stats = protocol.stats();
+    let stats = protocol.stats().await;
     let memory = protocol.memory();
     println!("attack: {call} newCalls in {attack:?}: {outcomes:?}; {stats:?}; {memory:?}");
     assert!(stats.unclaimed_users <= config.max_unclaimed_users_per_client);
@@ -231,7 +231,7 @@ async fn identity_cycling(online_users: usize, config: Config, drain: bool) -> C
     }
     let mut bystander = connect_from(&server, "bystander", BYSTANDER).await;
     bystander.sync().await;
-    assert_eq!(protocol.stats().online_users, online_users + 1);
+    assert_eq!(protocol.stats().await.online_users, online_users + 1);
 
     let mut idle = Vec::new();
     for i in 0..20 {

@@ -398,7 +398,7 @@ async fn fifty_users_two_thousand_messages_random_disconnects_exactly_once() {
             sim.me
         );
     }
-    let stats = protocol.stats();
+    let stats = protocol.stats().await;
     assert_eq!(
         stats.messages,
         USERS * PER_USER,

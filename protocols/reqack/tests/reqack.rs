@@ -95,10 +95,10 @@ async fn new_gets_a_message_id_and_the_partner_gets_an_event_with_a_numeric_id()
     assert_eq!(payload["clientMessageId"], "c-1");
     assert!(payload["timestamp"].is_u64());
 
-    assert_eq!(protocol.pending_for("bob"), 1);
+    assert_eq!(protocol.pending_for("bob").await, 1);
     bob.ack(&frame).await;
     bob.sync().await;
-    assert_eq!(protocol.pending_for("bob"), 0);
+    assert_eq!(protocol.pending_for("bob").await, 0);
 }
 
 #[tokio::test]
@@ -359,7 +359,7 @@ async fn new_call_and_close_call_reach_every_participant() {
         let frame = client.event_acked("newCall").await;
         assert_eq!(frame["payload"], call);
     }
-    assert_eq!(protocol.stats().open_calls, 1);
+    assert_eq!(protocol.stats().await.open_calls, 1);
 
     let code = dave
         .fails("1", "closeCall", json!({"callId": call_id}))
@@ -372,7 +372,7 @@ async fn new_call_and_close_call_reach_every_participant() {
         let frame = client.event_acked("closeCall").await;
         assert_eq!(frame["payload"], closed);
     }
-    assert_eq!(protocol.stats().open_calls, 0);
+    assert_eq!(protocol.stats().await.open_calls, 0);
     let code = alice
         .fails("3", "closeCall", json!({"callId": call_id}))
         .await;
@@ -401,7 +401,7 @@ async fn typing_reaches_connected_partners_only_and_is_never_redelivered() {
     assert_eq!(frame["payload"], json!({"chatId": "alice"}));
     // Not acked, yet not redelivered: typing is ephemeral.
     bob.quiet(Duration::from_millis(600)).await;
-    assert_eq!(protocol.pending_for("bob"), 0);
+    assert_eq!(protocol.pending_for("bob").await, 0);
 
     // Typing to someone offline is dropped, not queued.
     alice
@@ -461,7 +461,7 @@ async fn offline_events_wait_and_arrive_in_order_on_connect() {
             .await;
     }
     assert_eq!(
-        protocol.pending_for("bob"),
+        protocol.pending_for("bob").await,
         3,
         "bob never connected, yet exists"
     );
@@ -509,7 +509,7 @@ async fn unacked_events_come_back_after_reconnect_with_their_original_ids() {
     bob.ack(&again[0]).await;
     bob.ack(&again[1]).await;
     bob.sync().await;
-    assert_eq!(protocol.pending_for("bob"), 0);
+    assert_eq!(protocol.pending_for("bob").await, 0);
     bob.close().await;
 
     // Everything acked: a new connection gets nothing again, and new ids keep growing.
@@ -543,7 +543,7 @@ async fn an_unacked_event_is_resent_on_a_live_socket_after_the_timeout() {
     assert_eq!(first, third, "and again until acked");
     bob.ack(&third).await;
     bob.sync().await;
-    assert_eq!(protocol.pending_for("bob"), 0);
+    assert_eq!(protocol.pending_for("bob").await, 0);
     // Copies sent before the ack was processed arrived before the sync response; none after.
     bob.discard_copies(&third);
     bob.quiet(Duration::from_millis(700)).await;
@@ -580,7 +580,7 @@ async fn a_user_with_several_sockets_gets_events_on_all_and_an_ack_from_any_coun
     assert_eq!(on_phone, on_laptop);
     laptop.ack(&on_laptop).await;
     laptop.sync().await;
-    assert_eq!(protocol.pending_for("bob"), 0);
+    assert_eq!(protocol.pending_for("bob").await, 0);
     // The ack is processed: anything the phone gets after its own round trip is a redelivery.
     phone.sync().await;
     phone.discard_copies(&on_phone);
@@ -600,8 +600,8 @@ async fn a_retried_request_id_gets_the_same_response_and_no_second_message() {
     let mut alice = connect(&server, "alice").await;
     let third = alice.request("same", "new", payload).await;
     assert_eq!(first, third);
-    assert_eq!(protocol.pending_for("bob"), 1);
-    assert_eq!(protocol.stats().messages, 1);
+    assert_eq!(protocol.pending_for("bob").await, 1);
+    assert_eq!(protocol.stats().await.messages, 1);
 
     let mut bob = connect(&server, "bob").await;
     bob.event_acked("new").await;
@@ -637,7 +637,7 @@ async fn a_full_outbox_fails_the_senders_request_and_drops_nothing() {
             .unwrap()
             .contains("bob")
     );
-    assert_eq!(protocol.pending_for("bob"), 2);
+    assert_eq!(protocol.pending_for("bob").await, 2);
 
     let mut bob = connect(&server, "bob").await;
     let one = bob.event_acked("new").await;
@@ -743,8 +743,8 @@ async fn bad_requests_get_error_responses_with_their_id_and_send_no_event() {
     assert_eq!(response["payload"]["error"]["code"], "BAD_REQUEST");
 
     bob.quiet(QUIET).await;
-    assert_eq!(protocol.pending_for("bob"), 0);
-    assert_eq!(protocol.stats().messages, 0);
+    assert_eq!(protocol.pending_for("bob").await, 0);
+    assert_eq!(protocol.stats().await.messages, 0);
 }
 
 #[tokio::test]
