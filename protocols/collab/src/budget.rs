@@ -121,6 +121,35 @@ impl Charge {
     pub(crate) fn shrink(&mut self, bytes: usize) {
         let _ = self.try_resize(self.bytes.saturating_sub(bytes));
     }
+
+    /// A separate charge of `bytes` on the same budgets (a reservation for growth that is not
+    /// applied yet), or the budget that refused it. Zero bytes always fit.
+    pub(crate) fn reserve(&self, bytes: usize) -> Result<Self, Refused> {
+        if bytes == 0 {
+            return Ok(Self {
+                budgets: self.budgets.clone(),
+                bytes: 0,
+            });
+        }
+        Self::try_new(&self.budgets, bytes)
+    }
+
+    /// Takes over a reservation made with [`Charge::reserve`] on this charge's budgets.
+    pub(crate) fn absorb(&mut self, mut reserved: Self) {
+        self.bytes = self.bytes.saturating_add(reserved.bytes);
+        // The bytes now belong to `self`; the emptied reservation releases nothing on drop.
+        reserved.bytes = 0;
+    }
+
+    /// Changes the charge to `bytes` whether or not growth fits (for state already in memory).
+    pub(crate) fn resize_forced(&mut self, bytes: usize) {
+        if bytes <= self.bytes {
+            self.budgets.release(self.bytes.saturating_sub(bytes));
+        } else {
+            self.budgets.force_reserve(bytes.saturating_sub(self.bytes));
+        }
+        self.bytes = bytes;
+    }
 }
 
 impl Clone for Charge {

@@ -186,6 +186,19 @@ impl Document {
         Ok(Self::build(text, limits, charge))
     }
 
+    /// A document at `version` (loaded from shared state) charged to `budgets`, with an empty
+    /// operation log: edits based on older versions are refused and resync.
+    pub(crate) fn loaded(
+        text: String,
+        version: u64,
+        limits: DocumentLimits,
+        budgets: &Budgets,
+    ) -> Result<Self, EditError> {
+        let mut document = Self::charged(text, limits, budgets)?;
+        document.version = version;
+        Ok(document)
+    }
+
     fn build(text: String, limits: DocumentLimits, charge: Charge) -> Self {
         Self {
             chars: text.chars().count(),
@@ -227,6 +240,24 @@ impl Document {
     /// Applies `op`, made on version `base`, transforming it against every operation applied
     /// since. An operation shorter than the document at `base` is padded with a trailing retain.
     pub fn apply_operation(&mut self, base: u64, op: Operation) -> Result<Applied, EditError> {
+        let prepared = self.prepare_operation(base, op)?;
+        Ok(self.commit(prepared))
+    }
+
+    /// Replaces the whole text (a full-text `code-change`), as an operation on the latest version.
+    pub fn replace(&mut self, text: &str) -> Result<Applied, EditError> {
+        let prepared = self.prepare_replace(text)?;
+        Ok(self.commit(prepared))
+    }
+
+    /// What [`Document::apply_operation`] would do, without doing it: the transformed operation,
+    /// the new text and the budget it needs (reserved until the result is committed or dropped).
+    /// The document does not change, so the edit can be offered to a shared log first.
+    pub(crate) fn prepare_operation(
+        &self,
+        base: u64,
+        op: Operation,
+    ) -> Result<Prepared, EditError> {
         let current = self.version;
         if base > current {
             return Err(EditError::FutureVersion { base, current });
@@ -256,13 +287,62 @@ impl Document {
         for applied in self.log.iter().skip(skip) {
             op = transform(&op, &applied.op)?.0;
         }
-        self.commit(op)
+        self.plan(op)
     }
 
-    /// Replaces the whole text (a full-text `code-change`), as an operation on the latest version.
-    pub fn replace(&mut self, text: &str) -> Result<Applied, EditError> {
+    /// What [`Document::replace`] would do, without doing it (see
+    /// [`Document::prepare_operation`]).
+    pub(crate) fn prepare_replace(&self, text: &str) -> Result<Prepared, EditError> {
         self.check_size(text.len())?;
-        self.commit(Operation::diff(&self.text, text))
+        self.plan(Operation::diff(&self.text, text))
+    }
+
+    /// Applies an operation that another writer already applied at `version` (the next one):
+    /// `op` is based on this document's latest version, so nothing is transformed. Refused when
+    /// it does not fit (the caller then drops this copy of the document).
+    pub(crate) fn follow(&mut self, version: u64, op: Operation) -> Result<(), EditError> {
+        let current = self.version;
+        if current.checked_add(1) != Some(version) {
+            return Err(EditError::FutureVersion {
+                base: version.saturating_sub(1),
+                current,
+            });
+        }
+        let prepared = self.plan(op)?;
+        self.commit(prepared);
+        Ok(())
+    }
+
+    /// Applies a prepared edit. It must have been prepared on this document as it is now (no
+    /// other edit committed in between), which [`Prepared::prepared_on`] lets the caller check.
+    pub(crate) fn commit(&mut self, prepared: Prepared) -> Applied {
+        let Prepared {
+            applied,
+            text,
+            logged,
+            drop_count,
+            new_log_bytes,
+            log_kept,
+            target,
+            reserved,
+            prepared_on: _,
+        } = prepared;
+        self.charge.absorb(reserved);
+        self.charge.resize_forced(target);
+        if log_kept {
+            self.log.drain(..drop_count.min(self.log.len()));
+            if let Some(entry) = logged {
+                self.log.push_back(entry);
+            }
+            self.log_bytes = new_log_bytes;
+        } else {
+            self.log.clear();
+            self.log_bytes = 0;
+        }
+        self.chars = applied.op.target_len();
+        self.text = text;
+        self.version = applied.version;
+        applied
     }
 
     fn check_size(&self, bytes: usize) -> Result<(), EditError> {
@@ -275,12 +355,13 @@ impl Document {
         Ok(())
     }
 
-    /// Applies `op` to the latest text, logs it and settles the budget; nothing changes on error.
+    /// Computes `op` applied to the latest text, the log after it and the charge it needs, and
+    /// reserves that charge; nothing changes on error.
     ///
     /// Budget policy: if the text and the log with this operation do not fit, the operation is
     /// applied with the session's log emptied (edits based on older versions will then resync);
     /// if even the text alone does not fit, the edit is refused.
-    fn commit(&mut self, op: Operation) -> Result<Applied, EditError> {
+    fn plan(&self, op: Operation) -> Result<Prepared, EditError> {
         let mut text = op.apply(&self.text)?;
         self.check_size(text.len())?;
         tighten(&mut text);
@@ -322,28 +403,63 @@ impl Document {
         } else {
             0
         };
+        let current = self.charge.bytes();
         let with_log = text.capacity().saturating_add(new_log_bytes);
-        let log_kept = match self.charge.try_resize(with_log) {
-            Ok(()) => true,
-            Err(_) => {
-                self.charge.try_resize(text.capacity()).map_err(refused)?;
-                false
-            }
-        };
-        if log_kept {
-            self.log.drain(..drop_count.min(self.log.len()));
-            if keep {
-                self.log.push_back(LogEntry { op: logged, weight });
-            }
-            self.log_bytes = new_log_bytes;
-        } else {
-            self.log.clear();
-            self.log_bytes = 0;
-        }
-        self.chars = op.target_len();
-        self.text = text;
-        self.version = version;
-        Ok(Applied { op, version })
+        let (target, log_kept, reserved) =
+            match self.charge.reserve(with_log.saturating_sub(current)) {
+                Ok(reserved) => (with_log, true, reserved),
+                Err(_) => {
+                    let alone = text.capacity();
+                    let reserved = self
+                        .charge
+                        .reserve(alone.saturating_sub(current))
+                        .map_err(refused)?;
+                    (alone, false, reserved)
+                }
+            };
+        Ok(Prepared {
+            applied: Applied { op, version },
+            text,
+            logged: keep.then_some(LogEntry { op: logged, weight }),
+            drop_count,
+            new_log_bytes,
+            log_kept,
+            target,
+            reserved,
+            prepared_on: self.version,
+        })
+    }
+}
+
+/// An edit computed by [`Document::prepare_operation`] or [`Document::prepare_replace`], with
+/// the budget it needs reserved; applied by [`Document::commit`], or released when dropped.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    applied: Applied,
+    text: String,
+    logged: Option<LogEntry>,
+    drop_count: usize,
+    new_log_bytes: usize,
+    log_kept: bool,
+    target: usize,
+    reserved: Charge,
+    prepared_on: u64,
+}
+
+impl Prepared {
+    /// The operation as it will be applied and the version it will make.
+    pub(crate) fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    /// The text after the edit.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The document version this edit was prepared on.
+    pub(crate) fn prepared_on(&self) -> u64 {
+        self.prepared_on
     }
 }
 

@@ -30,19 +30,26 @@ mod document;
 mod messages;
 pub mod ot;
 mod sessions;
+mod store;
 mod web;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use switchboard_core::engine::{
+    Append, Appended, ConnRef, EngineError, EngineEvent, Expect, Put, Read, ReadFrom, Retention,
+};
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    Broadcaster, ClientKey, CloseReason, Context, Engine, Frame, Handshake, HttpRequest,
-    HttpResponse, LocalBroadcaster, LocalPresence, MemoryBudget, Peer, Presence, Protocol, Reject,
+    ClientKey, CloseReason, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse,
+    MemoryBudget, Protocol, Reject,
 };
-use tracing::debug;
+use tracing::{debug, warn};
+use uuid::Uuid;
 
 pub use client::{ClientDocument, OutgoingEdit};
 pub use document::{Applied, Document, DocumentLimits, EditError, TEXT_SLACK_BYTES};
@@ -58,6 +65,7 @@ pub use sessions::{
 use budget::RateBucket;
 use messages::{CodeUpdate, SessionState, error_frame, frame};
 use sessions::{CreationLimits, Registry, Session, Ttls};
+use store::{Record, RecordMeta};
 
 /// JSON escaping can turn one byte of text into six (`\u0001`); frames are sized for that.
 const JSON_ESCAPE_FACTOR: usize = 6;
@@ -186,12 +194,30 @@ impl Config {
     }
 }
 
+/// Attempts at appending one edit when other edits keep landing first; then the edit is refused
+/// (with a resync) rather than retried forever.
+const MAX_EDIT_ATTEMPTS: usize = 16;
+/// Attempts at a compare-and-set of the session's record (language, keep-alive).
+const MAX_CAS_ATTEMPTS: usize = 8;
+/// Log entries read at once when this node's copy of a document catches up.
+const READ_BATCH: usize = 256;
+/// Rounds of catching up (reads, reloads) one edit may take before it is refused.
+const MAX_SYNC_ROUNDS: usize = 8;
+/// Display-name keys read at once when listing participants.
+const SCAN_PAGE: usize = 256;
+/// The session log's time to live is at least this long (an idle TTL of zero would make every
+/// append start a new log).
+const MIN_LOG_TTL: Duration = Duration::from_secs(1);
+
 /// The collab protocol.
+///
+/// What a session is (its record, its log of edits, its presence) lives in the node's state
+/// engine, so several nodes serve the same sessions; what this value holds is node-local: the
+/// configuration, the registry of sessions this node serves with its copies of their documents,
+/// and the per-client shares and byte budgets that protect this node's memory.
 pub struct Collab {
     config: Config,
     sessions: Registry,
-    broadcaster: Arc<dyn Broadcaster>,
-    presence: Arc<dyn Presence>,
 }
 
 impl std::fmt::Debug for Collab {
@@ -204,21 +230,9 @@ impl std::fmt::Debug for Collab {
 }
 
 impl Collab {
-    /// A collab server with in-process fan-out and presence.
+    /// A collab server. Sessions are shared through the runtime's state engine
+    /// (`ServerConfig::engine`): one node by default, a cluster when the engine spans nodes.
     pub fn new(config: Config) -> Self {
-        Self::with_backends(
-            config,
-            Arc::new(LocalBroadcaster::new()),
-            Arc::new(LocalPresence::new()),
-        )
-    }
-
-    /// A collab server with the given fan-out and presence backends.
-    pub fn with_backends(
-        config: Config,
-        broadcaster: Arc<dyn Broadcaster>,
-        presence: Arc<dyn Presence>,
-    ) -> Self {
         let sessions = Registry::new(
             config.max_sessions,
             Ttls {
@@ -236,12 +250,7 @@ impl Collab {
             },
             Instant::now(),
         );
-        Self {
-            config,
-            sessions,
-            broadcaster,
-            presence,
-        }
+        Self { config, sessions }
     }
 
     /// The configuration.
@@ -249,31 +258,67 @@ impl Collab {
         &self.config
     }
 
-    /// Sessions currently held in memory (idle ones awaiting removal included).
+    /// Sessions this node currently holds (idle ones awaiting removal included).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
 
-    /// Bytes of session state charged to the server-wide budget now (never above
+    /// Bytes of session state charged to this node's budget now (never above
     /// [`Config::max_state_bytes`] nor [`Config::worst_case_state_bytes`]).
     pub fn state_bytes(&self) -> usize {
         self.sessions.budget().used()
     }
 
-    /// The server-wide budget session state is charged to.
+    /// This node's budget session state is charged to.
     pub fn budget(&self) -> &MemoryBudget {
         self.sessions.budget()
     }
 
-    /// Bytes of session state charged to the client at `ip` (the sessions it created; its share
-    /// of [`Config::max_state_bytes_per_client`]).
+    /// Bytes of session state charged to the client at `ip` on this node (the sessions it made
+    /// this node hold; its share of [`Config::max_state_bytes_per_client`]).
     pub fn state_bytes_of(&self, ip: std::net::IpAddr) -> usize {
         self.sessions.state_bytes_of(ClientKey::from_ip(ip))
     }
 
-    /// Live sessions the client at `ip` has created (its share of [`Config::max_sessions_per_client`]).
+    /// Live sessions the client at `ip` made this node hold (its share of
+    /// [`Config::max_sessions_per_client`]).
     pub fn sessions_created_by(&self, ip: std::net::IpAddr) -> usize {
         self.sessions.created_by(ClientKey::from_ip(ip))
+    }
+
+    /// How long a session's record lives without a keep-alive: the idle TTL once someone
+    /// joined, the (shorter) unjoined TTL before.
+    fn ttl(&self, joined: bool) -> Duration {
+        if joined {
+            self.config.idle_ttl
+        } else {
+            self.config.unjoined_ttl.min(self.config.idle_ttl)
+        }
+    }
+
+    /// How often a node with sockets on a session writes its record again: a quarter of the
+    /// shorter TTL, so the record never expires while someone is connected.
+    fn refresh_every(&self) -> Duration {
+        (self.ttl(false) / 4).clamp(Duration::from_millis(10), Duration::from_secs(60))
+    }
+
+    /// The bounds of a session's log: the operation-log limits, plus room for one maximal
+    /// entry (each entry is a whole `code-update` frame, document included), forgotten after
+    /// the idle TTL without an edit (the record's snapshot holds the document by then).
+    fn retention(&self) -> Retention {
+        Retention::trim(
+            self.config.max_op_log.max(1),
+            self.config
+                .max_op_log_bytes
+                .saturating_add(self.config.max_outbound_frame_bytes()),
+        )
+        .with_ttl(self.config.idle_ttl.max(MIN_LOG_TTL))
+    }
+
+    fn full_error(&self) -> EditError {
+        EditError::OutOfMemory {
+            limit: self.config.max_state_bytes,
+        }
     }
 }
 
@@ -288,6 +333,8 @@ struct Identity {
 pub struct CollabConn {
     session_id: String,
     session: Option<Arc<Session>>,
+    /// The session's incarnation in the engine (names its topic), once its record is known.
+    generation: Option<Arc<str>>,
     user: Option<Identity>,
     /// Who is connecting, for the per-client share of session creation.
     client: ClientKey,
@@ -295,6 +342,35 @@ pub struct CollabConn {
     relays: RateBucket,
     /// This connection's allowance of `session-state` frames.
     resyncs: RateBucket,
+}
+
+/// Why an edit (or another change to a session) was refused.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// The document refused it.
+    #[error("{0}")]
+    Edit(#[from] EditError),
+    /// The state engine failed.
+    #[error("{0}; try again")]
+    Engine(EngineError),
+    /// Other changes kept landing first.
+    #[error(
+        "the session changed too often while this change was applied; resync from the session-state that follows"
+    )]
+    Busy,
+    /// The session expired or was created again meanwhile.
+    #[error("the session no longer exists; reconnect")]
+    Gone,
+}
+
+impl From<EngineError> for Refusal {
+    fn from(error: EngineError) -> Self {
+        Self::Engine(error)
+    }
+}
+
+fn corrupt(error: serde_json::Error) -> EngineError {
+    EngineError::Corrupt(format!("collab session record: {error}"))
 }
 
 /// The session id of a WebSocket path `/ws/<sessionId>`.
@@ -314,6 +390,24 @@ fn session_id_from_path(path: &str) -> Result<&str, Reject> {
     Ok(id)
 }
 
+/// The document a joiner or a reader sees: the log's newest entry when it is at least as new as
+/// the record's snapshot, else the snapshot (parsed only then).
+fn newest_document(
+    read: &Read,
+    meta: &RecordMeta,
+    record_bytes: &[u8],
+) -> Result<(String, u64), EngineError> {
+    if let Read::Entries { entries, .. } = read
+        && let Some(entry) = entries.last()
+        && let Ok(state) = store::logged_state(&entry.frame)
+        && state.version >= meta.version
+    {
+        return Ok((state.code, state.version));
+    }
+    let record = Record::decode(record_bytes).map_err(corrupt)?;
+    Ok((record.code, record.version))
+}
+
 impl Protocol for Collab {
     type Conn = CollabConn;
 
@@ -325,8 +419,11 @@ impl Protocol for Collab {
         let id = session_id_from_path(handshake.path)?;
         let client = ClientKey::from_ip(handshake.client_ip);
         let now = Instant::now();
+        // Admission is synchronous: this node's limits decide (a session new to this node
+        // counts against them even if another node created it); the engine's record is read
+        // or written when the socket opens.
         self.sessions
-            .get_or_create(id, &self.config.default_language, client, now)
+            .get_or_create(id, client, now)
             .map_err(|refused| {
                 if refused.is_per_client() {
                     Reject::TooMany(refused.to_string())
@@ -337,6 +434,7 @@ impl Protocol for Collab {
         Ok(CollabConn {
             session_id: id.to_owned(),
             session: None,
+            generation: None,
             user: None,
             client,
             relays: RateBucket::new(self.config.relay_burst, now),
@@ -345,40 +443,62 @@ impl Protocol for Collab {
     }
 
     async fn on_open(&self, conn: &mut CollabConn, cx: &Context<'_>) {
-        let peer = cx.peer();
-        match self.sessions.attach(
-            &conn.session_id,
-            &self.config.default_language,
-            conn.client,
-            Instant::now(),
-        ) {
-            Ok(session) => conn.session = Some(session),
+        let session = match self
+            .sessions
+            .attach(&conn.session_id, conn.client, Instant::now())
+        {
+            Ok(session) => session,
             Err(refused) => {
                 // Only when the session idled out between admission and open and could not be
                 // created again (a limit was reached meanwhile).
-                let _ = peer.send(error_frame(&refused.to_string()));
-                peer.close(CloseReason::new(
+                let _ = cx.send(error_frame(&refused.to_string()));
+                cx.close(CloseReason::new(
                     CloseReason::POLICY,
                     "session could not be created",
+                ));
+                return;
+            }
+        };
+        conn.session = Some(session.clone());
+        match self.ensure_record(cx.engine(), &session).await {
+            Ok(generation) => conn.generation = Some(generation),
+            Err(error) => {
+                let _ = cx.send(error_frame(&format!(
+                    "the session could not be opened ({error}); try again later"
+                )));
+                cx.close(CloseReason::new(
+                    CloseReason::TRY_AGAIN_LATER,
+                    "session could not be opened",
                 ));
             }
         }
     }
 
     async fn on_text(&self, conn: &mut CollabConn, cx: &Context<'_>, text: &str) {
-        let peer = cx.peer();
-        self.handle(conn, peer, text);
+        self.handle(conn, cx, text).await;
     }
 
     async fn on_close(&self, mut conn: CollabConn, cx: &Context<'_>) {
-        let peer = cx.peer();
         let Some(session) = conn.session.take() else {
             return;
         };
-        if let Some(user) = conn.user.take() {
-            self.leave(&session, &user, peer);
+        if let (Some(user), Some(generation)) = (conn.user.take(), &conn.generation) {
+            self.leave(cx, &session, generation, &user).await;
         }
-        self.sessions.detach(&session, Instant::now());
+        if self.sessions.detach(&session, Instant::now()) {
+            // This node's last socket: write the newest document and start the idle clock.
+            self.keep_alive(cx.engine(), &session, true).await;
+        }
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        Some(self.refresh_every())
+    }
+
+    async fn on_tick(&self, conn: &mut CollabConn, cx: &Context<'_>) {
+        if let Some(session) = &conn.session {
+            self.keep_alive(cx.engine(), session, false).await;
+        }
     }
 
     fn default_max_frame_bytes(&self) -> usize {
@@ -390,24 +510,41 @@ impl Protocol for Collab {
     }
 
     /// The REST API (`/api/sessions...`) and the browser demo client (`GET /`, see `web/`).
-    async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
-        self.rest(&request).or_else(|| web::serve(&request))
+    async fn http(&self, engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
+        match self.rest(engine, &request).await {
+            Some(response) => Some(response),
+            None => web::serve(&request),
+        }
+    }
+
+    async fn on_engine_event(&self, engine: &Engine, event: EngineEvent) {
+        let EngineEvent::MemberExpired { room, member } = event;
+        let Some((id, generation)) = store::parse_topic(&room) else {
+            return;
+        };
+        // The member's node is gone: announce it exactly as its last socket closing would have.
+        self.forget_username(engine, id, generation, &room, &member)
+            .await;
+        let left = frame("participant-left", &json!({ "userId": member }));
+        if let Err(error) = engine.publish(&room, left, None).await {
+            warn!(session = id, user = %member, %error, "participant-left not announced");
+        }
+        debug!(session = id, user = %member, "participant expired with its node");
     }
 }
 
 impl Collab {
-    fn handle(&self, conn: &mut CollabConn, peer: &Peer, text: &str) {
-        let Some(session) = conn.session.clone() else {
+    async fn handle(&self, conn: &mut CollabConn, cx: &Context<'_>, text: &str) {
+        if conn.session.is_none() || conn.generation.is_none() {
             return;
-        };
+        }
         let message = match parse(text) {
             Ok(message) => message,
             Err(error) => {
-                let _ = peer.send(error_frame(&error.message));
+                let _ = cx.send(error_frame(&error.message));
                 // A refused edit leaves the client's copy ahead of the server's: resync it.
                 if error.kind == Some("code-change") && conn.user.is_some() {
-                    let state = lock(&session.state);
-                    self.resync(&mut conn.resyncs, &session, &state, peer);
+                    self.resync(conn, cx).await;
                 }
                 return;
             }
@@ -421,72 +558,112 @@ impl Collab {
             Instant::now(),
         ) {
             let kind = kind_of(&message);
-            let _ = peer.send(error_frame(&format!(
+            let _ = cx.send(error_frame(&format!(
                 "{kind} refused: rate limit of {} frames a second (burst {}) reached; slow down",
                 self.config.relay_per_second, self.config.relay_burst
             )));
             if matches!(message, ClientMessage::CodeChange(_)) && conn.user.is_some() {
-                let state = lock(&session.state);
-                self.resync(&mut conn.resyncs, &session, &state, peer);
+                self.resync(conn, cx).await;
             }
             return;
         }
         let message = match message {
-            ClientMessage::Join(join) => return self.join(conn, &session, peer, join),
+            ClientMessage::Join(join) => return self.join(conn, cx, join).await,
             other => other,
         };
-        let Some(user) = conn.user.clone() else {
-            let _ = peer.send(error_frame(&format!(
+        let (Some(session), Some(generation), Some(user)) = (
+            conn.session.clone(),
+            conn.generation.clone(),
+            conn.user.clone(),
+        ) else {
+            let _ = cx.send(error_frame(&format!(
                 "Not joined: send join-session before {}",
                 kind_of(&message)
             )));
             return;
         };
+        let engine = cx.engine();
+        let topic = store::topic(&session.id, &generation);
         match message {
             ClientMessage::Join(_) => {}
             ClientMessage::Leave => {
-                self.leave(&session, &user, peer);
+                self.leave(cx, &session, &generation, &user).await;
                 conn.user = None;
             }
             ClientMessage::CodeChange(change) => {
-                self.code_change(&session, &user, peer, &mut conn.resyncs, change);
+                if let Err(refusal) = self
+                    .apply_change(cx, &session, &generation, &user, change)
+                    .await
+                {
+                    debug!(session = %session.id, user = %user.user_id, %refusal, "edit refused");
+                    let _ = cx.send(error_frame(&format!("code-change refused: {refusal}")));
+                    self.resync(conn, cx).await;
+                }
             }
             ClientMessage::CursorMove(cursor) => {
                 let update = frame(
                     "cursor-update",
                     &json!({ "userId": user.user_id, "cursor": cursor }),
                 );
-                self.broadcaster
-                    .publish(&session.topic, &update, Some(peer.id()));
+                self.publish(cx, &topic, "cursor-move", update, Some(cx.me()))
+                    .await;
             }
             ClientMessage::LanguageChange(language) => {
-                let mut state = lock(&session.state);
-                let updated = frame(
-                    "language-updated",
-                    &json!({ "userId": user.user_id, "language": language }),
-                );
-                state.language = language;
-                self.broadcaster.publish(&session.topic, &updated, None);
+                match self
+                    .set_language(engine, &session.id, &generation, &language)
+                    .await
+                {
+                    Ok(()) => {
+                        let updated = frame(
+                            "language-updated",
+                            &json!({ "userId": user.user_id, "language": language }),
+                        );
+                        self.publish(cx, &topic, "language-change", updated, None)
+                            .await;
+                    }
+                    Err(refusal) => {
+                        let _ =
+                            cx.send(error_frame(&format!("language-change refused: {refusal}")));
+                    }
+                }
             }
             ClientMessage::ExecuteCode(request) => {
                 let mut payload = Map::new();
+                if let Some(code) = &request.code
+                    && code.len() > self.config.max_document_bytes
+                {
+                    let _ = cx.send(error_frame(&format!(
+                        "Invalid execute-code payload: \"code\" is {} bytes, over the document limit of {} bytes",
+                        code.len(),
+                        self.config.max_document_bytes
+                    )));
+                    return;
+                }
                 let language = match request.language {
                     Some(language) => language,
-                    None => lock(&session.state).language.clone(),
+                    None => match self.read_meta(engine, &session.id).await {
+                        Ok(Some(meta)) => meta.language,
+                        Ok(None) => {
+                            let _ = cx.send(error_frame(&format!(
+                                "execute-code refused: {}",
+                                Refusal::Gone
+                            )));
+                            return;
+                        }
+                        Err(error) => {
+                            let _ = cx.send(error_frame(&format!(
+                                "execute-code refused: {}",
+                                Refusal::Engine(error)
+                            )));
+                            return;
+                        }
+                    },
                 };
                 payload.insert("language".to_owned(), Value::String(language));
                 if let Some(code) = request.code {
-                    if code.len() > self.config.max_document_bytes {
-                        let _ = peer.send(error_frame(&format!(
-                            "Invalid execute-code payload: \"code\" is {} bytes, over the document limit of {} bytes",
-                            code.len(),
-                            self.config.max_document_bytes
-                        )));
-                        return;
-                    }
                     payload.insert("code".to_owned(), Value::String(code));
                 }
-                self.relay(&session, &user, peer, "execute-code", payload);
+                self.relay(cx, &topic, &user, "execute-code", payload).await;
             }
             ClientMessage::ExecutionResult(payload) => {
                 let bytes = ["output", "error"]
@@ -495,37 +672,104 @@ impl Collab {
                     .map(str::len)
                     .fold(0usize, usize::saturating_add);
                 if bytes > self.config.max_document_bytes {
-                    let _ = peer.send(error_frame(&format!(
+                    let _ = cx.send(error_frame(&format!(
                         "Invalid execution-result payload: \"output\" and \"error\" are {bytes} bytes, over the limit of {} bytes",
                         self.config.max_document_bytes
                     )));
                     return;
                 }
-                self.relay(&session, &user, peer, "execution-result", payload);
+                self.relay(cx, &topic, &user, "execution-result", payload)
+                    .await;
             }
         }
     }
 
-    fn join(&self, conn: &mut CollabConn, session: &Session, peer: &Peer, join: Join) {
+    /// Publishes an unlogged frame (cursor, language, relay, announcement) to the session's
+    /// topic; an engine failure becomes an error frame for `kind`.
+    async fn publish(
+        &self,
+        cx: &Context<'_>,
+        topic: &str,
+        kind: &str,
+        frame: Frame,
+        except: Option<ConnRef>,
+    ) {
+        if let Err(error) = cx.engine().publish(topic, frame, except).await {
+            let _ = cx.send(error_frame(&format!(
+                "{kind} refused: {}",
+                Refusal::Engine(error)
+            )));
+        }
+    }
+
+    async fn relay(
+        &self,
+        cx: &Context<'_>,
+        topic: &str,
+        user: &Identity,
+        kind: &str,
+        mut payload: Map<String, Value>,
+    ) {
+        payload.insert("userId".to_owned(), Value::String(user.user_id.clone()));
+        let relayed = frame(kind, &payload);
+        self.publish(cx, topic, kind, relayed, Some(cx.me())).await;
+    }
+
+    async fn join(&self, conn: &mut CollabConn, cx: &Context<'_>, join: Join) {
         if let Some(user) = &conn.user {
-            let _ = peer.send(error_frame(&format!(
+            let _ = cx.send(error_frame(&format!(
                 "Already joined as {:?}: a connection's identity cannot change",
                 user.user_id
             )));
             return;
         }
-        let mut state = lock(&session.state);
-        let present = self.presence.is_present(&session.id, &join.user_id);
-        if !present && self.presence.member_count(&session.id) >= self.config.max_participants {
-            let _ = peer.send(error_frame(&format!(
-                "Session is full: at most {} participants",
-                self.config.max_participants
-            )));
+        let (Some(session), Some(generation)) = (conn.session.clone(), conn.generation.clone())
+        else {
             return;
+        };
+        let engine = cx.engine();
+        let topic = store::topic(&session.id, &generation);
+        let user_id = join.user_id;
+        let first = match engine.presence_join(&topic, &user_id, cx.me()).await {
+            Ok(first) => first,
+            Err(error) => {
+                let _ = cx.send(error_frame(&self.join_refused(&error)));
+                return;
+            }
+        };
+        let undo = JoinUndo {
+            session: &session,
+            generation: &generation,
+            topic: &topic,
+            user_id: &user_id,
+            local: false,
+        };
+        // The participant limit counts users across every node; presence lists them in the
+        // order they joined, so of several users joining at once the later ones are refused.
+        if first {
+            let admitted = match engine.presence_members(&topic).await {
+                Ok(members) => members
+                    .iter()
+                    .position(|member| *member == user_id)
+                    .is_some_and(|at| at < self.config.max_participants),
+                Err(error) => {
+                    self.undo_join(cx, undo).await;
+                    let _ = cx.send(error_frame(&self.join_refused(&error)));
+                    return;
+                }
+            };
+            if !admitted {
+                self.undo_join(cx, undo).await;
+                let _ = cx.send(error_frame(&format!(
+                    "Session is full: at most {} participants",
+                    self.config.max_participants
+                )));
+                return;
+            }
         }
-        // A new participant is charged before anything is stored for them.
-        let new_name = !state.usernames.contains_key(&join.user_id);
-        if new_name && let Err(refused) = state.charge.try_grow(PARTICIPANT_BYTES) {
+        // A user new to this node is charged to this node's budget before anything is kept.
+        if let Err(refused) = session.add_user(&user_id) {
+            self.undo_join(cx, undo).await;
             let whose = match refused {
                 budget::Refused::Server(_) => "the server's memory for sessions is full",
                 budget::Refused::Client(_) => {
@@ -535,167 +779,661 @@ impl Collab {
             let limit = match refused {
                 budget::Refused::Server(limit) | budget::Refused::Client(limit) => limit,
             };
-            let _ = peer.send(error_frame(&format!(
+            let _ = cx.send(error_frame(&format!(
                 "{whose} ({limit} bytes); cannot join now, try again later"
             )));
             return;
         }
-        let first = self.presence.join(&session.id, &join.user_id, peer.id());
-        state.joined_once = true;
-        let username = state
-            .usernames
-            .entry(join.user_id.clone())
-            .or_insert_with(|| join.username.unwrap_or_else(|| join.user_id.clone()))
-            .clone();
-        if !self.resync(&mut conn.resyncs, session, &state, peer) {
-            // Closing: undo the join so that nobody sees a participant who is not there.
-            if self.presence.leave(&session.id, &join.user_id, peer.id())
-                && state.usernames.remove(&join.user_id).is_some()
-            {
-                state.charge.shrink(PARTICIPANT_BYTES);
-            }
+        let undo = JoinUndo {
+            local: true,
+            ..undo
+        };
+        let username = join.username.unwrap_or_else(|| user_id.clone());
+        // The display name of the user's first socket (on any node) is the one shown.
+        if first
+            && let Err(error) = engine
+                .put(
+                    &store::user_key(&session.id, &generation, &user_id),
+                    Bytes::from(username.clone().into_bytes()),
+                    Expect::Any,
+                    Some(self.ttl(true)),
+                )
+                .await
+        {
+            self.undo_join(cx, undo).await;
+            let _ = cx.send(error_frame(&self.join_refused(&error)));
             return;
         }
-        self.broadcaster.subscribe(&session.topic, peer);
+        if !self.spend_resync(conn, cx) {
+            // Closing: undo the join so that nobody sees a participant who is not there.
+            self.undo_join(cx, undo).await;
+            return;
+        }
+        if let Err(error) = self.send_state(cx, &session, &generation).await {
+            self.undo_join(cx, undo).await;
+            let _ = cx.send(error_frame(&self.join_refused(&error)));
+            return;
+        }
         if first {
             let joined = frame(
                 "participant-joined",
                 &Participant {
-                    user_id: join.user_id.clone(),
+                    user_id: user_id.clone(),
                     username,
                 },
             );
-            self.broadcaster
-                .publish(&session.topic, &joined, Some(peer.id()));
+            self.publish(cx, &topic, "join-session", joined, Some(cx.me()))
+                .await;
         }
-        drop(state);
-        debug!(session = %session.id, user = %join.user_id, conn = %peer.id(), "joined");
-        conn.user = Some(Identity {
-            user_id: join.user_id,
-        });
+        if !session.joined_once() {
+            lock(&session.state).joined_once = true;
+            // The session now lives for the idle TTL rather than the unjoined one.
+            self.keep_alive(engine, &session, true).await;
+        }
+        debug!(session = %session.id, user = %user_id, conn = %cx.me(), "joined");
+        conn.user = Some(Identity { user_id });
     }
 
-    fn leave(&self, session: &Session, user: &Identity, peer: &Peer) {
-        let mut state = lock(&session.state);
-        self.broadcaster.unsubscribe(&session.topic, peer.id());
-        if self.presence.leave(&session.id, &user.user_id, peer.id()) {
-            if state.usernames.remove(&user.user_id).is_some() {
-                state.charge.shrink(PARTICIPANT_BYTES);
+    fn join_refused(&self, error: &EngineError) -> String {
+        match error {
+            EngineError::Full(_) => format!(
+                "the server's memory for sessions is full ({} bytes); cannot join now, try again later",
+                self.config.max_state_bytes
+            ),
+            other => format!("cannot join now ({other}); try again later"),
+        }
+    }
+
+    async fn undo_join(&self, cx: &Context<'_>, undo: JoinUndo<'_>) {
+        if undo.local {
+            undo.session.remove_user(undo.user_id);
+        }
+        let engine = cx.engine();
+        match engine
+            .presence_leave(undo.topic, undo.user_id, cx.me())
+            .await
+        {
+            Ok(true) => {
+                self.forget_username(
+                    engine,
+                    &undo.session.id,
+                    undo.generation,
+                    undo.topic,
+                    undo.user_id,
+                )
+                .await;
             }
-            let left = frame("participant-left", &json!({ "userId": user.user_id }));
-            self.broadcaster.publish(&session.topic, &left, None);
+            Ok(false) => {}
+            Err(error) => {
+                warn!(session = %undo.session.id, user = undo.user_id, %error, "presence not undone");
+            }
         }
-        debug!(session = %session.id, user = %user.user_id, conn = %peer.id(), "left");
     }
 
-    fn code_change(
+    async fn leave(&self, cx: &Context<'_>, session: &Session, generation: &str, user: &Identity) {
+        let engine = cx.engine();
+        let topic = store::topic(&session.id, generation);
+        engine.unsubscribe(&topic, cx.peer().id());
+        session.remove_user(&user.user_id);
+        match engine.presence_leave(&topic, &user.user_id, cx.me()).await {
+            Ok(true) => {
+                self.forget_username(engine, &session.id, generation, &topic, &user.user_id)
+                    .await;
+                let left = frame("participant-left", &json!({ "userId": user.user_id }));
+                if let Err(error) = engine.publish(&topic, left, None).await {
+                    warn!(session = %session.id, user = %user.user_id, %error, "participant-left not announced");
+                }
+            }
+            Ok(false) => {}
+            Err(error) => {
+                warn!(session = %session.id, user = %user.user_id, %error, "presence not left");
+            }
+        }
+        debug!(session = %session.id, user = %user.user_id, conn = %cx.me(), "left");
+    }
+
+    /// Deletes `user`'s display name unless the user is (again) present: read, check presence,
+    /// then delete only the version read, so a name written by a rejoin meanwhile stays.
+    async fn forget_username(
         &self,
-        session: &Session,
-        user: &Identity,
-        peer: &Peer,
-        resyncs: &mut RateBucket,
-        change: Change,
+        engine: &Engine,
+        id: &str,
+        generation: &str,
+        topic: &str,
+        user: &str,
     ) {
-        // Applying and fanning out under the session lock keeps every connection's view of the
-        // document in version order.
-        let mut state = lock(&session.state);
-        let result = match change {
-            Change::FullText(text) => state.doc.replace(&text),
-            Change::Operation { base_version, op } => state.doc.apply_operation(base_version, op),
+        let key = store::user_key(id, generation, user);
+        let Ok(Some(stored)) = engine.get(&key).await else {
+            return;
         };
-        match result {
-            Ok(applied) => {
+        if matches!(engine.presence_contains(topic, user).await, Ok(false)) {
+            let _ = engine.delete(&key, Expect::Version(stored.version)).await;
+        }
+    }
+
+    /// Applies one `code-change`: brings this node's copy of the document to the log's newest
+    /// entry, transforms and applies the edit on it, and appends the resulting `code-update` to
+    /// the log only if no other edit landed meanwhile (`if_top`); otherwise catches up and
+    /// tries again. The log's order is the document's order on every node.
+    async fn apply_change(
+        &self,
+        cx: &Context<'_>,
+        session: &Session,
+        generation: &str,
+        user: &Identity,
+        change: Change,
+    ) -> Result<(), Refusal> {
+        let engine = cx.engine();
+        let topic = store::topic(&session.id, generation);
+        for _ in 0..MAX_EDIT_ATTEMPTS {
+            self.sync_replica(engine, session, generation, &topic)
+                .await?;
+            let (prepared, pos, update) = {
+                let state = lock(&session.state);
+                let Some(replica) = state.replica.as_ref() else {
+                    continue;
+                };
+                let prepared = match &change {
+                    Change::FullText(text) => replica.doc.prepare_replace(text),
+                    Change::Operation { base_version, op } => {
+                        replica.doc.prepare_operation(*base_version, op.clone())
+                    }
+                }?;
                 let update = frame(
                     "code-update",
                     &CodeUpdate {
                         user_id: &user.user_id,
-                        code: state.doc.text(),
-                        version: applied.version,
-                        ops: &applied.op,
+                        code: prepared.text(),
+                        version: prepared.applied().version,
+                        ops: &prepared.applied().op,
                     },
                 );
-                self.broadcaster
-                    .publish(&session.topic, &update, Some(peer.id()));
-                let _ = peer.send(frame("code-ack", &json!({ "version": applied.version })));
-            }
-            Err(error) => {
-                debug!(session = %session.id, user = %user.user_id, %error, "edit refused");
-                let _ = peer.send(error_frame(&format!("code-change refused: {error}")));
-                self.resync(resyncs, session, &state, peer);
+                (prepared, replica.pos, update)
+            };
+            let ack = frame(
+                "code-ack",
+                &json!({ "version": prepared.applied().version }),
+            );
+            let append = Append::publish(self.retention())
+                .if_top(pos.offset)
+                .except(cx.me());
+            match engine.append(&topic, update, append).await {
+                Ok(Appended::Done(at)) => {
+                    // Sent as soon as the append returns, nothing awaited in between: the
+                    // author's ack follows every earlier entry it was sent (those were
+                    // delivered before the append could succeed) and precedes later ones as
+                    // closely as the engine API allows (see the protocol doc).
+                    let _ = cx.send(ack);
+                    session.commit(prepared, pos, at);
+                    return Ok(());
+                }
+                Ok(Appended::Conflict(_)) => continue,
+                Err(EngineError::Full(_)) => return Err(Refusal::Edit(self.full_error())),
+                Err(error) => return Err(Refusal::Engine(error)),
             }
         }
+        Err(Refusal::Busy)
     }
 
-    fn relay(
+    /// Brings this node's copy of the session's document to the log's newest entry, loading it
+    /// (from the newest entry, or the record's snapshot) when there is none or the log cannot
+    /// continue from it.
+    async fn sync_replica(
         &self,
+        engine: &Engine,
         session: &Session,
-        user: &Identity,
-        peer: &Peer,
-        kind: &str,
-        mut payload: Map<String, Value>,
-    ) {
-        payload.insert("userId".to_owned(), Value::String(user.user_id.clone()));
-        let relayed = frame(kind, &payload);
-        self.broadcaster
-            .publish(&session.topic, &relayed, Some(peer.id()));
+        generation: &str,
+        topic: &str,
+    ) -> Result<(), Refusal> {
+        for _ in 0..MAX_SYNC_ROUNDS {
+            let pos = {
+                let state = lock(&session.state);
+                if state.generation.as_deref() != Some(generation) {
+                    return Err(Refusal::Gone);
+                }
+                state.replica.as_ref().map(|replica| replica.pos)
+            };
+            let Some(pos) = pos else {
+                self.load_replica(engine, session, generation, topic)
+                    .await?;
+                continue;
+            };
+            let (entries, top) = match engine.read(topic, ReadFrom::After(pos), READ_BATCH).await? {
+                Read::Gone { .. } => {
+                    session.forget_replica_at(pos);
+                    continue;
+                }
+                Read::Entries { entries, top } => (entries, top),
+            };
+            if entries.is_empty() {
+                let same_log =
+                    top.offset == pos.offset && (pos.offset == 0 || top.epoch == pos.epoch);
+                if same_log {
+                    return Ok(());
+                }
+                session.forget_replica_at(pos);
+                continue;
+            }
+            // Parsed outside the lock; each entry's text is skipped.
+            let edits: Result<Vec<_>, _> = entries
+                .iter()
+                .map(|entry| store::logged_edit(&entry.frame).map(|edit| (entry.offset, edit)))
+                .collect();
+            let Ok(edits) = edits else {
+                session.forget_replica_at(pos);
+                continue;
+            };
+            // Done when the copy reached the log's top; otherwise (more entries than one read,
+            // or the copy moved or went meanwhile) another round.
+            if session
+                .follow(pos, top.epoch, edits)
+                .is_some_and(|now| now.offset >= top.offset)
+            {
+                return Ok(());
+            }
+        }
+        Err(Refusal::Busy)
     }
 
-    /// Sends `session-state` (on join, or after a refused edit) if this connection's allowance
-    /// of them is not spent; otherwise closes the connection with 1008. A state frame carries the
-    /// whole document (up to about 6 MiB), so a stream of tiny frames that each earn one would
-    /// cost the server a full serialization per 40 bytes received; a legitimate client needs a
-    /// handful at most (it reconnects and joins again to resync). Returns whether it was sent.
-    fn resync(
+    /// Loads this node's copy of the document: the log's newest entry, or the record's snapshot
+    /// when that is newer (the log expired or is empty).
+    async fn load_replica(
         &self,
-        resyncs: &mut RateBucket,
+        engine: &Engine,
         session: &Session,
-        state: &sessions::SessionState,
-        peer: &Peer,
-    ) -> bool {
-        if resyncs.check_at(STATE_FRAME_BURST, STATE_FRAMES_PER_SECOND, Instant::now()) {
-            let _ = peer.send(self.state_frame(session, state));
+        generation: &str,
+        topic: &str,
+    ) -> Result<(), Refusal> {
+        let read = engine.read(topic, ReadFrom::Latest(1), 1).await?;
+        let top = match &read {
+            Read::Entries { top, .. } | Read::Gone { top } => *top,
+        };
+        let Some(stored) = engine.get(&store::record_key(&session.id)).await? else {
+            return Err(Refusal::Gone);
+        };
+        let meta = RecordMeta::decode(&stored.value).map_err(corrupt)?;
+        if meta.generation != generation {
+            return Err(Refusal::Gone);
+        }
+        let (code, version) = newest_document(&read, &meta, &stored.value)?;
+        let replica = session.load_replica(code, version, top)?;
+        let mut state = lock(&session.state);
+        if state.generation.as_deref() == Some(generation) && state.replica.is_none() {
+            state.replica = Some(replica);
+        }
+        Ok(())
+    }
+
+    /// Spends one `session-state` from this connection's allowance; past it the connection is
+    /// told why and closed with 1008. A state frame carries the whole document (up to about
+    /// 6 MiB), so a stream of tiny frames that each earn one would cost the server a full
+    /// serialization per 40 bytes received; a legitimate client needs a handful at most (it
+    /// reconnects and joins again to resync).
+    fn spend_resync(&self, conn: &mut CollabConn, cx: &Context<'_>) -> bool {
+        if conn
+            .resyncs
+            .check_at(STATE_FRAME_BURST, STATE_FRAMES_PER_SECOND, Instant::now())
+        {
             return true;
         }
-        let _ = peer.send(error_frame(
+        let _ = cx.send(error_frame(
             "too many session-state resyncs (refused edits or joins); closing: reconnect and join again",
         ));
-        peer.close(CloseReason::new(CloseReason::POLICY, "too many resyncs"));
+        cx.close(CloseReason::new(CloseReason::POLICY, "too many resyncs"));
         false
     }
 
-    fn participants(&self, session: &Session, state: &sessions::SessionState) -> Vec<Participant> {
-        self.presence
-            .members(&session.id)
-            .into_iter()
-            .map(|user_id| Participant {
-                username: state
-                    .usernames
-                    .get(&user_id)
-                    .cloned()
-                    .unwrap_or_else(|| user_id.clone()),
-                user_id,
-            })
-            .collect()
+    /// Sends a fresh `session-state` to a joined connection (after a refused edit), in order
+    /// with the session's updates; returns whether it was sent.
+    async fn resync(&self, conn: &mut CollabConn, cx: &Context<'_>) -> bool {
+        if !self.spend_resync(conn, cx) {
+            return false;
+        }
+        let (Some(session), Some(generation)) = (conn.session.clone(), conn.generation.clone())
+        else {
+            return false;
+        };
+        match self.send_state(cx, &session, &generation).await {
+            Ok(()) => true,
+            Err(error) => {
+                // The connection is no longer subscribed and its copy cannot be reset: it
+                // reconnects and joins again.
+                let _ = cx.send(error_frame(&format!(
+                    "the session's state could not be read ({error}); closing: reconnect and join again"
+                )));
+                cx.close(CloseReason::new(
+                    CloseReason::TRY_AGAIN_LATER,
+                    "session state unavailable",
+                ));
+                false
+            }
+        }
     }
 
-    fn state_frame(&self, session: &Session, state: &sessions::SessionState) -> Frame {
-        let participants = self.participants(session, state);
-        frame(
+    /// Subscribes this connection to the session's topic with a `session-state` as its replay:
+    /// the state is the document at the log's newest entry when subscribing, and every later
+    /// entry follows it exactly once, in order. Re-subscribing a subscribed connection (a
+    /// resync) is the same: updates the state already contains are not delivered again.
+    async fn send_state(
+        &self,
+        cx: &Context<'_>,
+        session: &Session,
+        generation: &str,
+    ) -> Result<(), EngineError> {
+        let engine = cx.engine();
+        let topic = store::topic(&session.id, generation);
+        let joining = engine
+            .join(&topic, cx.peer(), ReadFrom::Latest(1), 1)
+            .await?;
+        match self
+            .state_frame(engine, &session.id, generation, &topic, joining.read())
+            .await
+        {
+            Ok(state) => {
+                joining.go_live(vec![state]);
+                Ok(())
+            }
+            Err(error) => {
+                drop(joining);
+                engine.unsubscribe(&topic, cx.peer().id());
+                Err(error)
+            }
+        }
+    }
+
+    async fn state_frame(
+        &self,
+        engine: &Engine,
+        id: &str,
+        generation: &str,
+        topic: &str,
+        read: &Read,
+    ) -> Result<Frame, EngineError> {
+        let Some(stored) = engine.get(&store::record_key(id)).await? else {
+            return Err(EngineError::Unavailable(
+                "the session's record expired".to_owned(),
+            ));
+        };
+        let meta = RecordMeta::decode(&stored.value).map_err(corrupt)?;
+        let (code, version) = newest_document(read, &meta, &stored.value)?;
+        let participants = self.participants(engine, id, generation, topic).await?;
+        Ok(frame(
             "session-state",
             &SessionState {
-                code: state.doc.text(),
-                language: &state.language,
-                version: state.doc.version(),
+                code: &code,
+                language: &meta.language,
+                version,
                 participants: &participants,
             },
-        )
+        ))
     }
 
-    fn rest(&self, request: &HttpRequest) -> Option<HttpResponse> {
+    /// Everyone present, in the order they joined, with their display names.
+    async fn participants(
+        &self,
+        engine: &Engine,
+        id: &str,
+        generation: &str,
+        topic: &str,
+    ) -> Result<Vec<Participant>, EngineError> {
+        let members = engine.presence_members(topic).await?;
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefix = store::user_prefix(id, generation);
+        let mut names = HashMap::new();
+        let mut after: Option<String> = None;
+        // Names of users who left are deleted as they leave; the bound only guards against
+        // leftovers of failed deletes.
+        let most = self
+            .config
+            .max_participants
+            .saturating_add(members.len())
+            .saturating_mul(2);
+        let mut seen = 0usize;
+        loop {
+            let page = engine.scan(&prefix, after.as_deref(), SCAN_PAGE).await?;
+            let more = page.len() == SCAN_PAGE;
+            seen = seen.saturating_add(page.len());
+            for (key, stored) in page {
+                if let Some(user) = key.strip_prefix(&prefix) {
+                    names.insert(
+                        user.to_owned(),
+                        String::from_utf8_lossy(&stored.value).into_owned(),
+                    );
+                }
+                after = Some(key);
+            }
+            if !more || seen >= most {
+                break;
+            }
+        }
+        Ok(members
+            .into_iter()
+            .map(|user_id| Participant {
+                username: names.remove(&user_id).unwrap_or_else(|| user_id.clone()),
+                user_id,
+            })
+            .collect())
+    }
+
+    async fn read_meta(
+        &self,
+        engine: &Engine,
+        id: &str,
+    ) -> Result<Option<RecordMeta>, EngineError> {
+        match engine.get(&store::record_key(id)).await? {
+            Some(stored) => RecordMeta::decode(&stored.value).map(Some).map_err(corrupt),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores the session's language (compare-and-set on the record).
+    async fn set_language(
+        &self,
+        engine: &Engine,
+        id: &str,
+        generation: &str,
+        language: &str,
+    ) -> Result<(), Refusal> {
+        let key = store::record_key(id);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Some(stored) = engine.get(&key).await? else {
+                return Err(Refusal::Gone);
+            };
+            let mut record = Record::decode(&stored.value).map_err(corrupt)?;
+            if record.generation != generation {
+                return Err(Refusal::Gone);
+            }
+            record.language = language.to_owned();
+            let ttl = self.ttl(record.joined);
+            match engine
+                .put(
+                    &key,
+                    record.encode(),
+                    Expect::Version(stored.version),
+                    Some(ttl),
+                )
+                .await
+            {
+                Ok(Put::Stored(_)) => return Ok(()),
+                Ok(Put::Conflict(_)) => continue,
+                Err(EngineError::Full(_)) => return Err(Refusal::Edit(self.full_error())),
+                Err(error) => return Err(Refusal::Engine(error)),
+            }
+        }
+        Err(Refusal::Busy)
+    }
+
+    /// The session's incarnation: read from its record, or a new record written when there is
+    /// none (a socket opened a session id nobody holds).
+    async fn ensure_record(
+        &self,
+        engine: &Engine,
+        session: &Session,
+    ) -> Result<Arc<str>, EngineError> {
+        let key = store::record_key(&session.id);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            if let Some(stored) = engine.get(&key).await? {
+                let meta = RecordMeta::decode(&stored.value).map_err(corrupt)?;
+                return Ok(session.adopt(&meta.generation, false));
+            }
+            let generation = Uuid::new_v4().to_string();
+            let record = Record {
+                generation: generation.clone(),
+                language: self.config.default_language.clone(),
+                joined: false,
+                code: String::new(),
+                version: 0,
+            };
+            match engine
+                .put(&key, record.encode(), Expect::Absent, Some(self.ttl(false)))
+                .await?
+            {
+                Put::Stored(_) => return Ok(session.adopt(&generation, true)),
+                // Another node created it at the same moment: read theirs.
+                Put::Conflict(_) => continue,
+            }
+        }
+        Err(EngineError::Unavailable(
+            "the session's record kept changing".to_owned(),
+        ))
+    }
+
+    /// Keeps the session's record (and the display names of this node's users) alive while
+    /// this node has sockets on it, and copies the newest document from the log into the
+    /// record's snapshot, so the session survives its log's expiry and a late joiner always
+    /// finds the current text. At most once per [`Collab::refresh_every`] unless `force`d.
+    async fn keep_alive(&self, engine: &Engine, session: &Session, force: bool) {
+        let Some(generation) = session.generation() else {
+            return;
+        };
+        let now = Instant::now();
+        if !session.begin_refresh(now, self.refresh_every(), force) {
+            return;
+        }
+        let result = self.write_keep_alive(engine, session, &generation).await;
+        if let Err(error) = &result {
+            debug!(session = %session.id, %error, "session keep-alive failed");
+        }
+        session.end_refresh(now, result.is_ok());
+    }
+
+    async fn write_keep_alive(
+        &self,
+        engine: &Engine,
+        session: &Session,
+        generation: &str,
+    ) -> Result<(), EngineError> {
+        let key = store::record_key(&session.id);
+        let topic = store::topic(&session.id, generation);
+        let joined = session.joined_once();
+        let mut written = false;
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let stored = engine.get(&key).await?;
+            let newest = match engine.read(&topic, ReadFrom::Latest(1), 1).await? {
+                Read::Entries { entries, .. } => entries.into_iter().last(),
+                Read::Gone { .. } => None,
+            };
+            let Some(stored) = stored else {
+                // Expired although this node still serves it (a keep-alive came too late):
+                // write it again with what the log holds.
+                let (code, version) = newest
+                    .and_then(|entry| store::logged_state(&entry.frame).ok())
+                    .map(|state| (state.code, state.version))
+                    .unwrap_or_default();
+                let record = Record {
+                    generation: generation.to_owned(),
+                    language: self.config.default_language.clone(),
+                    joined,
+                    code,
+                    version,
+                };
+                match engine
+                    .put(
+                        &key,
+                        record.encode(),
+                        Expect::Absent,
+                        Some(self.ttl(joined)),
+                    )
+                    .await?
+                {
+                    Put::Stored(_) => {
+                        written = true;
+                        break;
+                    }
+                    Put::Conflict(_) => continue,
+                }
+            };
+            let meta = RecordMeta::decode(&stored.value).map_err(corrupt)?;
+            if meta.generation != generation {
+                // Another incarnation: not this node's to keep.
+                return Ok(());
+            }
+            let newer = newest.as_ref().and_then(|entry| {
+                store::logged_version(&entry.frame)
+                    .ok()
+                    .filter(|version| *version > meta.version)
+            });
+            let value = if newer.is_some() || (joined && !meta.joined) {
+                let mut record = Record::decode(&stored.value).map_err(corrupt)?;
+                if let Some(entry) = &newest
+                    && let Ok(state) = store::logged_state(&entry.frame)
+                    && state.version > record.version
+                {
+                    record.code = state.code;
+                    record.version = state.version;
+                }
+                record.joined |= joined;
+                record.encode()
+            } else {
+                stored.value.clone()
+            };
+            let ttl = self.ttl(joined || meta.joined);
+            match engine
+                .put(&key, value, Expect::Version(stored.version), Some(ttl))
+                .await?
+            {
+                Put::Stored(_) => {
+                    written = true;
+                    break;
+                }
+                Put::Conflict(_) => continue,
+            }
+        }
+        if !written {
+            return Err(EngineError::Unavailable(
+                "the session's record kept changing".to_owned(),
+            ));
+        }
+        for user in session.local_users() {
+            let key = store::user_key(&session.id, generation, &user);
+            if let Some(stored) = engine.get(&key).await? {
+                engine
+                    .put(
+                        &key,
+                        stored.value,
+                        Expect::Version(stored.version),
+                        Some(self.ttl(true)),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn rest(&self, engine: &Engine, request: &HttpRequest) -> Option<HttpResponse> {
         let path = request.path.strip_suffix('/').unwrap_or(&request.path);
         if path == "/api/sessions" {
             return Some(match request.method.as_str() {
-                "POST" => self.create_session(&request.body, ClientKey::from_ip(request.client_ip)),
+                "POST" => {
+                    self.create_session(
+                        engine,
+                        &request.body,
+                        ClientKey::from_ip(request.client_ip),
+                    )
+                    .await
+                }
                 _ => HttpResponse::json_error(405, "use POST to create a session"),
             });
         }
@@ -704,12 +1442,17 @@ impl Collab {
             return None;
         }
         Some(match request.method.as_str() {
-            "GET" => self.describe_session(id),
+            "GET" => self.describe_session(engine, id).await,
             _ => HttpResponse::json_error(405, "use GET to read a session"),
         })
     }
 
-    fn create_session(&self, body: &[u8], client: ClientKey) -> HttpResponse {
+    async fn create_session(
+        &self,
+        engine: &Engine,
+        body: &[u8],
+        client: ClientKey,
+    ) -> HttpResponse {
         #[derive(Deserialize, Default)]
         #[serde(deny_unknown_fields)]
         struct NewSession {
@@ -753,31 +1496,113 @@ impl Collab {
                 ),
             );
         }
-        match self.sessions.create(code, language, client, Instant::now()) {
-            Ok(session) => HttpResponse::json(201, &json!({ "sessionId": session.id })),
+        let session = match self.sessions.create(code.clone(), client, Instant::now()) {
+            Ok(session) => session,
             Err(refused) if refused.is_per_client() => {
-                HttpResponse::json_error(429, &refused.to_string())
+                return HttpResponse::json_error(429, &refused.to_string());
             }
-            Err(refused) => HttpResponse::json_error(503, &refused.to_string()),
+            Err(refused) => return HttpResponse::json_error(503, &refused.to_string()),
+        };
+        let generation = Uuid::new_v4().to_string();
+        let record = Record {
+            generation: generation.clone(),
+            language,
+            joined: false,
+            code,
+            version: 0,
+        };
+        let written = engine
+            .put(
+                &store::record_key(&session.id),
+                record.encode(),
+                Expect::Absent,
+                Some(self.ttl(false)),
+            )
+            .await;
+        match written {
+            Ok(Put::Stored(_)) => {
+                session.adopt(&generation, true);
+                HttpResponse::json(201, &json!({ "sessionId": session.id }))
+            }
+            Ok(Put::Conflict(_)) => {
+                // A random UUID already in use: practically never; the client retries.
+                self.sessions.remove(&session.id);
+                HttpResponse::json_error(503, "session id collision; try again")
+            }
+            Err(EngineError::Full(_)) => {
+                self.sessions.remove(&session.id);
+                HttpResponse::json_error(
+                    503,
+                    &format!(
+                        "the server's memory for sessions is full ({} bytes); try again later",
+                        self.config.max_state_bytes
+                    ),
+                )
+            }
+            Err(error) => {
+                self.sessions.remove(&session.id);
+                HttpResponse::json_error(503, &format!("{error}; try again later"))
+            }
         }
     }
 
-    fn describe_session(&self, id: &str) -> HttpResponse {
-        let Some(session) = self.sessions.get(id, Instant::now()) else {
+    async fn describe_session(&self, engine: &Engine, id: &str) -> HttpResponse {
+        let unavailable = |error: EngineError| HttpResponse::json_error(503, &error.to_string());
+        if !is_valid_session_id(id) {
+            return HttpResponse::json_error(404, "session not found");
+        }
+        let key = store::record_key(id);
+        let mut stored = match engine.get(&key).await {
+            Ok(stored) => stored,
+            Err(error) => return unavailable(error),
+        };
+        if stored.is_none()
+            && let Some(session) = self.sessions.get(id, Instant::now())
+        {
+            // A socket opened this session an instant ago and its record is being written.
+            if let Err(error) = self.ensure_record(engine, &session).await {
+                return unavailable(error);
+            }
+            stored = match engine.get(&key).await {
+                Ok(stored) => stored,
+                Err(error) => return unavailable(error),
+            };
+        }
+        let Some(stored) = stored else {
             return HttpResponse::json_error(404, "session not found");
         };
-        let state = lock(&session.state);
-        HttpResponse::json(
-            200,
-            &json!({
-                "sessionId": session.id,
-                "code": state.doc.text(),
-                "language": state.language,
-                "version": state.doc.version(),
-                "participants": self.participants(&session, &state),
-            }),
-        )
+        let described = async {
+            let meta = RecordMeta::decode(&stored.value).map_err(corrupt)?;
+            let topic = store::topic(id, &meta.generation);
+            let read = engine.read(&topic, ReadFrom::Latest(1), 1).await?;
+            let (code, version) = newest_document(&read, &meta, &stored.value)?;
+            let participants = self
+                .participants(engine, id, &meta.generation, &topic)
+                .await?;
+            Ok::<_, EngineError>(json!({
+                "sessionId": id,
+                "code": code,
+                "language": meta.language,
+                "version": version,
+                "participants": participants,
+            }))
+        };
+        match described.await {
+            Ok(body) => HttpResponse::json(200, &body),
+            Err(error) => unavailable(error),
+        }
     }
+}
+
+/// What to take back when a join is refused halfway.
+#[derive(Clone, Copy)]
+struct JoinUndo<'a> {
+    session: &'a Session,
+    generation: &'a str,
+    topic: &'a str,
+    user_id: &'a str,
+    /// Whether the user was counted on this node already.
+    local: bool,
 }
 
 fn kind_of(message: &ClientMessage) -> &'static str {

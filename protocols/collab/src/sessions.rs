@@ -1,5 +1,9 @@
-//! The session registry: a bounded map of sessions, each a document plus who is connected, with
-//! idle sessions removed once nobody has been connected for the idle TTL.
+//! This node's session registry: a bounded map of the sessions this node serves (created here, or
+//! with sockets here), each with this node's copy of the document (a cache of the engine's log,
+//! used to transform edits), its connected users and sockets, and the byte charges that protect
+//! this node's memory. Sessions here are removed once this node has had no socket on them for
+//! the idle TTL; the session itself (its record, log and presence, in the state engine) lives as
+//! long as some node keeps it alive.
 //!
 //! Expiry is lazy: a lookup treats an expired session as gone (and removes it), and the whole map
 //! is swept at most once per sweep interval and whenever it is full. Time is passed in, so the
@@ -9,11 +13,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use switchboard_core::engine::Position;
 use switchboard_core::sync::lock;
 use switchboard_core::{ClientKey, MemoryBudget, ShareRefused, Shares, TokenBuckets};
 
 use crate::budget::{Budgets, Charge, Refused};
-use crate::document::{Document, DocumentLimits};
+use crate::document::{Document, DocumentLimits, Prepared};
+use crate::store::LoggedEdit;
 
 /// Longest session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 64;
@@ -37,31 +43,206 @@ pub fn is_valid_session_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// One collaborative session.
+/// One collaborative session, as this node holds it.
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) id: String,
-    pub(crate) topic: String,
-    /// Who created it: the session counts against this client's share until it is removed.
+    /// Who made this node hold it: the session counts against this client's share until it is
+    /// removed here.
     creator: ClientKey,
+    /// The budgets this session's state is charged to (the node's and the creator's share).
+    budgets: Budgets,
+    limits: DocumentLimits,
     pub(crate) state: Mutex<SessionState>,
 }
 
-/// The mutable part of a session, behind its lock.
+/// This node's copy of a session's document, and the log position it reflects.
+#[derive(Debug)]
+pub(crate) struct Replica {
+    /// The document at the version of the log entry at `pos`, with the operations this node saw
+    /// since it loaded it (to transform late edits against).
+    pub(crate) doc: Document,
+    /// The engine log's position `doc` is at (offset 0: the log held nothing newer than the
+    /// record's snapshot when the copy was made).
+    pub(crate) pos: Position,
+}
+
+/// The mutable part of a session on this node, behind its lock (never held across an engine
+/// call).
 #[derive(Debug)]
 pub(crate) struct SessionState {
-    pub(crate) doc: Document,
-    pub(crate) language: String,
-    /// Display names of the users present (first join wins).
-    pub(crate) usernames: HashMap<String, String>,
-    /// The session's fixed overhead plus [`PARTICIPANT_BYTES`] per entry of `usernames`.
+    /// The incarnation of the session in the engine this state belongs to (see
+    /// [`crate::store`]); `None` until this node read or wrote the session's record.
+    pub(crate) generation: Option<Arc<str>>,
+    /// This node's copy of the document; `None` until an edit needs it (or after the engine's
+    /// log moved on in a way the copy cannot follow).
+    pub(crate) replica: Option<Replica>,
+    /// The session's fixed overhead plus [`PARTICIPANT_BYTES`] per entry of `users`.
     pub(crate) charge: Charge,
+    /// Users joined through this node, with how many of this node's sockets each has.
+    pub(crate) users: HashMap<String, usize>,
     /// Whether anyone ever joined: a session nobody joined expires after the shorter TTL.
     pub(crate) joined_once: bool,
-    /// Open sockets on this session, joined or not.
+    /// Open sockets on this session on this node, joined or not.
     sockets: usize,
     /// When the last socket left (or the session was created).
     empty_since: Instant,
+    /// When this node last wrote the session's record to keep it alive.
+    pub(crate) refreshed_at: Option<Instant>,
+    /// Whether a keep-alive write is under way (so concurrent ticks do not repeat it).
+    pub(crate) refreshing: bool,
+}
+
+impl Session {
+    /// The incarnation this node's state belongs to.
+    pub(crate) fn generation(&self) -> Option<Arc<str>> {
+        lock(&self.state).generation.clone()
+    }
+
+    /// Adopts incarnation `generation` of the session, read from the engine or, when `written_here`,
+    /// just written by this node from this node's copy of the document. Any other incarnation
+    /// than the one known means the copy here may not match what the engine holds: it goes, and
+    /// is loaded again when an edit needs it.
+    pub(crate) fn adopt(&self, generation: &str, written_here: bool) -> Arc<str> {
+        let mut state = lock(&self.state);
+        if let Some(known) = &state.generation
+            && **known == *generation
+        {
+            return known.clone();
+        }
+        let keep = written_here && state.generation.is_none();
+        if !keep {
+            state.replica = None;
+        }
+        let generation: Arc<str> = generation.into();
+        state.generation = Some(generation.clone());
+        generation
+    }
+
+    /// Drops the copy of the document unless it moved past `pos` (the caller found that the
+    /// engine's log cannot continue from there).
+    pub(crate) fn forget_replica_at(&self, pos: Position) {
+        let mut state = lock(&self.state);
+        if state.replica.as_ref().is_some_and(|r| r.pos == pos) {
+            state.replica = None;
+        }
+    }
+
+    /// Applies edits read from the log after `pos` (in `epoch`) to this node's copy, if it is
+    /// still at `pos`; returns the copy's new position. An entry that does not continue the copy
+    /// (a gap, a version out of sequence, a document that no longer fits this node's budget)
+    /// drops the copy, to be loaded afresh.
+    pub(crate) fn follow(
+        &self,
+        pos: Position,
+        epoch: u64,
+        edits: Vec<(u64, LoggedEdit)>,
+    ) -> Option<Position> {
+        let mut state = lock(&self.state);
+        let replica = state.replica.as_mut()?;
+        if replica.pos != pos {
+            return None;
+        }
+        for (offset, edit) in edits {
+            let continues = Some(offset) == replica.pos.offset.checked_add(1)
+                && replica.doc.follow(edit.version, edit.op).is_ok();
+            if !continues {
+                state.replica = None;
+                return None;
+            }
+            replica.pos = Position { offset, epoch };
+        }
+        Some(replica.pos)
+    }
+
+    /// Applies an edit this node appended at `at`, if the copy is still where the edit was
+    /// prepared (`pos`); otherwise the copy already followed the log past it, or went.
+    pub(crate) fn commit(&self, prepared: Prepared, pos: Position, at: Position) {
+        let mut state = lock(&self.state);
+        if let Some(replica) = state.replica.as_mut()
+            && replica.pos == pos
+            && replica.doc.version() == prepared.prepared_on()
+        {
+            replica.doc.commit(prepared);
+            replica.pos = at;
+        }
+    }
+
+    /// A fresh copy of the document at `version`, charged to this session's budgets.
+    pub(crate) fn load_replica(
+        &self,
+        code: String,
+        version: u64,
+        pos: Position,
+    ) -> Result<Replica, crate::document::EditError> {
+        let doc = Document::loaded(code, version, self.limits, &self.budgets)?;
+        Ok(Replica { doc, pos })
+    }
+
+    /// Counts one more socket of `user` on this node; a user new here is charged
+    /// [`PARTICIPANT_BYTES`] first.
+    pub(crate) fn add_user(&self, user: &str) -> Result<(), Refused> {
+        let mut state = lock(&self.state);
+        if let Some(count) = state.users.get_mut(user) {
+            *count = count.saturating_add(1);
+            return Ok(());
+        }
+        state.charge.try_grow(PARTICIPANT_BYTES)?;
+        state.users.insert(user.to_owned(), 1);
+        Ok(())
+    }
+
+    /// Counts one socket of `user` fewer; the user's charge goes with its last socket here.
+    pub(crate) fn remove_user(&self, user: &str) {
+        let mut state = lock(&self.state);
+        let last = match state.users.get_mut(user) {
+            Some(count) => {
+                *count = count.saturating_sub(1);
+                *count == 0
+            }
+            None => false,
+        };
+        if last {
+            state.users.remove(user);
+            state.charge.shrink(PARTICIPANT_BYTES);
+        }
+    }
+
+    /// The users joined through this node.
+    pub(crate) fn local_users(&self) -> Vec<String> {
+        lock(&self.state).users.keys().cloned().collect()
+    }
+
+    /// Whether anyone joined, as far as this node knows.
+    pub(crate) fn joined_once(&self) -> bool {
+        lock(&self.state).joined_once
+    }
+
+    /// Starts a keep-alive write if none is under way and the last one is older than `every`
+    /// (or `force`); returns whether the caller should write.
+    pub(crate) fn begin_refresh(&self, now: Instant, every: Duration, force: bool) -> bool {
+        let mut state = lock(&self.state);
+        if state.refreshing {
+            return false;
+        }
+        let due = force
+            || state
+                .refreshed_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= every);
+        if due {
+            state.refreshing = true;
+        }
+        due
+    }
+
+    /// Ends a keep-alive write started with [`Session::begin_refresh`].
+    pub(crate) fn end_refresh(&self, now: Instant, written: bool) {
+        let mut state = lock(&self.state);
+        state.refreshing = false;
+        if written {
+            state.refreshed_at = Some(now);
+        }
+    }
 }
 
 /// The two idle TTLs.
@@ -246,7 +427,6 @@ impl Registry {
     pub(crate) fn create(
         &self,
         code: String,
-        language: String,
         creator: ClientKey,
         now: Instant,
     ) -> Result<Arc<Session>, CreateError> {
@@ -258,14 +438,13 @@ impl Registry {
                 break id;
             }
         };
-        self.insert(&mut map, id, code, language, creator, now)
+        self.insert(&mut map, id, code, creator, now)
     }
 
-    /// The live session `id`, created empty (with `language`) for `creator` if it does not exist.
+    /// The live session `id`, created empty for `creator` if this node does not hold it.
     pub(crate) fn get_or_create(
         &self,
         id: &str,
-        language: &str,
         creator: ClientKey,
         now: Instant,
     ) -> Result<Arc<Session>, CreateError> {
@@ -273,14 +452,7 @@ impl Registry {
         self.maybe_sweep(&mut map, now);
         match self.live(&mut map, id, now) {
             Some(session) => Ok(session),
-            None => self.insert(
-                &mut map,
-                id.to_owned(),
-                String::new(),
-                language.to_owned(),
-                creator,
-                now,
-            ),
+            None => self.insert(&mut map, id.to_owned(), String::new(), creator, now),
         }
     }
 
@@ -288,7 +460,6 @@ impl Registry {
     pub(crate) fn attach(
         &self,
         id: &str,
-        language: &str,
         creator: ClientKey,
         now: Instant,
     ) -> Result<Arc<Session>, CreateError> {
@@ -297,14 +468,7 @@ impl Registry {
         let mut map = lock(&self.map);
         let session = match self.live(&mut map, id, now) {
             Some(session) => session,
-            None => self.insert(
-                &mut map,
-                id.to_owned(),
-                String::new(),
-                language.to_owned(),
-                creator,
-                now,
-            )?,
+            None => self.insert(&mut map, id.to_owned(), String::new(), creator, now)?,
         };
         let mut state = lock(&session.state);
         state.sockets = state.sockets.saturating_add(1);
@@ -312,12 +476,22 @@ impl Registry {
         Ok(session)
     }
 
-    /// Counts one socket fewer on `session`; the idle clock starts when none are left.
-    pub(crate) fn detach(&self, session: &Session, now: Instant) {
+    /// Counts one socket fewer on `session`; the idle clock starts when none are left. Returns
+    /// whether that was this node's last socket on it.
+    pub(crate) fn detach(&self, session: &Session, now: Instant) -> bool {
         let mut state = lock(&session.state);
         state.sockets = state.sockets.saturating_sub(1);
         if state.sockets == 0 {
             state.empty_since = now;
+        }
+        state.sockets == 0
+    }
+
+    /// Forgets session `id` at once (its creation could not be completed in the engine).
+    pub(crate) fn remove(&self, id: &str) {
+        let removed = lock(&self.map).sessions.remove(id);
+        if let Some(session) = removed {
+            self.release_creator(&session.creator);
         }
     }
 
@@ -337,7 +511,6 @@ impl Registry {
         map: &mut Map,
         id: String,
         code: String,
-        language: String,
         creator: ClientKey,
         now: Instant,
     ) -> Result<Arc<Session>, CreateError> {
@@ -353,7 +526,7 @@ impl Registry {
                 ShareRefused::PerKey(n) => CreateError::TooMany(n),
                 ShareRefused::TooManyKeys(_) => CreateError::Full(self.max_sessions),
             })?;
-        match self.build(&id, code, language, creator, now) {
+        match self.build(&id, code, creator, now) {
             Ok(session) => {
                 map.sessions.insert(id, session.clone());
                 Ok(session)
@@ -369,7 +542,6 @@ impl Registry {
         &self,
         id: &str,
         code: String,
-        language: String,
         creator: ClientKey,
         now: Instant,
     ) -> Result<Arc<Session>, CreateError> {
@@ -390,17 +562,28 @@ impl Registry {
             _ => CreateError::OutOfMemory(self.budget.limit()),
         })?;
         Ok(Arc::new(Session {
-            topic: format!("collab:{id}"),
             id: id.to_owned(),
             creator,
+            budgets,
+            limits: self.limits,
             state: Mutex::new(SessionState {
-                doc,
-                language,
-                usernames: HashMap::new(),
+                generation: None,
+                // The copy matches the session only once its record is written from it (see
+                // `Session::adopt`); until then it is at version 0 with an empty log position.
+                replica: Some(Replica {
+                    doc,
+                    pos: Position {
+                        offset: 0,
+                        epoch: 0,
+                    },
+                }),
                 charge,
+                users: HashMap::new(),
                 joined_once: false,
                 sockets: 0,
                 empty_since: now,
+                refreshed_at: None,
+                refreshing: false,
             }),
         }))
     }
@@ -490,16 +673,14 @@ mod tests {
     fn an_empty_session_expires_after_the_ttl_but_not_while_someone_is_connected() {
         let t0 = Instant::now();
         let registry = registry(10, t0);
-        let created = registry
-            .create("x".into(), "python".into(), key(KEY), t0)
-            .unwrap();
+        let created = registry.create("x".into(), key(KEY), t0).unwrap();
         let id = created.id.clone();
-        let session = registry.attach(&id, "js", key(KEY), t0).unwrap();
+        let session = registry.attach(&id, key(KEY), t0).unwrap();
         assert!(Arc::ptr_eq(&created, &session));
         // Connected for two hours: still there.
         let later = t0 + Duration::from_secs(7200);
         assert!(registry.get(&id, later).is_some());
-        registry.detach(&session, later);
+        assert!(registry.detach(&session, later));
         assert!(registry.get(&id, later + Duration::from_secs(59)).is_some());
         assert!(registry.get(&id, later + Duration::from_secs(60)).is_none());
         assert_eq!(registry.len(), 0);
@@ -509,21 +690,17 @@ mod tests {
     fn the_session_limit_counts_only_live_sessions() {
         let t0 = Instant::now();
         let registry = registry(2, t0);
-        registry.get_or_create("a", "js", key(KEY), t0).unwrap();
-        registry.get_or_create("b", "js", key(KEY), t0).unwrap();
+        registry.get_or_create("a", key(KEY), t0).unwrap();
+        registry.get_or_create("b", key(KEY), t0).unwrap();
         assert_eq!(
-            registry.get_or_create("c", "js", key(KEY), t0).unwrap_err(),
+            registry.get_or_create("c", key(KEY), t0).unwrap_err(),
             CreateError::Full(2)
         );
         // Existing sessions are still reachable at the limit.
-        assert!(registry.get_or_create("a", "js", key(KEY), t0).is_ok());
+        assert!(registry.get_or_create("a", key(KEY), t0).is_ok());
         // Once they have idled out, new ones fit again.
         let later = t0 + Duration::from_secs(61);
-        assert!(
-            registry
-                .create(String::new(), "js".into(), key(KEY), later)
-                .is_ok()
-        );
+        assert!(registry.create(String::new(), key(KEY), later).is_ok());
         assert_eq!(registry.len(), 1);
     }
 
@@ -544,18 +721,18 @@ mod tests {
         let a = key([10, 0, 0, 1]);
         let b = key([10, 0, 0, 2]);
         for id in ["a1", "a2", "a3"] {
-            registry.get_or_create(id, "js", a, t0).unwrap();
+            registry.get_or_create(id, a, t0).unwrap();
         }
         assert_eq!(
-            registry.get_or_create("a4", "js", a, t0).unwrap_err(),
+            registry.get_or_create("a4", a, t0).unwrap_err(),
             CreateError::TooMany(3)
         );
         // Joining an existing session is not creating one.
-        assert!(registry.get_or_create("a1", "js", b, t0).is_ok());
+        assert!(registry.get_or_create("a1", b, t0).is_ok());
         assert_eq!(registry.created_by(a), 3);
         // Another client is unaffected; its own rate applies.
         for _ in 0..3 {
-            registry.create(String::new(), "js".into(), b, t0).unwrap();
+            registry.create(String::new(), b, t0).unwrap();
         }
         let c = key([10, 0, 0, 3]);
         let c_registry = registry_with(
@@ -569,22 +746,18 @@ mod tests {
             },
             t0,
         );
-        assert!(c_registry.create(String::new(), "js".into(), c, t0).is_ok());
-        assert!(c_registry.create(String::new(), "js".into(), c, t0).is_ok());
+        assert!(c_registry.create(String::new(), c, t0).is_ok());
+        assert!(c_registry.create(String::new(), c, t0).is_ok());
         assert!(matches!(
-            c_registry.create(String::new(), "js".into(), c, t0),
+            c_registry.create(String::new(), c, t0),
             Err(CreateError::TooFast { .. })
         ));
         let later = t0 + Duration::from_secs(1);
-        assert!(
-            c_registry
-                .create(String::new(), "js".into(), c, later)
-                .is_ok()
-        );
+        assert!(c_registry.create(String::new(), c, later).is_ok());
         // The share comes back when the sessions expire.
         let expired = t0 + Duration::from_secs(61);
         assert!(registry.get("a1", expired).is_none());
-        registry.get_or_create("a5", "js", a, expired).unwrap();
+        registry.get_or_create("a5", a, expired).unwrap();
         assert_eq!(registry.created_by(a), 1);
     }
 
@@ -598,14 +771,10 @@ mod tests {
             bytes_per_client: 0,
         };
         let registry = registry_with(100, 2 * SESSION_OVERHEAD_BYTES + 50, limits, t0);
-        let first = registry
-            .create("x".repeat(40), "js".into(), key(KEY), t0)
-            .unwrap();
+        let first = registry.create("x".repeat(40), key(KEY), t0).unwrap();
         assert_eq!(registry.budget().used(), SESSION_OVERHEAD_BYTES + 40);
         assert_eq!(
-            registry
-                .create("y".repeat(40), "js".into(), key(KEY), t0)
-                .unwrap_err(),
+            registry.create("y".repeat(40), key(KEY), t0).unwrap_err(),
             CreateError::OutOfMemory(2 * SESSION_OVERHEAD_BYTES + 50)
         );
         // The refused session gave back what it had charged.
@@ -639,10 +808,8 @@ mod tests {
             },
             t0,
         );
-        registry.get_or_create("never", "js", key(KEY), t0).unwrap();
-        let joined = registry
-            .get_or_create("joined", "js", key(KEY), t0)
-            .unwrap();
+        registry.get_or_create("never", key(KEY), t0).unwrap();
+        let joined = registry.get_or_create("joined", key(KEY), t0).unwrap();
         lock(&joined.state).joined_once = true;
         let after = t0 + Duration::from_secs(300);
         assert!(registry.get("never", after).is_none());
@@ -670,18 +837,16 @@ mod tests {
             t0,
         );
         let a = key([10, 0, 0, 1]);
-        let first = registry.create("x".repeat(90), "js".into(), a, t0).unwrap();
+        let first = registry.create("x".repeat(90), a, t0).unwrap();
         assert_eq!(
-            registry
-                .create("y".repeat(90), "js".into(), a, t0)
-                .unwrap_err(),
+            registry.create("y".repeat(90), a, t0).unwrap_err(),
             CreateError::ShareFull(share)
         );
-        assert!(registry.create(String::new(), "js".into(), a, t0).is_ok());
+        assert!(registry.create(String::new(), a, t0).is_ok());
         assert_eq!(registry.state_bytes_of(a), 2 * SESSION_OVERHEAD_BYTES + 90);
         // Others have their own share.
         let b = key([10, 0, 0, 2]);
-        assert!(registry.create("z".repeat(90), "js".into(), b, t0).is_ok());
+        assert!(registry.create("z".repeat(90), b, t0).is_ok());
         // The share and its table entry go with the client's last session.
         drop(first);
         let later = t0 + Duration::from_secs(61);
