@@ -65,6 +65,8 @@ macro_rules! engine_conformance {
             presence_of_a_lost_node_expires,
             keyed_state_compare_and_set,
             keyed_state_expires,
+            take_hands_a_value_to_exactly_one_taker,
+            counters_add_within_bounds,
             scan_pages_by_prefix,
             rate_limit_is_a_shared_sliding_window,
             idempotency_first_answer_wins,
@@ -664,6 +666,67 @@ pub async fn keyed_state_expires(h: &impl EngineHarness) {
         Put::Stored(1),
         "an expired key is absent"
     );
+}
+
+/// Of several concurrent takers of one key, exactly one gets its value.
+pub async fn take_hands_a_value_to_exactly_one_taker(h: &impl EngineHarness) {
+    let a = h.node().await;
+    let b = if h.multi_node() {
+        h.node().await
+    } else {
+        a.clone()
+    };
+    let key = topic("take");
+    assert_eq!(a.take(&key, Expect::Any).await.unwrap(), None);
+    a.put(&key, Bytes::from_static(b"v"), Expect::Any, None)
+        .await
+        .unwrap();
+    assert_eq!(a.take(&key, Expect::Version(9)).await.unwrap(), None);
+    let takers: Vec<_> = (0..8)
+        .map(|i| {
+            let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let key = key.clone();
+            tokio::spawn(async move { engine.take(&key, Expect::Any).await.unwrap() })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for taker in takers {
+        got.extend(taker.await.unwrap());
+    }
+    assert_eq!(got.len(), 1, "exactly one taker: {got:?}");
+    assert_eq!(&got[0].value[..], b"v");
+    assert_eq!(a.get(&key).await.unwrap(), None);
+}
+
+/// Counters add atomically within bounds, refuse beyond them, and vanish at zero.
+pub async fn counters_add_within_bounds(h: &impl EngineHarness) {
+    let a = h.node().await;
+    let b = if h.multi_node() {
+        h.node().await
+    } else {
+        a.clone()
+    };
+    let key = topic("counter");
+    let adders: Vec<_> = (0..20)
+        .map(|i| {
+            let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let key = key.clone();
+            tokio::spawn(async move { engine.add(&key, 1, 0, 15).await.unwrap() })
+        })
+        .collect();
+    let mut accepted = 0;
+    for adder in adders {
+        if adder.await.unwrap().is_ok() {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 15, "the bound holds under concurrency");
+    assert_eq!(a.add(&key, 1, 0, 15).await.unwrap(), Err(15));
+    assert_eq!(&a.get(&key).await.unwrap().unwrap().value[..], b"15");
+    assert_eq!(b.add(&key, -20, 0, 15).await.unwrap(), Err(15));
+    assert_eq!(b.add(&key, -15, 0, 15).await.unwrap(), Ok(0));
+    assert_eq!(a.get(&key).await.unwrap(), None, "a zero counter is gone");
+    assert_eq!(a.add(&key, -1, -5, 5).await.unwrap(), Ok(-1));
 }
 
 /// `scan` lists one prefix in key order, in pages.

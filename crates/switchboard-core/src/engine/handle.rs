@@ -74,6 +74,18 @@ trait Erased: Send + Sync {
         ttl: Option<Duration>,
     ) -> BoxFuture<'a, EngineResult<Put>>;
     fn delete<'a>(&'a self, key: &'a str, expect: Expect) -> BoxFuture<'a, EngineResult<bool>>;
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        expect: Expect,
+    ) -> BoxFuture<'a, EngineResult<Option<Versioned>>>;
+    fn add<'a>(
+        &'a self,
+        key: &'a str,
+        delta: i64,
+        min: i64,
+        max: i64,
+    ) -> BoxFuture<'a, EngineResult<Result<i64, i64>>>;
     fn scan<'a>(
         &'a self,
         prefix: &'a str,
@@ -175,6 +187,22 @@ impl<T: StateEngine> Erased for T {
     }
     fn delete<'a>(&'a self, key: &'a str, expect: Expect) -> BoxFuture<'a, EngineResult<bool>> {
         Box::pin(StateEngine::delete(self, key, expect))
+    }
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        expect: Expect,
+    ) -> BoxFuture<'a, EngineResult<Option<Versioned>>> {
+        Box::pin(StateEngine::take(self, key, expect))
+    }
+    fn add<'a>(
+        &'a self,
+        key: &'a str,
+        delta: i64,
+        min: i64,
+        max: i64,
+    ) -> BoxFuture<'a, EngineResult<Result<i64, i64>>> {
+        Box::pin(StateEngine::add(self, key, delta, min, max))
     }
     fn scan<'a>(
         &'a self,
@@ -399,6 +427,22 @@ impl Engine {
     /// See [`StateEngine::delete`].
     pub async fn delete(&self, key: &str, expect: Expect) -> EngineResult<bool> {
         self.0.backend.delete(key, expect).await
+    }
+
+    /// See [`StateEngine::take`].
+    pub async fn take(&self, key: &str, expect: Expect) -> EngineResult<Option<Versioned>> {
+        self.0.backend.take(key, expect).await
+    }
+
+    /// See [`StateEngine::add`].
+    pub async fn add(
+        &self,
+        key: &str,
+        delta: i64,
+        min: i64,
+        max: i64,
+    ) -> EngineResult<Result<i64, i64>> {
+        self.0.backend.add(key, delta, min, max).await
     }
 
     /// See [`StateEngine::scan`].

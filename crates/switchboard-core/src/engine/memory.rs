@@ -196,6 +196,13 @@ impl Shared {
         true
     }
 
+    /// Gives back a charge of one item of `bytes` taken ahead of time, if any (`0`: none).
+    fn uncharge_if(&self, bytes: usize) {
+        if bytes > 0 {
+            self.uncharge(bytes);
+        }
+    }
+
     fn uncharge(&self, bytes: usize) {
         self.items.release(1);
         self.bytes.release(bytes);
@@ -337,6 +344,26 @@ impl MemoryEngine {
     /// Bytes stored now (payloads plus per-item overhead), for reports and tests.
     pub fn bytes_used(&self) -> usize {
         self.shared.bytes.used()
+    }
+
+    /// Removes `key` if `expect` holds, returning its live value.
+    fn take_now(&self, key: &str, expect: Expect) -> Option<Versioned> {
+        let now = Instant::now();
+        let mut kv = lock(&self.shared.kv);
+        let stored = kv.get(key)?;
+        let live = stored.expires_at.is_none_or(|at| at > now);
+        let matches = match expect {
+            Expect::Any => true,
+            Expect::Absent => false,
+            Expect::Version(version) => live && stored.versioned.version == version,
+        };
+        if !matches {
+            return None;
+        }
+        let stored = kv.remove(key)?;
+        self.shared
+            .uncharge(cost(key.len().saturating_add(stored.versioned.value.len())));
+        live.then_some(stored.versioned)
     }
 
     /// The limits this engine was built with.
@@ -744,25 +771,81 @@ impl StateEngine for MemoryEngine {
     }
 
     async fn delete(&self, key: &str, expect: Expect) -> EngineResult<bool> {
+        Ok(self.take_now(key, expect).is_some())
+    }
+
+    async fn take(&self, key: &str, expect: Expect) -> EngineResult<Option<Versioned>> {
+        Ok(self.take_now(key, expect))
+    }
+
+    async fn add(
+        &self,
+        key: &str,
+        delta: i64,
+        min: i64,
+        max: i64,
+    ) -> EngineResult<Result<i64, i64>> {
         let now = Instant::now();
-        let mut kv = lock(&self.shared.kv);
-        let Some(stored) = kv.get(key) else {
-            return Ok(false);
-        };
-        let live = stored.expires_at.is_none_or(|at| at > now);
-        let matches = match expect {
-            Expect::Any => true,
-            Expect::Absent => false,
-            Expect::Version(version) => live && stored.versioned.version == version,
-        };
-        if !matches {
-            return Ok(false);
+        let mut precharged = 0usize;
+        loop {
+            let mut kv = lock(&self.shared.kv);
+            let current = match kv
+                .get(key)
+                .filter(|stored| stored.expires_at.is_none_or(|at| at > now))
+            {
+                None => 0,
+                Some(stored) => std::str::from_utf8(&stored.versioned.value)
+                    .ok()
+                    .and_then(|text| text.parse::<i64>().ok())
+                    .ok_or_else(|| EngineError::Corrupt(format!("{key} is not a counter")))?,
+            };
+            let Some(next) = current
+                .checked_add(delta)
+                .filter(|n| (min..=max).contains(n))
+            else {
+                drop(kv);
+                self.shared.uncharge_if(precharged);
+                return Ok(Err(current));
+            };
+            let value = Bytes::from(next.to_string());
+            let new_cost = cost(key.len().saturating_add(value.len()));
+            if next == 0 {
+                if let Some(stored) = kv.remove(key) {
+                    self.shared
+                        .uncharge(cost(key.len().saturating_add(stored.versioned.value.len())));
+                }
+                drop(kv);
+                self.shared.uncharge_if(precharged);
+                return Ok(Ok(0));
+            }
+            if let Some(stored) = kv.get_mut(key) {
+                let old_cost = cost(key.len().saturating_add(stored.versioned.value.len()));
+                // A counter's size varies by a few digits: kept, never refused.
+                self.shared.recharge(old_cost, new_cost);
+                stored.versioned = Versioned {
+                    version: stored.versioned.version.saturating_add(1),
+                    value,
+                };
+                stored.expires_at = None;
+                drop(kv);
+                self.shared.uncharge_if(precharged);
+                return Ok(Ok(next));
+            }
+            if precharged > 0 {
+                self.shared.recharge(precharged, new_cost);
+                kv.insert(
+                    key.to_owned(),
+                    Stored {
+                        versioned: Versioned { version: 1, value },
+                        expires_at: None,
+                    },
+                );
+                return Ok(Ok(next));
+            }
+            drop(kv);
+            self.shared.charge(new_cost)?;
+            precharged = new_cost;
         }
-        if let Some(stored) = kv.remove(key) {
-            self.shared
-                .uncharge(cost(key.len().saturating_add(stored.versioned.value.len())));
-        }
-        Ok(live)
     }
 
     async fn scan(

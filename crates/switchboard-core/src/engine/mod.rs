@@ -434,6 +434,26 @@ pub trait StateEngine: Send + Sync + 'static {
     /// Deletes keyed state if `expect` holds; returns whether something was deleted.
     fn delete(&self, key: &str, expect: Expect) -> impl Future<Output = EngineResult<bool>> + Send;
 
+    /// Deletes keyed state if `expect` holds and returns what it held: of several concurrent
+    /// takers exactly one gets the value (e.g. whoever releases a charge does it once).
+    fn take(
+        &self,
+        key: &str,
+        expect: Expect,
+    ) -> impl Future<Output = EngineResult<Option<Versioned>>> + Send;
+
+    /// Adds `delta` to the counter at `key` (absent counts as 0) if the result stays within
+    /// `min..=max`: `Ok(new)`, or `Err(current)` with nothing changed. A counter that reaches 0
+    /// is deleted, so counters cost nothing at rest. The value is stored as keyed state holding
+    /// the decimal number, so `get` reads it too.
+    fn add(
+        &self,
+        key: &str,
+        delta: i64,
+        min: i64,
+        max: i64,
+    ) -> impl Future<Output = EngineResult<Result<i64, i64>>> + Send;
+
     /// Keys starting with `prefix` and their values, in key order, at most `limit`, starting
     /// after `after` (for paging).
     fn scan(
