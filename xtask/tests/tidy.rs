@@ -111,9 +111,7 @@ fn every_protocol_has_its_doc() {
 
 #[test]
 fn the_core_does_no_network_io() {
-    let core = root().join("crates/switchboard-core/src");
-    for entry in std::fs::read_dir(&core).unwrap() {
-        let path = entry.unwrap().path();
+    for path in rust_files(&root().join("crates/switchboard-core/src")) {
         let text = std::fs::read_to_string(&path).unwrap();
         for forbidden in [
             "tokio::net",
@@ -167,5 +165,80 @@ fn every_runtime_flag_is_documented() {
     assert!(
         checked >= 20,
         "found only {checked} runtime flags; did the parser break?"
+    );
+}
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The runtime owns the state engine and hands it to every hook; a protocol that built its own
+/// would keep state the cluster and the durable engines never see.
+#[test]
+fn protocol_crates_never_build_an_engine_of_their_own() {
+    let protocols: Vec<Value> = packages().into_iter().filter(is_protocol).collect();
+    for package in &protocols {
+        for path in rust_files(&manifest_dir(package).join("src")) {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Unit tests build engines to drive hooks; only the shipped code is checked.
+            let shipped = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for forbidden in [
+                "Engine::default()",
+                "Engine::memory(",
+                "Engine::new(",
+                "MemoryEngine",
+                "MemoryCluster",
+            ] {
+                assert!(
+                    !shipped.contains(forbidden),
+                    "{} uses {forbidden}: protocols use the engine the runtime passes to hooks",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Every state engine implementation runs the shared engine-conformance suite.
+#[test]
+fn every_state_engine_runs_the_conformance_suite() {
+    let mut implementations = 0;
+    let mut suites = 0;
+    for top in ["crates", "protocols"] {
+        for path in rust_files(&root().join(top)) {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let in_tests = path.components().any(|c| c.as_os_str() == "tests");
+            if !in_tests {
+                implementations += text.matches("impl StateEngine for").count();
+            }
+            if in_tests {
+                suites += text.matches("engine_conformance!(").count();
+            }
+        }
+    }
+    assert!(
+        implementations >= 1,
+        "the memory engine implements StateEngine"
+    );
+    assert_eq!(
+        implementations, suites,
+        "each StateEngine implementation needs a test running switchboard_testkit::engine_conformance!"
     );
 }
