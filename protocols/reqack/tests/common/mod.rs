@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
+use switchboard_core::Engine;
 use switchboard_reqack::{Config, ReqAck};
 use switchboard_server::ServerConfig;
 use switchboard_testkit::{Client, TIMEOUT, TestServer, json};
@@ -26,8 +27,17 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Starts a server; the test keeps the protocol to look at its counters.
 pub async fn start(config: Config) -> (Arc<ReqAck>, TestServer) {
+    start_on(config, Engine::default()).await
+}
+
+/// Starts a server on `engine` (e.g. one node of a `MemoryCluster`).
+pub async fn start_on(config: Config, engine: Engine) -> (Arc<ReqAck>, TestServer) {
     let protocol = Arc::new(ReqAck::new(config));
-    let server = TestServer::start_shared(protocol.clone(), ServerConfig::default()).await;
+    let server_config = ServerConfig {
+        engine,
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_shared(protocol.clone(), server_config).await;
     (protocol, server)
 }
 
