@@ -157,12 +157,12 @@ impl ReqAck {
     }
 
     /// Counters: users, online users, pending events, stored messages, open calls, cache size
-    /// (see [`Stats`] for which are cluster-wide). Before the first connection only the
-    /// node-local ones are known.
+    /// (see [`Stats`] for which are cluster-wide). Before a hook named the engine only the
+    /// node-local ones are known (the others are 0).
     pub async fn stats(&self) -> Stats {
         match self.engine.get() {
             Some(engine) => self.node.stats(engine).await,
-            None => self.node.stats(&Engine::default()).await,
+            None => self.node.local_stats(),
         }
     }
 

@@ -558,23 +558,27 @@ impl Node {
         }
     }
 
+    /// The node-local counters (the cluster-wide ones are 0).
+    pub(crate) fn local_stats(&self) -> Stats {
+        let local = self.local();
+        let (_, unclaimed) = local.ledger.recipients();
+        Stats {
+            users: local.users.len(),
+            online_users: 0,
+            unclaimed_users: unclaimed,
+            pending_events: local.ledger.pending(),
+            pending_bytes: local.ledger.pending_bytes(),
+            messages: 0,
+            open_calls: 0,
+            cached_responses: local.cache.len(),
+            clients: local.ledger.clients(),
+            rate_keys: local.rates.len(),
+        }
+    }
+
+    /// Every counter, the cluster-wide ones read from `engine`.
     pub(crate) async fn stats(&self, engine: &Engine) -> Stats {
-        let mut stats = {
-            let local = self.local();
-            let (_, unclaimed) = local.ledger.recipients();
-            Stats {
-                users: local.users.len(),
-                online_users: 0,
-                unclaimed_users: unclaimed,
-                pending_events: local.ledger.pending(),
-                pending_bytes: local.ledger.pending_bytes(),
-                messages: 0,
-                open_calls: 0,
-                cached_responses: local.cache.len(),
-                clients: local.ledger.clients(),
-                rate_keys: local.rates.len(),
-            }
-        };
+        let mut stats = self.local_stats();
         stats.online_users = engine
             .presence_members(ONLINE_ROOM)
             .await
