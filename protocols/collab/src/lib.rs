@@ -11,6 +11,12 @@
 //! applied since ([`ot`], [`Document`]), so two people typing at once both keep their edits. The
 //! matching client algorithm is [`ClientDocument`]. See `docs/protocols/collab.md`.
 //!
+//! Sessions live in the runtime's state engine (a record, a log of edits that is also the
+//! session's topic, presence), so every node of a cluster serves every session: edits are
+//! appended to the log with compare-and-set and reach every node in log order. Each node keeps
+//! only caches and the limits that protect its own memory (see "State and the engine" in the
+//! protocol doc).
+//!
 //! Plug it into the runtime like any protocol:
 //!
 //! ```no_run
@@ -203,6 +209,9 @@ const MAX_CAS_ATTEMPTS: usize = 8;
 const READ_BATCH: usize = 256;
 /// Rounds of catching up (reads, reloads) one edit may take before it is refused.
 const MAX_SYNC_ROUNDS: usize = 8;
+/// Entries a session's log keeps at most (see [`Collab::retention`]): a node whose copy of the
+/// document fell further behind loads it again from the newest entry.
+const SHARED_LOG_ENTRIES: usize = 64;
 /// Display-name keys read at once when listing participants.
 const SCAN_PAGE: usize = 256;
 /// The session log's time to live is at least this long (an idle TTL of zero would make every
@@ -302,12 +311,15 @@ impl Collab {
         (self.ttl(false) / 4).clamp(Duration::from_millis(10), Duration::from_secs(60))
     }
 
-    /// The bounds of a session's log: the operation-log limits, plus room for one maximal
-    /// entry (each entry is a whole `code-update` frame, document included), forgotten after
-    /// the idle TTL without an edit (the record's snapshot holds the document by then).
+    /// The bounds of a session's log. Each entry is a whole `code-update` frame (document
+    /// included), so the log keeps few of them: enough for other nodes' copies to catch up
+    /// (each node's copy keeps its own operation log to transform against), at most
+    /// [`SHARED_LOG_ENTRIES`], and at most the operation log's bytes plus one maximal frame.
+    /// Forgotten after the idle TTL without an edit (the record's snapshot holds the document
+    /// by then).
     fn retention(&self) -> Retention {
         Retention::trim(
-            self.config.max_op_log.max(1),
+            self.config.max_op_log.clamp(1, SHARED_LOG_ENTRIES),
             self.config
                 .max_op_log_bytes
                 .saturating_add(self.config.max_outbound_frame_bytes()),

@@ -24,14 +24,14 @@ use crate::store::LoggedEdit;
 /// Longest session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 64;
 
-/// Bytes charged for a session besides its document: the registry entry, the id and topic
-/// strings, the session and state structs, the language (at most 64 characters) and the
-/// per-client table entries. A deliberate over-estimate (the structs add up to about 600 bytes).
+/// Bytes charged for a session besides its document: the registry entry, the id and
+/// generation strings, the session and state structs and the per-client table entries. A
+/// deliberate over-estimate (the structs add up to about 600 bytes).
 pub const SESSION_OVERHEAD_BYTES: usize = 1024;
 
-/// Bytes charged per participant (distinct user) of a session: the user id and display name
-/// (at most 128 characters each, so at most 512 bytes each in UTF-8), their map entries here and
-/// in the presence table. An over-estimate, like [`SESSION_OVERHEAD_BYTES`].
+/// Bytes charged per participant (distinct user) joined through this node: the user id (at most
+/// 128 characters, so at most 512 bytes in UTF-8), its map entry and the connections' copies of
+/// it. An over-estimate, like [`SESSION_OVERHEAD_BYTES`].
 pub const PARTICIPANT_BYTES: usize = 2048;
 
 /// Whether `id` is a well-formed session id: 1 to 64 ASCII letters, digits, `-` or `_`.

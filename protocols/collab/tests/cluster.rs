@@ -453,3 +453,39 @@ async fn killing_node_b_makes_its_participants_leave_on_a() {
         json!([{"userId": "u-alice", "username": "Alice"}])
     );
 }
+
+#[tokio::test]
+async fn a_node_whose_copy_fell_behind_the_shared_log_catches_up() {
+    let (_cluster, a, b) = two_nodes().await;
+    let (mut alice, _) = join(&a.server, "behind", "u-alice", "Alice").await;
+    let (mut bob, _) = join(&b.server, "behind", "u-bob", "Bob").await;
+    alice.recv_type("participant-joined").await;
+    bob.send_json(&json!({"type": "code-change", "payload": {"changes": "b"}}))
+        .await;
+    assert_eq!(bob.recv_type("code-ack").await["payload"]["version"], 1);
+    alice.recv_type("code-update").await;
+    // Far more edits on A than the shared log keeps: B's copy cannot follow entry by entry.
+    let mut text = "b".to_owned();
+    for version in 2..=100u64 {
+        text.push('a');
+        alice
+            .send_json(&json!({"type": "code-change", "payload": {"changes": text}}))
+            .await;
+        assert_eq!(
+            alice.recv_type("code-ack").await["payload"]["version"],
+            version
+        );
+        assert_eq!(
+            bob.recv_type("code-update").await["payload"]["version"],
+            version
+        );
+    }
+    bob.send_json(
+        &json!({"type": "code-change", "payload": {"changes": {"baseVersion": 100, "ops": ["!"]}}}),
+    )
+    .await;
+    assert_eq!(bob.recv_type("code-ack").await["payload"]["version"], 101);
+    let update = alice.recv_type("code-update").await;
+    assert_eq!(update["payload"]["code"], format!("!{text}"));
+    assert_eq!(describe(&a.server, "behind").await["version"], 101);
+}
