@@ -33,8 +33,8 @@ pub struct AddReaction {
     pub emoji: String,
 }
 
-/// A stored chat message, as sent in `message` frames.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// A stored chat message, as sent in `message` frames (and read back from the history log).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ChatMessage {
     /// Message id (UUID v4).
     pub id: Uuid,
@@ -104,6 +104,33 @@ impl Reactions {
                 .saturating_add(users.capacity().saturating_mul(std::mem::size_of::<Uuid>()))
                 .saturating_add(ALLOCATION_OVERHEAD.saturating_mul(2))
         })
+    }
+}
+
+impl<'de> Deserialize<'de> for Reactions {
+    /// Reads the `{emoji: [user id, ...]}` object back in its order, each list without spare
+    /// capacity (as [`toggle_reaction`] keeps them).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Reactions;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of emoji to user id lists")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Reactions, A::Error> {
+                let mut entries = Vec::new();
+                while let Some((emoji, mut users)) = map.next_entry::<String, Vec<Uuid>>()? {
+                    users.shrink_to_fit();
+                    entries.push((emoji, users));
+                }
+                entries.shrink_to_fit();
+                Ok(Reactions(entries))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -187,6 +214,54 @@ pub fn reaction_frame(
         message,
     };
     typed_frame("reaction_updated", "data", &data)
+}
+
+/// The reactions of one stored message as kept in the state engine (compact JSON): the message
+/// it belongs to (a record outlives neither its message nor the history log's epoch, but both
+/// are checked when it is read) and the reactions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReactionRecord {
+    /// The message these reactions belong to.
+    pub id: Uuid,
+    /// The history log's epoch when the record was written.
+    pub epoch: u64,
+    /// The reactions, as in the message.
+    pub reactions: Reactions,
+}
+
+impl ReactionRecord {
+    /// The record's stored form.
+    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(self).map_err(Error::Encode)
+    }
+
+    /// Reads a stored record; `None` if it is not one.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    data: T,
+}
+
+/// The message carried by a `message` frame (a history log entry); `None` if it is not one.
+pub fn parse_message_frame(frame: &str) -> Option<ChatMessage> {
+    serde_json::from_str::<Envelope<ChatMessage>>(frame)
+        .ok()
+        .map(|envelope| envelope.data)
+}
+
+/// The id of the message carried by a `message` frame, without reading the rest of it.
+pub fn message_frame_id(frame: &str) -> Option<Uuid> {
+    #[derive(Deserialize)]
+    struct Id {
+        id: Uuid,
+    }
+    serde_json::from_str::<Envelope<Id>>(frame)
+        .ok()
+        .map(|envelope| envelope.data.id)
 }
 
 /// `{"type":"error","data":{"error":text}}`.

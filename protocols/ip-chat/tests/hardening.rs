@@ -13,14 +13,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use switchboard_ip_chat::{Config, IpChat, errors};
+use switchboard_core::Engine;
+use switchboard_ip_chat::{Config, IpChat, Stats, errors};
 use switchboard_server::ServerConfig;
 use switchboard_testkit::{Client, TestServer, json};
 
-async fn start(config: Config) -> (Arc<IpChat>, TestServer) {
+/// The chat, its server, and the server's state engine (where `IpChat::stats` reads the
+/// history).
+async fn start(config: Config) -> (Arc<IpChat>, TestServer, Engine) {
     let chat = Arc::new(IpChat::new(config));
-    let server = TestServer::start_shared(chat.clone(), ServerConfig::default()).await;
-    (chat, server)
+    let server_config = ServerConfig::default();
+    let engine = server_config.engine.clone();
+    let server = TestServer::start_shared(chat.clone(), server_config).await;
+    (chat, server, engine)
+}
+
+async fn read_stats(chat: &IpChat, engine: &Engine) -> Stats {
+    chat.stats(engine).await.expect("the engine answers")
 }
 
 async fn send(client: &mut Client, text: &str) {
@@ -57,7 +66,7 @@ async fn a_reaction_flood_from_many_addresses_keeps_the_message_small_and_the_ro
         max_message_bytes: 2048,
         ..Config::default()
     };
-    let (chat, server) = start(config).await;
+    let (chat, server, engine) = start(config).await;
     let mut author = server.connect_from("/ws", [127, 0, 0, 1]).await;
     send(&mut author, "react to me").await;
     let id = author.recv_type("message").await["data"]["id"].clone();
@@ -108,7 +117,7 @@ async fn a_reaction_flood_from_many_addresses_keeps_the_message_small_and_the_ro
     let allowed = Duration::from_millis(500).max(baseline * 20);
     eprintln!(
         "bystander round trips: idle {baseline:?}, during {worst:?}, after {after:?}; {:?}",
-        chat.stats()
+        read_stats(&chat, &engine).await
     );
     assert!(
         worst <= allowed && after <= allowed,
@@ -116,7 +125,7 @@ async fn a_reaction_flood_from_many_addresses_keeps_the_message_small_and_the_ro
     );
 
     // The message stayed within every bound, and so did the accounting.
-    let stats = chat.stats();
+    let stats = read_stats(&chat, &engine).await;
     assert!(stats.largest_message_bytes <= 2048, "{stats:?}");
     assert!(
         stats.largest_message_bytes > 2048 - 100,
@@ -164,7 +173,7 @@ async fn a_reaction_flood_from_many_addresses_keeps_the_message_small_and_the_ro
 #[tokio::test]
 async fn the_history_byte_cap_drops_the_oldest_and_the_state_budget_refuses_new_messages() {
     // The byte cap: 20 kB of history, messages of about 1 kB each.
-    let (chat, server) = start(Config {
+    let (chat, server, engine) = start(Config {
         rate_limit: 0,
         max_history_bytes: 20_000,
         ..Config::default()
@@ -177,7 +186,7 @@ async fn the_history_byte_cap_drops_the_oldest_and_the_state_budget_refuses_new_
         send(&mut writer, &text).await;
         writer.recv_until(|f| f["data"]["text"] == text).await;
     }
-    let stats = chat.stats();
+    let stats = read_stats(&chat, &engine).await;
     assert!(stats.history_bytes <= 20_000, "{stats:?}");
     assert!(stats.messages < 60 && stats.messages > 5, "{stats:?}");
     let mut late = server.connect_from("/ws", [127, 0, 0, 2]).await;
@@ -191,7 +200,7 @@ async fn the_history_byte_cap_drops_the_oldest_and_the_state_budget_refuses_new_
     );
 
     // The state budget: smaller than the history caps, so it refuses instead of dropping.
-    let (chat, server) = start(Config {
+    let (chat, server, engine) = start(Config {
         rate_limit: 0,
         max_state_bytes: 10_000,
         ..Config::default()
@@ -210,7 +219,7 @@ async fn the_history_byte_cap_drops_the_oldest_and_the_state_budget_refuses_new_
         assert!(stored < 100, "the budget never refused");
     };
     assert_eq!(refusal, errors::STATE_FULL);
-    let stats = chat.stats();
+    let stats = read_stats(&chat, &engine).await;
     assert!(stats.state_bytes <= 10_000, "{stats:?}");
     assert_eq!(stats.messages, stored, "nothing stored was evicted");
     // A bystander is still served: replay of everything kept, and reactions still work.
