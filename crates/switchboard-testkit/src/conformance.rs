@@ -59,6 +59,7 @@ macro_rules! engine_conformance {
             log_drop_starts_a_new_epoch,
             appends_reach_every_node_in_one_order,
             ephemeral_publish_skips_except,
+            the_author_gets_its_reply_in_the_entrys_place,
             join_replays_then_goes_live_without_gaps_or_doubles,
             unsubscribe_stops_delivery,
             presence_counts_members_across_nodes,
@@ -438,6 +439,50 @@ pub async fn ephemeral_publish_skips_except(h: &impl EngineHarness) {
     expect_nothing(&mut l1).await;
     let (none, _) = entries(a.read(&t, ReadFrom::Latest(10), 10).await.unwrap());
     assert!(none.is_empty(), "an ephemeral publish leaves no log");
+}
+
+/// An appended entry's author receives its reply instead of the entry, in the entry's place
+/// in the topic's order, on whichever node it is.
+pub async fn the_author_gets_its_reply_in_the_entrys_place(h: &impl EngineHarness) {
+    let a = h.node().await;
+    let b = if h.multi_node() {
+        h.node().await
+    } else {
+        a.clone()
+    };
+    let t = topic("reply");
+    let (author, mut author_link) = peer();
+    let (other, mut other_link) = peer();
+    b.subscribe(&t, &author).await.unwrap();
+    a.subscribe(&t, &other).await.unwrap();
+    done(
+        a.append(&t, frame("e1"), Append::publish(BIG))
+            .await
+            .unwrap(),
+    );
+    done(
+        a.append_with_reply(
+            &t,
+            frame("e2"),
+            Append::publish(BIG).except(b.conn_ref(author.id())),
+            frame("ack2"),
+        )
+        .await
+        .unwrap(),
+    );
+    done(
+        a.append(&t, frame("e3"), Append::publish(BIG))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(recv_frames(&mut author_link, 3).await, ["e1", "ack2", "e3"]);
+    assert_eq!(recv_frames(&mut other_link, 3).await, ["e1", "e2", "e3"]);
+    let (log, _) = entries(a.read(&t, ReadFrom::Latest(10), 10).await.unwrap());
+    assert_eq!(
+        log[1],
+        (2, "e2".into()),
+        "the log holds the entry, not the reply"
+    );
 }
 
 /// A subscriber joining while entries are appended sees the replay and then every later entry,

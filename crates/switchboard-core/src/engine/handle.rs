@@ -38,6 +38,7 @@ trait Erased: Send + Sync {
         topic: &'a str,
         frame: Frame,
         options: Append,
+        reply: Option<Frame>,
     ) -> BoxFuture<'a, EngineResult<Appended>>;
     fn read<'a>(
         &'a self,
@@ -130,8 +131,9 @@ impl<T: StateEngine> Erased for T {
         topic: &'a str,
         frame: Frame,
         options: Append,
+        reply: Option<Frame>,
     ) -> BoxFuture<'a, EngineResult<Appended>> {
-        Box::pin(StateEngine::append(self, topic, frame, options))
+        Box::pin(StateEngine::append(self, topic, frame, options, reply))
     }
     fn read<'a>(
         &'a self,
@@ -353,14 +355,30 @@ impl Engine {
         self.0.backend.publish(topic, frame, except).await
     }
 
-    /// See [`StateEngine::append`].
+    /// See [`StateEngine::append`] (no reply: [`Append::except`] gets nothing).
     pub async fn append(
         &self,
         topic: &str,
         frame: Frame,
         options: Append,
     ) -> EngineResult<Appended> {
-        self.0.backend.append(topic, frame, options).await
+        self.0.backend.append(topic, frame, options, None).await
+    }
+
+    /// Appends and publishes `frame` to `topic`; the connection named by `options.except` (the
+    /// author) receives `reply` instead, at the entry's place in the topic's order, so its
+    /// acknowledgement is never overtaken by a later entry. See [`StateEngine::append`].
+    pub async fn append_with_reply(
+        &self,
+        topic: &str,
+        frame: Frame,
+        options: Append,
+        reply: Frame,
+    ) -> EngineResult<Appended> {
+        self.0
+            .backend
+            .append(topic, frame, options, Some(reply))
+            .await
     }
 
     /// See [`StateEngine::read`].

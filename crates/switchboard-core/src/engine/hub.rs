@@ -59,17 +59,26 @@ impl Hub {
         self.node
     }
 
-    /// Delivers one publication of `topic` to this node's subscribers (not to `except`).
-    /// `offset` is the entry's log offset for logged topics. Returns how many live subscribers
-    /// it was queued for.
+    /// Delivers one publication of `topic` to this node's subscribers. `except` (e.g. the
+    /// author) gets `reply` instead, at the same place in the topic's order, or nothing when
+    /// there is no reply. `offset` is the entry's log offset for logged topics. Returns how many
+    /// live subscribers it was queued for.
     pub fn deliver(
         &self,
         topic: &str,
         offset: Option<u64>,
         frame: &Frame,
         except: Option<ConnRef>,
+        reply: Option<&Frame>,
     ) -> usize {
         let except = except.filter(|c| c.node == self.node).map(|c| c.conn);
+        let frame_for = |id: ConnId| -> Option<&Frame> {
+            if Some(id) == except {
+                reply
+            } else {
+                Some(frame)
+            }
+        };
         let topics = read(&self.topics);
         let Some(entry) = topics.get(topic) else {
             return 0;
@@ -77,14 +86,14 @@ impl Hub {
         let delivered = entry
             .live
             .iter()
-            .filter(|(id, _)| Some(**id) != except)
-            .filter(|(_, peer)| peer.send(frame.clone()).is_queued())
+            .filter_map(|(id, peer)| frame_for(*id).map(|frame| (peer, frame)))
+            .filter(|(peer, frame)| peer.send((*frame).clone()).is_queued())
             .count();
         let mut held = lock(&entry.held);
         for (id, joining) in held.iter_mut() {
-            if Some(*id) == except {
+            let Some(frame) = frame_for(*id) else {
                 continue;
-            }
+            };
             joining.bytes = joining.bytes.saturating_add(frame.len());
             if joining.frames.len() >= MAX_HELD_ITEMS || joining.bytes > MAX_HELD_BYTES {
                 joining.peer.close(CloseReason::slow_consumer());

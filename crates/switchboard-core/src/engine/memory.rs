@@ -232,9 +232,16 @@ impl Shared {
         read(&self.logs).get(topic).cloned()
     }
 
-    fn deliver(&self, topic: &str, offset: Option<u64>, frame: &Frame, except: Option<ConnRef>) {
+    fn deliver(
+        &self,
+        topic: &str,
+        offset: Option<u64>,
+        frame: &Frame,
+        except: Option<ConnRef>,
+        reply: Option<&Frame>,
+    ) {
         for node in read(&self.nodes).iter() {
-            node.hub.deliver(topic, offset, frame, except);
+            node.hub.deliver(topic, offset, frame, except, reply);
         }
     }
 
@@ -449,11 +456,17 @@ impl StateEngine for MemoryEngine {
         frame: Frame,
         except: Option<ConnRef>,
     ) -> EngineResult<()> {
-        self.shared.deliver(topic, None, &frame, except);
+        self.shared.deliver(topic, None, &frame, except, None);
         Ok(())
     }
 
-    async fn append(&self, topic: &str, frame: Frame, options: Append) -> EngineResult<Appended> {
+    async fn append(
+        &self,
+        topic: &str,
+        frame: Frame,
+        options: Append,
+        reply: Option<Frame>,
+    ) -> EngineResult<Appended> {
         self.shared.sweep(false);
         let retention = options.retention;
         let size = frame.len();
@@ -524,7 +537,7 @@ impl StateEngine for MemoryEngine {
         if options.publish {
             // Delivered under the log's lock: every node sees this topic's entries in one order.
             self.shared
-                .deliver(topic, Some(offset), &frame, options.except);
+                .deliver(topic, Some(offset), &frame, options.except, reply.as_ref());
         }
         log.entries.push_back(Entry { offset, frame });
         Ok(Appended::Done(position))
@@ -949,13 +962,13 @@ mod tests {
         let engine = engine(3, 1 << 20);
         for text in ["a", "b", "c"] {
             engine
-                .append("t", Frame::text(text), Append::store(LOG))
+                .append("t", Frame::text(text), Append::store(LOG), None)
                 .await
                 .unwrap();
         }
         assert_eq!(
             engine
-                .append("t", Frame::text("d"), Append::store(LOG))
+                .append("t", Frame::text("d"), Append::store(LOG), None)
                 .await,
             Err(full())
         );
@@ -975,7 +988,7 @@ mod tests {
     async fn every_byte_comes_back_when_state_goes() {
         let engine = engine(1000, 1 << 20);
         engine
-            .append("t", Frame::text("hello"), Append::store(LOG))
+            .append("t", Frame::text("hello"), Append::store(LOG), None)
             .await
             .unwrap();
         engine
@@ -1018,7 +1031,7 @@ mod tests {
         let small = Retention::trim(2, 1 << 20);
         for text in ["one", "two", "three", "four"] {
             engine
-                .append("t", Frame::text(text), Append::store(small))
+                .append("t", Frame::text(text), Append::store(small), None)
                 .await
                 .unwrap();
         }

@@ -364,12 +364,15 @@ pub trait StateEngine: Send + Sync + 'static {
         except: Option<ConnRef>,
     ) -> impl Future<Output = EngineResult<()>> + Send;
 
-    /// Appends `frame` to `topic`'s log (and publishes it, see [`Append`]).
+    /// Appends `frame` to `topic`'s log (and publishes it, see [`Append`]). When published,
+    /// [`Append::except`] receives `reply` instead of `frame` at the entry's place in the
+    /// topic's order (e.g. the author's acknowledgement), or nothing without a reply.
     fn append(
         &self,
         topic: &str,
         frame: Frame,
         options: Append,
+        reply: Option<Frame>,
     ) -> impl Future<Output = EngineResult<Appended>> + Send;
 
     /// Reads `topic`'s log, at most `limit` entries.
