@@ -71,10 +71,11 @@ impl FastChat {
         }
     }
 
-    fn store<'a>(&self, engine: &'a Engine) -> Store<'a> {
+    fn store<'a>(&'a self, engine: &'a Engine) -> Store<'a> {
         Store {
             engine,
             bounds: self.bounds(),
+            seen: &self.seen,
             max_queued_per_user: self.config.max_queued_per_user,
             max_queued_per_client: self.config.max_queued_per_client,
         }
@@ -260,15 +261,14 @@ impl FastChat {
             };
             let created = store.put_user(id, &record, Expect::Absent).await;
             if !matches!(created, Ok(true)) {
-                // Give the unit back: the put failed, or another socket registered this id
+                // Give the units back: the put failed, or another socket registered this id
                 // first and it is updated as a known user instead.
-                let usage = store.release(|usage| usage.remove_user()).await?;
-                self.observe(usage);
+                store.release_user().await?;
+                store.release_client_user(&record.creator).await?;
                 created?;
                 known = store.user(id).await?;
                 continue;
             }
-            store.count_users(&record.creator, true).await?;
             return Ok(Ok(Registered {
                 new: true,
                 renamed: false,
@@ -280,9 +280,10 @@ impl FastChat {
         ))
     }
 
-    /// Takes one unit of the user table (and of `client`'s share) for a new user: when the
+    /// Takes one unit of the user table and of `client`'s share for a new user: when the
     /// client's share is full its own longest-offline user is forgotten, when the table is full
-    /// anyone's; with nobody offline to forget, or no room in the budget, it is refused.
+    /// anyone's; with nobody offline to forget, or no room in the budget, it is refused. Both
+    /// units are bounded counters, so racing HELLOs on several nodes never overshoot them.
     async fn make_room(
         &self,
         store: &Store<'_>,
@@ -291,9 +292,8 @@ impl FastChat {
     ) -> EngineResult<Result<(), RegisterError>> {
         let creator = client.to_string();
         let share = self.config.max_users_per_client;
-        let bounds = self.bounds();
         for _ in 0..REGISTER_ATTEMPTS {
-            if share != 0 && store.client_count(client).await?.users >= share {
+            if !store.charge_client_user(&creator, share).await? {
                 let users = store.users().await?;
                 let online = store.online().await?;
                 let Some((victim, _)) = longest_offline(&users, &online, |u| u.creator == creator)
@@ -305,9 +305,13 @@ impl FastChat {
                 }
                 continue;
             }
-            match store.account(|usage| usage.add_user(&bounds)).await? {
-                Ok(usage) => {
-                    self.observe(usage);
+            let charged = store.charge_user().await;
+            if !matches!(charged, Ok(Ok(()))) {
+                store.release_client_user(&creator).await?;
+            }
+            match charged? {
+                Ok(()) => {
+                    self.fit_cache();
                     return Ok(Ok(()));
                 }
                 Err(Refused::NoMemory) => return Ok(Err(RegisterError::NoMemory)),
@@ -527,13 +531,11 @@ impl FastChat {
                 }
             }
             // Whatever was appended after the read reached this socket live.
-            store.take_after(user_id, inbox_top).await?;
-            store.usage().await
+            store.take_after(user_id, inbox_top).await
         }
         .await;
-        match taken {
-            Ok(usage) => self.observe(usage),
-            Err(error) => warn!(%error, user = %id, "could not clear delivered messages"),
+        if let Err(error) = taken {
+            warn!(%error, user = %id, "could not clear delivered messages");
         }
         Ok(())
     }
@@ -597,25 +599,21 @@ impl FastChat {
                     return Ok(());
                 }
             }
-            let bounds = self.bounds();
-            match store.account(|usage| usage.add_chat(&bounds)).await? {
-                Ok(usage) => self.observe(usage),
-                Err(_) => {
-                    Self::error(
-                        peer,
-                        ErrorCode::RateLimited,
-                        "the server has no room for another chat",
-                        details.clone(),
-                    );
-                    return Ok(());
-                }
+            if !store.charge_chat().await? {
+                Self::error(
+                    peer,
+                    ErrorCode::RateLimited,
+                    "the server has no room for another chat",
+                    details.clone(),
+                );
+                return Ok(());
             }
+            self.fit_cache();
             let opened = store.open_chat(me, target).await;
             newly = matches!(opened, Ok(true));
             if !newly {
                 // Opened by someone else meanwhile (or the write failed): give the unit back.
-                let usage = store.release(|usage| usage.remove_chat()).await?;
-                self.observe(usage);
+                store.release_chat().await?;
                 opened?;
             }
         }
@@ -826,7 +824,6 @@ impl FastChat {
         };
         if let Some(refused) = refused {
             store.unrecord(message_id, order).await?;
-            self.observe(store.usage().await?);
             failed(match refused {
                 QueueRefused::User => "the recipient's offline queue is full",
                 QueueRefused::Server => "the server's offline queue is full",
@@ -837,7 +834,8 @@ impl FastChat {
             });
             return Ok(());
         }
-        self.observe(store.usage().await?);
+        // The account's counters returned their values as they changed: no read of it here.
+        self.fit_cache();
         Self::send(
             peer,
             frame(

@@ -51,7 +51,7 @@ use switchboard_core::sync::lock;
 use switchboard_core::{ClientKey, Frame, Rate, TokenBuckets};
 use uuid::Uuid;
 
-use crate::state::Usage;
+use crate::store::Seen;
 
 /// The only path served.
 pub const WS_PATH: &str = "/ws";
@@ -262,7 +262,9 @@ pub struct Stats {
 /// share lives in the node's state engine.
 pub struct FastChat {
     config: Config,
-    /// Node-local: the last accounting seen and the cached presence list.
+    /// Node-local: the account's counters as this node last saw them.
+    seen: Seen,
+    /// Node-local: the cached presence list.
     local: Mutex<Local>,
     /// Per-client rate limits, keyed on the client so switching `user_id` does not dodge them.
     /// Node-local: they protect this node from its own clients.
@@ -274,8 +276,6 @@ pub struct FastChat {
 /// What one node keeps besides the engine.
 #[derive(Debug, Default)]
 struct Local {
-    /// The cluster-wide accounting as this node last read or wrote it (for [`FastChat::stats`]).
-    usage: Usage,
     /// The encoded full `PRESENCE` list and the position of the delta log it is current at,
     /// shared by every socket that says its first HELLO while no delta was appended.
     presence: Option<(Position, Frame)>,
@@ -301,6 +301,7 @@ impl FastChat {
     pub fn new(config: Config) -> Self {
         let clients = config.max_clients;
         Self {
+            seen: Seen::default(),
             local: Mutex::new(Local::default()),
             client_msg: per_minute_buckets(config.client_msg_per_minute, clients),
             client_typing: per_minute_buckets(config.client_typing_per_minute, clients),
@@ -318,27 +319,30 @@ impl FastChat {
     /// single node once a request is answered), plus this node's cached presence list.
     pub fn stats(&self) -> Stats {
         let local = lock(&self.local);
+        let usage = self.seen.usage();
         let cache = local.presence.as_ref().map_or(0, |(_, frame)| frame.len());
         Stats {
             state_bytes: self
                 .config
                 .fixed_state_bytes()
-                .saturating_add(local.usage.bytes)
+                .saturating_add(usage.bytes)
                 .saturating_add(cache),
             state_bytes_limit: self.config.max_state_bytes,
-            users: local.usage.users,
-            chats: local.usage.chats,
-            queued: local.usage.queued,
-            tracked_messages: local.usage.records,
+            users: usage.users,
+            chats: usage.chats,
+            queued: usage.queued,
+            tracked_messages: usage.records,
         }
     }
 
-    /// Records the accounting just read or written. The cached presence list is only a cache:
-    /// it gives its room up when the budget needs it.
-    fn observe(&self, usage: Usage) {
+    /// Called after the account grew: the cached presence list is only a cache, it gives its
+    /// room up when the budget needs it.
+    fn fit_cache(&self) {
         let mut local = lock(&self.local);
-        local.usage = usage;
-        let used = self.config.fixed_state_bytes().saturating_add(usage.bytes);
+        let used = self
+            .config
+            .fixed_state_bytes()
+            .saturating_add(self.seen.usage().bytes);
         let cache = local.presence.as_ref().map_or(0, |(_, frame)| frame.len());
         if used.saturating_add(cache) > self.config.max_state_bytes {
             local.presence = None;
@@ -360,7 +364,7 @@ impl FastChat {
         let used = self
             .config
             .fixed_state_bytes()
-            .saturating_add(local.usage.bytes);
+            .saturating_add(self.seen.usage().bytes);
         local.presence = (used.saturating_add(frame.len()) <= self.config.max_state_bytes)
             .then_some((top, frame));
     }

@@ -1,10 +1,11 @@
 //! What fastchat keeps in the state engine, as plain data, and the pure decisions over it.
 //!
 //! No sockets, no engine calls, no locks: the records stored under each key (see
-//! `docs/protocols/fastchat.md`, "State and the engine"), the accounting of the state budget
-//! ([`Usage`]) with the bounds it enforces, and the choice of the user to forget when a table is
-//! full. [`crate::store`] reads and writes these through the engine with compare-and-set; the
-//! decisions here are unit-tested without an engine.
+//! `docs/protocols/fastchat.md`, "State and the engine"), the bounds of the state budget
+//! ([`Bounds`]) and what a record that finds no room needs, and the choice of the user to forget when a table is
+//! full. [`crate::store`] reads and writes these through the engine (records with
+//! compare-and-set, the account with bounded counters); the decisions here are unit-tested
+//! without an engine.
 
 use std::collections::HashSet;
 
@@ -129,7 +130,8 @@ impl MessageRecord {
 }
 
 /// Names the client charged for one queued message (key `fastchat:queued:<to>:<offset>`):
-/// whoever removes the inbox entry deletes the marker and releases the charge.
+/// whoever removes the inbox entry takes the marker (of racing takers exactly one gets it) and
+/// releases the charge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueuedMarker {
     /// The sending client (`ClientKey` as text).
@@ -140,26 +142,7 @@ pub struct QueuedMarker {
     pub bytes: usize,
 }
 
-/// Per-client shares (key `fastchat:client:<client>`): users created and messages waiting in
-/// offline queues.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientCount {
-    /// Known users this client created.
-    #[serde(rename = "u", default)]
-    pub users: usize,
-    /// Messages from this client waiting in offline queues.
-    #[serde(rename = "q", default)]
-    pub queued: usize,
-}
-
-impl ClientCount {
-    /// Nothing counted: the key can go.
-    pub fn is_empty(self) -> bool {
-        self.users == 0 && self.queued == 0
-    }
-}
-
-/// The limits [`Usage`] enforces, from [`crate::Config`].
+/// The limits the account enforces, from [`crate::Config`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
     /// Bytes charged up front for the rate-limit tables.
@@ -174,32 +157,53 @@ pub struct Bounds {
     pub max_tracked_messages: usize,
 }
 
-/// The accounting of everything fastchat stores (key `fastchat:usage`), cluster-wide: item
-/// counts and the bytes charged against `max_state_bytes`. Changed with compare-and-set, so two
-/// nodes never both take the last unit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Bytes charged (besides the fixed rate-limit tables).
-    #[serde(default)]
-    pub bytes: usize,
-    /// Known users.
-    #[serde(default)]
-    pub users: usize,
-    /// Open chats.
-    #[serde(default)]
-    pub chats: usize,
-    /// Messages waiting in offline queues.
-    #[serde(default)]
-    pub queued: usize,
-    /// Remembered message records.
-    #[serde(default)]
-    pub records: usize,
-    /// The part of `bytes` charged for message records.
-    #[serde(default)]
-    pub record_bytes: usize,
+impl Bounds {
+    /// The bytes the account may hold besides the fixed rate-limit tables: the bound of the
+    /// `fastchat:usage:bytes` counter.
+    pub fn budget(&self) -> usize {
+        self.limit.saturating_sub(self.fixed)
+    }
+
+    /// Most known users (at least one).
+    pub fn users(&self) -> usize {
+        self.max_users.max(1)
+    }
+
+    /// Most remembered message records (at least one).
+    pub fn records(&self) -> usize {
+        self.max_tracked_messages.max(1)
+    }
+
+    /// What a message record of `bytes` that found no room (its count or its bytes) needs, when
+    /// the pools other than records hold `others` bytes. Records are a cache: the oldest make
+    /// room for new ones, in count and in bytes, but never at another pool's expense, so a
+    /// record that could not fit even with no records at all is refused and forgets nothing.
+    pub fn record_room(&self, others: usize, bytes: usize) -> RecordRoom {
+        if others.saturating_add(bytes) > self.budget() {
+            RecordRoom::Refused
+        } else {
+            RecordRoom::ForgetOldest
+        }
+    }
 }
 
-/// Why [`Usage`] refused to take something.
+/// What this node last saw of the cluster-wide account (for [`crate::FastChat::stats`]): each
+/// field is the value the engine returned for its counter on this node's latest change of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes charged (besides the fixed rate-limit tables).
+    pub bytes: usize,
+    /// Known users.
+    pub users: usize,
+    /// Open chats.
+    pub chats: usize,
+    /// Messages waiting in offline queues.
+    pub queued: usize,
+    /// Remembered message records.
+    pub records: usize,
+}
+
+/// Why the account refused to take something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     /// The table (users, queue, records) is at its bound.
@@ -208,107 +212,13 @@ pub enum Refused {
     NoMemory,
 }
 
-/// What [`Usage::add_record`] needs before it can store a record.
+/// What a message record that found no room needs (see [`Bounds::record_room`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordRoom {
-    /// Counted; store it.
-    Taken,
     /// Forget the oldest record first (the table is full, or its bytes are needed), then retry.
     ForgetOldest,
     /// Even with no records at all the budget could not hold this one: refuse, forget nothing.
     Refused,
-}
-
-impl Usage {
-    fn fits(&self, bounds: &Bounds, bytes: usize) -> bool {
-        bounds
-            .fixed
-            .saturating_add(self.bytes)
-            .saturating_add(bytes)
-            <= bounds.limit
-    }
-
-    /// Takes one user.
-    pub fn add_user(&mut self, bounds: &Bounds) -> Result<(), Refused> {
-        if self.users >= bounds.max_users.max(1) {
-            return Err(Refused::Full);
-        }
-        if !self.fits(bounds, USER_BYTES) {
-            return Err(Refused::NoMemory);
-        }
-        self.users = self.users.saturating_add(1);
-        self.bytes = self.bytes.saturating_add(USER_BYTES);
-        Ok(())
-    }
-
-    /// Releases one user.
-    pub fn remove_user(&mut self) {
-        self.users = self.users.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(USER_BYTES);
-    }
-
-    /// Takes one chat.
-    pub fn add_chat(&mut self, bounds: &Bounds) -> Result<(), Refused> {
-        if !self.fits(bounds, CHAT_BYTES) {
-            return Err(Refused::NoMemory);
-        }
-        self.chats = self.chats.saturating_add(1);
-        self.bytes = self.bytes.saturating_add(CHAT_BYTES);
-        Ok(())
-    }
-
-    /// Releases one chat.
-    pub fn remove_chat(&mut self) {
-        self.chats = self.chats.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(CHAT_BYTES);
-    }
-
-    /// Takes one queued message of `bytes` (see [`queued_bytes`]).
-    pub fn add_queued(&mut self, bounds: &Bounds, bytes: usize) -> Result<(), Refused> {
-        if self.queued >= bounds.max_queued_total {
-            return Err(Refused::Full);
-        }
-        if !self.fits(bounds, bytes) {
-            return Err(Refused::NoMemory);
-        }
-        self.queued = self.queued.saturating_add(1);
-        self.bytes = self.bytes.saturating_add(bytes);
-        Ok(())
-    }
-
-    /// Releases one queued message of `bytes`.
-    pub fn remove_queued(&mut self, bytes: usize) {
-        self.queued = self.queued.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(bytes);
-    }
-
-    /// Takes one message record of `bytes` (see [`record_bytes`]). Records are a cache: the
-    /// oldest make room for new ones, in count and in bytes, but never at another pool's
-    /// expense.
-    pub fn add_record(&mut self, bounds: &Bounds, bytes: usize) -> RecordRoom {
-        let others = self.bytes.saturating_sub(self.record_bytes);
-        if bounds.fixed.saturating_add(others).saturating_add(bytes) > bounds.limit {
-            return RecordRoom::Refused;
-        }
-        if self.records >= bounds.max_tracked_messages.max(1) || !self.fits(bounds, bytes) {
-            return if self.records == 0 {
-                RecordRoom::Refused
-            } else {
-                RecordRoom::ForgetOldest
-            };
-        }
-        self.records = self.records.saturating_add(1);
-        self.record_bytes = self.record_bytes.saturating_add(bytes);
-        self.bytes = self.bytes.saturating_add(bytes);
-        RecordRoom::Taken
-    }
-
-    /// Releases one message record of `bytes`.
-    pub fn remove_record(&mut self, bytes: usize) {
-        self.records = self.records.saturating_sub(1);
-        self.record_bytes = self.record_bytes.saturating_sub(bytes);
-        self.bytes = self.bytes.saturating_sub(bytes);
-    }
 }
 
 /// The offline user seen longest ago among `users` that `include` accepts.
@@ -373,18 +283,6 @@ mod tests {
     }
 
     #[test]
-    fn the_user_table_is_bounded() {
-        let mut usage = Usage::default();
-        for _ in 0..3 {
-            usage.add_user(&bounds()).unwrap();
-        }
-        assert_eq!(usage.add_user(&bounds()), Err(Refused::Full));
-        usage.remove_user();
-        usage.add_user(&bounds()).unwrap();
-        assert_eq!((usage.users, usage.bytes), (3, 3 * USER_BYTES));
-    }
-
-    #[test]
     fn the_longest_offline_user_is_chosen_and_online_users_never_are() {
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
         let users = vec![
@@ -422,20 +320,6 @@ mod tests {
     }
 
     #[test]
-    fn queues_are_bounded_overall_and_charged_their_length() {
-        let mut usage = Usage::default();
-        for _ in 0..3 {
-            usage.add_queued(&bounds(), queued_bytes(10)).unwrap();
-        }
-        assert_eq!(
-            usage.add_queued(&bounds(), queued_bytes(10)),
-            Err(Refused::Full)
-        );
-        usage.remove_queued(queued_bytes(10));
-        assert_eq!((usage.queued, usage.bytes), (2, 2 * queued_bytes(10)));
-    }
-
-    #[test]
     fn the_recipients_first_ack_turns_sent_into_delivered() {
         let [a, b] = [Uuid::new_v4(), Uuid::new_v4()];
         let record = MessageRecord {
@@ -450,57 +334,33 @@ mod tests {
     }
 
     #[test]
-    fn message_records_are_bounded_oldest_first() {
-        let mut usage = Usage::default();
-        let bytes = record_bytes("m1");
-        assert_eq!(usage.add_record(&bounds(), bytes), RecordRoom::Taken);
-        assert_eq!(usage.add_record(&bounds(), bytes), RecordRoom::Taken);
-        assert_eq!(usage.add_record(&bounds(), bytes), RecordRoom::ForgetOldest);
-        usage.remove_record(bytes);
-        assert_eq!(usage.add_record(&bounds(), bytes), RecordRoom::Taken);
-        assert_eq!(usage.records, 2);
-    }
-
-    #[test]
-    fn every_pool_is_charged_to_the_budget_and_records_only_evict_records() {
+    fn a_record_that_cannot_fit_beside_the_other_pools_forgets_nothing() {
         let bounds = Bounds {
             limit: 1000 + USER_BYTES * 2 + CHAT_BYTES + 396 + 200,
             max_tracked_messages: 100,
             ..bounds()
         };
-        let mut usage = Usage::default();
-        usage.add_user(&bounds).unwrap();
-        usage.add_user(&bounds).unwrap();
-        usage.add_chat(&bounds).unwrap();
-        assert_eq!(usage.bytes, USER_BYTES * 2 + CHAT_BYTES);
-        usage.add_queued(&bounds, queued_bytes(300)).unwrap();
-        assert_eq!(
-            usage.add_queued(&bounds, queued_bytes(300)),
-            Err(Refused::NoMemory)
-        );
-        assert_eq!(usage.add_user(&bounds), Err(Refused::NoMemory));
+        assert_eq!(bounds.budget(), USER_BYTES * 2 + CHAT_BYTES + 596);
+        let others = USER_BYTES * 2 + CHAT_BYTES + queued_bytes(300);
         // Records make room by forgetting older records, never other pools.
         assert_eq!(
-            usage.add_record(&bounds, record_bytes("r1")),
-            RecordRoom::Taken
-        );
-        assert_eq!(
-            usage.add_record(&bounds, record_bytes("r2")),
+            bounds.record_room(others, record_bytes("r2")),
             RecordRoom::ForgetOldest
-        );
-        usage.remove_record(record_bytes("r1"));
-        assert_eq!(
-            usage.add_record(&bounds, record_bytes("r2")),
-            RecordRoom::Taken
         );
         // A record that could not fit even in an empty table evicts nothing.
         assert_eq!(
-            usage.add_record(&bounds, record_bytes(&"x".repeat(500))),
+            bounds.record_room(others, record_bytes(&"x".repeat(500))),
             RecordRoom::Refused
         );
-        usage.remove_record(record_bytes("r2"));
-        usage.remove_queued(queued_bytes(300));
-        assert_eq!(usage.bytes, USER_BYTES * 2 + CHAT_BYTES);
+        assert_eq!(
+            Bounds {
+                limit: 10,
+                ..bounds
+            }
+            .budget(),
+            0,
+            "a budget below the fixed part holds nothing"
+        );
     }
 
     #[test]

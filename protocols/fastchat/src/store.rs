@@ -1,11 +1,13 @@
 //! fastchat's state in the engine: the keys, logs and topics it uses, and the operations on them
-//! (compare-and-set loops, the accounting of [`Usage`], the inbox and its charges).
+//! (compare-and-set loops on records, the account's bounded counters, the inbox and its charges).
 //!
 //! Every function here is one request's worth of engine calls; none holds a process lock across
 //! an `.await`. See `docs/protocols/fastchat.md`, "State and the engine", for the layout and the
 //! ordering argument.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -13,13 +15,13 @@ use serde::de::DeserializeOwned;
 use switchboard_core::engine::{
     Append, Appended, EngineError, EngineResult, Expect, Position, Put, Read, ReadFrom, Retention,
 };
-use switchboard_core::{ClientKey, Engine, Frame};
+use switchboard_core::{Engine, Frame};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::state::{
-    Bounds, ClientCount, MAX_MSG_FRAME_BYTES, MessageRecord, QueuedMarker, RecordRoom, Refused,
-    Usage, UserRecord, chat_id, queued_bytes, record_bytes,
+    Bounds, CHAT_BYTES, MAX_MSG_FRAME_BYTES, MessageRecord, QueuedMarker, RecordRoom, Refused,
+    USER_BYTES, Usage, UserRecord, chat_id, queued_bytes, record_bytes,
 };
 
 /// Presence room of online users: member = user id, one connection per socket.
@@ -28,8 +30,24 @@ pub const ONLINE_ROOM: &str = "fastchat:online";
 pub const PRESENCE_LOG: &str = "fastchat:presence";
 /// Prefix of user records.
 pub const USER_PREFIX: &str = "fastchat:user:";
-/// The cluster-wide accounting record.
-const USAGE_KEY: &str = "fastchat:usage";
+/// The account of `max_state_bytes`: bytes charged by every pool, at most [`Bounds::budget`].
+/// Like every counter below it is changed with `Engine::add` in one step (no read-modify-write
+/// on a shared record) and is gone while it is 0.
+const BYTES_KEY: &str = "fastchat:usage:bytes";
+/// The part of [`BYTES_KEY`] charged by users, chats and queued messages (everything but
+/// message records), read only when a record finds no room.
+const OTHER_BYTES_KEY: &str = "fastchat:usage:other-bytes";
+/// Known users, at most `max_users`.
+const USERS_KEY: &str = "fastchat:usage:users";
+/// Open chats (no bound of its own; counted for [`crate::FastChat::stats`]).
+const CHATS_KEY: &str = "fastchat:usage:chats";
+/// Messages waiting in offline queues, at most `max_queued_total`.
+const QUEUED_KEY: &str = "fastchat:usage:queued";
+/// Remembered message records, at most `max_tracked_messages` (a log has no entry count, so the
+/// age-order log cannot say how many records there are).
+const RECORDS_KEY: &str = "fastchat:usage:records";
+/// The bound of a counter that has none.
+const UNBOUNDED: usize = usize::MAX;
 /// A log whose offsets are the cluster-wide clock (registration order, last seen).
 const CLOCK_LOG: &str = "fastchat:clock";
 /// The age order of message records (entries are message ids).
@@ -42,6 +60,8 @@ const PRESENCE_RETENTION: Retention = Retention::trim(1, 4 * 1024 * 1024);
 const CLOCK_RETENTION: Retention = Retention::trim(1, 16);
 /// How often a compare-and-set is retried before the request is answered as failed.
 const CAS_ATTEMPTS: usize = 64;
+/// How often a new message record forgets the oldest one to make room before it is refused.
+const ROOM_ATTEMPTS: usize = 64;
 /// Users read per page when the whole table is scanned.
 const SCAN_PAGE: usize = 512;
 
@@ -76,8 +96,14 @@ fn marker_key(to: Uuid, offset: u64) -> String {
     format!("fastchat:queued:{to}:{offset}")
 }
 
-fn client_key(client: &str) -> String {
-    format!("fastchat:client:{client}")
+/// Users created by `client` (its `ClientKey` as text), at most `max_users_per_client`.
+fn client_users_key(client: &str) -> String {
+    format!("fastchat:client:{client}:users")
+}
+
+/// Messages from `client` waiting in offline queues, at most `max_queued_per_client`.
+fn client_queued_key(client: &str) -> String {
+    format!("fastchat:client:{client}:queued")
 }
 
 /// The per-user rate-limit key of `kind` (`msg`, `typing`, `hello`).
@@ -103,38 +129,66 @@ async fn get<T: DeserializeOwned>(engine: &Engine, key: &str) -> EngineResult<Op
     }
 }
 
-/// Changes `key` with compare-and-set: `change` sees the current value (the default when
-/// absent) and either changes it or refuses. Retried on conflict. Returns the stored value and
-/// its version.
-async fn update<T, R>(
-    engine: &Engine,
-    key: &str,
-    mut change: impl FnMut(&mut T) -> Result<(), R>,
-) -> EngineResult<Result<(T, u64), R>>
-where
-    T: Serialize + DeserializeOwned + Default,
-{
-    let mut current = engine.get(key).await?;
-    for _ in 0..CAS_ATTEMPTS {
-        let (mut value, expect) = match &current {
-            Some(stored) => (decode(key, &stored.value)?, Expect::Version(stored.version)),
-            None => (T::default(), Expect::Absent),
-        };
-        if let Err(refused) = change(&mut value) {
-            return Ok(Err(refused));
-        }
-        match engine.put(key, encode(&value)?, expect, None).await? {
-            Put::Stored(version) => return Ok(Ok((value, version))),
-            Put::Conflict(now) => current = now,
-        }
-    }
-    Err(EngineError::Unavailable(format!(
-        "{key}: too many concurrent writers"
-    )))
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// An infallible change for [`update`].
-type Never = std::convert::Infallible;
+fn to_usize(n: i64) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// What this node last saw of the account's counters: every value the engine returns for one
+/// of them on this node is noted here, so [`crate::FastChat::stats`] costs no engine call. On a
+/// single node it is exact once a request is answered (two requests racing on one counter may
+/// note their values in either order, until the next change); with several nodes it lags behind
+/// their changes until this node changes the same counter.
+#[derive(Debug, Default)]
+pub struct Seen {
+    bytes: AtomicUsize,
+    users: AtomicUsize,
+    chats: AtomicUsize,
+    queued: AtomicUsize,
+    records: AtomicUsize,
+}
+
+impl Seen {
+    fn note(&self, key: &str, value: i64) {
+        let slot = match key {
+            BYTES_KEY => &self.bytes,
+            USERS_KEY => &self.users,
+            CHATS_KEY => &self.chats,
+            QUEUED_KEY => &self.queued,
+            RECORDS_KEY => &self.records,
+            _ => return,
+        };
+        slot.store(to_usize(value), Ordering::Relaxed);
+    }
+
+    /// The counters as last seen.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            users: self.users.load(Ordering::Relaxed),
+            chats: self.chats.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+            records: self.records.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One part of a charge: `amount` added to the counter at `key`, which must stay at most `max`.
+#[derive(Debug, Clone)]
+struct Charge<K> {
+    key: K,
+    amount: usize,
+    max: usize,
+}
+
+impl<K> Charge<K> {
+    const fn new(key: K, amount: usize, max: usize) -> Self {
+        Self { key, amount, max }
+    }
+}
 
 /// The engine operations of fastchat, for one node.
 #[derive(Debug, Clone, Copy)]
@@ -143,6 +197,8 @@ pub struct Store<'a> {
     pub engine: &'a Engine,
     /// The bounds of the accounting.
     pub bounds: Bounds,
+    /// This node's view of the account, updated by every counter change made here.
+    pub seen: &'a Seen,
     /// Messages queued per offline user.
     pub max_queued_per_user: usize,
     /// Messages queued per sending client (0: unlimited).
@@ -174,75 +230,126 @@ impl<'a> Store<'a> {
         })
     }
 
-    /// The accounting as stored now.
-    pub async fn usage(&self) -> EngineResult<Usage> {
-        Ok(get(self.engine, USAGE_KEY)
-            .await?
-            .map(|(usage, _)| usage)
-            .unwrap_or_default())
+    /// Adds `delta` to the counter at `key` if it stays within `0..=max`: `Ok(new)`, or
+    /// `Err(current)` with nothing changed. Either value is noted in the node's view.
+    async fn add(&self, key: &str, delta: i64, max: usize) -> EngineResult<Result<usize, usize>> {
+        let added = self.engine.add(key, delta, 0, to_i64(max)).await?;
+        let (Ok(now) | Err(now)) = added;
+        self.seen.note(key, now);
+        Ok(added.map(to_usize).map_err(to_usize))
     }
 
-    /// Gives something back to the accounting (never refused); the stored result.
-    pub async fn release(&self, mut change: impl FnMut(&mut Usage)) -> EngineResult<Usage> {
-        let released = self
-            .account::<Never>(|usage| {
-                change(usage);
-                Ok(())
-            })
-            .await?;
-        Ok(match released {
-            Ok(usage) => usage,
-            Err(never) => match never {},
-        })
+    /// The counter at `key` (0 when absent).
+    async fn counter(&self, key: &str) -> EngineResult<usize> {
+        let Some(stored) = self.engine.get(key).await? else {
+            return Ok(0);
+        };
+        std::str::from_utf8(&stored.value)
+            .ok()
+            .and_then(|text| text.parse::<i64>().ok())
+            .map(to_usize)
+            .ok_or_else(|| EngineError::Corrupt(format!("{key} is not a counter")))
     }
 
-    /// Changes the accounting; the stored result.
-    pub async fn account<R>(
+    /// Takes every part of a charge in order, or none: at the first part that would pass its
+    /// bound, the parts already taken are given back and `Err((index, current))` names that part
+    /// and its counter's value. An engine failure gives back what was taken, too.
+    async fn charge<K: AsRef<str>>(
         &self,
-        change: impl FnMut(&mut Usage) -> Result<(), R>,
-    ) -> EngineResult<Result<Usage, R>> {
-        Ok(update(self.engine, USAGE_KEY, change)
-            .await?
-            .map(|(usage, _)| usage))
-    }
-
-    async fn count_client(
-        &self,
-        client: &str,
-        change: impl FnMut(&mut ClientCount) -> Result<(), QueueRefused>,
-    ) -> EngineResult<Result<ClientCount, QueueRefused>> {
-        let key = client_key(client);
-        let result = update(self.engine, &key, change).await?;
-        if let Ok((count, version)) = &result
-            && count.is_empty()
-        {
-            // An empty share is forgotten; a concurrent change makes this a no-op.
-            self.engine.delete(&key, Expect::Version(*version)).await?;
-        }
-        Ok(result.map(|(count, _)| count))
-    }
-
-    /// The share of `client`.
-    pub async fn client_count(&self, client: ClientKey) -> EngineResult<ClientCount> {
-        Ok(get(self.engine, &client_key(&client.to_string()))
-            .await?
-            .map(|(count, _)| count)
-            .unwrap_or_default())
-    }
-
-    /// Adds `delta` users to `client`'s share (saturating).
-    pub async fn count_users(&self, client: &str, add: bool) -> EngineResult<()> {
-        self.count_client(client, |count| {
-            count.users = if add {
-                count.users.saturating_add(1)
-            } else {
-                count.users.saturating_sub(1)
+        parts: &[Charge<K>],
+    ) -> EngineResult<Result<(), (usize, usize)>> {
+        for (index, part) in parts.iter().enumerate() {
+            let outcome = match self
+                .add(part.key.as_ref(), to_i64(part.amount), part.max)
+                .await
+            {
+                Ok(Ok(_)) => continue,
+                Ok(Err(current)) => Ok(Err((index, current))),
+                Err(error) => Err(error),
             };
-            Ok(())
-        })
-        .await?
-        .map_err(|_| EngineError::Full("client share"))?;
+            self.give_back(parts.get(..index).unwrap_or_default())
+                .await?;
+            return outcome;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Gives back what [`Store::charge`] took (never refused; a counter never goes below 0).
+    async fn give_back<K: AsRef<str>>(&self, parts: &[Charge<K>]) -> EngineResult<()> {
+        for part in parts.iter().rev() {
+            if part.amount == 0 {
+                continue;
+            }
+            let key = part.key.as_ref();
+            let delta = to_i64(part.amount).saturating_neg();
+            if let Err(current) = self.add(key, delta, UNBOUNDED).await?
+                && current > 0
+            {
+                // Less left than this charge: a charge was lost half-way to an engine failure.
+                // Down to 0, as the saturating release it is (a racing change may refuse this
+                // too; the counter then stays as that change left it).
+                let _ = self
+                    .add(key, to_i64(current).saturating_neg(), UNBOUNDED)
+                    .await?;
+            }
+        }
         Ok(())
+    }
+
+    fn user_charge(&self) -> [Charge<&'static str>; 3] {
+        [
+            Charge::new(USERS_KEY, 1, self.bounds.users()),
+            Charge::new(BYTES_KEY, USER_BYTES, self.bounds.budget()),
+            Charge::new(OTHER_BYTES_KEY, USER_BYTES, UNBOUNDED),
+        ]
+    }
+
+    /// Takes one unit of the user table and its bytes.
+    pub async fn charge_user(&self) -> EngineResult<Result<(), Refused>> {
+        Ok(self
+            .charge(&self.user_charge())
+            .await?
+            .map_err(|(part, _)| match part {
+                0 => Refused::Full,
+                _ => Refused::NoMemory,
+            }))
+    }
+
+    /// Gives back what [`Store::charge_user`] took.
+    pub async fn release_user(&self) -> EngineResult<()> {
+        self.give_back(&self.user_charge()).await
+    }
+
+    fn chat_charge(&self) -> [Charge<&'static str>; 3] {
+        [
+            Charge::new(BYTES_KEY, CHAT_BYTES, self.bounds.budget()),
+            Charge::new(OTHER_BYTES_KEY, CHAT_BYTES, UNBOUNDED),
+            Charge::new(CHATS_KEY, 1, UNBOUNDED),
+        ]
+    }
+
+    /// Takes the bytes of one chat; `false` if the budget has no room.
+    pub async fn charge_chat(&self) -> EngineResult<bool> {
+        Ok(self.charge(&self.chat_charge()).await?.is_ok())
+    }
+
+    /// Gives back what [`Store::charge_chat`] took.
+    pub async fn release_chat(&self) -> EngineResult<()> {
+        self.give_back(&self.chat_charge()).await
+    }
+
+    /// Takes one of `client`'s share of users, at most `share` (0: unlimited, still counted);
+    /// `false` if the share is full.
+    pub async fn charge_client_user(&self, client: &str, share: usize) -> EngineResult<bool> {
+        let max = if share == 0 { UNBOUNDED } else { share };
+        let charge = [Charge::new(client_users_key(client), 1, max)];
+        Ok(self.charge(&charge).await?.is_ok())
+    }
+
+    /// Gives back one of `client`'s share of users.
+    pub async fn release_client_user(&self, client: &str) -> EngineResult<()> {
+        self.give_back(&[Charge::new(client_users_key(client), 1, UNBOUNDED)])
+            .await
     }
 
     /// User `id`'s record and version.
@@ -341,8 +448,8 @@ impl<'a> Store<'a> {
         {
             return Ok(None);
         }
-        self.release(|usage| usage.remove_user()).await?;
-        self.count_users(&record.creator, false).await?;
+        self.release_user().await?;
+        self.release_client_user(&record.creator).await?;
         let partners = self
             .engine
             .scan(&partner_prefix(id), None, usize::MAX)
@@ -364,7 +471,7 @@ impl<'a> Store<'a> {
                 .delete(&chat_key(id, partner), Expect::Any)
                 .await?
             {
-                self.release(|usage| usage.remove_chat()).await?;
+                self.release_chat().await?;
             }
         }
         let topic = user_topic(id);
@@ -490,8 +597,8 @@ impl<'a> Store<'a> {
             .delete(&msg_key(message_id), Expect::Any)
             .await?
         {
-            let bytes = record_bytes(message_id);
-            self.release(|usage| usage.remove_record(bytes)).await?;
+            self.give_back(&self.record_charge(record_bytes(message_id)))
+                .await?;
         }
         Ok(())
     }
@@ -546,25 +653,31 @@ impl<'a> Store<'a> {
         }
     }
 
+    fn record_charge(&self, bytes: usize) -> [Charge<&'static str>; 2] {
+        [
+            Charge::new(RECORDS_KEY, 1, self.bounds.records()),
+            Charge::new(BYTES_KEY, bytes, self.bounds.budget()),
+        ]
+    }
+
     /// Charges a record, forgetting the oldest ones while that is what it takes.
     async fn charge_record(&self, message_id: &str) -> EngineResult<bool> {
         let bytes = record_bytes(message_id);
-        let bounds = self.bounds;
-        for _ in 0..CAS_ATTEMPTS {
-            let room = self
-                .account(|usage| match usage.add_record(&bounds, bytes) {
-                    RecordRoom::Taken => Ok(()),
-                    other => Err(other),
-                })
-                .await?;
-            match room {
-                Ok(_) => return Ok(true),
-                Err(RecordRoom::ForgetOldest) => {
+        let charge = self.record_charge(bytes);
+        for _ in 0..ROOM_ATTEMPTS {
+            if self.charge(&charge).await?.is_ok() {
+                return Ok(true);
+            }
+            // No room in count or bytes: forgetting records helps unless the other pools alone
+            // leave no room (read only on this path, so a record costs two counter steps).
+            let others = self.counter(OTHER_BYTES_KEY).await?;
+            match self.bounds.record_room(others, bytes) {
+                RecordRoom::ForgetOldest => {
                     if !self.forget_oldest_record().await? {
                         return Ok(false);
                     }
                 }
-                Err(RecordRoom::Taken | RecordRoom::Refused) => return Ok(false),
+                RecordRoom::Refused => return Ok(false),
             }
         }
         Ok(false)
@@ -576,6 +689,20 @@ impl<'a> Store<'a> {
         self.drop_record(message_id).await
     }
 
+    fn queued_charge(&self, client: &str, frame_len: usize) -> [Charge<Cow<'static, str>>; 4] {
+        let bytes = queued_bytes(frame_len);
+        let per_client = match self.max_queued_per_client {
+            0 => UNBOUNDED,
+            limit => limit,
+        };
+        [
+            Charge::new(QUEUED_KEY.into(), 1, self.bounds.max_queued_total),
+            Charge::new(BYTES_KEY.into(), bytes, self.bounds.budget()),
+            Charge::new(OTHER_BYTES_KEY.into(), bytes, UNBOUNDED),
+            Charge::new(client_queued_key(client).into(), 1, per_client),
+        ]
+    }
+
     /// Charges one queued message of a `frame_len`-byte frame to the server-wide count, the
     /// budget and the sending client's share.
     pub async fn charge_queued(
@@ -583,55 +710,17 @@ impl<'a> Store<'a> {
         client: &str,
         frame_len: usize,
     ) -> EngineResult<Result<(), QueueRefused>> {
-        let bytes = queued_bytes(frame_len);
-        let bounds = self.bounds;
-        let charged = self
-            .account(|usage| {
-                usage
-                    .add_queued(&bounds, bytes)
-                    .map_err(|refused| match refused {
-                        Refused::Full => QueueRefused::Server,
-                        Refused::NoMemory => QueueRefused::NoMemory,
-                    })
-            })
-            .await?;
-        if let Err(refused) = charged {
-            return Ok(Err(refused));
-        }
-        let limit = self.max_queued_per_client;
-        let share = self
-            .count_client(client, |count| {
-                if limit != 0 && count.queued >= limit {
-                    return Err(QueueRefused::Client);
-                }
-                count.queued = count.queued.saturating_add(1);
-                Ok(())
-            })
-            .await;
-        match share {
-            Ok(Ok(_)) => Ok(Ok(())),
-            other => {
-                self.release_server_queued(bytes).await?;
-                other.map(|result| result.map(|_| ()))
-            }
-        }
-    }
-
-    async fn release_server_queued(&self, bytes: usize) -> EngineResult<()> {
-        self.release(|usage| usage.remove_queued(bytes)).await?;
-        Ok(())
+        let charged = self.charge(&self.queued_charge(client, frame_len)).await?;
+        Ok(charged.map_err(|(part, _)| match part {
+            0 => QueueRefused::Server,
+            3 => QueueRefused::Client,
+            _ => QueueRefused::NoMemory,
+        }))
     }
 
     /// Releases what [`Store::charge_queued`] took.
     pub async fn release_queued(&self, client: &str, frame_len: usize) -> EngineResult<()> {
-        self.release_server_queued(queued_bytes(frame_len)).await?;
-        self.count_client(client, |count| {
-            count.queued = count.queued.saturating_sub(1);
-            Ok(())
-        })
-        .await?
-        .map_err(|_| EngineError::Full("client share"))?;
-        Ok(())
+        self.give_back(&self.queued_charge(client, frame_len)).await
     }
 
     /// The retention of a user's inbox: refuses beyond the queue bound, so nothing queued is
@@ -699,14 +788,12 @@ impl<'a> Store<'a> {
         Ok(())
     }
 
-    /// Releases the charge of `to`'s inbox entry at `offset` if its marker is still there (the
-    /// marker's deletion decides who releases it, exactly once).
+    /// Releases the charge of `to`'s inbox entry at `offset` if its marker is still there (of
+    /// racing takers of the marker exactly one gets it, so the charge is released once).
     async fn release_marker(&self, to: Uuid, offset: u64) -> EngineResult<()> {
         let key = marker_key(to, offset);
-        let Some((marker, version)) = get::<QueuedMarker>(self.engine, &key).await? else {
-            return Ok(());
-        };
-        if self.engine.delete(&key, Expect::Version(version)).await? {
+        if let Some(stored) = self.engine.take(&key, Expect::Any).await? {
+            let marker: QueuedMarker = decode(&key, &stored.value)?;
             self.release_queued(&marker.client, marker.bytes).await?;
         }
         Ok(())
@@ -745,5 +832,177 @@ pub fn presence_append(top: Option<u64>) -> Append {
     match top {
         Some(top) => append.if_top(top),
         None => append,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_core::engine::MemoryLimits;
+
+    use super::*;
+    use crate::state::CHAT_BYTES;
+
+    fn bounds() -> Bounds {
+        Bounds {
+            fixed: 1000,
+            limit: 1_000_000,
+            max_users: 3,
+            max_queued_total: 3,
+            max_tracked_messages: 2,
+        }
+    }
+
+    fn store<'a>(engine: &'a Engine, seen: &'a Seen, bounds: Bounds) -> Store<'a> {
+        Store {
+            engine,
+            bounds,
+            seen,
+            max_queued_per_user: 10,
+            max_queued_per_client: 0,
+        }
+    }
+
+    fn record() -> MessageRecord {
+        MessageRecord {
+            from: Uuid::nil(),
+            to: Uuid::nil(),
+            status: crate::state::Status::Sent,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_user_table_is_bounded() {
+        let (engine, seen) = (Engine::memory(MemoryLimits::default()), Seen::default());
+        let store = store(&engine, &seen, bounds());
+        for _ in 0..3 {
+            store.charge_user().await.unwrap().unwrap();
+        }
+        assert_eq!(store.charge_user().await.unwrap(), Err(Refused::Full));
+        store.release_user().await.unwrap();
+        store.charge_user().await.unwrap().unwrap();
+        let usage = seen.usage();
+        assert_eq!((usage.users, usage.bytes), (3, 3 * USER_BYTES));
+    }
+
+    #[tokio::test]
+    async fn queues_are_bounded_overall_and_per_client_and_charged_their_length() {
+        let (engine, seen) = (Engine::memory(MemoryLimits::default()), Seen::default());
+        let store = Store {
+            max_queued_per_client: 2,
+            ..store(&engine, &seen, bounds())
+        };
+        store.charge_queued("a", 10).await.unwrap().unwrap();
+        store.charge_queued("a", 10).await.unwrap().unwrap();
+        assert_eq!(
+            store.charge_queued("a", 10).await.unwrap(),
+            Err(QueueRefused::Client)
+        );
+        store.charge_queued("b", 10).await.unwrap().unwrap();
+        assert_eq!(
+            store.charge_queued("b", 10).await.unwrap(),
+            Err(QueueRefused::Server)
+        );
+        store.release_queued("a", 10).await.unwrap();
+        let usage = seen.usage();
+        assert_eq!((usage.queued, usage.bytes), (2, 2 * queued_bytes(10)));
+        store.release_queued("a", 10).await.unwrap();
+        store.release_queued("b", 10).await.unwrap();
+        for key in [
+            BYTES_KEY,
+            OTHER_BYTES_KEY,
+            QUEUED_KEY,
+            &client_queued_key("a"),
+            &client_queued_key("b"),
+        ] {
+            assert_eq!(engine.get(key).await.unwrap(), None, "{key} is gone at 0");
+        }
+    }
+
+    #[tokio::test]
+    async fn message_records_are_bounded_oldest_first() {
+        let (engine, seen) = (Engine::memory(MemoryLimits::default()), Seen::default());
+        let store = store(&engine, &seen, bounds());
+        for id in ["m1", "m2", "m3"] {
+            store.record(id, &record()).await.unwrap().unwrap();
+        }
+        assert!(
+            store.message("m1").await.unwrap().is_none(),
+            "oldest forgotten"
+        );
+        assert!(store.message("m3").await.unwrap().is_some());
+        assert_eq!(seen.usage().records, 2);
+        assert_eq!(seen.usage().bytes, 2 * record_bytes("m2"));
+    }
+
+    #[tokio::test]
+    async fn every_pool_is_charged_to_the_budget_and_records_only_evict_records() {
+        let bounds = Bounds {
+            limit: 1000 + USER_BYTES * 2 + CHAT_BYTES + 396 + 200,
+            max_tracked_messages: 100,
+            ..bounds()
+        };
+        let (engine, seen) = (Engine::memory(MemoryLimits::default()), Seen::default());
+        let store = store(&engine, &seen, bounds);
+        store.charge_user().await.unwrap().unwrap();
+        store.charge_user().await.unwrap().unwrap();
+        assert!(store.charge_chat().await.unwrap());
+        assert_eq!(seen.usage().bytes, USER_BYTES * 2 + CHAT_BYTES);
+        store.charge_queued("a", 300).await.unwrap().unwrap();
+        assert_eq!(
+            store.charge_queued("a", 300).await.unwrap(),
+            Err(QueueRefused::NoMemory)
+        );
+        assert_eq!(store.charge_user().await.unwrap(), Err(Refused::NoMemory));
+        // Records make room by forgetting older records, never other pools.
+        store.record("r1", &record()).await.unwrap().unwrap();
+        store.record("r2", &record()).await.unwrap().unwrap();
+        assert!(store.message("r1").await.unwrap().is_none());
+        assert_eq!(seen.usage().records, 1);
+        // A record that could not fit even in an empty table evicts nothing.
+        let long = "x".repeat(500);
+        assert_eq!(store.record(&long, &record()).await.unwrap(), Err(None));
+        assert!(store.message("r2").await.unwrap().is_some());
+        assert_eq!(store.message(&long).await.unwrap(), None);
+        store.release_queued("a", 300).await.unwrap();
+        assert_eq!(
+            seen.usage().bytes,
+            USER_BYTES * 2 + CHAT_BYTES + record_bytes("r2")
+        );
+        assert_eq!(
+            store.counter(OTHER_BYTES_KEY).await.unwrap(),
+            USER_BYTES * 2 + CHAT_BYTES
+        );
+    }
+
+    #[tokio::test]
+    async fn a_queued_charge_is_released_once_whoever_takes_its_marker() {
+        let (engine, seen) = (Engine::memory(MemoryLimits::default()), Seen::default());
+        let store = store(&engine, &seen, bounds());
+        let to = Uuid::new_v4();
+        let frame = Frame::text("{}");
+        store
+            .charge_queued("a", frame.len())
+            .await
+            .unwrap()
+            .unwrap();
+        let position = store
+            .append_inbox(to, frame.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .mark_queued(to, position, "a", frame.len())
+            .await
+            .unwrap();
+        assert_eq!(seen.usage().queued, 1);
+        let takers = [
+            store.take_entry(to, position.offset),
+            store.take_entry(to, position.offset),
+        ];
+        let [a, b] = takers;
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(a ^ b, "one taker removes the entry");
+        assert_eq!(seen.usage(), Usage::default(), "released once, to 0");
+        assert_eq!(engine.get(&client_queued_key("a")).await.unwrap(), None);
     }
 }
