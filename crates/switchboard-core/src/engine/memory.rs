@@ -124,6 +124,15 @@ struct Shared {
     last_sweep: Mutex<Option<Instant>>,
 }
 
+/// Locks `mutex` unless another thread holds it (a poisoned lock is recovered, as everywhere).
+fn try_lock<T>(mutex: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match mutex.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// Runs `undo` on drop unless defused: gives a charge back on every early return.
 struct Undo<F: FnMut()> {
     undo: Option<F>,
@@ -265,16 +274,25 @@ impl Shared {
             live
         });
         drop(kv);
-        let logs: Vec<_> = read(&self.logs).values().cloned().collect();
-        for log in logs {
-            let mut slot = lock(&log);
+        let logs: Vec<_> = read(&self.logs)
+            .iter()
+            .map(|(topic, log)| (topic.len(), log.clone()))
+            .collect();
+        for (topic_len, log) in logs {
+            // A log locked right now is in use (possibly by the append that is charging and
+            // made this sweep run): it is not idle, so skip it rather than wait for it.
+            let Some(mut slot) = try_lock(&log) else {
+                continue;
+            };
             if slot.as_ref().is_some_and(|log| log.expired(now))
                 && let Some(log) = slot.take()
             {
-                self.free_entries(log.entries.iter());
+                self.free_log(topic_len, &log);
             }
         }
-        write(&self.logs).retain(|_, log| Arc::strong_count(log) > 1 || lock(log).is_some());
+        write(&self.logs).retain(|_, log| {
+            Arc::strong_count(log) > 1 || try_lock(log).is_none_or(|slot| slot.is_some())
+        });
         let mut rates = lock(&self.rates);
         rates.retain(|key, (window, hits)| {
             while hits
@@ -290,6 +308,12 @@ impl Shared {
             }
             keep
         });
+    }
+
+    /// Gives back everything a forgotten log was charged: its entries and its own bookkeeping.
+    fn free_log(&self, topic_len: usize, log: &Log) {
+        self.free_entries(log.entries.iter());
+        self.uncharge(cost(topic_len));
     }
 
     fn free_entries<'a>(&self, entries: impl Iterator<Item = &'a Entry>) {
@@ -482,7 +506,7 @@ impl StateEngine for MemoryEngine {
         if slot.as_ref().is_some_and(|log| log.expired(now))
             && let Some(old) = slot.take()
         {
-            self.shared.free_entries(old.entries.iter());
+            self.shared.free_log(topic.len(), &old);
         }
         let current = slot.as_ref().map_or(0, |log| log.top);
         if let Some(expected) = options.expect_top
@@ -498,6 +522,11 @@ impl StateEngine for MemoryEngine {
                 );
                 return Ok(Appended::Conflict(top));
             }
+        }
+        if slot.is_none() {
+            // A log costs its bookkeeping for as long as it exists, even when empty: it keeps
+            // its top offset so ids never go back.
+            self.shared.charge(cost(topic.len()))?;
         }
         let log = match slot.as_mut() {
             Some(log) => log,
@@ -619,7 +648,7 @@ impl StateEngine for MemoryEngine {
             return Ok(());
         };
         if let Some(old) = lock(&log).take() {
-            self.shared.free_entries(old.entries.iter());
+            self.shared.free_log(topic.len(), &old);
         }
         Ok(())
     }
@@ -959,7 +988,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_engine_refuses_new_state_and_keeps_what_it_has() {
-        let engine = engine(3, 1 << 20);
+        // Three entries and the log itself.
+        let engine = engine(4, 1 << 20);
         for text in ["a", "b", "c"] {
             engine
                 .append("t", Frame::text(text), Append::store(LOG), None)
@@ -1035,8 +1065,9 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert_eq!(engine.shared.items.used(), 2);
-        assert_eq!(engine.bytes_used(), cost(5) + cost(4));
+        // Two entries and the log's own bookkeeping.
+        assert_eq!(engine.shared.items.used(), 3);
+        assert_eq!(engine.bytes_used(), cost(5) + cost(4) + cost(1));
     }
 
     #[tokio::test]
