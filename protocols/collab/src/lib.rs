@@ -969,13 +969,12 @@ impl Collab {
             let append = Append::publish(self.retention())
                 .if_top(pos.offset)
                 .except(cx.me());
-            match engine.append(&topic, update, append).await {
+            // The author gets its ack instead of the entry, at the entry's place in the
+            // topic's order: after every earlier update, before every later one, on any node.
+            // Sending it after the append returned would let an update appended meanwhile by
+            // another author reach this socket first.
+            match engine.append_with_reply(&topic, update, append, ack).await {
                 Ok(Appended::Done(at)) => {
-                    // Sent as soon as the append returns, nothing awaited in between: the
-                    // author's ack follows every earlier entry it was sent (those were
-                    // delivered before the append could succeed) and precedes later ones as
-                    // closely as the engine API allows (see the protocol doc).
-                    let _ = cx.send(ack);
                     session.commit(prepared, pos, at);
                     return Ok(());
                 }

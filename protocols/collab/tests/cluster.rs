@@ -1,7 +1,8 @@
 //! collab across nodes: two servers sharing one in-memory cluster engine. What a participant does
 //! on node A reaches participants on node B (joins, cursors, edits, language), concurrent edits
-//! made on both nodes converge, late joiners and REST on either node see the current document,
-//! and a node that disappears takes its participants with it.
+//! made on both nodes converge, every author gets its acks and the others' updates in version
+//! order, late joiners and REST on either node see the current document, and a node that
+//! disappears takes its participants with it.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -488,4 +489,108 @@ async fn a_node_whose_copy_fell_behind_the_shared_log_catches_up() {
     let update = alice.recv_type("code-update").await;
     assert_eq!(update["payload"]["code"], format!("!{text}"));
     assert_eq!(describe(&a.server, "behind").await["version"], 101);
+}
+
+/// Edits one author keeps in flight (sent, not yet answered) while it types.
+const IN_FLIGHT: usize = 8;
+
+/// One author sending `rounds` full-text edits as fast as the window allows, checking that the
+/// versions on its socket (its own `code-ack`s and the others' `code-update`s) come one after
+/// the other: each entry of the log exactly once, in log order, so no later update overtakes an
+/// ack. Returns how many of its edits were refused (answered with an error and a resync).
+async fn author(mut client: Client, letter: char, rounds: usize) -> usize {
+    let deadline = Instant::now() + RUN;
+    let (mut sent, mut answered, mut refused) = (0, 0, 0);
+    let mut last: Option<(String, u64)> = None;
+    while answered < rounds {
+        while sent < rounds && sent - answered < IN_FLIGHT {
+            client
+                .send_json(&json!({"type": "code-change", "payload": {"changes": format!("{letter}{sent}")}}))
+                .await;
+            sent += 1;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = client
+            .recv_within(left)
+            .await
+            .unwrap_or_else(|| panic!("author {letter} stalled at {answered} of {rounds}"));
+        assert!(
+            !message.is_close(),
+            "author {letter} was closed: {message:?}"
+        );
+        let Ok(text) = message.into_text() else {
+            continue;
+        };
+        let frame: Value = serde_json::from_str(&text).unwrap();
+        let kind = frame["type"].as_str().unwrap().to_owned();
+        let version = frame["payload"]["version"].as_u64();
+        match (kind.as_str(), version) {
+            ("code-ack" | "code-update", Some(version)) => {
+                if let Some((before, previous)) = &last {
+                    assert_eq!(
+                        version,
+                        previous + 1,
+                        "author {letter}: {kind} {version} arrived right after {before} {previous}"
+                    );
+                }
+                if kind == "code-ack" {
+                    answered += 1;
+                }
+                last = Some((kind, version));
+            }
+            // A resync: the state is exact at its version, and every later entry follows it.
+            ("session-state", Some(version)) => last = Some((kind, version)),
+            ("error", _) => {
+                answered += 1;
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_author_gets_its_acks_and_the_others_updates_in_version_order() {
+    let cluster = MemoryCluster::new(MemoryLimits::default());
+    // No relay rate limit: the authors type as fast as the server answers.
+    let config = Config {
+        relay_burst: 0,
+        ..Config::default()
+    };
+    let a = node(&cluster, config.clone()).await;
+    let b = node(&cluster, config).await;
+    let mut authors = Vec::new();
+    for (node, letter) in [
+        (&a, 'a'),
+        (&b, 'b'),
+        (&a, 'c'),
+        (&b, 'd'),
+        (&a, 'e'),
+        (&b, 'f'),
+    ] {
+        let (client, state) = join(&node.server, "order", &format!("u-{letter}"), "A").await;
+        assert_eq!(state["version"], 0);
+        authors.push((client, letter));
+    }
+    // Everyone joined before anyone types: drain the announcements.
+    for (client, _) in &mut authors {
+        while client.recv_within(QUIET).await.is_some() {}
+    }
+    let rounds = 300;
+    let runs: Vec<_> = authors
+        .into_iter()
+        .map(|(client, letter)| tokio::spawn(author(client, letter, rounds)))
+        .collect();
+    let mut refused = 0;
+    for run in runs {
+        refused += timeout(RUN, run)
+            .await
+            .expect("editing ran too long")
+            .unwrap();
+    }
+    let version = describe(&a.server, "order").await["version"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(version + refused as u64, 6 * rounds as u64);
 }
