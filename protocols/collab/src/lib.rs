@@ -84,52 +84,134 @@ pub const STATE_FRAME_BURST: u32 = 10;
 pub const STATE_FRAMES_PER_SECOND: u32 = 1;
 
 /// Limits and defaults of the collab protocol.
+///
+/// With the `cli` feature this is also the `clap::Args` of `switchboard serve --protocol
+/// collab`: each field's doc is its flag's help and [`Config::default`] its default. The
+/// WebSocket frame limit follows from `max_document_bytes` ([`Config::max_frame_bytes`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[cfg_attr(feature = "cli", group(id = "collab"))]
+#[cfg_attr(feature = "cli", command(next_help_heading = "collab"))]
 pub struct Config {
-    /// Largest document, in UTF-8 bytes. Edits that would exceed it are refused.
+    /// Largest document in UTF-8 bytes; edits that would exceed it are refused.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-max-document-bytes", long,
+        env = "SWITCHBOARD_COLLAB_MAX_DOCUMENT_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_document_bytes,
+    ))]
     pub max_document_bytes: usize,
-    /// Distinct users per session; a further user's `join-session` is refused.
+    /// Distinct users per session; a further user's join-session is refused.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-max-participants", long,
+        env = "SWITCHBOARD_COLLAB_MAX_PARTICIPANTS", value_name = "N",
+        default_value_t = Config::default().max_participants,
+    ))]
     pub max_participants: usize,
-    /// Sessions in total; creating more (REST or first connect) is refused with 503.
+    /// Sessions in total; creating more (REST or first connect) is refused with HTTP 503.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-max-sessions", long,
+        env = "SWITCHBOARD_COLLAB_MAX_SESSIONS", value_name = "N",
+        default_value_t = Config::default().max_sessions,
+    ))]
     pub max_sessions: usize,
-    /// Live sessions one client (a [`ClientKey`]: IPv4 address or IPv6 /64) may have created;
-    /// more are refused with 429 (REST and upgrade). 0 means unlimited.
+    /// Live sessions one client (IPv4 address or IPv6 /64) may have created; more are refused with
+    /// HTTP 429, REST and upgrade (0: unlimited).
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-max-sessions-per-client", long,
+        env = "SWITCHBOARD_COLLAB_MAX_SESSIONS_PER_CLIENT", value_name = "N",
+        default_value_t = Config::default().max_sessions_per_client,
+    ))]
     pub max_sessions_per_client: usize,
-    /// Sessions one client may create at once (token bucket burst); 0 disables the rate limit.
+    /// Sessions one client may create at once (token bucket burst; 0 disables the rate limit).
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-session-create-burst", long,
+        env = "SWITCHBOARD_COLLAB_SESSION_CREATE_BURST", value_name = "N",
+        default_value_t = Config::default().session_create_burst,
+    ))]
     pub session_create_burst: u32,
     /// Session creations a client regains per second.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-session-create-per-second", long,
+        env = "SWITCHBOARD_COLLAB_SESSION_CREATE_PER_SECOND", value_name = "N",
+        default_value_t = Config::default().session_create_per_second,
+    ))]
     pub session_create_per_second: u32,
-    /// A session someone joined is removed after having no open socket for this long.
+    /// A session someone joined is removed after having no open socket for this long, e.g. 1h.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-idle-ttl", long,
+        env = "SWITCHBOARD_COLLAB_IDLE_TTL", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(Config::default().idle_ttl),
+    ))]
     pub idle_ttl: Duration,
-    /// A session nobody ever joined is removed after having no open socket for this long (or
-    /// `idle_ttl` if that is shorter), so an abandoned flood of created sessions frees itself
+    /// A session nobody ever joined is removed after having no open socket for this long (or the
+    /// idle TTL if that is shorter), so an abandoned flood of created sessions frees itself
     /// quickly.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-unjoined-ttl", long,
+        env = "SWITCHBOARD_COLLAB_UNJOINED_TTL", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(Config::default().unjoined_ttl),
+    ))]
     pub unjoined_ttl: Duration,
-    /// Recent operations kept per session to transform late edits against. An edit based on an
+    /// Recent operations kept per session to transform late edits against; an edit based on an
     /// older version is refused and the client resyncs.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-max-op-log", long,
+        env = "SWITCHBOARD_COLLAB_MAX_OP_LOG", value_name = "N",
+        default_value_t = Config::default().max_op_log,
+    ))]
     pub max_op_log: usize,
-    /// Bytes the per-session operation log may hold ([`ot::Operation::weight`]); a hard bound,
-    /// also for the newest entry: an operation heavier than this is refused.
+    /// Bytes the per-session operation log may hold (`Operation::weight`); a hard bound, also for
+    /// the newest entry: an operation heavier than this is refused.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-max-op-log-bytes", long,
+        env = "SWITCHBOARD_COLLAB_MAX_OP_LOG_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_op_log_bytes,
+    ))]
     pub max_op_log_bytes: usize,
-    /// Frames that fan out (`code-change`, `cursor-move`, `language-change`, `execute-code`,
-    /// `execution-result`) one connection may send at once; 0 disables the limit.
+    /// Frames that fan out (code-change, cursor-move, language-change, execute-code,
+    /// execution-result) one connection may send at once (0: unlimited).
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-relay-burst", long,
+        env = "SWITCHBOARD_COLLAB_RELAY_BURST", value_name = "N",
+        default_value_t = Config::default().relay_burst,
+    ))]
     pub relay_burst: u32,
     /// Such frames a connection regains per second.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-relay-per-second", long,
+        env = "SWITCHBOARD_COLLAB_RELAY_PER_SECOND", value_name = "N",
+        default_value_t = Config::default().relay_per_second,
+    ))]
     pub relay_per_second: u32,
     /// Bytes all sessions together may hold (documents, operation logs, participants and fixed
-    /// per-session overhead). When reached, new sessions, joins of new users and growing edits
-    /// are refused with the protocol's error; existing state is kept.
+    /// per-session overhead). When reached, new sessions, joins of new users and growing edits are
+    /// refused with the protocol's error; existing state is kept. The binary sets it from the
+    /// runtime's `--max-state-bytes`.
+    #[cfg_attr(feature = "cli", arg(skip = Config::default().max_state_bytes))]
     pub max_state_bytes: usize,
-    /// Bytes of session state the sessions created by one client (a [`ClientKey`]) may hold
-    /// together, so that one address cannot take the whole `max_state_bytes`; over it, that
-    /// client's new sessions get 429 and its sessions' growing edits and new joins are refused.
-    /// 0 means no share besides `max_state_bytes`.
+    /// Bytes of session state the sessions created by one client (IPv4 address or IPv6 /64) may
+    /// hold together, a share of the state budget (--max-state-bytes); over it that client's new
+    /// sessions get HTTP 429 and its sessions' growing edits and new joins are refused (0: no
+    /// share).
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-max-state-bytes-per-client", long,
+        env = "SWITCHBOARD_COLLAB_MAX_STATE_BYTES_PER_CLIENT", value_name = "BYTES",
+        default_value_t = Config::default().max_state_bytes_per_client,
+    ))]
     pub max_state_bytes_per_client: usize,
     /// Language of a session created without one.
+    #[cfg_attr(feature = "cli", arg(
+        id = "collab-default-language", long,
+        env = "SWITCHBOARD_COLLAB_DEFAULT_LANGUAGE", value_name = "LANGUAGE",
+        default_value_t = Config::default().default_language,
+    ))]
     pub default_language: String,
 }
 
 impl Default for Config {
+    /// The defaults, written only here: the `cli` flags take theirs from this.
     fn default() -> Self {
         Self {
             max_document_bytes: 1024 * 1024,

@@ -57,66 +57,160 @@ use crate::store::Seen;
 pub const WS_PATH: &str = "/ws";
 
 /// fastchat's limits and timings. Every collection the protocol keeps is bounded here.
+///
+/// With the `cli` feature this is also the `clap::Args` of `switchboard serve --protocol
+/// fastchat`: each field's doc is its flag's help and [`Config::default`] its default. fastchat
+/// brings its own keepalive: the runtime's `--ping-interval` and `--idle-timeout` do not apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[cfg_attr(feature = "cli", group(id = "fastchat"))]
+#[cfg_attr(feature = "cli", command(next_help_heading = "fastchat"))]
 pub struct Config {
-    /// How often clients are expected to PING. Default 15 s.
+    /// How often clients are expected to PING, e.g. 15s.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-ping-interval", long,
+        env = "SWITCHBOARD_FASTCHAT_PING_INTERVAL", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(Config::default().ping_interval),
+    ))]
     pub ping_interval: Duration,
-    /// Grace after a missed ping. A socket silent for `ping_interval + pong_timeout` (20 s by
-    /// default) is closed with 1001 "idle timeout". Default 5 s.
+    /// Grace after a missed ping, e.g. 5s: a socket silent for ping interval + pong timeout is
+    /// closed with 1001 "idle timeout".
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-pong-timeout", long,
+        env = "SWITCHBOARD_FASTCHAT_PONG_TIMEOUT", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(Config::default().pong_timeout),
+    ))]
     pub pong_timeout: Duration,
-    /// `MSG` per user per `rate_window` (0: unlimited). Default 60.
+    /// MSG frames per user per rate window (0: unlimited).
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-msg-rate-limit", long,
+        env = "SWITCHBOARD_FASTCHAT_MSG_RATE_LIMIT", value_name = "N",
+        default_value_t = Config::default().msg_rate_limit,
+    ))]
     pub msg_rate_limit: usize,
-    /// `TYPING` per user per `rate_window` (0: unlimited). Default 10.
+    /// TYPING frames per user per rate window (0: unlimited).
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-typing-rate-limit", long,
+        env = "SWITCHBOARD_FASTCHAT_TYPING_RATE_LIMIT", value_name = "N",
+        default_value_t = Config::default().typing_rate_limit,
+    ))]
     pub typing_rate_limit: usize,
-    /// The sliding rate-limit window. Default 60 s.
+    /// The sliding rate-limit window, e.g. 60s.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-rate-window", long,
+        env = "SWITCHBOARD_FASTCHAT_RATE_WINDOW", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(Config::default().rate_window),
+    ))]
     pub rate_window: Duration,
-    /// Users remembered (online or not). When full, the user offline the longest is forgotten
-    /// with their chats and queue; if everyone is online, HELLO from a new user gets
-    /// `UNAUTHORIZED`. Default 10 000.
+    /// Users remembered (online or not); when full the user offline the longest is forgotten
+    /// with their chats and queue, and if everyone is online, HELLO from a new user gets
+    /// UNAUTHORIZED.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-max-users", long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_USERS", value_name = "N",
+        default_value_t = Config::default().max_users,
+    ))]
     pub max_users: usize,
-    /// Open chats per user; further `OPEN_CHAT`s get `RATE_LIMITED`. Default 200.
+    /// Open chats per user; further OPEN_CHATs get RATE_LIMITED.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-max-chats-per-user", long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_CHATS_PER_USER", value_name = "N",
+        default_value_t = Config::default().max_chats_per_user,
+    ))]
     pub max_chats_per_user: usize,
-    /// Messages queued for one offline user; beyond it the sender gets `MESSAGE_FAILED`.
-    /// Default 100.
+    /// Messages queued for one offline user; beyond it the sender gets MESSAGE_FAILED.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-max-queued-per-user", long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_QUEUED_PER_USER", value_name = "N",
+        default_value_t = Config::default().max_queued_per_user,
+    ))]
     pub max_queued_per_user: usize,
-    /// Messages queued for all offline users together; beyond it senders get `MESSAGE_FAILED`.
-    /// Default 10 000.
+    /// Messages queued for all offline users together; beyond it senders get MESSAGE_FAILED.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-max-queued-total", long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_QUEUED_TOTAL", value_name = "N",
+        default_value_t = Config::default().max_queued_total,
+    ))]
     pub max_queued_total: usize,
     /// Accepted messages remembered for idempotent retries and delivery acks, oldest forgotten
-    /// first. Default 100 000.
+    /// first.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-max-tracked-messages", long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_TRACKED_MESSAGES", value_name = "N",
+        default_value_t = Config::default().max_tracked_messages,
+    ))]
     pub max_tracked_messages: usize,
     /// Largest inbound frame when the server config does not say otherwise; larger frames close
     /// the socket with 1009. Default 64 KiB, the runtime default every protocol but collab uses.
+    #[cfg_attr(feature = "cli", arg(skip = Config::default().max_frame_bytes))]
     pub max_frame_bytes: usize,
-    /// Valid `HELLO`s per user per `rate_window` (0: unlimited); more get `RATE_LIMITED`.
-    /// Default 10.
+    /// Valid HELLOs per known user per rate window (0: unlimited); more get RATE_LIMITED.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-hello-rate-limit", long,
+        env = "SWITCHBOARD_FASTCHAT_HELLO_RATE_LIMIT", value_name = "N",
+        default_value_t = Config::default().hello_rate_limit,
+    ))]
     pub hello_rate_limit: usize,
-    /// Users one client (IPv4 address or IPv6 /64, see [`ClientKey`]) may create (0:
-    /// unlimited). At the limit that client's own longest-offline user is forgotten; if all of
-    /// them are online, the HELLO of a new user gets `RATE_LIMITED`. Default 100.
+    /// Users one client (IPv4 address or IPv6 /64, see `ClientKey`) may create (0: unlimited);
+    /// at the limit that client's own longest-offline user is forgotten, or the HELLO of a new
+    /// user gets RATE_LIMITED if all of them are online.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-max-users-per-client", long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_USERS_PER_CLIENT", value_name = "N",
+        default_value_t = Config::default().max_users_per_client,
+    ))]
     pub max_users_per_client: usize,
-    /// Messages one client may have waiting in offline queues, counted against the sender's
-    /// client (0: unlimited); more get `MESSAGE_FAILED`. Default 1 000.
+    /// Messages one sending client may have waiting in offline queues (0: unlimited); more get
+    /// MESSAGE_FAILED.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-max-queued-per-client", long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_QUEUED_PER_CLIENT", value_name = "N",
+        default_value_t = Config::default().max_queued_per_client,
+    ))]
     pub max_queued_per_client: usize,
-    /// Per client: `MSG`s a minute (a token bucket of this many, refilled at this many a
-    /// minute); keyed on the client, so switching `user_id` does not dodge it. 0: unlimited.
-    /// Default 600.
+    /// MSG frames per client per minute, whatever user_id it uses (0: unlimited): a token bucket
+    /// of this many, refilled at this many a minute.
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-client-msg-per-minute", long,
+        env = "SWITCHBOARD_FASTCHAT_CLIENT_MSG_PER_MINUTE", value_name = "N",
+        default_value_t = Config::default().client_msg_per_minute,
+    ))]
     pub client_msg_per_minute: u32,
-    /// Per client: `TYPING`s a minute, like `client_msg_per_minute`. Default 120.
+    /// TYPING frames per client per minute, whatever user_id it uses (0: unlimited).
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-client-typing-per-minute", long,
+        env = "SWITCHBOARD_FASTCHAT_CLIENT_TYPING_PER_MINUTE", value_name = "N",
+        default_value_t = Config::default().client_typing_per_minute,
+    ))]
     pub client_typing_per_minute: u32,
-    /// Per client: valid `HELLO`s a minute, like `client_msg_per_minute`. Default 60.
+    /// Valid HELLOs per client per minute, whatever user_id it uses (0: unlimited).
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-client-hello-per-minute", long,
+        env = "SWITCHBOARD_FASTCHAT_CLIENT_HELLO_PER_MINUTE", value_name = "N",
+        default_value_t = Config::default().client_hello_per_minute,
+    ))]
     pub client_hello_per_minute: u32,
     /// Clients tracked by the per-client rate limits; when full, clients whose buckets have
-    /// refilled are forgotten, and if none has, new clients are refused (`RATE_LIMITED`).
-    /// Default 10 000.
+    /// refilled are forgotten, and if none has, new clients are refused (RATE_LIMITED).
+    #[cfg_attr(feature = "cli", arg(
+        id = "fastchat-max-clients", long,
+        env = "SWITCHBOARD_FASTCHAT_MAX_CLIENTS", value_name = "N",
+        default_value_t = Config::default().max_clients,
+    ))]
     pub max_clients: usize,
     /// Bytes of protocol state (users, chats, queues, message records, rate-limit tables), see
     /// [`Config::worst_case_state_bytes`]. New work that does not fit is refused with the
-    /// protocol's error; nothing stored is evicted for it. Default 256 MiB.
+    /// protocol's error; nothing stored is evicted for it. The binary sets it from the runtime's
+    /// `--max-state-bytes`.
+    #[cfg_attr(feature = "cli", arg(skip = Config::default().max_state_bytes))]
     pub max_state_bytes: usize,
 }
 
 impl Default for Config {
+    /// The defaults, written only here: the `cli` flags take theirs from this.
     fn default() -> Self {
         Self {
             ping_interval: Duration::from_secs(15),

@@ -95,41 +95,95 @@ pub mod errors {
     pub const UNAVAILABLE: &str = "server storage is unavailable, try again later";
 }
 
-/// ip-chat limits. Every one is configurable; see `docs/protocols/ip-chat.md`.
-#[derive(Debug, Clone)]
+/// ip-chat limits; see `docs/protocols/ip-chat.md`.
+///
+/// With the `cli` feature this is also the `clap::Args` of `switchboard serve --protocol
+/// ip-chat`: each field's doc is its flag's help and [`Config::default`] its default. The flags
+/// were once unprefixed (`--history-limit`); those names stay as hidden aliases, and the
+/// environment twins keep their names (`SWITCHBOARD_HISTORY_LIMIT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[cfg_attr(feature = "cli", group(id = "ip-chat"))]
+#[cfg_attr(feature = "cli", command(next_help_heading = "ip-chat"))]
 pub struct Config {
-    /// Messages kept and replayed on connect; the oldest is dropped first.
+    /// Messages kept and replayed to new clients; the oldest is dropped first.
+    #[cfg_attr(feature = "cli", arg(
+        id = "ip-chat-history-limit", long, alias = "history-limit",
+        env = "SWITCHBOARD_HISTORY_LIMIT", value_name = "N",
+        default_value_t = Config::default().history_limit,
+    ))]
     pub history_limit: usize,
-    /// Bytes the history may hold (as accounted, see [`IpChat::message_charge_bound`]); the
-    /// oldest messages are dropped first to make room for a new one. A reaction that would
-    /// exceed it is refused instead (nothing is dropped for a reaction).
+    /// Bytes the history may hold (as accounted, see `IpChat::message_charge_bound`); the oldest
+    /// messages are dropped to make room for a new one, while a reaction that would exceed it is
+    /// refused (nothing is dropped for a reaction).
+    #[cfg_attr(feature = "cli", arg(
+        id = "ip-chat-history-bytes", long, alias = "history-bytes",
+        env = "SWITCHBOARD_HISTORY_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_history_bytes,
+    ))]
     pub max_history_bytes: usize,
     /// `send_message` per client per minute (0: unlimited).
+    #[cfg_attr(feature = "cli", arg(
+        id = "ip-chat-rate-limit", long, alias = "rate-limit",
+        env = "SWITCHBOARD_RATE_LIMIT", value_name = "N",
+        default_value_t = Config::default().rate_limit,
+    ))]
     pub rate_limit: usize,
     /// `add_reaction` per client per minute (0: unlimited).
+    #[cfg_attr(feature = "cli", arg(
+        id = "ip-chat-reaction-rate-limit", long, alias = "reaction-rate-limit",
+        env = "SWITCHBOARD_REACTION_RATE_LIMIT", value_name = "N",
+        default_value_t = Config::default().reaction_rate_limit,
+    ))]
     pub reaction_rate_limit: usize,
     /// Clients each rate limiter tracks at most; past it, clients whose budget has refilled are
     /// forgotten, and if none has, new clients are refused with the rate-limit error.
+    #[cfg_attr(feature = "cli", arg(
+        id = "ip-chat-rate-limit-keys", long, alias = "rate-limit-keys",
+        env = "SWITCHBOARD_RATE_LIMIT_KEYS", value_name = "N",
+        default_value_t = Config::default().max_rate_limit_keys,
+    ))]
     pub max_rate_limit_keys: usize,
     /// Longest message text, in Unicode characters.
+    #[cfg_attr(feature = "cli", arg(skip = Config::default().max_text_chars))]
     pub max_text_chars: usize,
     /// Longest author name kept, in characters; longer names are cut.
+    #[cfg_attr(feature = "cli", arg(skip = Config::default().max_author_name_chars))]
     pub max_author_name_chars: usize,
     /// Longest emoji string, in characters.
+    #[cfg_attr(feature = "cli", arg(skip = Config::default().max_emoji_chars))]
     pub max_emoji_chars: usize,
     /// Distinct emoji one message may carry.
+    #[cfg_attr(feature = "cli", arg(
+        id = "ip-chat-max-distinct-reactions", long, alias = "max-distinct-reactions",
+        env = "SWITCHBOARD_MAX_DISTINCT_REACTIONS", value_name = "N",
+        default_value_t = Config::default().max_distinct_reactions,
+    ))]
     pub max_distinct_reactions: usize,
     /// Users one emoji may carry on one message.
+    #[cfg_attr(feature = "cli", arg(
+        id = "ip-chat-max-reactions-per-emoji", long, alias = "max-reactions-per-emoji",
+        env = "SWITCHBOARD_MAX_REACTIONS_PER_EMOJI", value_name = "N",
+        default_value_t = Config::default().max_reactions_per_emoji,
+    ))]
     pub max_reactions_per_emoji: usize,
     /// Largest encoded `message` frame, reactions included; this also bounds every
     /// `reaction_updated` broadcast (which carries the whole message, as the spec asks).
+    #[cfg_attr(feature = "cli", arg(
+        id = "ip-chat-max-message-bytes", long, alias = "max-message-bytes",
+        env = "SWITCHBOARD_MAX_MESSAGE_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_message_bytes,
+    ))]
     pub max_message_bytes: usize,
     /// Server-wide byte budget for stored state (the history); when spent, new messages and
-    /// growing reactions are refused with an error, nothing stored is evicted for it.
+    /// growing reactions are refused with an error, nothing stored is evicted for it. The binary
+    /// sets it from the runtime's `--max-state-bytes`.
+    #[cfg_attr(feature = "cli", arg(skip = Config::default().max_state_bytes))]
     pub max_state_bytes: usize,
 }
 
 impl Default for Config {
+    /// The defaults, written only here: the `cli` flags take theirs from this.
     fn default() -> Self {
         Self {
             history_limit: 1000,

@@ -37,111 +37,306 @@ use std::time::Duration;
 /// | `max_messages_per_client` / `max_message_store_bytes_per_client` | 10,000 / 16 MiB | the client's own oldest stored message is forgotten |
 /// | `max_open_calls_per_client` / `max_open_calls_bytes_per_client` | 1,000 / 4 MiB | the client's own oldest open call is forgotten |
 ///
+/// With the `cli` feature this is also the `clap::Args` of `switchboard serve --protocol
+/// reqack`: each field's doc is its flag's help and [`Config::default`] its default.
+/// `--redelivery-timeout` was renamed `--reqack-redelivery-timeout`; the old name stays as a
+/// hidden alias and the environment twin keeps its name (`SWITCHBOARD_REDELIVERY_TIMEOUT`).
+///
 /// A *client* is a [`switchboard_core::ClientKey`]: the IPv4 address (or IPv6 /64) the socket
 /// comes from, never a `userId`, which clients pick freely.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[cfg_attr(feature = "cli", group(id = "reqack"))]
+#[cfg_attr(feature = "cli", command(next_help_heading = "reqack"))]
 pub struct Config {
-    /// An event not acknowledged this long after it was (re)sent to a live socket is sent again.
+    /// An event not acknowledged this long after it was (re)sent to a live socket is sent again,
+    /// e.g. 10s.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-redelivery-timeout", long, alias = "redelivery-timeout",
+        env = "SWITCHBOARD_REDELIVERY_TIMEOUT", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(Config::default().redelivery_timeout),
+    ))]
     pub redelivery_timeout: Duration,
     /// Unacknowledged events one user may have waiting. A request that would add one more event
     /// to a full outbox fails with `OUTBOX_FULL`; nothing is dropped.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-outbox-limit", long,
+        env = "SWITCHBOARD_REQACK_OUTBOX_LIMIT", value_name = "N",
+        default_value_t = Config::default().outbox_limit,
+    ))]
     pub outbox_limit: usize,
     /// Unacknowledged events across every outbox (bounds memory when many users are offline).
     /// Reaching it fails requests with `OUTBOX_FULL` like a full outbox.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-pending", long,
+        env = "SWITCHBOARD_REQACK_MAX_PENDING", value_name = "N",
+        default_value_t = Config::default().max_pending_events,
+    ))]
     pub max_pending_events: usize,
     /// Users tracked (a user is an event counter, an outbox and open sockets). When full, users
     /// that are offline with an empty outbox are forgotten (their counter is kept monotonic by a
     /// server-wide floor); if none can be forgotten the request fails with `LIMIT_REACHED` and an
     /// upgrade gets HTTP 503.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-users", long,
+        env = "SWITCHBOARD_REQACK_MAX_USERS", value_name = "N",
+        default_value_t = Config::default().max_users,
+    ))]
     pub max_users: usize,
     /// Open sockets per user; more upgrades for the same user get HTTP 503.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-sockets-per-user", long,
+        env = "SWITCHBOARD_REQACK_MAX_SOCKETS_PER_USER", value_name = "N",
+        default_value_t = Config::default().max_sockets_per_user,
+    ))]
     pub max_sockets_per_user: usize,
     /// Stored messages (for edits, deletes, receipts and `history`). When full the oldest is
     /// forgotten: `history` no longer returns it and requests naming it get `NOT_FOUND`. Events
     /// already queued for it are still delivered.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-messages", long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGES", value_name = "N",
+        default_value_t = Config::default().max_messages,
+    ))]
     pub max_messages: usize,
     /// Calls opened by `newCall` and not closed yet. When full the oldest open call is forgotten
     /// (closing it later gets `NOT_FOUND`).
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-open-calls", long,
+        env = "SWITCHBOARD_REQACK_MAX_OPEN_CALLS", value_name = "N",
+        default_value_t = Config::default().max_open_calls,
+    ))]
     pub max_open_calls: usize,
     /// Participants in one `newCall` (the caller not counted).
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-call-participants", long,
+        env = "SWITCHBOARD_REQACK_MAX_CALL_PARTICIPANTS", value_name = "N",
+        default_value_t = Config::default().max_call_participants,
+    ))]
     pub max_call_participants: usize,
     /// Successful responses remembered for idempotent retries, keyed by (user, request id). When
     /// full the oldest is forgotten; a retry after that runs the request again.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-idempotency-cache", long,
+        env = "SWITCHBOARD_REQACK_IDEMPOTENCY_CACHE", value_name = "N",
+        default_value_t = Config::default().idempotency_cache,
+    ))]
     pub idempotency_cache: usize,
     /// Largest `message` text, in bytes.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-message-bytes", long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGE_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_message_bytes,
+    ))]
     pub max_message_bytes: usize,
     /// Largest user id, request id, call id or `clientMessageId`, in bytes.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-id-bytes", long,
+        env = "SWITCHBOARD_REQACK_MAX_ID_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_id_bytes,
+    ))]
     pub max_id_bytes: usize,
     /// `history` page size when the request gives no `limit`.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-history-default-limit", long,
+        env = "SWITCHBOARD_REQACK_HISTORY_DEFAULT_LIMIT", value_name = "N",
+        default_value_t = Config::default().history_default_limit,
+    ))]
     pub history_default_limit: usize,
     /// Largest `history` page; larger `limit`s are clamped to it.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-history-page-limit", long,
+        env = "SWITCHBOARD_REQACK_HISTORY_PAGE_LIMIT", value_name = "N",
+        default_value_t = Config::default().history_page_limit,
+    ))]
     pub history_page_limit: usize,
     /// Requests and client events per user per `rate_window`; 0 disables rate limiting. Acks are
     /// never limited, nor are retries answered from the idempotency cache.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-rate-limit", long,
+        env = "SWITCHBOARD_REQACK_RATE_LIMIT", value_name = "N",
+        default_value_t = Config::default().rate_limit,
+    ))]
     pub rate_limit: usize,
-    /// The window of `rate_limit`, `client_rate_limit` and `connect_rate_limit`: each is a token
-    /// bucket of that many tokens refilled evenly over this window.
+    /// The window of the rate limit, the client rate limit and the connect rate limit, e.g. 10s:
+    /// each is a token bucket of that many tokens refilled evenly over this window.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-rate-window", long,
+        env = "SWITCHBOARD_REQACK_RATE_WINDOW", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(Config::default().rate_window),
+    ))]
     pub rate_window: Duration,
-    /// Bytes of protocol state (users, outboxes, messages, calls, cached responses, rate
-    /// buckets) charged to one [`switchboard_core::MemoryBudget`]. New work that does not fit is
-    /// refused (`LIMIT_REACHED`, or HTTP 503 at upgrade); nothing stored is evicted for it.
+    /// Bytes of protocol state (users, outboxes, messages, calls, cached responses, rate buckets)
+    /// charged to one [`switchboard_core::MemoryBudget`]. New work that does not fit is refused
+    /// (`LIMIT_REACHED`, or HTTP 503 at upgrade); nothing stored is evicted for it. The binary sets
+    /// it from the runtime's `--max-state-bytes`.
+    #[cfg_attr(feature = "cli", arg(skip = Config::default().max_state_bytes))]
     pub max_state_bytes: usize,
     /// Bytes of unacknowledged event frames one user may have waiting (`OUTBOX_FULL` beyond).
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-outbox-limit-bytes", long,
+        env = "SWITCHBOARD_REQACK_OUTBOX_LIMIT_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().outbox_limit_bytes,
+    ))]
     pub outbox_limit_bytes: usize,
     /// Bytes of unacknowledged event frames across every outbox (`OUTBOX_FULL` beyond).
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-pending-bytes", long,
+        env = "SWITCHBOARD_REQACK_MAX_PENDING_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_pending_bytes,
+    ))]
     pub max_pending_bytes: usize,
     /// Events a user that never connected may have waiting (`OUTBOX_FULL` beyond): anybody can
     /// write to any `userId`, so outboxes nobody claimed stay small.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-unclaimed-outbox-limit", long,
+        env = "SWITCHBOARD_REQACK_UNCLAIMED_OUTBOX_LIMIT", value_name = "N",
+        default_value_t = Config::default().unclaimed_outbox_limit,
+    ))]
     pub unclaimed_outbox_limit: usize,
     /// Bytes of event frames a user that never connected may have waiting.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-unclaimed-outbox-bytes", long,
+        env = "SWITCHBOARD_REQACK_UNCLAIMED_OUTBOX_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().unclaimed_outbox_bytes,
+    ))]
     pub unclaimed_outbox_bytes: usize,
-    /// An event waiting for a user that never connected is dropped this long after it was
-    /// created; a user left with nothing is forgotten. Once the user connects, its events are
-    /// kept until acked like everybody's.
+    /// An event waiting for a user that never connected is dropped this long after it was created,
+    /// e.g. 1h; a user left with nothing is forgotten. Once the user connects, its events are kept
+    /// until acked like everybody's.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-unclaimed-ttl", long,
+        env = "SWITCHBOARD_REQACK_UNCLAIMED_TTL", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(Config::default().unclaimed_ttl),
+    ))]
     pub unclaimed_ttl: Duration,
     /// Users that never connected which one client (the sender's client key) may have created by
     /// writing to them; more fail with `LIMIT_REACHED`.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-unclaimed-users-per-client", long,
+        env = "SWITCHBOARD_REQACK_MAX_UNCLAIMED_USERS_PER_CLIENT", value_name = "N",
+        default_value_t = Config::default().max_unclaimed_users_per_client,
+    ))]
     pub max_unclaimed_users_per_client: usize,
     /// Unacknowledged events one client (the sender's client key) may have caused across every
     /// outbox; more fail with `OUTBOX_FULL`.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-pending-per-client", long,
+        env = "SWITCHBOARD_REQACK_MAX_PENDING_PER_CLIENT", value_name = "N",
+        default_value_t = Config::default().max_pending_per_client,
+    ))]
     pub max_pending_per_client: usize,
     /// Bytes of unacknowledged event frames one client may have caused.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-pending-bytes-per-client", long,
+        env = "SWITCHBOARD_REQACK_MAX_PENDING_BYTES_PER_CLIENT", value_name = "BYTES",
+        default_value_t = Config::default().max_pending_bytes_per_client,
+    ))]
     pub max_pending_bytes_per_client: usize,
     /// Requests and client events per client key per `rate_window`, whatever `userId`s the
     /// client uses; 0 disables.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-client-rate-limit", long,
+        env = "SWITCHBOARD_REQACK_CLIENT_RATE_LIMIT", value_name = "N",
+        default_value_t = Config::default().client_rate_limit,
+    ))]
     pub client_rate_limit: usize,
     /// Upgrades (connects, and so identity changes) per client key per `rate_window`; more get
     /// HTTP 429. 0 disables.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-connect-rate-limit", long,
+        env = "SWITCHBOARD_REQACK_CONNECT_RATE_LIMIT", value_name = "N",
+        default_value_t = Config::default().connect_rate_limit,
+    ))]
     pub connect_rate_limit: usize,
     /// Client keys tracked by the rate buckets; when full, keys whose buckets refilled are
     /// forgotten, and if none has, new clients are refused (`RATE_LIMITED`, HTTP 429).
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-clients", long,
+        env = "SWITCHBOARD_REQACK_MAX_CLIENTS", value_name = "N",
+        default_value_t = Config::default().max_clients,
+    ))]
     pub max_clients: usize,
     /// Presence events one connect or disconnect fans out (and roster entries a newcomer gets).
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-presence-fanout", long,
+        env = "SWITCHBOARD_REQACK_MAX_PRESENCE_FANOUT", value_name = "N",
+        default_value_t = Config::default().max_presence_fanout,
+    ))]
     pub max_presence_fanout: usize,
-    /// Bytes of stored messages; beyond it the oldest is forgotten, as beyond `max_messages`.
+    /// Bytes of stored messages; beyond it the oldest is forgotten, as beyond the message count.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-message-store-bytes", long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGE_STORE_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_message_store_bytes,
+    ))]
     pub max_message_store_bytes: usize,
-    /// Bytes of open calls; beyond it the oldest is forgotten, as beyond `max_open_calls`.
+    /// Bytes of open calls; beyond it the oldest is forgotten, as beyond the open call count.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-open-calls-bytes", long,
+        env = "SWITCHBOARD_REQACK_MAX_OPEN_CALLS_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().max_open_calls_bytes,
+    ))]
     pub max_open_calls_bytes: usize,
     /// Bytes of remembered responses; beyond it the oldest is forgotten.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-idempotency-cache-bytes", long,
+        env = "SWITCHBOARD_REQACK_IDEMPOTENCY_CACHE_BYTES", value_name = "BYTES",
+        default_value_t = Config::default().idempotency_cache_bytes,
+    ))]
     pub idempotency_cache_bytes: usize,
     /// Responses remembered for one client (by address); beyond it that client's own oldest
     /// response is forgotten, so one client's flood cannot push out everybody else's.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-idempotency-cache-per-client", long,
+        env = "SWITCHBOARD_REQACK_IDEMPOTENCY_CACHE_PER_CLIENT", value_name = "N",
+        default_value_t = Config::default().idempotency_cache_per_client,
+    ))]
     pub idempotency_cache_per_client: usize,
     /// Bytes of responses remembered for one client; beyond it as above.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-idempotency-cache-bytes-per-client", long,
+        env = "SWITCHBOARD_REQACK_IDEMPOTENCY_CACHE_BYTES_PER_CLIENT", value_name = "BYTES",
+        default_value_t = Config::default().idempotency_cache_bytes_per_client,
+    ))]
     pub idempotency_cache_bytes_per_client: usize,
     /// Stored messages sent by one client (by address); beyond it that client's own oldest
     /// message is forgotten, so one client cannot push everybody's history out of the store.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-messages-per-client", long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGES_PER_CLIENT", value_name = "N",
+        default_value_t = Config::default().max_messages_per_client,
+    ))]
     pub max_messages_per_client: usize,
     /// Bytes of stored messages sent by one client; beyond it as above.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-message-store-bytes-per-client", long,
+        env = "SWITCHBOARD_REQACK_MAX_MESSAGE_STORE_BYTES_PER_CLIENT", value_name = "BYTES",
+        default_value_t = Config::default().max_message_store_bytes_per_client,
+    ))]
     pub max_message_store_bytes_per_client: usize,
     /// Open calls opened by one client; beyond it that client's own oldest open call is
     /// forgotten.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-open-calls-per-client", long,
+        env = "SWITCHBOARD_REQACK_MAX_OPEN_CALLS_PER_CLIENT", value_name = "N",
+        default_value_t = Config::default().max_open_calls_per_client,
+    ))]
     pub max_open_calls_per_client: usize,
     /// Bytes of open calls opened by one client; beyond it as above.
+    #[cfg_attr(feature = "cli", arg(
+        id = "reqack-max-open-calls-bytes-per-client", long,
+        env = "SWITCHBOARD_REQACK_MAX_OPEN_CALLS_BYTES_PER_CLIENT", value_name = "BYTES",
+        default_value_t = Config::default().max_open_calls_bytes_per_client,
+    ))]
     pub max_open_calls_bytes_per_client: usize,
 }
 
 impl Default for Config {
+    /// The defaults, written only here: the `cli` flags take theirs from this.
     fn default() -> Self {
         Self {
             redelivery_timeout: Duration::from_secs(10),

@@ -38,6 +38,7 @@ pub use state::{
 
 /// The scheme of the `ws_url`s the simulator hands out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum UrlScheme {
     /// `http://host/...`, as in the spec's example; clients must map it to `ws://`.
     #[default]
@@ -56,67 +57,214 @@ impl UrlScheme {
     }
 }
 
-/// The scenario and its chaos. Every option has a `--sim-...` flag; see the docs.
-#[derive(Debug, Clone)]
+/// The scenario and its chaos.
+///
+/// With the `cli` feature this is also the `clap::Args` of `switchboard serve --protocol
+/// teambot-sim`: each field's doc is its flag's help (`--sim-...`, environment twin
+/// `SWITCHBOARD_SIM_...`) and [`SimConfig::default`] its default; see the docs.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[cfg_attr(feature = "cli", group(id = "teambot-sim"))]
+#[cfg_attr(feature = "cli", command(next_help_heading = "teambot-sim"))]
 pub struct SimConfig {
     /// Seeds every random choice: team ids, join and leave times, texts, chaos.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-seed", long,
+        env = "SWITCHBOARD_SIM_SEED", value_name = "N",
+        default_value_t = SimConfig::default().seed,
+    ))]
     pub seed: u64,
     /// Teams that join.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-teams", long,
+        env = "SWITCHBOARD_SIM_TEAMS", value_name = "N",
+        default_value_t = SimConfig::default().teams,
+    ))]
     pub teams: usize,
     /// Joins are spread over this window from the start (capped at half the duration).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-join-window", long,
+        env = "SWITCHBOARD_SIM_JOIN_WINDOW", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(SimConfig::default().join_window),
+    ))]
     pub join_window: Duration,
-    /// How long traffic (messages, leaves, healthchecks, chaos) runs before the finale.
+    /// How long traffic (messages, leaves, healthchecks, chaos) runs before the final healthcheck
+    /// and goodbye.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-duration", long,
+        env = "SWITCHBOARD_SIM_DURATION", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(SimConfig::default().duration),
+    ))]
     pub duration: Duration,
     /// `message` events per second, over all connected teams.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-message-rate", long,
+        env = "SWITCHBOARD_SIM_MESSAGE_RATE", value_name = "RATE",
+        default_value_t = SimConfig::default().message_rate,
+    ))]
     pub message_rate: f64,
-    /// Share of messages whose text contains `props` (0..=1).
+    /// Share of messages whose text contains "props" (0..1).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-props-share", long,
+        env = "SWITCHBOARD_SIM_PROPS_SHARE", value_name = "SHARE",
+        default_value_t = SimConfig::default().props_share,
+    ))]
     pub props_share: f64,
     /// Teams that get `team.left` mid-run (half on the team socket, half on the global one, by
     /// the seed).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-leaving-teams", long,
+        env = "SWITCHBOARD_SIM_LEAVING_TEAMS", value_name = "N",
+        default_value_t = SimConfig::default().leaving_teams,
+    ))]
     pub leaving_teams: usize,
     /// How often a `healthcheck` is requested during traffic.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-healthcheck-interval", long,
+        env = "SWITCHBOARD_SIM_HEALTHCHECK_INTERVAL", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value =
+            switchboard_core::duration::format(SimConfig::default().healthcheck_interval),
+    ))]
     pub healthcheck_interval: Duration,
     /// How long a healthcheck reply may take; later it is a mismatch.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-healthcheck-timeout", long,
+        env = "SWITCHBOARD_SIM_HEALTHCHECK_TIMEOUT", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value =
+            switchboard_core::duration::format(SimConfig::default().healthcheck_timeout),
+    ))]
     pub healthcheck_timeout: Duration,
     /// Chaos: team sockets dropped per second (on average, one random team at a time).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-team-drop-rate", long,
+        env = "SWITCHBOARD_SIM_TEAM_DROP_RATE", value_name = "RATE",
+        default_value_t = SimConfig::default().team_drop_rate,
+    ))]
     pub team_drop_rate: f64,
     /// Chaos: global socket drops per second (on average).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-global-drop-rate", long,
+        env = "SWITCHBOARD_SIM_GLOBAL_DROP_RATE", value_name = "RATE",
+        default_value_t = SimConfig::default().global_drop_rate,
+    ))]
     pub global_drop_rate: f64,
     /// Chaos: each `team.connect` answer is delayed by up to this much.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-connect-delay-max", long,
+        env = "SWITCHBOARD_SIM_CONNECT_DELAY_MAX", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(SimConfig::default().connect_delay_max),
+    ))]
     pub connect_delay_max: Duration,
-    /// Chaos: share of `team.connect` requests answered with an `error` instead of a URL.
+    /// Chaos: share of `team.connect` requests answered with an `error` instead of a URL (0..1).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-refuse-connect-share", long,
+        env = "SWITCHBOARD_SIM_REFUSE_CONNECT_SHARE", value_name = "SHARE",
+        default_value_t = SimConfig::default().refuse_connect_share,
+    ))]
     pub refuse_connect_share: f64,
-    /// Chaos: share of team socket upgrades refused with HTTP 503.
+    /// Chaos: share of team socket upgrades refused with HTTP 503 (0..1).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-refuse-upgrade-share", long,
+        env = "SWITCHBOARD_SIM_REFUSE_UPGRADE_SHARE", value_name = "SHARE",
+        default_value_t = SimConfig::default().refuse_upgrade_share,
+    ))]
     pub refuse_upgrade_share: f64,
     /// A team leaving over the global socket gets no messages for this long before `team.left`,
     /// so nothing is in flight on its team socket when the client closes it.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-leave-quiet", long,
+        env = "SWITCHBOARD_SIM_LEAVE_QUIET", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(SimConfig::default().leave_quiet),
+    ))]
     pub leave_quiet: Duration,
     /// After traffic stops, how long to wait for every team to be connected before the final
     /// healthcheck goes out anyway (stragglers are mismatches).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-settle-timeout", long,
+        env = "SWITCHBOARD_SIM_SETTLE_TIMEOUT", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(SimConfig::default().settle_timeout),
+    ))]
     pub settle_timeout: Duration,
     /// Silence between "everything connected" and the final healthcheck.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-quiet-period", long,
+        env = "SWITCHBOARD_SIM_QUIET_PERIOD", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(SimConfig::default().quiet_period),
+    ))]
     pub quiet_period: Duration,
     /// Scheme of the handed-out `ws_url`s.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-url-scheme", long,
+        env = "SWITCHBOARD_SIM_URL_SCHEME", value_name = "SCHEME",
+        value_enum, default_value_t = SimConfig::default().url_scheme,
+    ))]
     pub url_scheme: UrlScheme,
     /// `host:port` for `ws_url`s instead of the request's `Host` header (behind a proxy).
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            id = "sim-public-host",
+            long,
+            env = "SWITCHBOARD_SIM_PUBLIC_HOST",
+            value_name = "HOST:PORT",
+        )
+    )]
     pub public_host: Option<String>,
     /// How long a handed-out `ws_url` stays valid (each is single-use).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-token-ttl", long,
+        env = "SWITCHBOARD_SIM_TOKEN_TTL", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(SimConfig::default().token_ttl),
+    ))]
     pub token_ttl: Duration,
     /// Outstanding `ws_url` tokens at most; more `team.connect`s get an `error`.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-max-tokens", long,
+        env = "SWITCHBOARD_SIM_MAX_TOKENS", value_name = "N",
+        default_value_t = SimConfig::default().max_tokens,
+    ))]
     pub max_tokens: usize,
     /// Scenario clock resolution.
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-tick", long,
+        env = "SWITCHBOARD_SIM_TICK", value_name = "DURATION",
+        value_parser = switchboard_core::duration::parse,
+        default_value = switchboard_core::duration::format(SimConfig::default().tick),
+    ))]
     pub tick: Duration,
     /// Messages sent per tick at most (bounds one tick's work).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-max-messages-per-tick", long,
+        env = "SWITCHBOARD_SIM_MAX_MESSAGES_PER_TICK", value_name = "N",
+        default_value_t = SimConfig::default().max_messages_per_tick,
+    ))]
     pub max_messages_per_tick: u64,
     /// Mismatches listed in the scorecard at most (all are counted).
+    #[cfg_attr(feature = "cli", arg(
+        id = "sim-max-listed-mismatches", long,
+        env = "SWITCHBOARD_SIM_MAX_LISTED_MISMATCHES", value_name = "N",
+        default_value_t = SimConfig::default().max_listed_mismatches,
+    ))]
     pub max_listed_mismatches: usize,
     /// Byte budget for the simulator's state: the plan (charged whatever its size), outstanding
     /// tokens and listed mismatches. When spent, `team.connect` gets an `error` and further
-    /// mismatches are counted but not listed.
+    /// mismatches are counted but not listed. The binary sets it from the runtime's
+    /// `--max-state-bytes`.
+    #[cfg_attr(feature = "cli", arg(skip = SimConfig::default().max_state_bytes))]
     pub max_state_bytes: usize,
 }
 
 impl Default for SimConfig {
+    /// The defaults, written only here: the `cli` flags take theirs from this.
     fn default() -> Self {
         Self {
             seed: 1,
