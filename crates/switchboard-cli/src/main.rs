@@ -11,7 +11,8 @@ mod teambot;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 /// Command-line errors, turned into a message and an exit code by `main`.
@@ -66,8 +67,27 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)
+        .unwrap_or_else(|error| error.format(&mut Cli::command()).exit());
+    // `serve` defines every protocol's flags; only the served protocol's may be given.
+    let unused_env = match (&cli.command, matches.subcommand_matches("serve")) {
+        (Command::Serve(args), Some(serve)) => {
+            match protocols::check_protocol_flags(serve, args.protocol) {
+                Ok(unused) => unused,
+                Err(message) => usage_error(message),
+            }
+        }
+        _ => Vec::new(),
+    };
     init_logging(cli.log_format);
+    for unused in unused_env {
+        tracing::debug!(
+            env = unused.env,
+            protocol = unused.protocol,
+            "environment variable of another protocol ignored"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -89,6 +109,16 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error),
+    }
+}
+
+/// Reports invalid arguments the way clap does (message, usage) and exits with 2.
+fn usage_error(message: String) -> ! {
+    let mut command = Cli::command();
+    command.build();
+    match command.find_subcommand_mut("serve") {
+        Some(serve) => serve.error(ErrorKind::ArgumentConflict, message).exit(),
+        None => command.error(ErrorKind::ArgumentConflict, message).exit(),
     }
 }
 

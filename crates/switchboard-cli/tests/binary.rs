@@ -17,9 +17,15 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// Starts the binary with JSON logs and returns it with the address it listens on.
 fn start(args: &[&str]) -> (Child, SocketAddr) {
+    start_with_env(args, &[])
+}
+
+/// [`start`] with environment variables set for the server.
+fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
         .args(args)
+        .envs(envs.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn switchboard");
@@ -275,6 +281,70 @@ async fn running_out_of_file_descriptors_is_logged_and_survived() {
         .send_json(&json!({"type": "send_message", "data": {"text": "back"}}))
         .await;
     assert_eq!(client.recv_type("message").await["data"]["text"], "back");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs `switchboard serve` with `args` and `envs` until it exits (bounded) and returns its exit
+/// code and stderr.
+fn serve_until_exit(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let code = wait_exit_within(&mut child, Duration::from_secs(10));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (code, stderr)
+}
+
+#[test]
+fn a_flag_of_another_protocol_exits_2_naming_the_flag_and_its_protocol() {
+    let (code, stderr) =
+        serve_until_exit(&["--protocol", "ip-chat", "--fastchat-max-users", "5"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(
+            "--fastchat-max-users belongs to --protocol fastchat and cannot be used with \
+             --protocol ip-chat"
+        ),
+        "{stderr}"
+    );
+    // ip-chat's old flag names are still ip-chat's.
+    let (code, stderr) = serve_until_exit(&["--protocol", "reqack", "--rate-limit", "5"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--ip-chat-rate-limit belongs to --protocol ip-chat"),
+        "{stderr}"
+    );
+}
+
+/// ip-chat's `SWITCHBOARD_RATE_LIMIT=1` lets one message through and refuses the next, while
+/// other protocols' environment twins (one environment, several deployments) are ignored.
+#[tokio::test]
+async fn env_twins_apply_and_other_protocols_twins_are_ignored() {
+    let (mut child, addr) = start_with_env(
+        &["--protocol", "ip-chat"],
+        &[
+            ("SWITCHBOARD_RATE_LIMIT", "1"),
+            ("SWITCHBOARD_FASTCHAT_MAX_USERS", "5"),
+            ("SWITCHBOARD_REDELIVERY_TIMEOUT", "1s"),
+            ("SWITCHBOARD_COLLAB_IDLE_TTL", "1m"),
+            ("SWITCHBOARD_SIM_SEED", "7"),
+        ],
+    );
+    let mut client = Client::connect(&format!("ws://{addr}/ws")).await;
+    for text in ["one", "two"] {
+        client
+            .send_json(&json!({"type": "send_message", "data": {"text": text}}))
+            .await;
+    }
+    assert_eq!(client.recv_type("message").await["data"]["text"], "one");
+    client.recv_type("error").await;
     let _ = child.kill();
     let _ = child.wait();
 }
