@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_core::{Keepalive, Protocol};
+use switchboard_core::engine::MemoryLimits;
+use switchboard_core::{Engine, Keepalive, Protocol};
 use switchboard_server::ServerConfig;
 
 use crate::CliError;
@@ -100,8 +101,9 @@ pub(crate) struct RuntimeArgs {
     /// TCP accept backlog.
     #[arg(long, env = "SWITCHBOARD_ACCEPT_BACKLOG", default_value_t = 4096)]
     pub(crate) accept_backlog: u32,
-    /// Server-wide budget in bytes for the protocol's stored state (history, documents, queues,
-    /// outboxes); when it is reached new work is refused with the protocol's error.
+    /// Budget in bytes for the protocol's stored state (history, documents, queues, outboxes):
+    /// the in-memory state engine's bound, and each protocol's own; when it is reached new work
+    /// is refused with the protocol's error.
     #[arg(long, env = "SWITCHBOARD_MAX_STATE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub(crate) max_state_bytes: usize,
 }
@@ -135,6 +137,12 @@ impl RuntimeArgs {
             shutdown_grace: self.shutdown_grace,
             read_buffer_bytes: self.read_buffer_bytes,
             accept_backlog: self.accept_backlog,
+            // The embedded default: everything shared lives in this process, bounded by the
+            // same state budget the protocols check against.
+            engine: Engine::memory(MemoryLimits {
+                max_bytes: self.max_state_bytes,
+                ..MemoryLimits::default()
+            }),
             ..ServerConfig::default()
         }
     }
