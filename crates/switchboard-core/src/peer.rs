@@ -9,7 +9,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use crate::sync::lock;
@@ -117,9 +119,10 @@ struct PeerInner {
     capacity: usize,
     max_bytes: usize,
     queue: Mutex<Queue>,
-    /// Wakes the runtime's end when the queue goes from empty to non-empty (one waiter; a
-    /// notification sent while nobody waits is kept as a permit).
-    ready: Notify,
+    /// Wakes the runtime's end when the queue goes from empty to non-empty or a close is
+    /// requested. One waiter, lock-free: the waiter registers, then looks at the queue again, so
+    /// no push is missed (a `Notify` here took a second lock on every wake-up of a fan-out).
+    ready: AtomicWaker,
     close_reason: OnceLock<CloseReason>,
     close_signal: Notify,
 }
@@ -184,7 +187,7 @@ impl Peer {
         queue.items.push_back(item);
         drop(queue);
         if was_empty {
-            self.0.ready.notify_one();
+            self.0.ready.wake();
         }
         Delivery::Queued
     }
@@ -194,7 +197,7 @@ impl Peer {
         if self.0.close_reason.set(reason).is_ok() {
             self.0.close_signal.notify_waiters();
             // The runtime waits on `ready` for its next event; a close is one.
-            self.0.ready.notify_one();
+            self.0.ready.wake();
         }
     }
 
@@ -251,26 +254,42 @@ impl PeerLink {
     /// Waits for the next queued item. Always `Some`: the `Option` lets it sit in a `select!`
     /// pattern like a channel receiver.
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        loop {
+        std::future::poll_fn(|cx| {
             if let Some(item) = self.try_recv() {
-                return Some(item);
+                return Poll::Ready(Some(item));
             }
-            self.peer.0.ready.notified().await;
-        }
+            // Register, then look again: a push between the first look and the registration
+            // is seen by the second look, and one after it wakes this waker.
+            self.peer.0.ready.register(cx.waker());
+            match self.try_recv() {
+                Some(item) => Poll::Ready(Some(item)),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Waits for the next thing to do: a close request wins over queued frames. One wait serves
     /// both, so the runtime's loop registers a single waiter per idle period.
     pub async fn next_event(&mut self) -> LinkEvent {
-        loop {
-            if let Some(reason) = self.peer.close_reason() {
-                return LinkEvent::Close(reason.clone());
+        std::future::poll_fn(|cx| {
+            if let Some(event) = self.ready_event() {
+                return Poll::Ready(event);
             }
-            if let Some(item) = self.try_recv() {
-                return LinkEvent::Send(item);
+            self.peer.0.ready.register(cx.waker());
+            match self.ready_event() {
+                Some(event) => Poll::Ready(event),
+                None => Poll::Pending,
             }
-            self.peer.0.ready.notified().await;
+        })
+        .await
+    }
+
+    fn ready_event(&mut self) -> Option<LinkEvent> {
+        if let Some(reason) = self.peer.close_reason() {
+            return Some(LinkEvent::Close(reason.clone()));
         }
+        self.try_recv().map(LinkEvent::Send)
     }
 
     /// A queued item if one is ready.
@@ -343,7 +362,7 @@ pub fn peer_channel_bounded(
         capacity: capacity.max(1),
         max_bytes,
         queue: Mutex::new(Queue::default()),
-        ready: Notify::new(),
+        ready: AtomicWaker::new(),
         close_reason: OnceLock::new(),
         close_signal: Notify::new(),
     }));
