@@ -30,7 +30,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 pub mod conformance;
+pub mod driver;
 
+pub use driver::{Driver, Session};
 pub use serde_json::json;
 
 /// The bound on every wait in this crate.

@@ -1,0 +1,123 @@
+//! fastchat's logic driven in process (no sockets): exact frame sequences, and the real
+//! one-minute rate window on tokio's paused clock.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use switchboard_fastchat::{Config, FastChat};
+use switchboard_testkit::{Driver, Session, json};
+use uuid::Uuid;
+
+fn new_id() -> String {
+    Uuid::new_v4().to_string()
+}
+
+fn types(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .map(|frame| frame["type"].as_str().unwrap())
+        .collect()
+}
+
+async fn hello(driver: &Driver<FastChat>, id: &str, name: &str) -> Session<FastChat> {
+    let mut session = driver.open("/ws").await.unwrap();
+    session
+        .json(&json!({"type": "HELLO", "data": {"user_id": id, "display_name": name}}))
+        .await;
+    let frames = session.json_frames();
+    assert_eq!(types(&frames), ["HELLO_ACK", "PRESENCE"], "{frames:?}");
+    session
+}
+
+#[tokio::test]
+async fn a_conversation_produces_exactly_these_frames_in_this_order() {
+    let driver = Driver::new(FastChat::new(Config::default()));
+    let (a, b) = (new_id(), new_id());
+    let mut alice = hello(&driver, &a, "Alice").await;
+    let mut bob = hello(&driver, &b, "Bob").await;
+    // Alice hears Bob arrive as a delta; nothing else.
+    let frames = alice.json_frames();
+    assert_eq!(types(&frames), ["PRESENCE"]);
+    assert_eq!(frames[0]["data"]["delta"], true);
+
+    alice
+        .json(&json!({"type": "OPEN_CHAT", "data": {"target_user_id": b, "target_display_name": "Bob"}}))
+        .await;
+    assert_eq!(types(&alice.json_frames()), ["CHAT_OPENED"]);
+    assert!(bob.json_frames().iter().all(|f| f["type"] != "MSG"));
+
+    alice
+        .json(&json!({"type": "MSG", "data": {"to": b, "content": "hi", "message_id": "m-1"}}))
+        .await;
+    let sent = alice.json_frames();
+    assert_eq!(types(&sent), ["MSG_ACK"]);
+    assert_eq!(
+        sent[0]["data"],
+        json!({"message_id": "m-1", "status": "sent"})
+    );
+    let incoming = bob.json_frames();
+    assert_eq!(types(&incoming), ["MSG"]);
+    assert_eq!(incoming[0]["data"]["content"], "hi");
+
+    bob.json(&json!({"type": "MSG_ACK", "data": {"message_id": "m-1"}}))
+        .await;
+    let delivered = alice.json_frames();
+    assert_eq!(
+        delivered.iter().map(|f| &f["data"]).collect::<Vec<_>>(),
+        [&json!({"message_id": "m-1", "status": "delivered"})]
+    );
+    assert!(bob.frames().is_empty(), "the ack is not echoed");
+
+    // A retry of the same message id is acknowledged again but not delivered again.
+    alice
+        .json(&json!({"type": "MSG", "data": {"to": b, "content": "hi", "message_id": "m-1"}}))
+        .await;
+    assert_eq!(types(&alice.json_frames()), ["MSG_ACK"]);
+    assert!(bob.frames().is_empty());
+
+    bob.close().await;
+    let frames = alice.json_frames();
+    assert_eq!(types(&frames), ["PRESENCE"]);
+    assert_eq!(frames[0]["data"]["users"][0]["online"], false);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_minute_long_message_window_slides_on_the_paused_clock() {
+    let driver = Driver::new(FastChat::new(Config::default()));
+    let (a, b) = (new_id(), new_id());
+    let mut alice = hello(&driver, &a, "Alice").await;
+    let mut bob = hello(&driver, &b, "Bob").await;
+    alice
+        .json(&json!({"type": "OPEN_CHAT", "data": {"target_user_id": b, "target_display_name": "Bob"}}))
+        .await;
+    alice.frames();
+    bob.frames();
+    let send = |n: usize| json!({"type": "MSG", "data": {"to": b, "content": format!("m{n}")}});
+    for n in 0..60 {
+        alice.json(&send(n)).await;
+        assert_eq!(types(&alice.json_frames()), ["MSG_ACK"]);
+        // Spread over the minute: the window slides per message, not per minute.
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    alice.json(&send(60)).await;
+    let refused = alice.json_frames();
+    assert_eq!(refused[0]["data"]["code"], "RATE_LIMITED", "{refused:?}");
+    // A minute after the first message (sent at 0 s; it is 30 s now) that one leaves the
+    // window and exactly one more is allowed: the second (0.5 s) is still in it.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    alice.json(&send(61)).await;
+    assert_eq!(types(&alice.json_frames()), ["MSG_ACK"]);
+    alice.json(&send(62)).await;
+    assert_eq!(alice.json_frames()[0]["data"]["code"], "RATE_LIMITED");
+    assert_eq!(
+        bob.json_frames().len(),
+        61,
+        "every accepted message, none refused"
+    );
+}
