@@ -1,4 +1,5 @@
-//! [`Context`]: what a protocol hook can do besides changing its own connection state.
+//! [`Context`]: what a protocol hook can do besides changing its own connection state: send,
+//! close, reach the state engine (publish, presence, logs, keyed state), read the clock.
 
 use crate::engine::ConnRef;
 use crate::{CloseReason, Delivery, Engine, Frame, Peer};
@@ -38,6 +39,13 @@ impl<'a> Context<'a> {
     /// Queues `frame` for this socket (see [`Peer::send`]).
     pub fn send(&self, frame: Frame) -> Delivery {
         self.peer.send(frame)
+    }
+
+    /// Now, on the runtime's clock. It is tokio's, so a test can pause and advance it
+    /// (`#[tokio::test(start_paused = true)]`); the engine's windows and time-to-live use the
+    /// same clock.
+    pub fn now(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now()
     }
 
     /// Asks the runtime to close this socket (see [`Peer::close`]).
