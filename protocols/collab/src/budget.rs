@@ -166,6 +166,244 @@ impl Drop for Charge {
     }
 }
 
+/// Bookkeeping the state engine keeps per log entry besides its frame (offset, frame handle,
+/// queue slot): an over-estimate, charged with every entry of [`EngineBytes`].
+pub const ENGINE_ENTRY_BYTES: usize = 128;
+
+/// What one session keeps in the state engine, as this node knows it, charged to the session's
+/// budgets like this node's own copy: the entries of its shared log (each a whole
+/// `code-update` frame) and the document in its record's snapshot.
+///
+/// The log is mirrored by entry sizes only (offset and length), trimmed by the same retention
+/// the engine applies, so the charge follows what the engine holds. Entries another node
+/// appended are learned when this node reads them (to follow them); until then that node
+/// charges them.
+#[derive(Debug)]
+pub(crate) struct EngineBytes {
+    /// The log's epoch the entries belong to (a log created again starts over).
+    epoch: u64,
+    /// Offset and frame length of each entry, oldest first.
+    entries: std::collections::VecDeque<(u64, usize)>,
+    /// Sum of the entries' frame lengths (what the retention counts).
+    log_bytes: usize,
+    /// The snapshot's document (JSON-escaped) as this node last wrote or read the record.
+    snapshot_written: usize,
+    /// The newest document this node knows (JSON-escaped): what the next snapshot will hold.
+    snapshot_newest: usize,
+    charge: Charge,
+}
+
+/// The bounds of one append, as [`EngineBytes`] mirrors them: the engine's `Retention`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogBounds {
+    /// Entries kept at most.
+    pub(crate) max_entries: usize,
+    /// Frame bytes kept at most.
+    pub(crate) max_bytes: usize,
+}
+
+/// An append planned by [`EngineBytes::reserve_append`]: the bounds to append with and the
+/// budget the engine's growth needs, reserved until [`EngineBytes::appended`] or dropped.
+#[derive(Debug)]
+pub(crate) struct PlannedAppend {
+    /// The bounds the entry must be appended with.
+    pub(crate) bounds: LogBounds,
+    reserved: Charge,
+    snapshot: usize,
+}
+
+impl EngineBytes {
+    /// Nothing known yet, charged to `budgets`.
+    pub(crate) fn new(budgets: &Budgets) -> Self {
+        Self {
+            epoch: 0,
+            entries: std::collections::VecDeque::new(),
+            log_bytes: 0,
+            snapshot_written: 0,
+            snapshot_newest: 0,
+            charge: Charge::forced(budgets, 0),
+        }
+    }
+
+    /// Bytes charged now.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.charge.bytes()
+    }
+
+    fn target(&self) -> usize {
+        Self::total(
+            self.log_bytes,
+            self.entries.len(),
+            self.snapshot_written.max(self.snapshot_newest),
+        )
+    }
+
+    fn total(log_bytes: usize, entries: usize, snapshot: usize) -> usize {
+        log_bytes
+            .saturating_add(entries.saturating_mul(ENGINE_ENTRY_BYTES))
+            .saturating_add(snapshot)
+    }
+
+    /// The log's entries and bytes after appending `size` bytes at `offset` under `bounds`, as
+    /// the engine trims it (oldest first, until the new entry fits both bounds).
+    fn after_append(&self, offset: u64, size: usize, bounds: LogBounds) -> (usize, usize) {
+        let mut bytes = self.log_bytes;
+        let mut dropped = 0usize;
+        for &(at, len) in &self.entries {
+            let beyond_count =
+                offset.saturating_sub(at) >= u64::try_from(bounds.max_entries).unwrap_or(u64::MAX);
+            let beyond_bytes = bytes.saturating_add(size) > bounds.max_bytes;
+            if !(beyond_count || beyond_bytes) {
+                break;
+            }
+            bytes = bytes.saturating_sub(len);
+            dropped = dropped.saturating_add(1);
+        }
+        (
+            self.entries.len().saturating_sub(dropped).saturating_add(1),
+            bytes.saturating_add(size),
+        )
+    }
+
+    /// Reserves what appending an entry of `size` bytes right after `top` (the log's newest
+    /// position when the edit was prepared) makes the engine hold, with `snapshot` bytes as
+    /// the next snapshot: under `normal` bounds if that fits the budgets, else under `tight`
+    /// ones (fewer older entries kept), else refused. Nothing changes until
+    /// [`EngineBytes::appended`].
+    pub(crate) fn reserve_append(
+        &self,
+        top: switchboard_core::engine::Position,
+        size: usize,
+        snapshot: usize,
+        normal: LogBounds,
+        tight: LogBounds,
+    ) -> Result<PlannedAppend, Refused> {
+        // A log this node knows nothing about (another epoch, or none) keeps nothing older.
+        let fresh = Self {
+            epoch: top.epoch,
+            entries: std::collections::VecDeque::new(),
+            log_bytes: 0,
+            snapshot_written: self.snapshot_written,
+            snapshot_newest: self.snapshot_newest,
+            charge: Charge::forced(&self.charge.budgets, 0),
+        };
+        let known = if top.offset == 0 || top.epoch != self.epoch {
+            &fresh
+        } else {
+            self
+        };
+        let offset = top.offset.saturating_add(1);
+        let snapshot_after = self.snapshot_written.max(snapshot);
+        let mut refusal = None;
+        for bounds in [normal, tight] {
+            let (entries, bytes) = known.after_append(offset, size, bounds);
+            let target = Self::total(bytes, entries, snapshot_after);
+            match self
+                .charge
+                .reserve(target.saturating_sub(self.charge.bytes()))
+            {
+                Ok(reserved) => {
+                    return Ok(PlannedAppend {
+                        bounds,
+                        reserved,
+                        snapshot,
+                    });
+                }
+                Err(refused) => refusal = Some(refused),
+            }
+        }
+        Err(refusal.unwrap_or(Refused::Server(0)))
+    }
+
+    /// Records an entry of `size` bytes the engine stored at `at` under `bounds`.
+    fn push(&mut self, at: switchboard_core::engine::Position, size: usize, bounds: LogBounds) {
+        if at.epoch != self.epoch {
+            self.entries.clear();
+            self.log_bytes = 0;
+            self.epoch = at.epoch;
+        }
+        if self
+            .entries
+            .back()
+            .is_some_and(|&(last, _)| last >= at.offset)
+        {
+            // Known already (this node appended it, or read it before).
+            return;
+        }
+        let (entries, bytes) = self.after_append(at.offset, size, bounds);
+        let dropped = self.entries.len().saturating_add(1).saturating_sub(entries);
+        self.entries.drain(..dropped.min(self.entries.len()));
+        self.entries.push_back((at.offset, size));
+        self.log_bytes = bytes;
+    }
+
+    /// Records this node's append planned with [`EngineBytes::reserve_append`], stored at `at`.
+    pub(crate) fn appended(
+        &mut self,
+        planned: PlannedAppend,
+        at: switchboard_core::engine::Position,
+        size: usize,
+    ) {
+        let PlannedAppend {
+            bounds,
+            reserved,
+            snapshot,
+        } = planned;
+        self.charge.absorb(reserved);
+        self.push(at, size, bounds);
+        self.snapshot_newest = snapshot;
+        let target = self.target();
+        self.charge.resize_forced(target);
+    }
+
+    /// Records an entry of `size` bytes read from the log at `at` (appended by another node or
+    /// socket, already stored: charged whether or not it fits).
+    pub(crate) fn seen(
+        &mut self,
+        at: switchboard_core::engine::Position,
+        size: usize,
+        bounds: LogBounds,
+    ) {
+        self.push(at, size, bounds);
+        let target = self.target();
+        self.charge.resize_forced(target);
+    }
+
+    /// The log is gone (expired, or created again): nothing of it is held any more.
+    pub(crate) fn log_gone(&mut self) {
+        self.entries.clear();
+        self.log_bytes = 0;
+        let target = self.target();
+        self.charge.resize_forced(target);
+    }
+
+    /// The newest document this node knows is `bytes` long, JSON-escaped (already stored, so
+    /// charged whether or not it fits).
+    pub(crate) fn set_newest_snapshot(&mut self, bytes: usize) {
+        self.snapshot_newest = bytes;
+        let target = self.target();
+        self.charge.resize_forced(target);
+    }
+
+    /// Charges a snapshot of `bytes` that is about to be written, if it fits (a new session's
+    /// record).
+    pub(crate) fn try_snapshot(&mut self, bytes: usize) -> Result<(), Refused> {
+        let target = Self::total(self.log_bytes, self.entries.len(), bytes);
+        self.charge.try_resize(target)?;
+        self.snapshot_written = bytes;
+        self.snapshot_newest = bytes;
+        Ok(())
+    }
+
+    /// The record now holds a snapshot of `bytes` (this node wrote it).
+    pub(crate) fn set_written_snapshot(&mut self, bytes: usize) {
+        self.snapshot_written = bytes;
+        let target = self.target();
+        self.charge.resize_forced(target);
+    }
+}
+
 /// A token bucket of one connection: `burst` frames at once, `per_second` more each second.
 /// Constant memory, kept in the connection's own state; time is passed in.
 #[derive(Debug, Clone, Copy)]
@@ -239,6 +477,92 @@ mod tests {
         drop(other);
         drop(a);
         assert_eq!((server.used(), share.used()), (0, 0));
+    }
+
+    fn at(offset: u64) -> switchboard_core::engine::Position {
+        switchboard_core::engine::Position { offset, epoch: 1 }
+    }
+
+    const NORMAL: LogBounds = LogBounds {
+        max_entries: 3,
+        max_bytes: 1000,
+    };
+    const TIGHT: LogBounds = LogBounds {
+        max_entries: 1,
+        max_bytes: 1000,
+    };
+
+    #[test]
+    fn engine_bytes_follow_the_logs_retention_and_the_snapshot() {
+        let server = Arc::new(MemoryBudget::new(100_000));
+        let mut engine = EngineBytes::new(&Budgets::server(&server));
+        let entry = |n: usize| n * ENGINE_ENTRY_BYTES;
+        // Four entries of 100 bytes: the count bound keeps three.
+        for offset in 1..=4 {
+            let planned = engine
+                .reserve_append(at(offset - 1), 100, 50, NORMAL, TIGHT)
+                .unwrap();
+            assert_eq!(planned.bounds, NORMAL);
+            engine.appended(planned, at(offset), 100);
+        }
+        assert_eq!(engine.bytes(), 300 + entry(3) + 50);
+        assert_eq!(server.used(), engine.bytes());
+        // A large entry: the byte bound trims the older ones.
+        let planned = engine
+            .reserve_append(at(4), 901, 50, NORMAL, TIGHT)
+            .unwrap();
+        engine.appended(planned, at(5), 901);
+        assert_eq!(engine.bytes(), 901 + entry(1) + 50);
+        // Entries read from the log count the same; one known already is not counted twice.
+        engine.seen(at(6), 50, NORMAL);
+        engine.seen(at(6), 50, NORMAL);
+        assert_eq!(engine.bytes(), 951 + entry(2) + 50);
+        // A snapshot that shrank stays charged at the size written until written again.
+        engine.set_written_snapshot(400);
+        engine.set_newest_snapshot(10);
+        assert_eq!(engine.bytes(), 951 + entry(2) + 400);
+        engine.set_written_snapshot(10);
+        assert_eq!(engine.bytes(), 951 + entry(2) + 10);
+        // A log created again (another epoch) starts over.
+        let planned = engine
+            .reserve_append(at(0), 100, 10, NORMAL, TIGHT)
+            .unwrap();
+        let fresh = switchboard_core::engine::Position {
+            offset: 1,
+            epoch: 2,
+        };
+        engine.appended(planned, fresh, 100);
+        assert_eq!(engine.bytes(), 100 + entry(1) + 10);
+        engine.log_gone();
+        assert_eq!(engine.bytes(), 10);
+        drop(engine);
+        assert_eq!(server.used(), 0);
+    }
+
+    #[test]
+    fn a_full_share_keeps_only_the_newest_entry_then_refuses() {
+        let server = Arc::new(MemoryBudget::new(100_000));
+        let share = Arc::new(MemoryBudget::new(1000));
+        let budgets = Budgets::with_client(&server, share.clone());
+        let mut engine = EngineBytes::new(&budgets);
+        let planned = engine.reserve_append(at(0), 300, 0, NORMAL, TIGHT).unwrap();
+        engine.appended(planned, at(1), 300);
+        // Two entries do not fit the share; the new one alone does.
+        let planned = engine.reserve_append(at(1), 500, 0, NORMAL, TIGHT).unwrap();
+        assert_eq!(planned.bounds, TIGHT);
+        engine.appended(planned, at(2), 500);
+        assert_eq!(share.used(), 500 + ENGINE_ENTRY_BYTES);
+        // Not even alone: refused, nothing charged.
+        assert_eq!(
+            engine
+                .reserve_append(at(2), 950, 0, NORMAL, TIGHT)
+                .unwrap_err(),
+            Refused::Client(1000)
+        );
+        assert_eq!(share.used(), 500 + ENGINE_ENTRY_BYTES);
+        assert!(engine.try_snapshot(600).is_err());
+        assert!(engine.try_snapshot(100).is_ok());
+        assert_eq!(share.used(), 600 + ENGINE_ENTRY_BYTES);
     }
 
     #[test]

@@ -47,7 +47,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchboard_core::engine::{
-    Append, Appended, ConnRef, EngineError, EngineEvent, Expect, Put, Read, ReadFrom, Retention,
+    Append, Appended, ConnRef, EngineError, EngineEvent, Expect, Position, Put, Read, ReadFrom,
+    Retention,
 };
 use switchboard_core::sync::lock;
 use switchboard_core::{
@@ -57,6 +58,7 @@ use switchboard_core::{
 use tracing::{debug, warn};
 use uuid::Uuid;
 
+pub use budget::ENGINE_ENTRY_BYTES;
 pub use client::{ClientDocument, OutgoingEdit};
 pub use document::{Applied, Document, DocumentLimits, EditError, TEXT_SLACK_BYTES};
 pub use messages::{
@@ -68,7 +70,7 @@ pub use sessions::{
     MAX_SESSION_ID_LEN, PARTICIPANT_BYTES, SESSION_OVERHEAD_BYTES, is_valid_session_id,
 };
 
-use budget::RateBucket;
+use budget::{LogBounds, RateBucket};
 use messages::{CodeUpdate, SessionState, error_frame, frame};
 use sessions::{CreationLimits, Registry, Session, Ttls};
 use store::{Record, RecordMeta};
@@ -252,16 +254,38 @@ impl Config {
             .saturating_add(FRAME_OVERHEAD)
     }
 
-    /// The most bytes one session can have charged to the state budget:
-    /// `SESSION_OVERHEAD_BYTES + max_document_bytes + TEXT_SLACK_BYTES + max_op_log_bytes
-    /// + max_participants × PARTICIPANT_BYTES` (see "Limits and worst-case memory" in
-    /// `docs/protocols/collab.md`).
+    /// Entries a session's shared log in the state engine keeps at most: `max_op_log`, at
+    /// least 1 and at most 64.
+    pub fn shared_log_entries(&self) -> usize {
+        self.max_op_log.clamp(1, SHARED_LOG_ENTRIES)
+    }
+
+    /// Bytes of frames a session's shared log in the state engine keeps at most: one maximal
+    /// `code-update` ([`Config::max_outbound_frame_bytes`]), so the newest entry always fits
+    /// and, for typical documents, a few older ones with it.
+    pub fn shared_log_bytes(&self) -> usize {
+        self.max_outbound_frame_bytes()
+    }
+
+    /// The most bytes one session can have charged to the state budget, what it holds on this
+    /// node and in the state engine (see "Limits and worst-case memory" in
+    /// `docs/protocols/collab.md`):
+    ///
+    /// ```text
+    ///   SESSION_OVERHEAD_BYTES + max_participants × PARTICIPANT_BYTES
+    /// + max_document_bytes + TEXT_SLACK_BYTES + max_op_log_bytes      this node's copy
+    /// + 6 × max_document_bytes                                        the record's snapshot
+    /// + shared_log_bytes() + shared_log_entries() × ENGINE_ENTRY_BYTES the shared log
+    /// ```
     pub fn worst_case_session_bytes(&self) -> usize {
         SESSION_OVERHEAD_BYTES
+            .saturating_add(self.max_participants.saturating_mul(PARTICIPANT_BYTES))
             .saturating_add(self.max_document_bytes)
             .saturating_add(TEXT_SLACK_BYTES)
             .saturating_add(self.max_op_log_bytes)
-            .saturating_add(self.max_participants.saturating_mul(PARTICIPANT_BYTES))
+            .saturating_add(self.max_document_bytes.saturating_mul(JSON_ESCAPE_FACTOR))
+            .saturating_add(self.shared_log_bytes())
+            .saturating_add(self.shared_log_entries().saturating_mul(ENGINE_ENTRY_BYTES))
     }
 
     /// The most bytes all session state can have charged: the smaller of `max_state_bytes` and
@@ -395,18 +419,31 @@ impl Collab {
 
     /// The bounds of a session's log. Each entry is a whole `code-update` frame (document
     /// included), so the log keeps few of them: enough for other nodes' copies to catch up
-    /// (each node's copy keeps its own operation log to transform against), at most
-    /// [`SHARED_LOG_ENTRIES`], and at most the operation log's bytes plus one maximal frame.
-    /// Forgotten after the idle TTL without an edit (the record's snapshot holds the document
-    /// by then).
-    fn retention(&self) -> Retention {
-        Retention::trim(
-            self.config.max_op_log.clamp(1, SHARED_LOG_ENTRIES),
-            self.config
-                .max_op_log_bytes
-                .saturating_add(self.config.max_outbound_frame_bytes()),
-        )
-        .with_ttl(self.config.idle_ttl.max(MIN_LOG_TTL))
+    /// (each node's copy keeps its own operation log to transform against; one that fell
+    /// further behind loads the newest entry again), at most [`SHARED_LOG_ENTRIES`], and at
+    /// most one maximal frame's bytes ([`Config::shared_log_bytes`]).
+    fn log_bounds(&self) -> LogBounds {
+        LogBounds {
+            max_entries: self.config.shared_log_entries(),
+            max_bytes: self.config.shared_log_bytes(),
+        }
+    }
+
+    /// The bounds of an append whose session cannot afford to keep older entries (its budget
+    /// or its creator's share is full): the log keeps only the new entry, the engine's
+    /// counterpart of dropping the session's own operation log.
+    fn tight_log_bounds(&self) -> LogBounds {
+        LogBounds {
+            max_entries: 1,
+            ..self.log_bounds()
+        }
+    }
+
+    /// The engine's retention for an append under `bounds`. Forgotten after the idle TTL
+    /// without an edit (the record's snapshot holds the document by then).
+    fn retention(&self, bounds: LogBounds) -> Retention {
+        Retention::trim(bounds.max_entries, bounds.max_bytes)
+            .with_ttl(self.config.idle_ttl.max(MIN_LOG_TTL))
     }
 
     fn full_error(&self) -> EditError {
@@ -415,6 +452,16 @@ impl Collab {
         }
     }
 }
+
+/// The edit error for a refused charge.
+fn refused_edit(refused: budget::Refused) -> EditError {
+    match refused {
+        budget::Refused::Server(limit) => EditError::OutOfMemory { limit },
+        budget::Refused::Client(limit) => EditError::ShareFull { limit },
+    }
+}
+
+impl Collab {}
 
 /// Who a joined connection is.
 #[derive(Debug, Clone)]
@@ -1044,11 +1091,23 @@ impl Collab {
                 );
                 (prepared, replica.pos, update)
             };
+            // What the engine will hold is charged like this node's copy: the entry, with the
+            // older entries its retention keeps, and the snapshot of the document it leaves.
+            let size = update.len();
+            let planned = session
+                .reserve_append(
+                    pos,
+                    size,
+                    store::escaped_len(prepared.text()),
+                    self.log_bounds(),
+                    self.tight_log_bounds(),
+                )
+                .map_err(refused_edit)?;
             let ack = frame(
                 "code-ack",
                 &json!({ "version": prepared.applied().version }),
             );
-            let append = Append::publish(self.retention())
+            let append = Append::publish(self.retention(planned.bounds))
                 .if_top(pos.offset)
                 .except(cx.me());
             // The author gets its ack instead of the entry, at the entry's place in the
@@ -1057,7 +1116,7 @@ impl Collab {
             // another author reach this socket first.
             match engine.append_with_reply(&topic, update, append, ack).await {
                 Ok(Appended::Done(at)) => {
-                    session.commit(prepared, pos, at);
+                    session.commit(prepared, pos, at, planned, size);
                     return Ok(());
                 }
                 Ok(Appended::Conflict(_)) => continue,
@@ -1094,6 +1153,7 @@ impl Collab {
             let (entries, top) = match engine.read(topic, ReadFrom::After(pos), READ_BATCH).await? {
                 Read::Gone { .. } => {
                     session.forget_replica_at(pos);
+                    session.log_gone();
                     continue;
                 }
                 Read::Entries { entries, top } => (entries, top),
@@ -1110,7 +1170,10 @@ impl Collab {
             // Parsed outside the lock; each entry's text is skipped.
             let edits: Result<Vec<_>, _> = entries
                 .iter()
-                .map(|entry| store::logged_edit(&entry.frame).map(|edit| (entry.offset, edit)))
+                .map(|entry| {
+                    store::logged_edit(&entry.frame)
+                        .map(|edit| (entry.offset, entry.frame.len(), edit))
+                })
                 .collect();
             let Ok(edits) = edits else {
                 session.forget_replica_at(pos);
@@ -1119,7 +1182,7 @@ impl Collab {
             // Done when the copy reached the log's top; otherwise (more entries than one read,
             // or the copy moved or went meanwhile) another round.
             if session
-                .follow(pos, top.epoch, edits)
+                .follow(pos, top.epoch, edits, self.log_bounds())
                 .is_some_and(|now| now.offset >= top.offset)
             {
                 return Ok(());
@@ -1141,6 +1204,20 @@ impl Collab {
         let top = match &read {
             Read::Entries { top, .. } | Read::Gone { top } => *top,
         };
+        match &read {
+            Read::Entries { entries, top } => match entries.last() {
+                Some(entry) => session.saw_entry(
+                    Position {
+                        offset: entry.offset,
+                        epoch: top.epoch,
+                    },
+                    entry.frame.len(),
+                    self.log_bounds(),
+                ),
+                None => session.log_gone(),
+            },
+            Read::Gone { .. } => session.log_gone(),
+        }
         let Some(stored) = engine.get(&store::record_key(&session.id)).await? else {
             return Err(Refusal::Gone);
         };
@@ -1435,6 +1512,7 @@ impl Collab {
                     .and_then(|entry| store::logged_state(&entry.frame).ok())
                     .map(|state| (state.code, state.version))
                     .unwrap_or_default();
+                let snapshot = store::escaped_len(&code);
                 let record = Record {
                     generation: generation.to_owned(),
                     language: self.config.default_language.clone(),
@@ -1452,6 +1530,7 @@ impl Collab {
                     .await?
                 {
                     Put::Stored(_) => {
+                        session.wrote_snapshot(snapshot);
                         written = true;
                         break;
                     }
@@ -1468,7 +1547,7 @@ impl Collab {
                     .ok()
                     .filter(|version| *version > meta.version)
             });
-            let value = if newer.is_some() || (joined && !meta.joined) {
+            let (value, snapshot) = if newer.is_some() || (joined && !meta.joined) {
                 let mut record = Record::decode(&stored.value).map_err(corrupt)?;
                 if let Some(entry) = &newest
                     && let Ok(state) = store::logged_state(&entry.frame)
@@ -1478,9 +1557,9 @@ impl Collab {
                     record.version = state.version;
                 }
                 record.joined |= joined;
-                record.encode()
+                (record.encode(), Some(store::escaped_len(&record.code)))
             } else {
-                stored.value.clone()
+                (stored.value.clone(), None)
             };
             let ttl = self.ttl(joined || meta.joined);
             match engine
@@ -1488,6 +1567,11 @@ impl Collab {
                 .await?
             {
                 Put::Stored(_) => {
+                    // The snapshot this node wrote replaces the one charged before (an
+                    // unchanged record keeps what was charged).
+                    if let Some(snapshot) = snapshot {
+                        session.wrote_snapshot(snapshot);
+                    }
                     written = true;
                     break;
                 }
@@ -1596,6 +1680,21 @@ impl Collab {
             }
             Err(refused) => return HttpResponse::json_error(503, &refused.to_string()),
         };
+        // The record's snapshot is a second copy of the document, in the engine: charged to
+        // the same budgets before it is written.
+        if let Err(refused) = session.try_snapshot(store::escaped_len(&code)) {
+            self.sessions.remove(&session.id);
+            return match refused {
+                budget::Refused::Client(limit) => HttpResponse::json_error(
+                    429,
+                    &sessions::CreateError::ShareFull(limit).to_string(),
+                ),
+                budget::Refused::Server(limit) => HttpResponse::json_error(
+                    503,
+                    &sessions::CreateError::OutOfMemory(limit).to_string(),
+                ),
+            };
+        }
         let generation = Uuid::new_v4().to_string();
         let record = Record {
             generation: generation.clone(),
@@ -1726,6 +1825,15 @@ mod tests {
             session_id_from_path("/ws/a%20b"),
             Err(Reject::BadRequest(_))
         ));
+    }
+
+    #[test]
+    fn the_documented_worst_case_is_the_defaults() {
+        // docs/protocols/collab.md, "Limits and worst-case memory".
+        let config = Config::default();
+        assert_eq!(config.shared_log_entries(), 64);
+        assert_eq!(config.shared_log_bytes(), 12_648_448);
+        assert_eq!(config.worst_case_session_bytes(), 22_304_768);
     }
 
     #[test]

@@ -17,22 +17,25 @@ use switchboard_core::engine::Position;
 use switchboard_core::sync::lock;
 use switchboard_core::{ClientKey, MemoryBudget, ShareRefused, Shares, TokenBuckets};
 
-use crate::budget::{Budgets, Charge, Refused};
+use crate::budget::{Budgets, Charge, EngineBytes, LogBounds, PlannedAppend, Refused};
 use crate::document::{Document, DocumentLimits, Prepared};
 use crate::store::LoggedEdit;
 
 /// Longest session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 64;
 
-/// Bytes charged for a session besides its document: the registry entry, the id and
-/// generation strings, the session and state structs and the per-client table entries. A
-/// deliberate over-estimate (the structs add up to about 600 bytes).
-pub const SESSION_OVERHEAD_BYTES: usize = 1024;
+/// Bytes charged for a session besides its documents: on this node the registry entry, the id
+/// and generation strings, the session and state structs and the per-client table entries
+/// (about 600 bytes); in the state engine the record's fields other than the document (the
+/// generation, a language of up to 64 characters escaped, the version), its key and the log's
+/// bookkeeping (about 900 bytes). A deliberate over-estimate.
+pub const SESSION_OVERHEAD_BYTES: usize = 2048;
 
-/// Bytes charged per participant (distinct user) joined through this node: the user id (at most
-/// 128 characters, so at most 512 bytes in UTF-8), its map entry and the connections' copies of
-/// it. An over-estimate, like [`SESSION_OVERHEAD_BYTES`].
-pub const PARTICIPANT_BYTES: usize = 2048;
+/// Bytes charged per participant (distinct user) joined through this node: on this node the
+/// user id (at most 128 characters, so at most 512 bytes in UTF-8), its map entry and the
+/// connections' copies of it; in the state engine the display-name record (its key, with the
+/// user id, and a name of at most 512 bytes). An over-estimate, like [`SESSION_OVERHEAD_BYTES`].
+pub const PARTICIPANT_BYTES: usize = 4096;
 
 /// Whether `id` is a well-formed session id: 1 to 64 ASCII letters, digits, `-` or `_`.
 pub fn is_valid_session_id(id: &str) -> bool {
@@ -79,6 +82,9 @@ pub(crate) struct SessionState {
     pub(crate) replica: Option<Replica>,
     /// The session's fixed overhead plus [`PARTICIPANT_BYTES`] per entry of `users`.
     pub(crate) charge: Charge,
+    /// What the session keeps in the state engine (its log's entries, its record's snapshot),
+    /// charged to the same budgets.
+    pub(crate) engine: EngineBytes,
     /// Users joined through this node, with how many of this node's sockets each has.
     pub(crate) users: HashMap<String, usize>,
     /// Whether anyone ever joined: a session nobody joined expires after the shorter TTL.
@@ -128,22 +134,66 @@ impl Session {
         }
     }
 
+    /// The session's log is gone from the engine (expired, or created again): its entries no
+    /// longer count.
+    pub(crate) fn log_gone(&self) {
+        lock(&self.state).engine.log_gone();
+    }
+
+    /// Records an entry of `size` bytes read from the session's log at `at`.
+    pub(crate) fn saw_entry(&self, at: Position, size: usize, bounds: LogBounds) {
+        lock(&self.state).engine.seen(at, size, bounds);
+    }
+
+    /// Reserves what appending an entry of `size` bytes after `top` makes the engine hold (see
+    /// [`EngineBytes::reserve_append`]), `snapshot` being the escaped length of the document
+    /// it leaves.
+    pub(crate) fn reserve_append(
+        &self,
+        top: Position,
+        size: usize,
+        snapshot: usize,
+        normal: LogBounds,
+        tight: LogBounds,
+    ) -> Result<PlannedAppend, Refused> {
+        lock(&self.state)
+            .engine
+            .reserve_append(top, size, snapshot, normal, tight)
+    }
+
+    /// Charges the snapshot of a record about to be written from this node (a new session's
+    /// document, `bytes` escaped), if it fits.
+    pub(crate) fn try_snapshot(&self, bytes: usize) -> Result<(), Refused> {
+        lock(&self.state).engine.try_snapshot(bytes)
+    }
+
+    /// This node wrote the record with a snapshot of `bytes` (escaped).
+    pub(crate) fn wrote_snapshot(&self, bytes: usize) {
+        lock(&self.state).engine.set_written_snapshot(bytes);
+    }
+
     /// Applies edits read from the log after `pos` (in `epoch`) to this node's copy, if it is
     /// still at `pos`; returns the copy's new position. An entry that does not continue the copy
     /// (a gap, a version out of sequence, a document that no longer fits this node's budget)
-    /// drops the copy, to be loaded afresh.
+    /// drops the copy, to be loaded afresh. Each entry (`offset`, frame `size`, edit) is
+    /// charged as part of what the engine holds, under `bounds`, either way.
     pub(crate) fn follow(
         &self,
         pos: Position,
         epoch: u64,
-        edits: Vec<(u64, LoggedEdit)>,
+        edits: Vec<(u64, usize, LoggedEdit)>,
+        bounds: LogBounds,
     ) -> Option<Position> {
-        let mut state = lock(&self.state);
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        for &(offset, size, _) in &edits {
+            state.engine.seen(Position { offset, epoch }, size, bounds);
+        }
         let replica = state.replica.as_mut()?;
         if replica.pos != pos {
             return None;
         }
-        for (offset, edit) in edits {
+        for (offset, _, edit) in edits {
             let continues = Some(offset) == replica.pos.offset.checked_add(1)
                 && replica.doc.follow(edit.version, edit.op).is_ok();
             if !continues {
@@ -152,13 +202,25 @@ impl Session {
             }
             replica.pos = Position { offset, epoch };
         }
+        state
+            .engine
+            .set_newest_snapshot(crate::store::escaped_len(replica.doc.text()));
         Some(replica.pos)
     }
 
-    /// Applies an edit this node appended at `at`, if the copy is still where the edit was
-    /// prepared (`pos`); otherwise the copy already followed the log past it, or went.
-    pub(crate) fn commit(&self, prepared: Prepared, pos: Position, at: Position) {
+    /// Applies an edit this node appended at `at` (an entry of `size` bytes, planned as
+    /// `planned`), if the copy is still where the edit was prepared (`pos`); otherwise the copy
+    /// already followed the log past it, or went. The entry is charged either way.
+    pub(crate) fn commit(
+        &self,
+        prepared: Prepared,
+        pos: Position,
+        at: Position,
+        planned: PlannedAppend,
+        size: usize,
+    ) {
         let mut state = lock(&self.state);
+        state.engine.appended(planned, at, size);
         if let Some(replica) = state.replica.as_mut()
             && replica.pos == pos
             && replica.doc.version() == prepared.prepared_on()
@@ -168,14 +230,17 @@ impl Session {
         }
     }
 
-    /// A fresh copy of the document at `version`, charged to this session's budgets.
+    /// A fresh copy of the document at `version`, charged to this session's budgets (the
+    /// snapshot it will make in the engine too).
     pub(crate) fn load_replica(
         &self,
         code: String,
         version: u64,
         pos: Position,
     ) -> Result<Replica, crate::document::EditError> {
+        let snapshot = crate::store::escaped_len(&code);
         let doc = Document::loaded(code, version, self.limits, &self.budgets)?;
+        lock(&self.state).engine.set_newest_snapshot(snapshot);
         Ok(Replica { doc, pos })
     }
 
@@ -561,6 +626,7 @@ impl Registry {
             crate::document::EditError::ShareFull { limit } => CreateError::ShareFull(limit),
             _ => CreateError::OutOfMemory(self.budget.limit()),
         })?;
+        let engine = EngineBytes::new(&budgets);
         Ok(Arc::new(Session {
             id: id.to_owned(),
             creator,
@@ -577,6 +643,7 @@ impl Registry {
                         epoch: 0,
                     },
                 }),
+                engine,
                 charge,
                 users: HashMap::new(),
                 joined_once: false,

@@ -47,6 +47,19 @@ pub(crate) fn user_key(id: &str, generation: &str, user: &str) -> String {
     key
 }
 
+/// Length of `text` as a JSON string's contents, as serde_json escapes it: `"` and `\` and the
+/// short control escapes take two bytes, other control characters six (`\u0001`), everything
+/// else its UTF-8 bytes. What a document costs in the record's snapshot.
+pub(crate) fn escaped_len(text: &str) -> usize {
+    text.bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' | 0x08 | 0x0c | b'\n' | b'\r' | b'\t' => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .fold(0usize, usize::saturating_add)
+}
+
 /// A session's record in keyed state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Record {
@@ -220,5 +233,20 @@ mod tests {
         );
         assert_eq!(logged_version(&update).unwrap(), 3);
         assert!(logged_edit(&Frame::from_static("{}")).is_err());
+    }
+
+    #[test]
+    fn escaped_len_is_what_serde_json_writes() {
+        for text in [
+            "",
+            "plain",
+            "q\"uote\\",
+            "\n\t\r\u{8}\u{c}",
+            "\u{1}\u{1f}",
+            "é\u{7f}/",
+        ] {
+            let encoded = serde_json::to_string(text).unwrap();
+            assert_eq!(escaped_len(text), encoded.len() - 2, "{text:?}");
+        }
     }
 }

@@ -640,8 +640,10 @@ async fn filling_every_pool_stays_within_the_worst_case_formula() {
     );
 
     let used = collab.state_bytes();
+    // Each session holds its document three times: this node's copy, the snapshot it makes in
+    // the engine's record and the newest entry of the engine's log.
     let floor =
-        3 * (SESSION_OVERHEAD_BYTES + (config.max_document_bytes - 1) + 3 * PARTICIPANT_BYTES);
+        3 * (SESSION_OVERHEAD_BYTES + 3 * (config.max_document_bytes - 1) + 3 * PARTICIPANT_BYTES);
     assert!(
         used >= floor,
         "{used} bytes charged, expected at least {floor}"
@@ -657,7 +659,12 @@ async fn filling_every_pool_stays_within_the_worst_case_formula() {
             + 2048
             + switchboard_collab::TEXT_SLACK_BYTES
             + 4096
-            + 3 * PARTICIPANT_BYTES)
+            + 3 * PARTICIPANT_BYTES
+            // The engine: the record's snapshot (escaped) and the shared log (one maximal
+            // code-update frame, 50 entries' bookkeeping).
+            + 6 * 2048
+            + (12 * 2048 + 64 * 1024)
+            + 50 * switchboard_collab::ENGINE_ENTRY_BYTES)
     );
     // Everything is given back when the sessions go.
     drop(clients);
@@ -748,6 +755,67 @@ async fn one_address_cannot_take_the_whole_state_budget() {
     )
     .await;
     assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_within_bound(&collab, &config);
+    assert_still_served(&mut calm, baseline).await;
+}
+
+#[tokio::test]
+async fn what_a_session_keeps_in_the_engine_counts_against_its_creators_share() {
+    let config = Config {
+        max_document_bytes: 64 * 1024,
+        max_op_log_bytes: 128 * 1024,
+        max_state_bytes_per_client: 1024 * 1024,
+        session_create_burst: 0,
+        ..Config::default()
+    };
+    let (collab, server) = start(config.clone()).await;
+    let (mut calm, baseline) = bystander(&server).await;
+    let hog = [127, 0, 0, 1];
+    let fill = 60 * 1024;
+    let edit =
+        |letter: &str| json!({"type": "code-change", "payload": {"changes": letter.repeat(fill)}});
+
+    // One session, three full-text edits of the whole document: each entry of the engine's
+    // log carries the document and the inserted text, and the record's snapshot is a copy too.
+    let mut author = join_from(&server, "first", "u-author", hog).await;
+    for letter in ["a", "b", "a"] {
+        author.send_json(&edit(letter)).await;
+        ack(&mut author).await;
+    }
+    let held = collab.state_bytes_of(IpAddr::from(hog));
+    let copies = fill + fill + 3 * 2 * fill;
+    assert!(
+        held >= copies,
+        "{held} bytes charged; this node's copy, the snapshot and the log hold {copies}"
+    );
+    author.close().await;
+
+    // Abandoned sessions filled the same way: the creator's share refuses growing edits once
+    // everything (this node's copies and the engine's) reaches it.
+    let mut refusals = 0;
+    for n in 0..10 {
+        let mut author = join_from(&server, &format!("abandoned-{n}"), "u-author", hog).await;
+        for letter in ["a", "b", "a"] {
+            author.send_json(&edit(letter)).await;
+            let reply = author
+                .recv_until(|v| v["type"] == "code-ack" || v["type"] == "error")
+                .await;
+            if reply["type"] == "error" {
+                let message = reply["payload"]["message"].as_str().unwrap();
+                assert!(message.contains("whole share of memory"), "{message}");
+                author.recv_type("session-state").await;
+                refusals += 1;
+                break;
+            }
+        }
+        author.close().await;
+        if refusals > 0 {
+            // Full: a further session would be refused at the upgrade (429).
+            break;
+        }
+    }
+    assert!(refusals > 0, "the share never filled");
+    assert!(collab.state_bytes_of(IpAddr::from(hog)) <= config.max_state_bytes_per_client);
     assert_within_bound(&collab, &config);
     assert_still_served(&mut calm, baseline).await;
 }
