@@ -19,8 +19,9 @@ use crate::source_address;
 /// collab defaults (docs/protocols/collab.md, Limits).
 const DOCUMENT_BYTES: u64 = 1024 * 1024;
 const FRAME_BYTES: u64 = 6 * DOCUMENT_BYTES + 64 * 1024;
-/// `Config::worst_case_session_bytes` with the defaults: 1024 + D + 4096 + L + P × 2048.
-const SESSION_BYTES: u64 = 3_253_248;
+/// `Config::worst_case_session_bytes` with the defaults: this node's copy 2048 + P × 4096 + D +
+/// 4096 + L, the record's snapshot 6 × D and the engine's log 12 × D + 64 KiB + 64 × 128.
+const SESSION_BYTES: u64 = 22_304_768;
 /// The state of the sessions one client created, together (`--collab-max-state-bytes-per-client`).
 const SHARE_BYTES: u64 = 32 * MIB;
 /// The runtime's outbound byte bound per socket (`--outbound-queue-bytes`), besides one frame `F`.
@@ -153,7 +154,7 @@ pub(crate) async fn row1(ctx: &mut Ctx) -> Result<(), String> {
     ctx.bound(
         bound,
         format!(
-            "2 sessions × 3.1 MiB (collab per-session worst case) + the stalled socket's queue \
+            "2 sessions × 21.3 MiB (collab per-session worst case) + the stalled socket's queue \
              (Q 4 MiB + F 12.06 MiB) and write buffer (F) + 4 sockets × 29 KiB + 16 MiB slack = {}",
             mib(bound)
         ),
@@ -323,7 +324,7 @@ pub(crate) async fn row2(ctx: &mut Ctx) -> Result<(), String> {
         bound,
         format!(
             "the creator's share 32 MiB (all its {created} abandoned sessions and the op session) + \
-             the bystander's session 3.1 MiB + 2 × the 6.06 MiB frame (the frame and its parse) + \
+             the bystander's session 21.3 MiB + 2 × the 6.06 MiB frame (the frame and its parse) + \
              4 sockets × (29 KiB + 3 × 1 MiB of retained frame buffers, 2F + M) + 16 MiB slack = {}",
             mib(bound)
         ),
@@ -447,7 +448,7 @@ pub(crate) async fn row4(ctx: &mut Ctx) -> Result<(), String> {
     ctx.bound(
         bound,
         format!(
-            "reassembly budget 128 MiB + 152 sockets × 29 KiB + 2 sessions × 3.1 MiB + 16 MiB slack = {}",
+            "reassembly budget 128 MiB + 152 sockets × 29 KiB + 2 sessions × 21.3 MiB + 16 MiB slack = {}",
             mib(bound)
         ),
     );
@@ -519,15 +520,15 @@ pub(crate) async fn row6(ctx: &mut Ctx) -> Result<(), String> {
         full == 0,
         format!("{full} × 503"),
     );
-    // An empty session is charged 1024 bytes (an over-estimate, docs/protocols/collab.md) and
-    // may keep 4 KiB of text slack; the bystander's and the legitimate client's sessions are
-    // counted at the full per-session worst case.
-    let bound = created * (1024 + 4096) + 2 * SESSION_BYTES + 256 * PENDING_BYTES + SLACK_BYTES;
+    // An empty session is charged 2048 bytes (an over-estimate of its node and engine
+    // bookkeeping, docs/protocols/collab.md) and may keep 4 KiB of text slack; the bystander's
+    // and the legitimate client's sessions are counted at the full per-session worst case.
+    let bound = created * (2048 + 4096) + 2 * SESSION_BYTES + 256 * PENDING_BYTES + SLACK_BYTES;
     ctx.bound(
         bound,
         format!(
-            "{created} empty sessions × 5 KiB (1,024 B charged + 4 KiB text slack) + 2 sessions × \
-             3.1 MiB + 256 pending connections × 18 KiB (the per-address share) + 16 MiB slack = {}",
+            "{created} empty sessions × 6 KiB (2,048 B charged + 4 KiB text slack) + 2 sessions × \
+             21.3 MiB + 256 pending connections × 18 KiB (the per-address share) + 16 MiB slack = {}",
             mib(bound)
         ),
     );
@@ -600,7 +601,7 @@ pub(crate) async fn row7(ctx: &mut Ctx) -> Result<(), String> {
     ctx.bound(
         bound,
         format!(
-            "2 sessions × 3.1 MiB + 3 sockets × 29 KiB + 16 MiB slack = {}",
+            "2 sessions × 21.3 MiB + 3 sockets × 29 KiB + 16 MiB slack = {}",
             mib(bound)
         ),
     );
