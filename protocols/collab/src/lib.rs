@@ -187,10 +187,11 @@ pub struct Config {
         default_value_t = Config::default().relay_per_second,
     ))]
     pub relay_per_second: u32,
-    /// Bytes all sessions together may hold (documents, operation logs, participants and fixed
-    /// per-session overhead). When reached, new sessions, joins of new users and growing edits are
-    /// refused with the protocol's error; existing state is kept. The binary sets it from the
-    /// runtime's `--max-state-bytes`.
+    /// Bytes all sessions together may hold: this node's copies (documents, operation logs,
+    /// participants, fixed per-session overhead) and what the sessions keep in the state engine
+    /// (the snapshot record and the shared log's entries). When reached, new sessions, joins of
+    /// new users and growing edits are refused with the protocol's error; existing state is kept.
+    /// The binary sets it from the runtime's `--max-state-bytes`.
     #[cfg_attr(feature = "cli", arg(skip = Config::default().max_state_bytes))]
     pub max_state_bytes: usize,
     /// Bytes of session state the sessions created by one client (IPv4 address or IPv6 /64) may
