@@ -907,17 +907,19 @@ async fn row11(ctx: &mut Ctx) -> Result<(), String> {
         dropped == 0,
         format!("{dropped} of {ONLINE} ended by the server"),
     );
-    // reqack: ≤ 320 + 3 × 20 B per user (ids of ~20 bytes), 96 B per client address in the rate
-    // table, 4,001 sockets; presence events are not stored.
+    // reqack (docs/protocols/reqack.md, "What the engine keeps per user"): ≤ 920 + 5 × 20 B per
+    // user that ever connected (ids of ~20 bytes): 320 + 3 × name in the node's table plus
+    // 600 + 2 × name in the in-memory engine (its outbox log, kept empty so ids never go back,
+    // and its claimed key); 160 + 20 B of presence per open socket; 96 B per client address in
+    // the rate table; presence events are not stored.
     let users = (ONLINE + CYCLE + 1) as u64;
-    let bound = users * (320 + 3 * 20)
-        + (ONLINE as u64 + 2) * 96
-        + (ONLINE as u64 + 2) * SOCKET_BYTES
-        + SLACK_BYTES;
+    let sockets = ONLINE as u64 + 2;
+    let bound =
+        users * (920 + 5 * 20) + sockets * 96 + sockets * (SOCKET_BYTES + 160 + 20) + SLACK_BYTES;
     ctx.bound(
         bound,
         format!(
-            "4,741 users × 380 B + 4,002 rate-table entries × 96 B + 4,002 sockets × 29 KiB + 16 MiB slack = {}",
+            "4,741 users × 1,020 B + 4,002 rate-table entries × 96 B + 4,002 sockets × (29 KiB + 180 B of presence) + 16 MiB slack = {}",
             mib(bound)
         ),
     );
