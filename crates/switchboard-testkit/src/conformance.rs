@@ -60,6 +60,7 @@ macro_rules! engine_conformance {
             appends_reach_every_node_in_one_order,
             ephemeral_publish_skips_except,
             the_author_gets_its_reply_in_the_entrys_place,
+            transient_entries_are_numbered_and_published_but_not_kept,
             join_replays_then_goes_live_without_gaps_or_doubles,
             unsubscribe_stops_delivery,
             presence_counts_members_across_nodes,
@@ -483,6 +484,48 @@ pub async fn the_author_gets_its_reply_in_the_entrys_place(h: &impl EngineHarnes
         (2, "e2".into()),
         "the log holds the entry, not the reply"
     );
+}
+
+/// A transient entry takes the next offset and is published in its place, but is never stored.
+pub async fn transient_entries_are_numbered_and_published_but_not_kept(h: &impl EngineHarness) {
+    let engine = h.node().await;
+    let t = topic("transient");
+    let (p, mut link) = peer();
+    engine.subscribe(&t, &p).await.unwrap();
+    let retention = Retention::refuse(1, 1 << 20);
+    let p1 = done(
+        engine
+            .append(&t, frame("kept"), Append::publish(retention))
+            .await
+            .unwrap(),
+    );
+    // The log is full for kept entries, yet transient ones still go through.
+    let p2 = done(
+        engine
+            .append(&t, frame("passing"), Append::transient())
+            .await
+            .unwrap(),
+    );
+    let p3 = done(
+        engine
+            .append(&t, frame("by"), Append::transient().if_top(2))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((p1.offset, p2.offset, p3.offset), (1, 2, 3));
+    assert_eq!(p1.epoch, p3.epoch);
+    assert_eq!(recv_frames(&mut link, 3).await, ["kept", "passing", "by"]);
+    let (kept, top) = entries(engine.read(&t, ReadFrom::Latest(10), 10).await.unwrap());
+    assert_eq!(kept, [(1, "kept".into())]);
+    assert_eq!(top.offset, 3);
+    assert!(!engine.remove(&t, 2).await.unwrap(), "nothing to remove");
+    assert!(matches!(
+        engine
+            .append(&t, frame("stale"), Append::transient().if_top(2))
+            .await
+            .unwrap(),
+        Appended::Conflict(_)
+    ));
 }
 
 /// A subscriber joining while entries are appended sees the replay and then every later entry,

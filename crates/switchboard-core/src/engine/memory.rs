@@ -493,13 +493,18 @@ impl StateEngine for MemoryEngine {
     ) -> EngineResult<Appended> {
         self.shared.sweep(false);
         let retention = options.retention;
+        let keep = options.keep;
         let size = frame.len();
-        if size > retention.max_bytes || retention.max_entries == 0 {
+        if keep && (size > retention.max_bytes || retention.max_entries == 0) {
             return Err(EngineError::Full("entry larger than the log's retention"));
         }
-        // Charged before the log is locked: charging may sweep, and the sweep locks logs.
-        self.shared.charge(cost(size))?;
-        let charged = scopeguard(|| self.shared.uncharge(cost(size)));
+        // Charged before the log is locked: charging may sweep, and the sweep locks logs. A
+        // transient entry is never stored, so it costs nothing.
+        let stored_cost = if keep { cost(size) } else { 0 };
+        if keep {
+            self.shared.charge(stored_cost)?;
+        }
+        let charged = scopeguard(|| self.shared.uncharge_if(stored_cost));
         let log = self.shared.log(topic);
         let mut slot = lock(&log);
         let now = Instant::now();
@@ -544,6 +549,7 @@ impl StateEngine for MemoryEngine {
                 || log.bytes.saturating_add(size) > retention.max_bytes
         };
         match retention.when_full {
+            _ if !keep => {}
             WhenFull::Refuse if at_bound(log) => return Err(EngineError::Full("log is full")),
             WhenFull::Refuse => {}
             WhenFull::TrimOldest => {
@@ -558,9 +564,11 @@ impl StateEngine for MemoryEngine {
         }
         charged.defuse();
         log.top = log.top.saturating_add(1);
-        log.bytes = log.bytes.saturating_add(size);
         log.last_append = now;
-        log.ttl = retention.ttl;
+        if keep {
+            log.bytes = log.bytes.saturating_add(size);
+            log.ttl = retention.ttl;
+        }
         let offset = log.top;
         let position = log.position();
         if options.publish {
@@ -568,7 +576,9 @@ impl StateEngine for MemoryEngine {
             self.shared
                 .deliver(topic, Some(offset), &frame, options.except, reply.as_ref());
         }
-        log.entries.push_back(Entry { offset, frame });
+        if keep {
+            log.entries.push_back(Entry { offset, frame });
+        }
         Ok(Appended::Done(position))
     }
 

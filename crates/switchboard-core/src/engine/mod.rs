@@ -176,6 +176,10 @@ pub struct Append {
     pub publish: bool,
     /// A connection that does not receive the published entry (e.g. its author).
     pub except: Option<ConnRef>,
+    /// Keep the entry in the log. `false` makes a transient entry: it takes the next offset and
+    /// is published in its place in the log's order, but is not stored (nothing to read back,
+    /// trim or remove; the retention's bounds do not count it).
+    pub keep: bool,
 }
 
 impl Append {
@@ -186,6 +190,19 @@ impl Append {
             expect_top: None,
             publish: true,
             except: None,
+            keep: true,
+        }
+    }
+
+    /// Publish in the log's order with the log's next offset, without storing the entry: an
+    /// event that is numbered like the others but never redelivered (presence, typing).
+    pub const fn transient() -> Self {
+        Self {
+            retention: Retention::trim(1, usize::MAX),
+            expect_top: None,
+            publish: true,
+            except: None,
+            keep: false,
         }
     }
 
@@ -196,6 +213,7 @@ impl Append {
             expect_top: None,
             publish: false,
             except: None,
+            keep: true,
         }
     }
 
