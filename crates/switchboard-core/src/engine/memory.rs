@@ -121,7 +121,11 @@ struct Shared {
     kv: Mutex<BTreeMap<String, Stored>>,
     presence: Mutex<HashMap<String, Room>>,
     rates: Mutex<HashMap<String, (Duration, VecDeque<Instant>)>>,
-    last_sweep: Mutex<Option<Instant>>,
+    /// When the engine was made; sweeps are timed in milliseconds since.
+    started: Instant,
+    /// Milliseconds since `started` of the last sweep (`u64::MAX`: never). An atomic, because
+    /// every append and write checks it.
+    last_sweep_ms: AtomicU64,
 }
 
 /// Locks `mutex` unless another thread holds it (a poisoned lock is recovered, as everywhere).
@@ -177,7 +181,8 @@ impl Shared {
             kv: Mutex::new(BTreeMap::new()),
             presence: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
-            last_sweep: Mutex::new(None),
+            started: Instant::now(),
+            last_sweep_ms: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -258,12 +263,21 @@ impl Shared {
     /// unless `force`d by a full budget.
     fn sweep(&self, force: bool) {
         let now = Instant::now();
+        let now_ms = u64::try_from(now.saturating_duration_since(self.started).as_millis())
+            .unwrap_or(u64::MAX);
+        let last = self.last_sweep_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(SWEEP_EVERY.as_millis()).unwrap_or(u64::MAX);
+        if !force && last != u64::MAX && now_ms.saturating_sub(last) < every {
+            return;
+        }
+        // One sweeper at a time; a concurrent caller skips (a forced one sweeps regardless).
+        if self
+            .last_sweep_ms
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+            && !force
         {
-            let mut last = lock(&self.last_sweep);
-            if !force && last.is_some_and(|at| now.saturating_duration_since(at) < SWEEP_EVERY) {
-                return;
-            }
-            *last = Some(now);
+            return;
         }
         let mut kv = lock(&self.kv);
         kv.retain(|key, stored| {
