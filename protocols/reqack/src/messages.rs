@@ -299,8 +299,8 @@ impl ServerEvent {
 }
 
 /// Whether an encoded event frame (from [`event_frame`]) carries an ephemeral event. Ephemeral
-/// events pass through a user's outbox log for their id and are removed at once; a reader that
-/// catches one in between must not redeliver it. The envelope is ours and its fields come in a
+/// events take their id from a user's outbox log as transient entries, which are never stored;
+/// should one ever be read from an outbox anyway, it must not be redelivered. The envelope is ours and its fields come in a
 /// fixed order (`type`, `timestamp`, `id`: none of them strings a client controls), so the first
 /// `"eventType":"` is the envelope's own.
 pub(crate) fn is_ephemeral_frame(text: &str) -> bool {
@@ -423,6 +423,120 @@ pub(crate) fn event_frame(
         id,
         event,
     })
+}
+
+/// One event encoded once for many recipients (a fan-out, or the retries of one append): only
+/// the id differs between its frames, so each is the encoded text around the id with the id's
+/// digits in between, byte for byte what [`event_frame`] gives, without serializing again.
+#[derive(Debug, Clone)]
+pub(crate) struct EventTemplate {
+    /// Everything up to and including `"id":`, and everything after the id's digits; `None`
+    /// if the id could not be found (never with our envelope): then each frame is encoded.
+    parts: Option<(String, String)>,
+    timestamp: u64,
+    event: ServerEvent,
+    /// The frame with the widest id: an upper bound of every frame's length.
+    widest: Frame,
+}
+
+impl EventTemplate {
+    /// `event` at `timestamp`, for any id.
+    pub(crate) fn new(
+        timestamp: u64,
+        event: &ServerEvent,
+    ) -> Result<Self, switchboard_core::Error> {
+        // The envelope's fields come in a fixed order (`type`, `timestamp`, `id`, then the
+        // event's), none of the first three a string a client controls, and a client's text
+        // cannot hold an unescaped `"`: so the first match is the envelope's id.
+        const ID: &str = ",\"id\":18446744073709551615,";
+        let widest = event_frame(u64::MAX, timestamp, event)?;
+        let parts = widest
+            .as_str()
+            .split_once(ID)
+            .map(|(head, tail)| (format!("{head},\"id\":"), format!(",{tail}")));
+        Ok(Self {
+            parts,
+            timestamp,
+            event: event.clone(),
+            widest,
+        })
+    }
+
+    /// The longest frame this template gives (the one with the widest id).
+    pub(crate) fn max_len(&self) -> usize {
+        self.widest.len()
+    }
+
+    /// The frame for event id `id`.
+    pub(crate) fn frame(&self, id: u64) -> Result<Frame, switchboard_core::Error> {
+        let Some((head, tail)) = &self.parts else {
+            return event_frame(id, self.timestamp, &self.event);
+        };
+        Ok(joined(head, id, &[tail]))
+    }
+}
+
+/// The frame `head`, the digits of `id`, then `after`, allocated at its exact size: a frame
+/// made from a `String` with spare capacity costs the frame's buffer a second allocation (its
+/// shared header), and a fan-out makes one frame per recipient.
+fn joined(head: &str, id: u64, after: &[&str]) -> Frame {
+    use std::fmt::Write as _;
+    let digits = id.checked_ilog10().map_or(1, |log| log.saturating_add(1));
+    let len = after.iter().fold(
+        head.len()
+            .saturating_add(usize::try_from(digits).unwrap_or(usize::MAX)),
+        |len, part| len.saturating_add(part.len()),
+    );
+    let mut text = String::with_capacity(len);
+    text.push_str(head);
+    // Writing to a String cannot fail.
+    let _ = write!(text, "{id}");
+    for part in after {
+        text.push_str(part);
+    }
+    Frame::text(text)
+}
+
+/// The roster a newcomer gets: one `online {userId}` per user online, each with its own id,
+/// encoded from one template (only the id and the name differ between them).
+#[derive(Debug, Clone)]
+pub(crate) struct RosterTemplate {
+    /// Everything up to `"id":`, and from after the id up to the name's opening quote
+    /// (exclusive); `None` if the template could not be split (never with our envelope).
+    parts: Option<(String, String)>,
+    timestamp: u64,
+}
+
+impl RosterTemplate {
+    /// What follows the user id in an `online` frame.
+    const END: &str = "}}";
+
+    /// Roster events at `timestamp`.
+    pub(crate) fn new(timestamp: u64) -> Result<Self, switchboard_core::Error> {
+        let empty = ServerEvent::Online(PresenceEvent {
+            user_id: String::new(),
+        });
+        let parts = EventTemplate::new(timestamp, &empty)?
+            .parts
+            .and_then(|(head, tail)| {
+                // The empty name is the last thing before the end: `..."userId":""}}`.
+                let middle = tail.strip_suffix(Self::END)?.strip_suffix("\"\"")?;
+                Some((head, middle.to_owned()))
+            });
+        Ok(Self { parts, timestamp })
+    }
+
+    /// `online {userId: user}` as event `id`.
+    pub(crate) fn frame(&self, id: u64, user: &str) -> Result<Frame, switchboard_core::Error> {
+        let Some((head, middle)) = &self.parts else {
+            let event = ServerEvent::Online(PresenceEvent {
+                user_id: user.to_owned(),
+            });
+            return event_frame(id, self.timestamp, &event);
+        };
+        let name = serde_json::to_string(user).map_err(switchboard_core::Error::Encode)?;
+        Ok(joined(head, id, &[middle, &name, Self::END]))
+    }
 }
 
 /// `{type:"response", timestamp, id, payload}`.
@@ -636,5 +750,53 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_template_gives_the_same_bytes_as_encoding_each_frame() {
+        let sneaky = r#"x","id":18446744073709551615,"eventType":"y"#;
+        let events = [
+            ServerEvent::Online(PresenceEvent {
+                user_id: "alice".into(),
+            }),
+            ServerEvent::Offline(PresenceEvent {
+                user_id: sneaky.into(),
+            }),
+            ServerEvent::Typing(TypingEvent {
+                chat_id: "bob".into(),
+            }),
+            ServerEvent::New(NewEvent {
+                message_id: 5,
+                from: sneaky.into(),
+                chat_id: "c".into(),
+                message: sneaky.into(),
+                client_message_id: Some(sneaky.into()),
+                timestamp: 18_446_744_073_709_551_615,
+            }),
+        ];
+        for event in &events {
+            for timestamp in [0, 1_700_000_000_000, u64::MAX] {
+                let template = EventTemplate::new(timestamp, event).unwrap();
+                assert!(template.parts.is_some(), "the id is found");
+                for id in [0, 1, 9, 10, 12_345, u64::MAX - 1, u64::MAX] {
+                    let expected = event_frame(id, timestamp, event).unwrap();
+                    assert_eq!(template.frame(id).unwrap(), expected);
+                    assert!(expected.len() <= template.max_len());
+                }
+            }
+        }
+        for timestamp in [0, 1_700_000_000_000, u64::MAX] {
+            let roster = RosterTemplate::new(timestamp).unwrap();
+            assert!(roster.parts.is_some(), "the template splits");
+            for user in ["alice", "", sneaky, "é\u{1F600}\\\"}}\n\u{0}"] {
+                for id in [0, 7, u64::MAX] {
+                    let event = ServerEvent::Online(PresenceEvent {
+                        user_id: user.into(),
+                    });
+                    let expected = event_frame(id, timestamp, &event).unwrap();
+                    assert_eq!(roster.frame(id, user).unwrap(), expected);
+                }
+            }
+        }
     }
 }

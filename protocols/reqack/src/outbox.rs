@@ -49,7 +49,7 @@ impl Redelivery {
         let mut kept = BTreeMap::new();
         for entry in entries {
             if is_ephemeral_frame(entry.frame.as_str()) {
-                // Caught between its append and its removal: never redelivered.
+                // Ephemeral events are transient (never stored); one read anyway is not redelivered.
                 continue;
             }
             let last = self.last_sent.get(&entry.offset).copied().unwrap_or(now);
@@ -66,7 +66,7 @@ impl Redelivery {
     }
 }
 
-/// The events of a replay: the outbox's entries without ephemeral ones caught in passing.
+/// The events of a replay: the outbox's entries without any ephemeral one.
 pub(crate) fn durable(entries: &[Entry]) -> Vec<Entry> {
     entries
         .iter()

@@ -33,8 +33,9 @@ use crate::idempotency::IdempotencyCache;
 use crate::ledger::{Ledger, Limits, Refusal, Reservation};
 use crate::messages::{
     self, ApiError, CallEvent, CallRequest, CallStored, CallType, CloseCallRequest, DeleteEvent,
-    EditEvent, EditRequest, ErrorCode, HistoryRequest, MessageRef, NewCallRequest, NewEvent,
-    NewRequest, PresenceEvent, ReceiptEvent, ServerEvent, TypingEvent, TypingRequest, now_ms,
+    EditEvent, EditRequest, ErrorCode, EventTemplate, HistoryRequest, MessageRef, NewCallRequest,
+    NewEvent, NewRequest, PresenceEvent, ReceiptEvent, RosterTemplate, ServerEvent, TypingEvent,
+    TypingRequest, now_ms,
 };
 use crate::outbox;
 use crate::store::{self, Body, Evictions, OpenCall, Receipt, StoredMessage};
@@ -60,6 +61,9 @@ const CAS_ATTEMPTS: usize = 64;
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Presence fan-outs that settle a race with an opposite fan-out, at most.
 const PRESENCE_ROUNDS: usize = 3;
+/// Recipients of a fan-out whose cached outbox offsets are read, and then updated, under one
+/// lock of the node's table.
+const CACHE_SLICE: usize = 32;
 /// Outbox entries read at once beyond the outbox limit (ephemeral events in passing).
 const READ_SLACK: usize = 64;
 
@@ -72,7 +76,12 @@ const START: Position = Position {
 pub(crate) mod keys {
     /// A user's outbox log, and the topic its sockets subscribe to.
     pub(crate) fn outbox(user: &str) -> String {
-        format!("reqack:outbox:{user}")
+        // Built by hand, not with `format!`: a presence fan-out names one outbox per recipient.
+        const PREFIX: &str = "reqack:outbox:";
+        let mut name = String::with_capacity(PREFIX.len().saturating_add(user.len()));
+        name.push_str(PREFIX);
+        name.push_str(user);
+        name
     }
 
     /// Present once a user has connected at least once (it is then *claimed*).
@@ -663,11 +672,27 @@ impl Node {
     }
 
     fn cache_top(&self, user: &str, offset: u64) {
+        self.cache_tops([(user, offset)]);
+    }
+
+    /// The cached newest offsets of many outboxes (0 if unknown), under one lock.
+    fn cached_tops<'a>(&self, users: impl IntoIterator<Item = &'a String>) -> Vec<u64> {
+        let local = self.local();
+        users
+            .into_iter()
+            .map(|user| local.users.get(user).and_then(|u| u.top).unwrap_or(0))
+            .collect()
+    }
+
+    /// Caches the newest offsets of many outboxes, under one lock.
+    fn cache_tops<'a>(&self, tops: impl IntoIterator<Item = (&'a str, u64)>) {
         let mut local = self.local();
-        if local.ensure_user(user, self.config.max_users, &self.budget)
-            && let Some(entry) = local.users.get_mut(user)
-        {
-            entry.top = Some(entry.top.map_or(offset, |top| top.max(offset)));
+        for (user, offset) in tops {
+            if local.ensure_user(user, self.config.max_users, &self.budget)
+                && let Some(entry) = local.users.get_mut(user)
+            {
+                entry.top = Some(entry.top.map_or(offset, |top| top.max(offset)));
+            }
         }
     }
 
@@ -739,26 +764,46 @@ impl Node {
         Ok(claimed)
     }
 
-    /// Appends `event` to `user`'s outbox and publishes it to the user's sockets on every
-    /// node. The event id is the log offset: the frame is encoded for the offset the append
-    /// expects and appended only if the log is still there (compare-and-set), so ids are unique
-    /// per user across nodes, only grow, and sockets see them in id order.
+    /// Appends an event (`encode` makes its frame for an id) to `user`'s outbox and publishes it
+    /// to the user's sockets on every node. The event id is the log offset: the frame is made for
+    /// the offset the append expects and appended only if the log is still there (compare-and-set),
+    /// so ids are unique per user across nodes, only grow, and sockets see them in id order.
+    /// `append` says how (kept under a retention, or transient).
     async fn append_event(
         &self,
         engine: &Engine,
         user: &str,
-        event: &ServerEvent,
-        timestamp: u64,
-        retention: Retention,
+        encode: impl Fn(u64) -> Result<Frame, switchboard_core::Error>,
+        append: Append,
+    ) -> Result<(u64, Frame), EngineError> {
+        let guess = self.cached_top(user).unwrap_or(0);
+        let appended = self
+            .append_guessing(engine, user, guess, encode, append)
+            .await?;
+        self.cache_top(user, appended.0);
+        Ok(appended)
+    }
+
+    /// [`Self::append_event`] starting from `guess` as the outbox's newest offset, leaving the
+    /// node's cache of it to the caller (a fan-out reads and updates it once for all).
+    async fn append_guessing(
+        &self,
+        engine: &Engine,
+        user: &str,
+        guess: u64,
+        encode: impl Fn(u64) -> Result<Frame, switchboard_core::Error>,
+        append: Append,
     ) -> Result<(u64, Frame), EngineError> {
         let topic = keys::outbox(user);
-        let mut top = self.cached_top(user).unwrap_or(0);
+        let mut top = guess;
         for _ in 0..CAS_ATTEMPTS {
             let id = top.saturating_add(1);
-            let frame = messages::event_frame(id, timestamp, event)
+            let frame = encode(id)
                 .map_err(|e| EngineError::Corrupt(format!("could not encode an event: {e}")))?;
-            let append = Append::publish(retention).if_top(top);
-            match engine.append(&topic, frame.clone(), append).await? {
+            match engine
+                .append(&topic, frame.clone(), append.if_top(top))
+                .await?
+            {
                 Appended::Done(position) => {
                     if position.offset != id {
                         // An engine that ignored the condition: the frame names another id.
@@ -769,7 +814,6 @@ impl Node {
                             "outbox offset is not the event id"
                         );
                     }
-                    self.cache_top(user, position.offset);
                     return Ok((position.offset, frame));
                 }
                 Appended::Conflict(position) => top = position.offset,
@@ -780,19 +824,27 @@ impl Node {
         )))
     }
 
-    /// Sends an ephemeral event to the sockets `to` has open now, on any node: it takes the
-    /// next id of `to`'s outbox and leaves it at once. Best effort (a full outbox drops it).
-    async fn emit_ephemeral(&self, engine: &Engine, to: &str, event: &ServerEvent) {
+    /// Sends an ephemeral event (`encode` makes its frame for an id) to the sockets `to` has
+    /// open now, on any node: it takes the next id of `to`'s outbox as a transient entry,
+    /// published in the outbox's order but never stored (nothing to remove; a full outbox does
+    /// not stop it). Best effort. `guess` is the outbox's newest offset as far as the caller
+    /// knows; the id it took comes back (for the caller's cache), `None` if it was dropped.
+    async fn emit_ephemeral(
+        &self,
+        engine: &Engine,
+        to: &str,
+        guess: u64,
+        encode: impl Fn(u64) -> Result<Frame, switchboard_core::Error>,
+    ) -> Option<u64> {
         match self
-            .append_event(engine, to, event, now_ms(), self.retention(true))
+            .append_guessing(engine, to, guess, encode, Append::transient())
             .await
         {
-            Ok((id, _)) => {
-                if let Err(e) = engine.remove(&keys::outbox(to), id).await {
-                    warn!(error = %e, to, id, "an ephemeral event stays in the outbox");
-                }
+            Ok((id, _)) => Some(id),
+            Err(e) => {
+                debug!(error = %e, to, "ephemeral event dropped");
+                None
             }
-            Err(e) => debug!(error = %e, to, "ephemeral event dropped"),
         }
     }
 
@@ -902,11 +954,10 @@ impl Node {
                 .map_err(|e| engine_error(&e))?;
             targets.push((*name, !claimed));
         }
-        let timestamp = now_ms();
+        let template = EventTemplate::new(now_ms(), event)
+            .map_err(|e| internal(format!("could not encode: {e}")))?;
         // An upper bound of every recipient's frame: the widest id, the longest name.
-        let estimate = messages::event_frame(u64::MAX, timestamp, event)
-            .map_err(|e| internal(format!("could not encode: {e}")))?
-            .len();
+        let estimate = template.max_len();
         let each = targets
             .iter()
             .map(|(name, _)| cost::event_bytes(estimate, name))
@@ -916,7 +967,12 @@ impl Node {
         let mut appended: Vec<(&str, u64)> = Vec::with_capacity(targets.len());
         for (name, unclaimed) in &targets {
             match self
-                .append_event(engine, name, event, timestamp, self.retention(!unclaimed))
+                .append_event(
+                    engine,
+                    name,
+                    |id| template.frame(id),
+                    Append::publish(self.retention(!unclaimed)),
+                )
                 .await
             {
                 Ok((id, frame)) => {
@@ -1083,11 +1139,10 @@ impl Node {
                     return;
                 }
             };
-            let others: Vec<String> = members
-                .into_iter()
-                .filter(|member| member != user)
-                .take(self.config.max_presence_fanout)
-                .collect();
+            // In place: the engine's copy of the room is the only list of names a fan-out holds.
+            let mut others = members;
+            others.retain(|member| member != user);
+            others.truncate(self.config.max_presence_fanout);
             let payload = PresenceEvent {
                 user_id: user.to_owned(),
             };
@@ -1096,14 +1151,47 @@ impl Node {
             } else {
                 ServerEvent::Offline(payload)
             };
-            for other in &others {
-                self.emit_ephemeral(engine, other, &event).await;
+            // Encoded once; each recipient's frame differs only in its id.
+            let template = match EventTemplate::new(now_ms(), &event) {
+                Ok(template) => template,
+                Err(e) => {
+                    warn!(error = %e, user, "could not encode a presence event; not announced");
+                    return;
+                }
+            };
+            // The node's cache of the recipients' newest offsets is read and updated once per
+            // slice of recipients, not locked twice per recipient; slices are short so that a
+            // fan-out running at the same time over the same users rarely guesses stale.
+            for slice in others.chunks(CACHE_SLICE) {
+                let guesses = self.cached_tops(slice);
+                let mut tops = Vec::with_capacity(slice.len());
+                for (other, guess) in slice.iter().zip(guesses) {
+                    if let Some(id) = self
+                        .emit_ephemeral(engine, other, guess, |id| template.frame(id))
+                        .await
+                    {
+                        tops.push((other.as_str(), id));
+                    }
+                }
+                self.cache_tops(tops);
             }
             if round == 0 && online {
-                // The newcomer learns who is online now, after its redelivered events.
-                for other in others {
-                    let event = ServerEvent::Online(PresenceEvent { user_id: other });
-                    self.emit_ephemeral(engine, user, &event).await;
+                // The newcomer learns who is online now, after its redelivered events: one
+                // template, and each event's id is a guess from the one before.
+                match RosterTemplate::new(now_ms()) {
+                    Ok(roster) => {
+                        let mut top = self.cached_top(user).unwrap_or(0);
+                        for other in &others {
+                            if let Some(id) = self
+                                .emit_ephemeral(engine, user, top, |id| roster.frame(id, other))
+                                .await
+                            {
+                                top = id;
+                            }
+                        }
+                        self.cache_top(user, top);
+                    }
+                    Err(e) => warn!(error = %e, user, "could not encode the roster; not sent"),
                 }
             }
             match engine.presence_contains(ONLINE_ROOM, user).await {
@@ -1954,7 +2042,16 @@ impl Node {
             let event = ServerEvent::Typing(TypingEvent {
                 chat_id: user.to_owned(),
             });
-            self.emit_ephemeral(engine, &typing.chat_id, &event).await;
+            let timestamp = now_ms();
+            let guess = self.cached_top(&typing.chat_id).unwrap_or(0);
+            if let Some(id) = self
+                .emit_ephemeral(engine, &typing.chat_id, guess, |id| {
+                    messages::event_frame(id, timestamp, &event)
+                })
+                .await
+            {
+                self.cache_top(&typing.chat_id, id);
+            }
         }
         Ok(())
     }
