@@ -9,18 +9,16 @@
     reason = "tests fail by panicking"
 )]
 
+mod common;
+
 use std::time::Duration;
 
-use serde_json::Value;
+use common::*;
 use switchboard_core::Engine;
 use switchboard_core::engine::{MemoryCluster, MemoryLimits};
 use switchboard_fastchat::{Config, FastChat};
 use switchboard_server::ServerConfig;
-use switchboard_testkit::{Client, TestServer, json};
-use uuid::Uuid;
-
-/// Long enough for a frame that would come to arrive on loopback; used to assert absence.
-const QUIET: Duration = Duration::from_millis(200);
+use switchboard_testkit::{TestServer, json};
 
 /// Two fastchat servers, nodes of one cluster; the engines are kept to name the nodes.
 async fn two_nodes() -> (MemoryCluster, [(TestServer, Engine); 2]) {
@@ -37,50 +35,6 @@ async fn two_nodes() -> (MemoryCluster, [(TestServer, Engine); 2]) {
     }
     let [a, b]: [(TestServer, Engine); 2] = nodes.try_into().expect("two nodes");
     (cluster, [a, b])
-}
-
-fn new_id() -> String {
-    Uuid::new_v4().to_string()
-}
-
-async fn send(client: &mut Client, kind: &str, data: Value) {
-    client.send_json(&json!({"type": kind, "data": data})).await;
-}
-
-/// Skips frames until one of type `kind` arrives (bounded).
-async fn next(client: &mut Client, kind: &str) -> Value {
-    client.recv_until(|v| v["type"] == kind).await
-}
-
-/// Connects to `server` and says HELLO; returns once HELLO_ACK and the full PRESENCE arrived.
-async fn join(server: &TestServer, id: &str, name: &str) -> (Client, Value) {
-    let mut client = server.connect("/ws").await;
-    send(
-        &mut client,
-        "HELLO",
-        json!({"user_id": id, "display_name": name}),
-    )
-    .await;
-    client.recv_type("HELLO_ACK").await;
-    let presence = client.recv_type("PRESENCE").await;
-    (client, presence)
-}
-
-fn online(presence: &Value, id: &str) -> Option<bool> {
-    presence["data"]["users"]
-        .as_array()?
-        .iter()
-        .find(|u| u["user_id"] == id)
-        .and_then(|u| u["online"].as_bool())
-}
-
-async fn msg(client: &mut Client, to: &str, content: &str, message_id: &str) {
-    send(
-        client,
-        "MSG",
-        json!({"to": to, "content": content, "message_id": message_id}),
-    )
-    .await;
 }
 
 #[tokio::test]
@@ -110,7 +64,7 @@ async fn presence_chats_messages_acks_and_typing_cross_nodes() {
     assert_eq!(for_alice["target_display_name"], "Bob");
     assert_eq!(for_bob["target_display_name"], "Alice");
 
-    msg(&mut alice, &bob_id, "hello from A", "x-1").await;
+    msg(&mut alice, &bob_id, "hello from A", Some("x-1")).await;
     assert_eq!(
         alice.recv_type("MSG_ACK").await["data"],
         json!({"message_id": "x-1", "status": "sent"})
@@ -130,7 +84,7 @@ async fn presence_chats_messages_acks_and_typing_cross_nodes() {
         alice.recv_type("TYPING").await["data"],
         json!({"user_id": bob_id, "is_typing": true})
     );
-    msg(&mut bob, &alice_id, "hello from B", "y-1").await;
+    msg(&mut bob, &alice_id, "hello from B", Some("y-1")).await;
     bob.recv_type("MSG_ACK").await;
     assert_eq!(
         alice.recv_type("MSG").await["data"]["content"],
@@ -160,7 +114,7 @@ async fn queued_messages_reach_a_user_who_comes_back_on_the_other_node() {
             &mut alice,
             &bob_id,
             &format!("queued {i}"),
-            &format!("q{i}"),
+            Some(&format!("q{i}")),
         )
         .await;
         assert_eq!(alice.recv_type("MSG_ACK").await["data"]["status"], "sent");
@@ -209,7 +163,7 @@ async fn a_message_id_retried_on_the_other_node_is_delivered_once() {
     next(&mut alice_a, "CHAT_OPENED").await;
     next(&mut alice_b, "CHAT_OPENED").await;
 
-    msg(&mut alice_a, &bob_id, "once", "retry-me").await;
+    msg(&mut alice_a, &bob_id, "once", Some("retry-me")).await;
     assert_eq!(
         next(&mut alice_a, "MSG_ACK").await["data"],
         json!({"message_id": "retry-me", "status": "sent"})
@@ -217,7 +171,7 @@ async fn a_message_id_retried_on_the_other_node_is_delivered_once() {
     assert_eq!(bob.recv_type("MSG").await["data"]["content"], "once");
 
     // The same id from Alice's socket on node B: the current status, nothing delivered again.
-    msg(&mut alice_b, &bob_id, "once", "retry-me").await;
+    msg(&mut alice_b, &bob_id, "once", Some("retry-me")).await;
     assert_eq!(
         next(&mut alice_b, "MSG_ACK").await["data"],
         json!({"message_id": "retry-me", "status": "sent"})
@@ -228,13 +182,13 @@ async fn a_message_id_retried_on_the_other_node_is_delivered_once() {
     for alice in [&mut alice_a, &mut alice_b] {
         assert_eq!(next(alice, "MSG_ACK").await["data"]["status"], "delivered");
     }
-    msg(&mut alice_b, &bob_id, "once", "retry-me").await;
+    msg(&mut alice_b, &bob_id, "once", Some("retry-me")).await;
     assert_eq!(
         next(&mut alice_b, "MSG_ACK").await["data"],
         json!({"message_id": "retry-me", "status": "delivered"})
     );
     // Another sender may not reuse the id, on any node.
-    msg(&mut bob, &alice_id, "mine", "retry-me").await;
+    msg(&mut bob, &alice_id, "mine", Some("retry-me")).await;
     let error = next(&mut bob, "ERROR").await;
     assert_eq!(error["data"]["code"], "VALIDATION");
     assert_eq!(error["data"]["details"]["field"], "message_id");
