@@ -6,27 +6,17 @@
     reason = "tests fail by panicking"
 )]
 
+mod common;
+
 use serde_json::Value;
 use switchboard_ip_chat::{Config, IpChat};
 use switchboard_server::ServerConfig;
 use switchboard_testkit::{Client, TestServer, json};
 
+use common::{react, send};
+
 async fn start(config: Config) -> TestServer {
     TestServer::start(IpChat::new(config), ServerConfig::default()).await
-}
-
-async fn send(client: &mut Client, text: &str) {
-    client
-        .send_json(&json!({"type": "send_message", "data": {"text": text}}))
-        .await;
-}
-
-async fn react(client: &mut Client, message_id: &Value, emoji: &str) {
-    client
-        .send_json(
-            &json!({"type": "add_reaction", "data": {"message_id": message_id, "emoji": emoji}}),
-        )
-        .await;
 }
 
 async fn expect_error(client: &mut Client) -> String {

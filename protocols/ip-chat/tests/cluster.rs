@@ -8,6 +8,8 @@
     reason = "tests fail by panicking"
 )]
 
+mod common;
+
 use std::time::Duration;
 
 use serde_json::Value;
@@ -15,6 +17,8 @@ use switchboard_core::engine::{MemoryCluster, MemoryLimits, NodeId};
 use switchboard_ip_chat::{Config, IpChat};
 use switchboard_server::ServerConfig;
 use switchboard_testkit::{Client, TestServer, json};
+
+use common::{react, send};
 
 /// Two nodes of one cluster, each serving its own `IpChat` value (as two processes would).
 async fn two_nodes(config: Config) -> (MemoryCluster, TestServer, TestServer) {
@@ -39,20 +43,6 @@ async fn two_nodes_with_b(config: Config) -> (MemoryCluster, TestServer, TestSer
     let b = servers.pop().unwrap();
     let a = servers.pop().unwrap();
     (cluster, a, b, node.unwrap())
-}
-
-async fn send(client: &mut Client, text: &str) {
-    client
-        .send_json(&json!({"type": "send_message", "data": {"text": text}}))
-        .await;
-}
-
-async fn react(client: &mut Client, message_id: &Value, emoji: &str) {
-    client
-        .send_json(
-            &json!({"type": "add_reaction", "data": {"message_id": message_id, "emoji": emoji}}),
-        )
-        .await;
 }
 
 /// The next `n` `message` frames a client receives, as (id, text).

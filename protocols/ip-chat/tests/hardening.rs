@@ -9,14 +9,17 @@
     reason = "tests fail by panicking"
 )]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use switchboard_core::Engine;
 use switchboard_ip_chat::{Config, IpChat, Stats, errors};
 use switchboard_server::ServerConfig;
-use switchboard_testkit::{Client, TestServer, json};
+use switchboard_testkit::{Client, TestServer};
+
+use common::{react, send};
 
 /// The chat, its server, and the server's state engine (where `IpChat::stats` reads the
 /// history).
@@ -30,20 +33,6 @@ async fn start(config: Config) -> (Arc<IpChat>, TestServer, Engine) {
 
 async fn read_stats(chat: &IpChat, engine: &Engine) -> Stats {
     chat.stats(engine).await.expect("the engine answers")
-}
-
-async fn send(client: &mut Client, text: &str) {
-    client
-        .send_json(&json!({"type": "send_message", "data": {"text": text}}))
-        .await;
-}
-
-async fn react(client: &mut Client, message_id: &Value, emoji: &str) {
-    client
-        .send_json(
-            &json!({"type": "add_reaction", "data": {"message_id": message_id, "emoji": emoji}}),
-        )
-        .await;
 }
 
 /// Sends `text` and waits for its own broadcast; returns the round trip.
