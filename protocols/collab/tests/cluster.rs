@@ -10,6 +10,8 @@
     reason = "tests fail by panicking"
 )]
 
+mod common;
+
 use std::time::Duration;
 
 use serde_json::Value;
@@ -21,6 +23,8 @@ use switchboard_server::ServerConfig;
 use switchboard_testkit::{Client, TestServer, json};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
+
+use common::join;
 
 const QUIET: Duration = Duration::from_millis(150);
 /// The bound on a whole concurrent-editing run.
@@ -49,16 +53,6 @@ async fn two_nodes() -> (MemoryCluster, Node, Node) {
     let a = node(&cluster, Config::default()).await;
     let b = node(&cluster, Config::default()).await;
     (cluster, a, b)
-}
-
-/// Connects to `session` on `server`, joins as `user`; the client and its session-state payload.
-async fn join(server: &TestServer, session: &str, user: &str, name: &str) -> (Client, Value) {
-    let mut client = server.connect(&format!("/ws/{session}")).await;
-    client
-        .send_json(&json!({"type": "join-session", "payload": {"userId": user, "username": name}}))
-        .await;
-    let state = client.recv_type("session-state").await;
-    (client, state["payload"].clone())
 }
 
 async fn send_edit(client: &mut Client, edit: &OutgoingEdit) {

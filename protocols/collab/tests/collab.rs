@@ -7,6 +7,8 @@
     reason = "tests fail by panicking"
 )]
 
+mod common;
+
 use std::time::Duration;
 
 use serde_json::Value;
@@ -15,20 +17,12 @@ use switchboard_collab::{ClientDocument, Collab, Config};
 use switchboard_server::ServerConfig;
 use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
 
+use common::join;
+
 const QUIET: Duration = Duration::from_millis(150);
 
 async fn start(config: Config) -> TestServer {
     TestServer::start(Collab::new(config), ServerConfig::default()).await
-}
-
-/// Connects to `session` and joins as `user`; returns the client and its session-state payload.
-async fn join(server: &TestServer, session: &str, user: &str, name: &str) -> (Client, Value) {
-    let mut client = server.connect(&format!("/ws/{session}")).await;
-    client
-        .send_json(&json!({"type": "join-session", "payload": {"userId": user, "username": name}}))
-        .await;
-    let state = client.recv_type("session-state").await;
-    (client, state["payload"].clone())
 }
 
 async fn expect_error(client: &mut Client) -> String {
