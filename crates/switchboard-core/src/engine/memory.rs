@@ -597,28 +597,26 @@ impl StateEngine for MemoryEngine {
     }
 
     async fn read(&self, topic: &str, from: ReadFrom, limit: usize) -> EngineResult<Read> {
-        let empty = Position {
-            offset: 0,
-            epoch: 0,
-        };
-        let Some(log) = self.shared.existing_log(topic) else {
-            return Ok(match from {
+        // A log that does not exist reads as empty; a position in it cannot be continued.
+        let absent = || {
+            let empty = Position {
+                offset: 0,
+                epoch: 0,
+            };
+            Ok(match from {
                 ReadFrom::After(position) if position.offset > 0 => Read::Gone { top: empty },
                 _ => Read::Entries {
                     entries: Vec::new(),
                     top: empty,
                 },
-            });
+            })
+        };
+        let Some(log) = self.shared.existing_log(topic) else {
+            return absent();
         };
         let slot = lock(&log);
         let Some(log) = slot.as_ref() else {
-            return Ok(match from {
-                ReadFrom::After(position) if position.offset > 0 => Read::Gone { top: empty },
-                _ => Read::Entries {
-                    entries: Vec::new(),
-                    top: empty,
-                },
-            });
+            return absent();
         };
         let top = log.position();
         let entries: Vec<Entry> = match from {
