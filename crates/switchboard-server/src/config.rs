@@ -76,11 +76,6 @@ pub struct ServerConfig {
     /// 1 KiB holds a typical chat frame in one read and keeps an idle socket near 4.6 KiB of
     /// server memory in all (docs/performance.md). Larger messages still arrive, over more reads.
     pub read_buffer_bytes: usize,
-    /// Bytes tungstenite buffers before writing to the socket; frames of one batch are coalesced.
-    pub write_buffer_bytes: usize,
-    /// Hard bound on tungstenite's write buffer (its default is unbounded). The runtime raises it
-    /// to `write_buffer_bytes` + the protocol's `max_outbound_frame_bytes()` when that is larger.
-    pub max_write_buffer_bytes: usize,
     /// Listen backlog for the accept queue (tokio's default of 128 stalls connect bursts).
     pub accept_backlog: u32,
     /// The state engine every connection's hooks reach through their context: this node's view
@@ -115,8 +110,6 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             close_timeout: Duration::from_secs(2),
             read_buffer_bytes: 1024,
-            write_buffer_bytes: 16 * 1024,
-            max_write_buffer_bytes: 8 * 1024 * 1024,
             accept_backlog: 4096,
             engine: Engine::default(),
         }

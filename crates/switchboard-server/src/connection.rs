@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use switchboard_core::{
@@ -16,19 +16,19 @@ use switchboard_core::{
 use tokio::io::AsyncReadExt;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{debug, trace};
 
 use crate::Counters;
 use crate::metered::{Metered, Watch};
+use crate::wire::{self, Pending};
 
 pub(crate) type Socket = WebSocketStream<Metered<TokioIo<Upgraded>>>;
 
-/// Queue items written per flush; bounds the time one connection spends writing before it looks
+/// Queue items taken per write; bounds the time one connection spends writing before it looks
 /// at its socket again.
 const MAX_BATCH: usize = 64;
 
@@ -58,8 +58,13 @@ enum End {
 enum WriteOutcome {
     Written,
     Interrupted(CloseReason),
-    Failed(WsError),
+    Failed(std::io::Error),
 }
+
+/// Frames taken from the queue whose write was interrupted part-way (by a close request or the
+/// write timeout). They are finished before the close frame, which must start on a frame
+/// boundary.
+type Unfinished = Option<Pending>;
 
 pub(crate) async fn run<P: Protocol>(
     protocol: Arc<P>,
@@ -69,7 +74,6 @@ pub(crate) async fn run<P: Protocol>(
     mut link: PeerLink,
     ctx: ConnectionContext,
 ) {
-    let tick_every = protocol.tick_interval();
     // Futures that are live only for a moment are boxed, here and in `drive`: a task is as large
     // as its largest state, so an idle socket would otherwise pay for the biggest protocol
     // future all the time (measured: the task was 9.6 KB before, 480 bytes after).
@@ -78,14 +82,15 @@ pub(crate) async fn run<P: Protocol>(
     // queued yet that would need writing while the open hook waits.
     Box::pin(protocol.on_open(&mut conn, &cx)).await;
 
+    let mut unfinished: Unfinished = None;
     let end = drive(
         &*protocol,
         &mut conn,
         &mut socket,
         &peer,
         &mut link,
+        &mut unfinished,
         &ctx,
-        tick_every,
     )
     .await;
 
@@ -119,12 +124,21 @@ pub(crate) async fn run<P: Protocol>(
     }
     match end {
         End::Close(reason) => {
-            Box::pin(close_from_our_side(&mut socket, &mut link, &reason, &ctx)).await
+            Box::pin(close_from_our_side(
+                &mut socket,
+                &mut link,
+                unfinished,
+                &reason,
+                &ctx,
+            ))
+            .await
         }
         End::PeerClosed(_) => {
-            // tungstenite queued the close reply; polling flushes it and ends the stream.
+            // tungstenite queued the close reply; polling moves it to the control buffer and
+            // ends the stream, and the reply is then written.
             let _ = timeout(ctx.close_timeout, async {
-                while socket.next().await.is_some() {}
+                while read_next(&mut socket).await.is_some() {}
+                std::future::poll_fn(|cx| socket.get_mut().poll_send_control(cx)).await
             })
             .await;
         }
@@ -138,9 +152,10 @@ async fn drive<P: Protocol>(
     socket: &mut Socket,
     peer: &Peer,
     link: &mut PeerLink,
+    unfinished: &mut Unfinished,
     ctx: &ConnectionContext,
-    tick_every: Option<Duration>,
 ) -> End {
+    let tick_every = protocol.tick_interval();
     let keepalive = ctx.keepalive;
     let cx = Context::new(peer, &ctx.engine);
     let mut last_heard = Instant::now();
@@ -173,25 +188,25 @@ async fn drive<P: Protocol>(
             event = link.next_event() => match event {
                 LinkEvent::Close(reason) => return End::Close(reason),
                 LinkEvent::Send(item) => {
-                    match Box::pin(write_batch(socket, link, peer, item, shutdown.as_mut(), ctx)).await {
+                    match Box::pin(write_batch(socket, link, unfinished, peer, item, shutdown.as_mut(), ctx)).await {
                         WriteOutcome::Written => {}
                         WriteOutcome::Interrupted(reason) => return End::Close(reason),
                         WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
                     }
                 }
             },
-            incoming = socket.next() => {
+            incoming = read_next(socket) => {
                 last_heard = Instant::now();
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
                         let work = protocol.on_text(conn, &cx, text.as_str());
-                        if let Some(end) = Box::pin(hook(work, socket, link, peer, shutdown.as_mut(), ctx)).await {
+                        if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
                             return end;
                         }
                     }
                     Some(Ok(Message::Binary(data))) => {
                         let work = protocol.on_binary(conn, &cx, &data);
-                        if let Some(end) = Box::pin(hook(work, socket, link, peer, shutdown.as_mut(), ctx)).await {
+                        if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
                             return end;
                         }
                     }
@@ -216,7 +231,8 @@ async fn drive<P: Protocol>(
             }
             _ = tick_opt(&mut pinger) => {
                 trace!(conn = %peer.id(), "ping");
-                let ping = socket.send(Message::Ping(Default::default()));
+                socket.get_mut().queue_control(&wire::encode(wire::Opcode::Ping, &[]), false);
+                let ping = std::future::poll_fn(|cx| socket.get_mut().poll_send_control(cx));
                 match Box::pin(guarded(ping, peer, shutdown.as_mut(), ctx)).await {
                     WriteOutcome::Written => {}
                     WriteOutcome::Interrupted(reason) => return End::Close(reason),
@@ -225,7 +241,7 @@ async fn drive<P: Protocol>(
             }
             _ = tick_opt(&mut ticker) => {
                 let work = protocol.on_tick(conn, &cx);
-                if let Some(end) = Box::pin(hook(work, socket, link, peer, shutdown.as_mut(), ctx)).await {
+                if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
                     return end;
                 }
             }
@@ -243,6 +259,7 @@ async fn hook(
     work: impl Future<Output = ()>,
     socket: &mut Socket,
     link: &mut PeerLink,
+    unfinished: &mut Unfinished,
     peer: &Peer,
     mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
@@ -265,7 +282,7 @@ async fn hook(
                     return Some(End::Close(reason));
                 }
                 LinkEvent::Send(item) => {
-                    match Box::pin(write_batch(socket, link, peer, item, shutdown.as_mut(), ctx)).await {
+                    match Box::pin(write_batch(socket, link, unfinished, peer, item, shutdown.as_mut(), ctx)).await {
                         WriteOutcome::Written => {}
                         WriteOutcome::Interrupted(reason) => {
                             let _ = timeout(grace, work.as_mut()).await;
@@ -322,41 +339,50 @@ async fn tick_opt(timer: &mut Option<tokio::time::Interval>) -> Instant {
     }
 }
 
-/// Writes `first` and up to `MAX_BATCH - 1` more ready items, then flushes once.
+/// Writes `first` and up to `MAX_BATCH - 1` more ready items straight to the socket: each
+/// frame's shared payload behind a header of a few bytes, in vectored writes. A write that is
+/// interrupted leaves its frames in `unfinished`.
 async fn write_batch(
     socket: &mut Socket,
     link: &mut PeerLink,
+    unfinished: &mut Unfinished,
     peer: &Peer,
     first: Outgoing,
     shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
 ) -> WriteOutcome {
-    let mut batch = Vec::new();
-    link.take_into(&mut batch, MAX_BATCH - 1);
-    let write = async {
-        for item in std::iter::once(first).chain(batch) {
-            match item {
-                Outgoing::Frame(frame) => {
-                    socket.feed(Message::Text(frame.into_utf8_bytes())).await?;
-                }
-                Outgoing::Batch(frames) => {
-                    for frame in frames {
-                        socket.feed(Message::Text(frame.into_utf8_bytes())).await?;
-                    }
-                }
-                Outgoing::Binary(data) => socket.feed(Message::Binary(data)).await?,
-            }
+    let mut rest = Vec::new();
+    link.take_into(&mut rest, MAX_BATCH - 1);
+    let mut pending = Pending::new(first, rest);
+    let write = std::future::poll_fn(|cx| socket.get_mut().poll_write_pending(cx, &mut pending));
+    let outcome = guarded(write, peer, shutdown, ctx).await;
+    if matches!(outcome, WriteOutcome::Interrupted(_)) && !pending.is_done() {
+        *unfinished = Some(pending);
+    }
+    outcome
+}
+
+/// Polls the socket for the next message, then sends any control reply tungstenite wrote
+/// meanwhile (a pong, the reply to a close) without waiting for it: a reply the socket cannot
+/// take now is retried on the next poll or before the next data write, whichever comes first.
+fn read_next(socket: &mut Socket) -> impl Future<Output = Option<Result<Message, WsError>>> + '_ {
+    std::future::poll_fn(move |cx| {
+        let read = socket.poll_next_unpin(cx);
+        if socket.get_ref().has_control()
+            && let std::task::Poll::Ready(Err(error)) = socket.get_mut().poll_send_control(cx)
+            && read.is_pending()
+        {
+            return std::task::Poll::Ready(Some(Err(WsError::Io(error))));
         }
-        socket.flush().await
-    };
-    guarded(write, peer, shutdown, ctx).await
+        read
+    })
 }
 
 /// Runs a socket write unless a close request, shutdown or the write timeout interrupts it (a
 /// peer that stopped reading would otherwise hold the write, and its memory, forever). The
 /// write is polled first, so a write that completes at once never registers a waiter or timer.
 async fn guarded(
-    write: impl Future<Output = Result<(), WsError>>,
+    write: impl Future<Output = std::io::Result<()>>,
     peer: &Peer,
     shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
@@ -388,11 +414,13 @@ async fn stalled(watch: &Watch, limit: Duration) {
     }
 }
 
-/// Our side closes: flush what the peer is still owed (unless it is a slow consumer), send the
-/// close frame, and give the peer `close_timeout` to answer before the TCP connection is dropped.
+/// Our side closes: finish an interrupted write, flush what the peer is still owed (unless it
+/// is a slow consumer), send the close frame, and give the peer `close_timeout` to answer
+/// before the TCP connection is dropped.
 async fn close_from_our_side(
     socket: &mut Socket,
     link: &mut PeerLink,
+    unfinished: Unfinished,
     reason: &CloseReason,
     ctx: &ConnectionContext,
 ) {
@@ -406,29 +434,27 @@ async fn close_from_our_side(
         // What still arrives is discarded unread, so it must not count as buffered.
         socket.get_mut().stop_counting();
     }
-    let close_frame = CloseFrame {
-        code: CloseCode::from(reason.code),
-        reason: Utf8Bytes::from(reason.wire_reason()),
-    };
+    let close_frame = wire::close_frame(reason.code, reason.wire_reason());
     let handshake = async {
+        // A frame cut in the middle must be completed: the close frame has to start on a
+        // frame boundary to be a close frame at all.
+        if let Some(mut pending) = unfinished {
+            std::future::poll_fn(|cx| socket.get_mut().poll_write_pending(cx, &mut pending))
+                .await?;
+        }
         if slow {
             link.discard_queued();
         } else {
-            while let Some(item) = link.try_recv() {
-                let frames = match item {
-                    Outgoing::Frame(frame) => vec![frame],
-                    Outgoing::Batch(frames) => frames,
-                    Outgoing::Binary(data) => {
-                        socket.feed(Message::Binary(data)).await?;
-                        continue;
-                    }
-                };
-                for frame in frames {
-                    socket.feed(Message::Text(frame.into_utf8_bytes())).await?;
-                }
+            while let Some(first) = link.try_recv() {
+                let mut rest = Vec::new();
+                link.take_into(&mut rest, MAX_BATCH - 1);
+                let mut pending = Pending::new(first, rest);
+                std::future::poll_fn(|cx| socket.get_mut().poll_write_pending(cx, &mut pending))
+                    .await?;
             }
         }
-        socket.send(Message::Close(Some(close_frame))).await?;
+        socket.get_mut().queue_control(&close_frame, true);
+        std::future::poll_fn(|cx| socket.get_mut().poll_send_control(cx)).await?;
         if mid_message {
             // The rest of the oversized message is still arriving; read and discard it so the
             // kernel does not answer our close with a reset that could destroy the close frame.
@@ -436,7 +462,7 @@ async fn close_from_our_side(
         } else {
             while let Some(Ok(_)) = socket.next().await {}
         }
-        Ok::<(), WsError>(())
+        Ok::<(), std::io::Error>(())
     };
     let _ = timeout(ctx.close_timeout, handshake).await;
 }

@@ -22,6 +22,7 @@ mod connection;
 mod edge;
 mod metered;
 mod upgrade;
+mod wire;
 
 use std::io;
 use std::net::SocketAddr;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use switchboard_core::{ClientKey, MemoryBudget, Shares};
 
 use crate::MAX_TRACKED_CLIENTS;
+use crate::wire::{FRAMES_PER_WRITE, MAX_HEADER, Pending};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -142,10 +143,24 @@ impl ReassemblyPool {
     }
 }
 
-/// The socket under tungstenite: passes bytes through and keeps [`Watch`] current.
+/// Largest backlog of tungstenite's own writes (pongs, the reply to a peer's close) kept
+/// until the connection loop sends it: tungstenite holds at most one pending pong, so more
+/// than this means something is wrong and the connection ends.
+const MAX_CONTROL_BYTES: usize = 4 * 1024;
+
+/// The socket under tungstenite. Reads pass through and keep [`Watch`] current. Writes are
+/// split: tungstenite only writes control replies (pongs, a close reply), which land in a
+/// small buffer; the connection loop writes everything (its queued data frames, pre-encoded,
+/// and that buffer) straight to the socket through [`Metered::poll_write_pending`] and
+/// [`Metered::poll_send_control`], so no frame is re-encoded or copied per recipient.
 #[derive(Debug)]
 pub(crate) struct Metered<T> {
     inner: T,
+    /// Control frames tungstenite wrote, not yet on the socket.
+    control: Vec<u8>,
+    /// Our close frame is queued: what tungstenite writes from now on (its reply to the peer's
+    /// answer) must not follow it.
+    close_sent: bool,
     watch: Arc<Watch>,
     scanner: InboundScanner,
     pool: Arc<ReassemblyPool>,
@@ -165,6 +180,8 @@ impl<T> Metered<T> {
     ) -> Self {
         Self {
             inner,
+            control: Vec::new(),
+            close_sent: false,
             watch,
             scanner: InboundScanner::default(),
             pool,
@@ -249,43 +266,91 @@ impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> Metered<T> {
+    /// Queues a control frame of ours (a ping, our close frame) behind what tungstenite wrote.
+    pub(crate) fn queue_control(&mut self, frame: &[u8], is_close: bool) {
+        if self.close_sent {
+            return;
+        }
+        self.control.extend_from_slice(frame);
+        self.close_sent = is_close;
+    }
+
+    /// Whether control bytes wait to be sent.
+    pub(crate) fn has_control(&self) -> bool {
+        !self.control.is_empty()
+    }
+
+    /// Writes the queued control bytes to the socket.
+    pub(crate) fn poll_send_control(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.control.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.control) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.watch.wrote();
+                    self.control.drain(..n.min(self.control.len()));
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // A burst of pongs must not keep its buffer.
+        if self.control.capacity() > 256 {
+            self.control = Vec::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `pending` (queued frames) to the socket after any control bytes, one vectored
+    /// write per up to [`FRAMES_PER_WRITE`] frames, until all is written or the socket is full.
+    pub(crate) fn poll_write_pending(
+        &mut self,
+        cx: &mut Context<'_>,
+        pending: &mut Pending,
+    ) -> Poll<io::Result<()>> {
+        if !self.control.is_empty() {
+            std::task::ready!(self.poll_send_control(cx))?;
+        }
+        while !pending.is_done() {
+            let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
+            let mut slices = [io::IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+            let filled = pending.slices(&mut headers, &mut slices);
+            match Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..filled]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.watch.wrote();
+                    pending.advance(n);
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// tungstenite's side of the writes: only control replies reach here (the loop never sends
+/// data through tungstenite), and they are buffered for the loop to send in order.
 impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
     fn poll_write(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result
-            && n > 0
-        {
-            this.watch.wrote();
+        if this.close_sent {
+            // Our close frame went first; the closing handshake is complete without this.
+            return Poll::Ready(Ok(buf.len()));
         }
-        result
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = result
-            && n > 0
-        {
-            this.watch.wrote();
+        if this.control.len().saturating_add(buf.len()) > MAX_CONTROL_BYTES {
+            return Poll::Ready(Err(io::Error::other("control frame backlog")));
         }
-        result
+        this.control.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -47,18 +47,12 @@ impl<P: Protocol> App<P> {
         let max_frame = config
             .max_frame_bytes
             .unwrap_or_else(|| protocol.default_max_frame_bytes());
-        let write_buffer = config.write_buffer_bytes;
-        // The buffer only grows past `write_buffer` by the frame being written (we flush every
-        // batch and the queue bounds backlog), so this bound is hit only by a peer that stalls.
-        let max_write_buffer = config.max_write_buffer_bytes.max(
-            write_buffer
-                .saturating_add(protocol.max_outbound_frame_bytes())
-                .saturating_add(1),
-        );
+        // tungstenite only writes control replies (the connection writes data frames itself,
+        // pre-encoded), so it needs no write buffer: each reply goes straight to the socket
+        // wrapper's small control buffer.
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(config.read_buffer_bytes.max(256))
-            .write_buffer_size(write_buffer)
-            .max_write_buffer_size(max_write_buffer)
+            .write_buffer_size(0)
             .max_message_size(Some(max_frame))
             .max_frame_size(Some(max_frame));
         let keepalive = protocol.keepalive().unwrap_or(config.keepalive);

@@ -1,0 +1,317 @@
+//! Outbound WebSocket framing without a codec: a server's frames are unmasked (RFC 6455
+//! section 5.1), so a frame on the wire is a 2-, 4- or 10-byte header followed by the payload
+//! exactly as the protocol encoded it. The payload of a broadcast is shared by every recipient
+//! ([`switchboard_core::Frame`] is reference counted); only the few header bytes are written per
+//! socket, and a batch of queued frames goes out in one vectored write.
+//!
+//! Sans-IO: [`Pending`] says which byte slices to write next and is told how many were written,
+//! so partial writes and their resumption are plain logic with unit tests beside it.
+
+use std::io::IoSlice;
+
+use switchboard_core::Outgoing;
+
+/// Frames one vectored write carries at most (two slices each: header and payload). Linux
+/// accepts 1,024 slices per call; 64 frames keep the slice array on the stack small.
+pub(crate) const FRAMES_PER_WRITE: usize = 64;
+
+/// Longest header of an unmasked frame: 2 bytes plus a 64-bit length.
+pub(crate) const MAX_HEADER: usize = 10;
+
+/// WebSocket opcodes the server writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opcode {
+    Text = 0x1,
+    Binary = 0x2,
+    Close = 0x8,
+    Ping = 0x9,
+}
+
+/// Writes the header of a final, unmasked frame of `len` payload bytes into `out` and returns
+/// its length.
+pub(crate) fn header(opcode: Opcode, len: usize, out: &mut [u8; MAX_HEADER]) -> usize {
+    out[0] = 0x80 | opcode as u8;
+    if len < 126 {
+        // `len < 126` fits a byte.
+        out[1] = len as u8;
+        2
+    } else if let Ok(short) = u16::try_from(len) {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&short.to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// A whole control or data frame as one byte vector (pings and close frames: rare, small).
+pub(crate) fn encode(opcode: Opcode, payload: &[u8]) -> Vec<u8> {
+    let mut head = [0u8; MAX_HEADER];
+    let n = header(opcode, payload.len(), &mut head);
+    let mut frame = Vec::with_capacity(n.saturating_add(payload.len()));
+    frame.extend_from_slice(&head[..n]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A close frame with `code` and `reason` (the caller keeps the reason within 123 bytes).
+pub(crate) fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(2usize.saturating_add(reason.len()));
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(reason.as_bytes());
+    encode(Opcode::Close, &payload)
+}
+
+/// The frames of one queue item, in order.
+fn frame_count(item: &Outgoing) -> usize {
+    match item {
+        Outgoing::Frame(_) | Outgoing::Binary(_) => 1,
+        Outgoing::Batch(frames) => frames.len(),
+    }
+}
+
+/// Frame `index` of `item`: its opcode and payload.
+fn frame_at(item: &Outgoing, index: usize) -> Option<(Opcode, &[u8])> {
+    match item {
+        Outgoing::Frame(frame) if index == 0 => Some((Opcode::Text, frame.as_str().as_bytes())),
+        Outgoing::Binary(data) if index == 0 => Some((Opcode::Binary, data)),
+        Outgoing::Batch(frames) => frames
+            .get(index)
+            .map(|frame| (Opcode::Text, frame.as_str().as_bytes())),
+        _ => None,
+    }
+}
+
+/// Queue items taken for writing and how far their wire bytes have been written.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// The first item, kept apart so a batch of one (the common case of a fan-out) allocates
+    /// nothing.
+    first: Outgoing,
+    rest: Vec<Outgoing>,
+    /// Position of the next byte to write: item, frame within the item, byte within the
+    /// frame's wire form (header, then payload).
+    item: usize,
+    frame: usize,
+    offset: usize,
+}
+
+impl Pending {
+    /// Items to write in order: `first`, then `rest`.
+    pub(crate) fn new(first: Outgoing, rest: Vec<Outgoing>) -> Self {
+        let mut pending = Self {
+            first,
+            rest,
+            item: 0,
+            frame: 0,
+            offset: 0,
+        };
+        pending.skip_empty_items();
+        pending
+    }
+
+    fn item_at(&self, index: usize) -> Option<&Outgoing> {
+        match index {
+            0 => Some(&self.first),
+            n => self.rest.get(n - 1),
+        }
+    }
+
+    /// Whether every byte has been written.
+    pub(crate) fn is_done(&self) -> bool {
+        self.item_at(self.item).is_none()
+    }
+
+    /// Moves past items with no frames (an empty batch) so `item`/`frame` always name a frame
+    /// while anything is left.
+    fn skip_empty_items(&mut self) {
+        while let Some(item) = self.item_at(self.item) {
+            if self.frame < frame_count(item) {
+                return;
+            }
+            self.item = self.item.saturating_add(1);
+            self.frame = 0;
+        }
+    }
+
+    /// Fills `headers` and `slices` with the next bytes to write (up to [`FRAMES_PER_WRITE`]
+    /// frames) and returns how many slices were filled.
+    pub(crate) fn slices<'a>(
+        &'a self,
+        headers: &'a mut [[u8; MAX_HEADER]; FRAMES_PER_WRITE],
+        slices: &mut [IoSlice<'a>; 2 * FRAMES_PER_WRITE],
+    ) -> usize {
+        // Headers first (they are written into `headers`), slices second (they borrow it).
+        let mut frames: [(usize, &'a [u8]); FRAMES_PER_WRITE] = [(0, &[]); FRAMES_PER_WRITE];
+        let mut count = 0;
+        let (mut item, mut frame) = (self.item, self.frame);
+        while count < FRAMES_PER_WRITE {
+            let Some(entry) = self.item_at(item) else {
+                break;
+            };
+            match frame_at(entry, frame) {
+                Some((opcode, payload)) => {
+                    let len = header(opcode, payload.len(), &mut headers[count]);
+                    frames[count] = (len, payload);
+                    count += 1;
+                    frame += 1;
+                }
+                None => {
+                    item += 1;
+                    frame = 0;
+                }
+            }
+        }
+        let headers: &'a [[u8; MAX_HEADER]; FRAMES_PER_WRITE] = headers;
+        let mut filled = 0;
+        let mut skip = self.offset;
+        for (head, (head_len, payload)) in headers.iter().zip(frames).take(count) {
+            // Only the first frame can be partly written already.
+            let head = &head[..head_len];
+            if skip < head.len() {
+                slices[filled] = IoSlice::new(&head[skip..]);
+                filled += 1;
+                skip = 0;
+            } else {
+                skip -= head.len();
+            }
+            if skip < payload.len() {
+                slices[filled] = IoSlice::new(&payload[skip..]);
+                filled += 1;
+            }
+            skip = 0;
+        }
+        filled
+    }
+
+    /// Records that the next `written` bytes went out.
+    pub(crate) fn advance(&mut self, mut written: usize) {
+        while written > 0 {
+            let Some((opcode, payload)) = self
+                .item_at(self.item)
+                .and_then(|item| frame_at(item, self.frame))
+            else {
+                return;
+            };
+            let mut head = [0u8; MAX_HEADER];
+            let total = header(opcode, payload.len(), &mut head).saturating_add(payload.len());
+            let left = total.saturating_sub(self.offset);
+            if written < left {
+                self.offset += written;
+                return;
+            }
+            written -= left;
+            self.offset = 0;
+            self.frame += 1;
+            self.skip_empty_items();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_core::Frame;
+
+    /// Everything `pending` would write, `chunk` bytes per write (a socket taking a few at a
+    /// time).
+    fn drain(mut pending: Pending, chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        while !pending.is_done() {
+            let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
+            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+            let n = pending.slices(&mut headers, &mut slices);
+            let mut budget = chunk;
+            let mut wrote = 0;
+            for slice in &slices[..n] {
+                let take = slice.len().min(budget);
+                out.extend_from_slice(&slice[..take]);
+                budget -= take;
+                wrote += take;
+                if budget == 0 {
+                    break;
+                }
+            }
+            pending.advance(wrote);
+        }
+        out
+    }
+
+    /// The same frames encoded by tungstenite, the reference.
+    fn reference(items: &[(bool, Vec<u8>)]) -> Vec<u8> {
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        let mut out = Vec::new();
+        for (text, payload) in items {
+            let op = if *text { Data::Text } else { Data::Binary };
+            let frame = WsFrame::message(payload.clone(), OpCode::Data(op), true);
+            frame.format(&mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn headers_match_the_three_length_forms() {
+        let mut out = [0u8; MAX_HEADER];
+        assert_eq!(header(Opcode::Text, 125, &mut out), 2);
+        assert_eq!(&out[..2], &[0x81, 125]);
+        assert_eq!(header(Opcode::Text, 126, &mut out), 4);
+        assert_eq!(&out[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(header(Opcode::Binary, 65_536, &mut out), 10);
+        assert_eq!(&out[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(
+            close_frame(1000, "ok"),
+            vec![0x88, 4, 0x03, 0xe8, b'o', b'k']
+        );
+    }
+
+    #[test]
+    fn a_batch_written_in_any_chunking_is_the_reference_encoding() {
+        let sizes = [0usize, 1, 125, 126, 300, 65_535, 65_536, 70_000];
+        let text = |n: usize| "x".repeat(n);
+        let mut expected = Vec::new();
+        let mut rest = Vec::new();
+        for &n in &sizes[1..] {
+            rest.push(Outgoing::Frame(Frame::text(text(n))));
+            expected.push((true, text(n).into_bytes()));
+        }
+        rest.push(Outgoing::Batch(vec![]));
+        rest.push(Outgoing::Batch(
+            (0..100).map(|i| Frame::text(text(i))).collect(),
+        ));
+        expected.extend((0..100).map(|i| (true, text(i).into_bytes())));
+        rest.push(Outgoing::Binary(bytes::Bytes::from_static(b"\x00\x01")));
+        expected.push((false, vec![0, 1]));
+        let first = || Outgoing::Frame(Frame::text(text(sizes[0])));
+        let mut all = vec![(true, Vec::new())];
+        all.extend(expected);
+        let want = reference(&all);
+        for chunk in [1, 3, 7, 1000, usize::MAX] {
+            let rest = rest
+                .iter()
+                .map(|item| match item {
+                    Outgoing::Frame(f) => Outgoing::Frame(f.clone()),
+                    Outgoing::Batch(v) => Outgoing::Batch(v.clone()),
+                    Outgoing::Binary(b) => Outgoing::Binary(b.clone()),
+                })
+                .collect();
+            assert_eq!(
+                drain(Pending::new(first(), rest), chunk),
+                want,
+                "chunk {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_first_batch_is_skipped() {
+        let pending = Pending::new(
+            Outgoing::Batch(vec![]),
+            vec![Outgoing::Frame(Frame::text("a"))],
+        );
+        assert_eq!(drain(pending, 100), vec![0x81, 1, b'a']);
+        assert!(Pending::new(Outgoing::Batch(vec![]), vec![]).is_done());
+    }
+}
