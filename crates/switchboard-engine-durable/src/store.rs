@@ -225,13 +225,13 @@ fn open_database(dir: &Path) -> Result<Database, OpenError> {
 impl Store {
     /// Opens (creating if needed) the store in `dir` and loads it.
     pub(crate) fn open(dir: &Path) -> Result<(Self, Loaded), OpenError> {
-        fs::create_dir_all(dir).map_err(|error| io(dir, error))?;
-        if !dir.is_dir() {
+        if dir.exists() && !dir.is_dir() {
             return Err(io(
                 dir,
                 std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
             ));
         }
+        fs::create_dir_all(dir).map_err(|error| io(dir, error))?;
         let marked = read_format(dir)?;
         if let Some(found) = marked
             && found > FORMAT_VERSION
