@@ -25,6 +25,8 @@ pub(crate) enum CliError {
     },
     #[error("server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("cannot open the state engine: {0}")]
+    DataDir(#[from] switchboard_engine_durable::OpenError),
     #[error("{0}")]
     Failed(String),
 }

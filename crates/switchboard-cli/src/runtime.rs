@@ -1,11 +1,13 @@
 //! Runtime flags shared by every protocol, and the code that serves a protocol with them.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_core::engine::MemoryLimits;
 use switchboard_core::{Engine, Keepalive, Protocol};
+use switchboard_engine_durable::{DurableEngine, DurableLimits};
 use switchboard_server::ServerConfig;
 
 use crate::CliError;
@@ -102,15 +104,38 @@ pub(crate) struct RuntimeArgs {
     #[arg(long, env = "SWITCHBOARD_ACCEPT_BACKLOG", default_value_t = 4096)]
     pub(crate) accept_backlog: u32,
     /// Budget in bytes for the protocol's stored state (history, documents, queues, outboxes):
-    /// the in-memory state engine's bound, and each protocol's own; when it is reached new work
-    /// is refused with the protocol's error.
+    /// the state engine's bound (in memory, or in --data-dir), and each protocol's own; when it
+    /// is reached new work is refused with the protocol's error.
     #[arg(long, env = "SWITCHBOARD_MAX_STATE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub(crate) max_state_bytes: usize,
+    /// Keep the state engine's logs, keyed state and idempotency records in this directory
+    /// (created if missing), so they survive a restart or a crash; without it, state lives in
+    /// memory and is gone when the process stops. One process per directory.
+    #[arg(long, env = "SWITCHBOARD_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
-    pub(crate) fn config(&self) -> ServerConfig {
-        ServerConfig {
+    /// The server's configuration, with its state engine: durable in `--data-dir` when given
+    /// (an unusable directory is an error: nothing is wiped to get past it), else in memory.
+    pub(crate) fn config(&self) -> Result<ServerConfig, CliError> {
+        let engine = match &self.data_dir {
+            // Bounded by the same state budget the protocols check against, like the memory
+            // engine below.
+            Some(dir) => DurableEngine::engine(
+                dir,
+                DurableLimits {
+                    max_bytes: self.max_state_bytes,
+                    ..DurableLimits::default()
+                },
+            )?,
+            // The embedded default: everything shared lives in this process.
+            None => Engine::memory(MemoryLimits {
+                max_bytes: self.max_state_bytes,
+                ..MemoryLimits::default()
+            }),
+        };
+        Ok(ServerConfig {
             allowed_origins: (!self.allowed_origins.is_empty())
                 .then(|| self.allowed_origins.clone()),
             max_frame_bytes: self.max_frame_bytes,
@@ -137,14 +162,9 @@ impl RuntimeArgs {
             shutdown_grace: self.shutdown_grace,
             read_buffer_bytes: self.read_buffer_bytes,
             accept_backlog: self.accept_backlog,
-            // The embedded default: everything shared lives in this process, bounded by the
-            // same state budget the protocols check against.
-            engine: Engine::memory(MemoryLimits {
-                max_bytes: self.max_state_bytes,
-                ..MemoryLimits::default()
-            }),
+            engine,
             ..ServerConfig::default()
-        }
+        })
     }
 }
 

@@ -146,7 +146,7 @@ pub(crate) fn check_protocol_flags(
 pub(crate) async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let server = Server {
         listen: args.listen,
-        config: args.runtime.config(),
+        config: args.runtime.config()?,
         max_state_bytes: args.runtime.max_state_bytes,
     };
     match args.protocol {
