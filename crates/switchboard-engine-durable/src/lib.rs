@@ -445,12 +445,10 @@ impl StateEngine for DurableEngine {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic, reason = "tests fail by panicking")]
 
-    use std::sync::atomic::Ordering;
-
     use switchboard_core::engine::{Retention, WhenFull};
 
     use super::*;
-    use crate::store::fault::FAIL_WRITES;
+    use crate::store::fault::fail_writes;
 
     struct TempDir(PathBuf);
 
@@ -497,7 +495,7 @@ mod tests {
             .append("t", Frame::text("a"), Append::store(LOG))
             .await
             .unwrap();
-        FAIL_WRITES.store(true, Ordering::SeqCst);
+        fail_writes(&dir.0, true);
         let refused = engine
             .append("t", Frame::text("b"), Append::store(LOG))
             .await;
@@ -518,7 +516,7 @@ mod tests {
             [(1, "a".to_owned())],
             "reads still answer the last committed state"
         );
-        FAIL_WRITES.store(false, Ordering::SeqCst);
+        fail_writes(&dir.0, false);
         let appended = engine
             .append("t", Frame::text("c"), Append::store(LOG))
             .await

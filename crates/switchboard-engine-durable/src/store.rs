@@ -194,7 +194,10 @@ fn open_database(dir: &Path) -> Result<Database, OpenError> {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        builder.create_with_backend(fault::Faulty(redb::backends::FileBackend::new(file)?))
+        builder.create_with_backend(fault::Faulty(
+            redb::backends::FileBackend::new(file)?,
+            dir.to_path_buf(),
+        ))
     };
     let opened = catch_unwind(AssertUnwindSafe(create))
         .map_err(|_| corrupt(dir, format!("{STORE_FILE} could not be read")))?;
@@ -439,29 +442,42 @@ impl Store {
     }
 }
 
-/// A storage backend that fails every write while [`fault::FAIL_WRITES`] is set (a full or
-/// broken disk), for the unit tests of commit failures.
+/// A storage backend that fails every write while its data directory is marked failing (a
+/// full or broken disk), for the unit tests of commit failures. Marked per directory, so tests
+/// running at the same time do not disturb each other.
 #[cfg(test)]
 pub(crate) mod fault {
     use std::ops::Bound;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::path::{Path, PathBuf};
+    use std::sync::{Mutex, PoisonError};
 
     use redb::backends::FileBackend;
     use redb::{BackendError, StorageBackend};
 
     type BackendIoError = std::io::Error;
 
-    /// While set, writes, syncs and resizes fail like a full disk.
-    pub(crate) static FAIL_WRITES: AtomicBool = AtomicBool::new(false);
+    static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// Makes writes to the store in `dir` fail (`true`) or work again.
+    pub(crate) fn fail_writes(dir: &Path, fail: bool) {
+        let mut failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
+        failing.retain(|d| d != dir);
+        if fail {
+            failing.push(dir.to_path_buf());
+        }
+    }
 
     #[derive(Debug)]
-    pub(crate) struct Faulty(pub(crate) FileBackend);
+    pub(crate) struct Faulty(pub(crate) FileBackend, pub(crate) PathBuf);
 
-    fn check() -> Result<(), BackendIoError> {
-        if FAIL_WRITES.load(Ordering::SeqCst) {
-            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+    impl Faulty {
+        fn check(&self) -> Result<(), BackendIoError> {
+            let failing = FAILING.lock().unwrap_or_else(PoisonError::into_inner);
+            if failing.contains(&self.1) {
+                return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+            }
+            Ok(())
         }
-        Ok(())
     }
 
     impl StorageBackend for Faulty {
@@ -472,15 +488,15 @@ pub(crate) mod fault {
             self.0.read(offset, out)
         }
         fn set_len(&self, len: u64) -> Result<(), BackendIoError> {
-            check()?;
+            self.check()?;
             self.0.set_len(len)
         }
         fn sync_data(&self) -> Result<(), BackendIoError> {
-            check()?;
+            self.check()?;
             self.0.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendIoError> {
-            check()?;
+            self.check()?;
             self.0.write(offset, data)
         }
         fn close(&self) -> Result<(), BackendIoError> {
