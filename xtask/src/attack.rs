@@ -79,7 +79,7 @@ const NOTES: &[(u8, &str)] = &[
     ),
     (
         9,
-        "Before: every HELLO, renames included, re-broadcast the whole user list (~400 KB with 4,000 users) to every socket. Now a rename is a ~150-byte delta. The RSS here is dominated by something else: every socket that joined received one full PRESENCE list (~400 KB with 4,000 users), and tungstenite's write buffer keeps the capacity of the largest frame it wrote for the socket's lifetime. The runtime's documented worst case allows that (up to 2F per socket in the write buffer, which grows by doubling), so the row passes against that formula, but for fastchat `F` grows with the number of users: C × F is 10,000 sockets × ~1-4 MB at the documented maxima.",
+        "Before: every HELLO, renames included, re-broadcast the whole user list (~400 KB with 4,000 users) to every socket. Now a rename is a ~150-byte delta. Every socket that joins still receives one full PRESENCE list (~400 KB with 4,000 users), held until that socket has written it. Until the connection wrote its frames itself, tungstenite's write buffer kept the capacity of that list for the socket's lifetime (this row peaked at 377 MiB); now nothing stays once it is written (~42 MiB peak). For fastchat `F` still grows with the number of users, so a join burst can hold C × F at the documented maxima.",
     ),
     (
         10,
@@ -323,7 +323,7 @@ fn document(outcomes: &[Outcome], built: Duration, attack_time: Duration) -> Str
            from before the row to its peak by at most the row's bound: the pools the\n\
            attack fills, at their documented limits (`docs/ARCHITECTURE.md` Limits, each\n\
            `docs/protocols/<name>.md`), + 29 KiB per WebSocket (idle socket 5 KiB, partial-message\n\
-           allowance 8 KiB, write buffer 16 KiB) + 18 KiB per pending HTTP connection + 16 MiB slack\n\
+           allowance 8 KiB, control-frame buffer 4 KiB, 12 KiB of small frames in flight) + 18 KiB per pending HTTP connection + 16 MiB slack\n\
            for the process itself (malloc arenas of threads that wake up, memory freed but not yet\n\
            returned). The attacks are scaled to seconds, but each would have exceeded its bound on\n\
            the old code (noted per row);\n\

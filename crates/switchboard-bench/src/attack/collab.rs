@@ -155,7 +155,8 @@ pub(crate) async fn row1(ctx: &mut Ctx) -> Result<(), String> {
         bound,
         format!(
             "2 sessions × 21.3 MiB (collab per-session worst case) + the stalled socket's queue \
-             (Q 4 MiB + F 12.06 MiB) and write buffer (F) + 4 sockets × 29 KiB + 16 MiB slack = {}",
+             (Q 4 MiB + F 12.06 MiB) and a frame being written (F) + 4 sockets × 29 KiB + 16 MiB \
+             slack = {}",
             mib(bound)
         ),
     );
@@ -312,9 +313,9 @@ pub(crate) async fn row2(ctx: &mut Ctx) -> Result<(), String> {
     );
     // Everything the attacker's sessions hold is charged to its share; the bystander's session
     // is someone else's.
-    // Each socket also keeps the capacity of the largest frames it carried (the runtime's
-    // `2F + M` per socket, docs/ARCHITECTURE.md): here a session-state or an edit of the 1 MiB
-    // document.
+    // Each socket may hold the frames it is sending and keeps the capacity of the largest
+    // message it received (the runtime's `2(Q + F) + M` per socket, docs/ARCHITECTURE.md): here
+    // session-states and edits of the 1 MiB document.
     let bound = SHARE_BYTES
         + SESSION_BYTES
         + 2 * FRAME_BYTES
@@ -325,7 +326,8 @@ pub(crate) async fn row2(ctx: &mut Ctx) -> Result<(), String> {
         format!(
             "the creator's share 32 MiB (all its {created} abandoned sessions and the op session) + \
              the bystander's session 21.3 MiB + 2 × the 6.06 MiB frame (the frame and its parse) + \
-             4 sockets × (29 KiB + 3 × 1 MiB of retained frame buffers, 2F + M) + 16 MiB slack = {}",
+             4 sockets × (29 KiB + 3 × 1 MiB of frames in flight and the input buffer) + 16 MiB \
+             slack = {}",
             mib(bound)
         ),
     );

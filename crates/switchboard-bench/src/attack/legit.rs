@@ -69,7 +69,7 @@ pub(crate) async fn row0(ctx: &mut Ctx) -> Result<(), String> {
     ctx.bound(
         bound,
         format!(
-            "{} sockets × 29 KiB (idle socket, partial-message allowance, write buffer) + 16 MiB \
+            "{} sockets × 29 KiB (idle socket, partial-message allowance, small frames) + 16 MiB \
              slack = {}",
             IDLE + 1,
             mib(bound)

@@ -37,7 +37,9 @@ pub use probe::LatencyRule;
 use probe::{Probe, ProbeLoop};
 
 /// Bytes a WebSocket may hold in the runtime besides its queue: an idle socket (5 KiB), the free
-/// partial-message allowance (8 KiB) and the write buffer (16 KiB), from docs/ARCHITECTURE.md.
+/// partial-message allowance (8 KiB), the control-frame buffer (4 KiB) and 12 KiB of small
+/// outbound frames queued or being written (docs/ARCHITECTURE.md has the full formula, whose
+/// queue term each row adds where its traffic is large).
 pub const SOCKET_BYTES: u64 = 29 * 1024;
 /// A pending (not upgraded) HTTP connection: its header buffer and bookkeeping (16 KiB + ~2 KiB).
 pub const PENDING_BYTES: u64 = 18 * 1024;

@@ -758,21 +758,19 @@ async fn row9(ctx: &mut Ctx) -> Result<(), String> {
             bytes as f64 / 1e6
         ),
     );
-    // fastchat charges ≤ 2,112 B per known user (1,216 + 448 + 448). The runtime's per-socket
-    // worst case (docs/ARCHITECTURE.md) includes tungstenite's write buffer, which keeps the
-    // capacity it grew to for the largest frame it wrote: up to 2F, since the buffer grows by
-    // doubling. Every online socket received one full list, the largest being the last
-    // joiner's. Joins run 32 at a time, so 32 lists are in flight.
+    // fastchat charges ≤ 2,112 B per known user (1,216 + 448 + 448). Every online socket
+    // receives one full list (its own copy: each is the list at its join), held until the
+    // socket has written it; nothing stays once it is written. Joins run 32 at a time, so 32
+    // more lists are being built.
     let users = (OFFLINE + ONLINE + 2) as u64;
     let sockets = ONLINE as u64 + 1;
-    let bound =
-        users * 2_112 + sockets * (SOCKET_BYTES + 2 * full_list) + 34 * full_list + SLACK_BYTES;
+    let bound = users * 2_112 + sockets * (SOCKET_BYTES + full_list) + 34 * full_list + SLACK_BYTES;
     ctx.bound(
         bound,
         format!(
-            "4,002 users × 2,112 B + 1,001 sockets × (29 KiB + 2F, the write buffer keeping the \
-             capacity it grew to for the full PRESENCE list it sent, F = {full_list} B measured) + \
-             34 lists in flight + 16 MiB slack = {}",
+            "4,002 users × 2,112 B + 1,001 sockets × (29 KiB + F, the full PRESENCE list it is \
+             sent, until written, F = {full_list} B measured) + 34 lists being built + 16 MiB \
+             slack = {}",
             mib(bound)
         ),
     );
