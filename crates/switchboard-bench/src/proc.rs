@@ -7,22 +7,37 @@ use std::time::Duration;
 pub struct ProcessSample {
     /// User + system CPU time.
     pub cpu: Duration,
+    /// Whether `cpu` came from the nanosecond schedstat counters (else from 10 ms ticks).
+    pub cpu_from_schedstat: bool,
     /// Resident set size in bytes.
     pub rss_bytes: u64,
 }
 
 /// CPU time of every thread of `pid` in nanoseconds, from `/proc/<pid>/task/*/schedstat`
 /// (utime/stime in /proc/<pid>/stat only count 10 ms ticks, too coarse for sub-second runs).
+/// A thread that exits between listing and reading is skipped rather than failing the whole
+/// sum: its time is lost either way, and falling back to ticks would lose far more resolution.
 fn schedstat_cpu(pid: u32) -> Option<Duration> {
     let mut total = 0u64;
+    let mut read_any = false;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .flatten()
     {
-        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let Some(ns) = stat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        total = total.saturating_add(ns);
+        read_any = true;
     }
-    Some(Duration::from_nanos(total))
+    read_any.then(|| Duration::from_nanos(total))
 }
 
 /// Samples `pid`; `None` when /proc is unavailable or the process is gone.
@@ -33,9 +48,8 @@ pub fn sample_process(pid: u32) -> Option<ProcessSample> {
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     // USER_HZ is 100 on every Linux target we run on; prefer the nanosecond counters.
-    let cpu = schedstat_cpu(pid)
-        .filter(|cpu| !cpu.is_zero())
-        .unwrap_or(Duration::from_millis(ticks * 10));
+    let schedstat = schedstat_cpu(pid).filter(|cpu| !cpu.is_zero());
+    let cpu = schedstat.unwrap_or(Duration::from_millis(ticks.saturating_mul(10)));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib: u64 = status
         .lines()
@@ -46,6 +60,7 @@ pub fn sample_process(pid: u32) -> Option<ProcessSample> {
         .ok()?;
     Some(ProcessSample {
         cpu,
+        cpu_from_schedstat: schedstat.is_some(),
         rss_bytes: rss_kib * 1024,
     })
 }
@@ -58,5 +73,9 @@ mod tests {
     fn samples_this_process() {
         let sample = sample_process(std::process::id()).unwrap();
         assert!(sample.rss_bytes > 0);
+        assert!(
+            sample.cpu_from_schedstat,
+            "schedstat gives nanosecond CPU time"
+        );
     }
 }

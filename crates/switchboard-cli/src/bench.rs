@@ -55,13 +55,17 @@ pub(crate) struct FanoutArgs {
     /// per sender per minute).
     #[arg(long)]
     senders: Option<usize>,
-    /// Messages in total.
+    /// Messages in total, shared among the senders.
     #[arg(long, default_value_t = 500)]
     messages: usize,
+    /// Messages each sender sends (instead of --messages: the total is senders × this, e.g.
+    /// `--senders 100 --messages-per-sender 50` for a 5,000-message burst).
+    #[arg(long, conflicts_with = "messages", requires = "senders")]
+    messages_per_sender: Option<usize>,
     /// Messages per second across all senders (default: as fast as possible).
     #[arg(long)]
     rate: Option<f64>,
-    /// Server pid, to measure its CPU per delivery.
+    /// Server pid, to measure its CPU per delivery (nanoseconds from /proc schedstat).
     #[arg(long)]
     pid: Option<u32>,
     /// Bound on waiting for deliveries after the last send.
@@ -111,11 +115,14 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
                 .senders
                 .unwrap_or_else(|| args.messages.div_ceil(60))
                 .max(1);
+            let messages = args
+                .messages_per_sender
+                .map_or(args.messages, |each| each.saturating_mul(senders));
             let options = fanout::FanoutOptions {
                 target: Target::parse(&args.url).map_err(failed)?,
                 subscribers: args.subscribers,
                 senders,
-                messages: args.messages,
+                messages,
                 rate: args.rate,
                 server_pid: args.pid,
                 timeout: args.timeout,
@@ -125,9 +132,10 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
             print_report("fanout", &report);
             if !report.complete {
                 return Err(CliError::Failed(format!(
-                    "{} of {} deliveries missing",
-                    report.expected_deliveries - report.deliveries,
-                    report.expected_deliveries
+                    "{} of {} deliveries missing; the server closed {} subscribers",
+                    report.expected_deliveries.saturating_sub(report.deliveries),
+                    report.expected_deliveries,
+                    report.closed_by_server
                 )));
             }
         }
