@@ -13,8 +13,37 @@ use serde_json::Value;
 enum Server {
     /// `switchboard serve --protocol <name>`.
     Switchboard(&'static str),
-    /// `benches/baseline-server` (ip-chat wire work only).
+    /// `benches/baseline-server` (ip-chat wire work only, tokio-tungstenite).
     Baseline,
+    /// `benches/preencoded-server` (the same wire work, each broadcast encoded once and queued
+    /// frames written with `write_vectored`).
+    PreEncoded,
+}
+
+/// The ip-chat servers every comparison runs, in table order.
+const IP_CHAT: [Server; 3] = [
+    Server::Switchboard("ip-chat"),
+    Server::Baseline,
+    Server::PreEncoded,
+];
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Switchboard(_) => "switchboard",
+            Self::Baseline => "baseline",
+            Self::PreEncoded => "pre-encoded",
+        }
+    }
+}
+
+/// How a server is started.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flags {
+    /// Room for the idle rows' sockets (`--max-connections 20000`).
+    Roomy,
+    /// The server's defaults, as an operator would run it.
+    Defaults,
 }
 
 struct Running {
@@ -68,23 +97,49 @@ pub(crate) fn free_port() -> u16 {
         .map_or(18_000, |a| a.port())
 }
 
-fn start(server: Server, release: &Path) -> Result<Running, String> {
+/// Where `cargo build --release` put the binaries: `$CARGO_TARGET_DIR/release` when that is set
+/// (cargo passes it on to the build `crate::cargo` runs), else `target/release`.
+fn release_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map_or_else(
+            || root().join("target"),
+            |dir| {
+                if dir.is_absolute() {
+                    dir
+                } else {
+                    std::env::current_dir().unwrap_or_default().join(dir)
+                }
+            },
+        );
+    target.join("release")
+}
+
+fn start(server: Server, release: &Path, flags: Flags) -> Result<Running, String> {
     let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let child = match server {
-        Server::Switchboard(protocol) => Command::new(release.join("switchboard"))
-            .args([
+        Server::Switchboard(protocol) => {
+            let mut command = Command::new(release.join("switchboard"));
+            command.args([
                 "serve",
                 "--protocol",
                 protocol,
                 "--listen",
                 &addr.to_string(),
-                "--max-connections",
-                "20000",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn(),
+            ]);
+            if flags == Flags::Roomy {
+                command.args(["--max-connections", "20000"]);
+            }
+            command
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+        }
         Server::Baseline => Command::new(release.join("baseline-server"))
+            .arg(addr.to_string())
+            .stderr(Stdio::null())
+            .spawn(),
+        Server::PreEncoded => Command::new(release.join("preencoded-server"))
             .arg(addr.to_string())
             .stderr(Stdio::null())
             .spawn(),
@@ -117,19 +172,32 @@ fn load(release: &Path, args: &[String]) -> Result<Value, String> {
     Ok(value["report"].clone())
 }
 
-/// Runs a fan-out scenario `RUNS` times, each on a fresh server, and keeps the median run by
-/// throughput: a single sub-second run on a shared 2-core machine is too noisy to compare.
-fn fanout(
-    release: &Path,
-    server: Server,
+/// One fan-out run's shape.
+#[derive(Clone, Copy)]
+struct Scenario {
     subscribers: usize,
+    /// `None`: the load tool's default (enough senders to stay within ip-chat's rate limit).
+    senders: Option<usize>,
+    /// Messages in total (with `senders`, split evenly among them).
     messages: usize,
     rate: Option<f64>,
-) -> Result<Value, String> {
+    flags: Flags,
+    /// Bound on waiting for deliveries after the last send (`None`: the load tool's 60 s).
+    timeout_secs: Option<u64>,
+}
+
+/// Runs a fan-out scenario `RUNS` times, each on a fresh server, and keeps the median run by
+/// throughput: a single sub-second run on a shared 2-core machine is too noisy to compare.
+fn fanout(release: &Path, server: Server, scenario: Scenario) -> Result<Value, String> {
     const RUNS: usize = 3;
-    let mut runs = (0..RUNS)
-        .map(|_| fanout_once(release, server, subscribers, messages, rate))
+    let runs = (0..RUNS)
+        .map(|_| fanout_once(release, server, scenario))
         .collect::<Result<Vec<_>, _>>()?;
+    Ok(median_by_throughput(runs))
+}
+
+/// The median run by deliveries/s, with every run's throughput in its `samples` field.
+fn median_by_throughput(mut runs: Vec<Value>) -> Value {
     runs.sort_by(|a, b| {
         num(a, &["deliveries_per_sec"]).total_cmp(&num(b, &["deliveries_per_sec"]))
     });
@@ -137,19 +205,14 @@ fn fanout(
         .iter()
         .map(|r| format!("{:.0}", num(r, &["deliveries_per_sec"])))
         .collect();
-    let mut median = runs.swap_remove(RUNS / 2);
+    let middle = runs.len() / 2;
+    let mut median = runs.swap_remove(middle);
     median["samples"] = Value::from(samples.join(" / "));
-    Ok(median)
+    median
 }
 
-fn fanout_once(
-    release: &Path,
-    server: Server,
-    subscribers: usize,
-    messages: usize,
-    rate: Option<f64>,
-) -> Result<Value, String> {
-    let running = start(server, release)?;
+fn fanout_once(release: &Path, server: Server, scenario: Scenario) -> Result<Value, String> {
+    let running = start(server, release, scenario.flags)?;
     let mut args: Vec<String> = [
         "fanout",
         "--url",
@@ -160,16 +223,107 @@ fn fanout_once(
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    args.extend([
-        "--subscribers".into(),
-        subscribers.to_string(),
-        "--messages".into(),
-        messages.to_string(),
-    ]);
-    if let Some(rate) = rate {
+    args.extend(["--subscribers".into(), scenario.subscribers.to_string()]);
+    match scenario.senders {
+        // Messages per sender, so the command line reads as the row's label does.
+        Some(senders) if senders > 0 && scenario.messages.is_multiple_of(senders) => {
+            args.extend([
+                "--senders".into(),
+                senders.to_string(),
+                "--messages-per-sender".into(),
+                (scenario.messages / senders).to_string(),
+            ]);
+        }
+        Some(senders) => args.extend([
+            "--senders".into(),
+            senders.to_string(),
+            "--messages".into(),
+            scenario.messages.to_string(),
+        ]),
+        None => args.extend(["--messages".into(), scenario.messages.to_string()]),
+    }
+    if let Some(rate) = scenario.rate {
         args.extend(["--rate".into(), rate.to_string()]);
     }
+    if let Some(secs) = scenario.timeout_secs {
+        args.extend(["--timeout".into(), format!("{secs}s")]);
+    }
     load(release, &args)
+}
+
+/// The burst row and the CPU-per-delivery figure of one server.
+struct Burst {
+    /// The median long run by throughput.
+    run: Value,
+    /// The median pair's (long − short) figures.
+    cpu: CpuPair,
+    /// Every pair's ns per delivery.
+    samples: String,
+}
+
+/// A long and a short burst on fresh servers, reduced to CPU per delivery.
+#[derive(Clone, Copy)]
+struct CpuPair {
+    long_cpu_ns: f64,
+    long_frames: f64,
+    short_cpu_ns: f64,
+    short_frames: f64,
+}
+
+impl CpuPair {
+    /// Message frames the server wrote: to subscribers and, since a broadcast reaches its
+    /// sender too, to the senders.
+    fn frames(run: &Value) -> f64 {
+        num(run, &["deliveries"]) + num(run, &["sender_deliveries"])
+    }
+
+    fn of(long: &Value, short: &Value) -> Self {
+        Self {
+            long_cpu_ns: num(long, &["server_cpu_ns"]),
+            long_frames: Self::frames(long),
+            short_cpu_ns: num(short, &["server_cpu_ns"]),
+            short_frames: Self::frames(short),
+        }
+    }
+
+    /// (long CPU − short CPU) ÷ (long deliveries − short deliveries), in ns: what connecting,
+    /// joining and closing cost appears in both runs and cancels out.
+    fn ns_per_delivery(&self) -> f64 {
+        let frames = self.long_frames - self.short_frames;
+        if frames > 0.0 {
+            (self.long_cpu_ns - self.short_cpu_ns) / frames
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// `pairs` × (the long burst, then the short one), each on a fresh server with default flags.
+fn burst(
+    release: &Path,
+    server: Server,
+    long: Scenario,
+    short: Scenario,
+    pairs: usize,
+) -> Result<Burst, String> {
+    let mut runs = Vec::with_capacity(pairs);
+    let mut cpu = Vec::with_capacity(pairs);
+    for _ in 0..pairs.max(1) {
+        let long_run = fanout_once(release, server, long)?;
+        let short_run = fanout_once(release, server, short)?;
+        cpu.push(CpuPair::of(&long_run, &short_run));
+        runs.push(long_run);
+    }
+    cpu.sort_by(|a, b| a.ns_per_delivery().total_cmp(&b.ns_per_delivery()));
+    let samples: Vec<String> = cpu
+        .iter()
+        .map(|c| format!("{:.0}", c.ns_per_delivery()))
+        .collect();
+    Ok(Burst {
+        run: median_by_throughput(runs),
+        cpu: cpu[cpu.len() / 2],
+        samples: samples.join(" / "),
+    })
 }
 
 fn idle(
@@ -178,7 +332,7 @@ fn idle(
     connections: usize,
     in_flight: usize,
 ) -> Result<Value, String> {
-    let running = start(server, release)?;
+    let running = start(server, release, Flags::Roomy)?;
     let pid = running.child.id().to_string();
     let args = [
         "idle",
@@ -195,7 +349,7 @@ fn idle(
 }
 
 fn reqack(release: &Path, users: usize, messages: usize) -> Result<Value, String> {
-    let running = start(Server::Switchboard("reqack"), release)?;
+    let running = start(Server::Switchboard("reqack"), release, Flags::Roomy)?;
     let args = [
         "reqack",
         "--url",
@@ -244,11 +398,39 @@ fn num(v: &Value, path: &[&str]) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// `ours ÷ theirs`, or `None` when either is missing.
+fn quotient(ours: f64, theirs: f64) -> Option<f64> {
+    (theirs.is_finite() && theirs > 0.0 && ours.is_finite()).then(|| ours / theirs)
+}
+
 fn ratio(ours: f64, theirs: f64) -> String {
-    if theirs.is_finite() && theirs > 0.0 && ours.is_finite() {
-        format!("{:.2}×", ours / theirs)
-    } else {
-        "–".into()
+    quotient(ours, theirs).map_or_else(|| "–".into(), |q| format!("{q:.2}×"))
+}
+
+/// A target a figure is held to.
+#[derive(Clone, Copy)]
+enum Target {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+impl Target {
+    fn verdict(self, value: Option<f64>) -> &'static str {
+        match (self, value) {
+            (Self::AtMost(bound), Some(v)) if v <= bound => "pass",
+            (Self::AtLeast(bound), Some(v)) if v >= bound => "pass",
+            (_, Some(_)) => "FAIL",
+            (_, None) => "–",
+        }
+    }
+}
+
+/// `ours ÷ theirs` with its pass/fail against `target`, e.g. `0.96× pass`.
+fn judged(ours: f64, theirs: f64, target: Target) -> String {
+    let q = quotient(ours, theirs);
+    match q {
+        Some(q) => format!("{q:.2}× {}", target.verdict(Some(q))),
+        None => "–".into(),
     }
 }
 
@@ -260,10 +442,12 @@ pub(crate) fn run(quick: bool) -> ExitCode {
         "switchboard-cli",
         "-p",
         "baseline-server",
+        "-p",
+        "preencoded-server",
     ]) {
         return ExitCode::FAILURE;
     }
-    let release = root().join("target/release");
+    let release = release_dir();
     match matrix(&release, quick) {
         Ok(report) => {
             let path = root().join("docs/performance.md");
@@ -281,126 +465,86 @@ pub(crate) fn run(quick: bool) -> ExitCode {
     }
 }
 
+/// What the matrix measured that the target tables compare.
+struct Measured {
+    /// Fan-out rows: label and one median run per server, in [`IP_CHAT`] order.
+    fanout: Vec<FanoutRow>,
+    /// The burst of each server, in [`IP_CHAT`] order.
+    burst: Vec<Burst>,
+    /// Idle rows: sockets and one run per server, in [`IP_CHAT`] order.
+    idle: Vec<(usize, [Value; 3])>,
+}
+
+/// Runs `f` for every ip-chat server, in [`IP_CHAT`] order.
+fn each_server<T>(mut f: impl FnMut(Server) -> Result<T, String>) -> Result<[T; 3], String> {
+    let [a, b, c] = IP_CHAT;
+    Ok([f(a)?, f(b)?, f(c)?])
+}
+
 fn matrix(release: &Path, quick: bool) -> Result<String, String> {
-    let (idle_sizes, big_fanout) = if quick {
-        (vec![1_000], 200)
+    let (idle_sizes, big_fanout, pairs) = if quick {
+        (vec![1_000], 200, 1)
     } else {
-        (vec![10_000, 15_000], 1_000)
+        (vec![10_000, 15_000], 1_000, 3)
     };
     let mut out = String::new();
     let _ = writeln!(out, "# Performance\n");
     let _ = writeln!(
         out,
-        "Written by `cargo xtask bench`{} on {}. Server and load generator share the machine, so\n\
-         every figure includes the load generator's competition for the same cores. The baseline\n\
-         is `benches/baseline-server`: a minimal tokio-tungstenite ip-chat broadcast server doing\n\
-         the same wire work with none of the platform around it. Ratios are Switchboard ÷ baseline.\n",
+        "Written by `cargo xtask bench{}` on {}. Server and load generator share the machine, so\n\
+         every figure includes the load generator's competition for the same cores. Three ip-chat\n\
+         servers run side by side: Switchboard; the baseline, `benches/baseline-server`, a minimal\n\
+         tokio-tungstenite broadcast server doing the same wire work with none of the platform\n\
+         around it; and the pre-encoded yardstick, `benches/preencoded-server`, the same wire work\n\
+         done the cheapest way we know (each broadcast encoded once to its final wire bytes, shared\n\
+         by every queue, and up to 64 queued frames handed to the kernel per `write_vectored`).\n\
+         Ratios are Switchboard ÷ the server named.\n",
         if quick { " --quick" } else { "" },
         machine()
     );
+    let _ = writeln!(out, "## What each figure is\n");
+    let _ = writeln!(
+        out,
+        "- **deliveries/s**: message frames that reached subscribers, divided by the time from the\n  \
+         first send to the last delivery, counted by the load generator (`switchboard bench fanout`).\n\
+         - **p50 / p99 / max µs**: send-to-receipt latency of every delivery, from a timestamp the\n  \
+         sender writes into the message text and the subscriber reads back (same clock, same machine).\n\
+         - **CPU µs/delivery** (fan-out rows): the server's CPU time over the run, summed over its\n  \
+         threads from /proc/<pid>/task/*/schedstat (nanoseconds), divided by the deliveries. The\n  \
+         window also holds the subscribers closing, so short runs overstate it.\n\
+         - **CPU ns/delivery (long − short)**: the server's CPU over a long burst minus its CPU over\n  \
+         a short burst of the same shape (same subscribers and senders, on fresh servers), divided\n  \
+         by the difference in message frames written (to subscribers, and to senders, who get every\n  \
+         broadcast too). Setting up and closing the sockets costs the same in both runs and\n  \
+         cancels out, leaving the cost of one more delivery, at nanosecond resolution.\n\
+         - **subscribers closed**: subscribers the server disconnected before they had every\n  \
+         message (close codes in parentheses), although every one keeps reading; the target is none.\n\
+         - **server RSS per socket**: the server's resident memory with N idle sockets open minus\n  \
+         before, divided by N (/proc/<pid>/status VmRSS).\n\
+         - **connects/s** and **connect ms**: how fast the load generator opens upgraded sockets.\n"
+    );
 
-    let _ = writeln!(out, "## ip-chat fan-out\n");
-    let _ = writeln!(
-        out,
-        "Each fan-out row is the median of three runs on fresh servers (all three throughputs in the\n\
-         last column). Server CPU time is summed over its threads from /proc/<pid>/task/*/schedstat (ns).\n"
+    let measured = fanout_section(&mut out, release, big_fanout)?;
+    let burst = burst_section(&mut out, release, pairs)?;
+    let idle_rows = idle_section(&mut out, release, &idle_sizes)?;
+    let per_socket = idle_rows.last().map_or(f64::NAN, |(_, runs)| {
+        num(&runs[0], &["rss_per_connection_bytes"])
+    });
+    targets_section(
+        &mut out,
+        &Measured {
+            fanout: measured,
+            burst,
+            idle: idle_rows,
+        },
     );
-    let _ = writeln!(
-        out,
-        "| run | server | deliveries/s | p50 µs | p99 µs | max µs | CPU µs/delivery | complete | runs (deliveries/s) |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
-    let mut fanout_ratios = Vec::new();
-    for (label, subs, messages, rate) in [
-        ("100 subs × 500 msgs", 100, 500, None),
-        ("1,000 subs × 500 msgs", big_fanout, 500, None),
-        (
-            "1,000 subs, steady 40 msgs/s (40k deliveries/s)",
-            big_fanout,
-            400,
-            Some(40.0),
-        ),
-    ] {
-        let ours = fanout(
-            release,
-            Server::Switchboard("ip-chat"),
-            subs,
-            messages,
-            rate,
-        )?;
-        let base = fanout(release, Server::Baseline, subs, messages, rate)?;
-        for (name, r) in [("switchboard", &ours), ("baseline", &base)] {
-            let _ = writeln!(
-                out,
-                "| {label} | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} |",
-                num(r, &["deliveries_per_sec"]),
-                num(r, &["latency_us", "p50"]),
-                num(r, &["latency_us", "p99"]),
-                num(r, &["latency_us", "max"]),
-                num(r, &["server_cpu_per_delivery_us"]),
-                r["complete"],
-                r["samples"].as_str().unwrap_or("")
-            );
-        }
-        fanout_ratios.push((label, ours, base));
-    }
-    let _ = writeln!(
-        out,
-        "\n| run | throughput ratio (target ≥ 0.9×) | CPU/delivery ratio (target ≤ 1.2×) | p99 ratio (target ≤ 2×) |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|");
-    for (label, ours, base) in &fanout_ratios {
-        let _ = writeln!(
-            out,
-            "| {label} | {} | {} | {} |",
-            ratio(
-                num(ours, &["deliveries_per_sec"]),
-                num(base, &["deliveries_per_sec"])
-            ),
-            ratio(
-                num(ours, &["server_cpu_per_delivery_us"]),
-                num(base, &["server_cpu_per_delivery_us"])
-            ),
-            ratio(
-                num(ours, &["latency_us", "p99"]),
-                num(base, &["latency_us", "p99"])
-            ),
-        );
-    }
 
-    let _ = writeln!(out, "\n## Idle sockets\n");
-    let _ = writeln!(
-        out,
-        "| sockets | server | connects/s | server RSS per socket | ratio |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|");
-    let mut per_socket = f64::NAN;
-    for connections in idle_sizes {
-        let ours = idle(release, Server::Switchboard("ip-chat"), connections, 256)?;
-        per_socket = num(&ours, &["rss_per_connection_bytes"]);
-        let base = idle(release, Server::Baseline, connections, 256)?;
-        let per = |r: &Value| num(r, &["rss_per_connection_bytes"]);
-        for (name, r) in [("switchboard", &ours), ("baseline", &base)] {
-            let _ = writeln!(
-                out,
-                "| {connections} | {name} | {:.0} | {:.2} KiB | {} |",
-                num(r, &["connects_per_sec"]),
-                per(r) / 1024.0,
-                if name == "switchboard" {
-                    ratio(per(&ours), per(&base))
-                } else {
-                    String::new()
-                }
-            );
-        }
-    }
-
-    let burst = if quick { 1_000 } else { 10_000 };
+    let connects = if quick { 1_000 } else { 10_000 };
     let in_flight = 2_000;
     let _ = writeln!(out, "\n## Connect burst\n");
     let _ = writeln!(
         out,
-        "{burst} connections with {in_flight} in flight at once. A maximum connect time of a second or\n\
+        "{connects} connections with {in_flight} in flight at once. A maximum connect time of a second or\n\
          more means a SYN was dropped and retransmitted (a stall); Switchboard listens with a backlog\n\
          of 4,096 through `TcpSocket::listen` instead of tokio's default `TcpListener::bind`.\n"
     );
@@ -409,15 +553,13 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
         "| server | connects/s | p50 ms | p99 ms | max ms | stalled |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|");
-    for (name, server) in [
-        ("switchboard", Server::Switchboard("ip-chat")),
-        ("baseline", Server::Baseline),
-    ] {
-        let r = idle(release, server, burst, in_flight)?;
+    for server in IP_CHAT {
+        let r = idle(release, server, connects, in_flight)?;
         let max = num(&r, &["connect_ms", "max"]);
         let _ = writeln!(
             out,
-            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} |",
+            server.name(),
             num(&r, &["connects_per_sec"]),
             num(&r, &["connect_ms", "p50"]),
             num(&r, &["connect_ms", "p99"]),
@@ -447,6 +589,408 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
         r["exactly_once"]
     );
     Ok(out)
+}
+
+/// The fan-out rows, all three servers each.
+fn fanout_section(
+    out: &mut String,
+    release: &Path,
+    big_fanout: usize,
+) -> Result<Vec<FanoutRow>, String> {
+    let _ = writeln!(out, "## ip-chat fan-out\n");
+    let _ = writeln!(
+        out,
+        "Each fan-out row is the median of three runs on fresh servers (all three throughputs in the\n\
+         last column).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| run | server | deliveries/s | p50 µs | p99 µs | max µs | CPU µs/delivery | complete | runs (deliveries/s) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (label, subscribers, messages, rate) in [
+        ("100 subs × 500 msgs".to_owned(), 100, 500, None),
+        (
+            format!("{} subs × 500 msgs", group(big_fanout)),
+            big_fanout,
+            500,
+            None,
+        ),
+        (
+            format!(
+                "{} subs, steady 40 msgs/s ({} deliveries/s)",
+                group(big_fanout),
+                group(40 * big_fanout)
+            ),
+            big_fanout,
+            400,
+            Some(40.0),
+        ),
+    ] {
+        let scenario = Scenario {
+            subscribers,
+            senders: None,
+            messages,
+            rate,
+            flags: Flags::Roomy,
+            timeout_secs: None,
+        };
+        let runs = each_server(|server| fanout(release, server, scenario))?;
+        for (server, r) in IP_CHAT.iter().zip(&runs) {
+            let _ = writeln!(
+                out,
+                "| {label} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} |",
+                server.name(),
+                num(r, &["deliveries_per_sec"]),
+                num(r, &["latency_us", "p50"]),
+                num(r, &["latency_us", "p99"]),
+                num(r, &["latency_us", "max"]),
+                num(r, &["server_cpu_per_delivery_us"]),
+                r["complete"],
+                r["samples"].as_str().unwrap_or("")
+            );
+        }
+        rows.push(FanoutRow {
+            label,
+            paced: rate.is_some(),
+            runs,
+        });
+    }
+    Ok(rows)
+}
+
+/// One fan-out row: its label, whether it is paced, and one median run per server in
+/// [`IP_CHAT`] order.
+struct FanoutRow {
+    label: String,
+    paced: bool,
+    runs: [Value; 3],
+}
+
+/// Burst subscribers, senders, and messages per sender in the long and the short run.
+const BURST_SUBSCRIBERS: usize = 1_000;
+const BURST_SENDERS: usize = 100;
+const BURST_LONG_EACH: usize = 50;
+const BURST_SHORT_EACH: usize = 5;
+
+/// `5,000-message burst`.
+fn burst_label() -> String {
+    format!("{}-message burst", group(BURST_SENDERS * BURST_LONG_EACH))
+}
+
+/// The 5,000-message burst on default flags, and CPU per delivery from long − short.
+fn burst_section(out: &mut String, release: &Path, pairs: usize) -> Result<Vec<Burst>, String> {
+    let scenario = |each: usize| Scenario {
+        subscribers: BURST_SUBSCRIBERS,
+        senders: Some(BURST_SENDERS),
+        messages: BURST_SENDERS * each,
+        rate: None,
+        flags: Flags::Defaults,
+        // A server that drops frames (the baseline's queue holds 1,024) leaves subscribers
+        // waiting for the rest; 30 s after the last send is ample for the ones that arrive.
+        timeout_secs: Some(30),
+    };
+    let (long, short) = (scenario(BURST_LONG_EACH), scenario(BURST_SHORT_EACH));
+    let bursts = IP_CHAT
+        .iter()
+        .map(|server| burst(release, *server, long, short, pairs))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let _ = writeln!(out, "\n## Burst at the limit\n");
+    let _ = writeln!(
+        out,
+        "{BURST_SENDERS} senders × {BURST_LONG_EACH} messages, as fast as they go, to \
+         {} subscribers that all keep reading: {} message frames per run, each \
+         server on its default flags. {} on fresh servers; the row shows the median by throughput. \
+         A server may also drop frames without closing: the baseline's queue holds 1,024 frames \
+         per socket and a broadcast skips a socket whose queue is full, so it shows as incomplete; \
+         the pre-encoded yardstick's queue holds 16,384, Switchboard's default `--outbound-queue`.\n",
+        group(BURST_SUBSCRIBERS),
+        group(long.messages * (BURST_SUBSCRIBERS + BURST_SENDERS)),
+        if pairs > 1 {
+            format!("{pairs} runs")
+        } else {
+            "One run".to_owned()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| server | subscribers closed (target 0) | deliveries/s | p50 µs | p99 µs | max µs | complete | runs (deliveries/s) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for (server, b) in IP_CHAT.iter().zip(&bursts) {
+        let r = &b.run;
+        let _ = writeln!(
+            out,
+            "| {} | {}{} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            server.name(),
+            r["closed_by_server"],
+            close_codes(r),
+            num(r, &["deliveries_per_sec"]),
+            num(r, &["latency_us", "p50"]),
+            num(r, &["latency_us", "p99"]),
+            num(r, &["latency_us", "max"]),
+            r["complete"],
+            r["samples"].as_str().unwrap_or("")
+        );
+    }
+
+    let _ = writeln!(out, "\n### CPU per delivery\n");
+    let _ = writeln!(
+        out,
+        "The long run is the burst above ({BURST_LONG_EACH} messages per sender); the short run \
+         has the same {} subscribers and {BURST_SENDERS} senders with \
+         {BURST_SHORT_EACH} messages each. CPU per delivery = (long CPU − short CPU) ÷ (long \
+         frames − short frames); the table shows the median pair{}.\n",
+        group(BURST_SUBSCRIBERS),
+        if pairs > 1 {
+            format!(" of {pairs}, every pair's figure in the last column")
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| server | long: CPU ms | long: frames | short: CPU ms | short: frames | CPU ns/delivery | pairs (ns/delivery) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for (server, b) in IP_CHAT.iter().zip(&bursts) {
+        let c = &b.cpu;
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.0} | {:.1} | {:.0} | {:.0} | {} |",
+            server.name(),
+            c.long_cpu_ns / 1e6,
+            c.long_frames,
+            c.short_cpu_ns / 1e6,
+            c.short_frames,
+            c.ns_per_delivery(),
+            b.samples
+        );
+    }
+    Ok(bursts)
+}
+
+/// ` (1008 × 3, none × 1)` from a run's `close_codes`, or nothing.
+fn close_codes(run: &Value) -> String {
+    let codes: Vec<String> = run["close_codes"]
+        .as_object()
+        .map(|codes| {
+            codes
+                .iter()
+                .map(|(code, count)| format!("{code} × {count}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if codes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", codes.join(", "))
+    }
+}
+
+/// `5500000` → `5,500,000`.
+fn group(n: usize) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    grouped
+}
+
+/// Idle memory per socket, all three servers.
+fn idle_section(
+    out: &mut String,
+    release: &Path,
+    sizes: &[usize],
+) -> Result<Vec<(usize, [Value; 3])>, String> {
+    let _ = writeln!(out, "\n## Idle sockets\n");
+    let _ = writeln!(
+        out,
+        "| sockets | server | connects/s | server RSS per socket | ÷ baseline | Switchboard target ≤ 6 KiB |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let per = |r: &Value| num(r, &["rss_per_connection_bytes"]);
+    let mut rows = Vec::new();
+    for &connections in sizes {
+        let runs = each_server(|server| idle(release, server, connections, 256))?;
+        for (server, r) in IP_CHAT.iter().zip(&runs) {
+            let switchboard = matches!(server, Server::Switchboard(_));
+            let _ = writeln!(
+                out,
+                "| {connections} | {} | {:.0} | {:.2} KiB | {} | {} |",
+                server.name(),
+                num(r, &["connects_per_sec"]),
+                per(r) / 1024.0,
+                if *server == Server::Baseline {
+                    String::new()
+                } else {
+                    ratio(per(r), per(&runs[1]))
+                },
+                if switchboard {
+                    Target::AtMost(6.0 * 1024.0).verdict(Some(per(r)).filter(|v| v.is_finite()))
+                } else {
+                    ""
+                }
+            );
+        }
+        rows.push((connections, runs));
+    }
+    Ok(rows)
+}
+
+/// The two target tables: against the pre-encoded yardstick, and the older one against the
+/// tokio-tungstenite baseline.
+fn targets_section(out: &mut String, m: &Measured) {
+    let [ours, base, pre] = [0, 1, 2];
+    let _ = writeln!(out, "\n## Targets\n");
+    let _ = writeln!(
+        out,
+        "Against the pre-encoded yardstick (and, for idle memory, the tokio-tungstenite baseline).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| figure | switchboard | baseline | pre-encoded | ratio | target | result |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let mut row = |figure: String, values: [f64; 3], unit: &str, vs: usize, target: Target| {
+        let q = quotient(values[ours], values[vs]);
+        let (bound, direction) = match target {
+            Target::AtMost(b) => (b, "≤"),
+            Target::AtLeast(b) => (b, "≥"),
+        };
+        let vs_name = IP_CHAT[vs].name();
+        let _ = writeln!(
+            out,
+            "| {figure} | {:.0}{unit} | {:.0}{unit} | {:.0}{unit} | {} | {direction} {bound:.2}× {vs_name} | {} |",
+            values[ours],
+            values[base],
+            values[pre],
+            q.map_or_else(|| "–".into(), |q| format!("{q:.2}×")),
+            target.verdict(q),
+        );
+    };
+    let cpu = |i: usize| m.burst.get(i).map_or(f64::NAN, |b| b.cpu.ns_per_delivery());
+    row(
+        "CPU per delivery (long − short burst)".into(),
+        [cpu(ours), cpu(base), cpu(pre)],
+        " ns",
+        pre,
+        Target::AtMost(1.1),
+    );
+    let burst_rate = |i: usize| {
+        m.burst
+            .get(i)
+            .map_or(f64::NAN, |b| num(&b.run, &["deliveries_per_sec"]))
+    };
+    row(
+        format!("deliveries/s, {}", burst_label()),
+        [burst_rate(ours), burst_rate(base), burst_rate(pre)],
+        "",
+        pre,
+        Target::AtLeast(0.95),
+    );
+    for FanoutRow { label, paced, runs } in &m.fanout {
+        let figure = |path: &[&str]| {
+            [
+                num(&runs[0], path),
+                num(&runs[1], path),
+                num(&runs[2], path),
+            ]
+        };
+        if *paced {
+            row(
+                format!("p99 µs, {label}"),
+                figure(&["latency_us", "p99"]),
+                "",
+                pre,
+                Target::AtMost(1.1),
+            );
+        } else {
+            row(
+                format!("deliveries/s, {label}"),
+                figure(&["deliveries_per_sec"]),
+                "",
+                pre,
+                Target::AtLeast(0.95),
+            );
+        }
+    }
+    for (sockets, runs) in &m.idle {
+        let per = |i: usize| num(&runs[i], &["rss_per_connection_bytes"]);
+        row(
+            format!("idle bytes per socket, {sockets} sockets"),
+            [per(ours), per(base), per(pre)],
+            " B",
+            base,
+            Target::AtMost(1.0),
+        );
+    }
+    let closed: Vec<String> = m
+        .burst
+        .iter()
+        .map(|b| format!("{}", b.run["closed_by_server"]))
+        .collect();
+    let _ = writeln!(
+        out,
+        "| subscribers closed, {} | {} | – | none | {} |",
+        burst_label(),
+        closed.join(" | "),
+        if m.burst
+            .first()
+            .and_then(|b| b.run["closed_by_server"].as_u64())
+            == Some(0)
+        {
+            "pass"
+        } else {
+            "FAIL"
+        }
+    );
+
+    let _ = writeln!(out, "\nAgainst the tokio-tungstenite baseline.\n");
+    let _ = writeln!(
+        out,
+        "| run | throughput ratio (target ≥ 0.9×) | CPU/delivery ratio (target ≤ 1.2×) | p99 ratio (target ≤ 2×) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|");
+    for FanoutRow { label, runs, .. } in &m.fanout {
+        let ratio_of =
+            |path: &[&str], target| judged(num(&runs[ours], path), num(&runs[base], path), target);
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} |",
+            ratio_of(&["deliveries_per_sec"], Target::AtLeast(0.9)),
+            ratio_of(&["server_cpu_per_delivery_us"], Target::AtMost(1.2)),
+            ratio_of(&["latency_us", "p99"], Target::AtMost(2.0)),
+        );
+    }
+    if let (Some(o), Some(b)) = (m.burst.get(ours), m.burst.get(base)) {
+        let _ = writeln!(
+            out,
+            "| {} (CPU: long − short) | {} | {} | {} |",
+            burst_label(),
+            judged(
+                num(&o.run, &["deliveries_per_sec"]),
+                num(&b.run, &["deliveries_per_sec"]),
+                Target::AtLeast(0.9)
+            ),
+            judged(
+                o.cpu.ns_per_delivery(),
+                b.cpu.ns_per_delivery(),
+                Target::AtMost(1.2)
+            ),
+            judged(
+                num(&o.run, &["latency_us", "p99"]),
+                num(&b.run, &["latency_us", "p99"]),
+                Target::AtMost(2.0)
+            ),
+        );
+    }
 }
 
 /// What 100,000 and 1,000,000 sockets would take, from this run's measured memory per socket.

@@ -1,8 +1,8 @@
 //! Project automation, in Rust instead of shell scripts (the cargo-xtask convention).
 //!
 //! - `cargo xtask ci`: exactly what CI runs — fmt check, clippy with warnings denied, tests.
-//! - `cargo xtask bench [--quick]`: release builds of the server and of a minimal baseline,
-//!   a fixed matrix of load runs against both, and the table in `docs/performance.md`.
+//! - `cargo xtask bench [--quick]`: release builds of the server and of two minimal yardsticks,
+//!   a fixed matrix of load runs against all three, and the tables in `docs/performance.md`.
 //! - `cargo xtask autobahn [--debug]`: the Autobahn|Testsuite fuzzing client (cases 1-7, 9, 10) against
 //!   `switchboard serve --protocol echo`; fails unless every case passes.
 #![allow(
