@@ -143,6 +143,17 @@ impl ReassemblyPool {
     }
 }
 
+thread_local! {
+    /// Small frames of one write are copied here, contiguous (see `Pending::coalesce`). One
+    /// buffer per worker thread, reused by every connection that thread polls: a socket keeps
+    /// no write buffer of its own, and the copy is only ever used within one poll.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A scratch buffer larger than this after a write is released (64 frames of the coalescing
+/// limit fit).
+const MAX_SCRATCH: usize = 256 * 1024;
+
 /// Largest backlog of tungstenite's own writes (pongs, the reply to a peer's close) kept
 /// until the connection loop sends it: tungstenite holds at most one pending pong, so more
 /// than this means something is wrong and the connection ends.
@@ -312,6 +323,30 @@ impl<T: AsyncWrite + Unpin> Metered<T> {
             std::task::ready!(self.poll_send_control(cx))?;
         }
         while !pending.is_done() {
+            let copied = SCRATCH.with_borrow_mut(|scratch| {
+                if pending.coalesce(scratch) == 0 {
+                    return None;
+                }
+                let result = Pin::new(&mut self.inner).poll_write(cx, scratch);
+                if scratch.capacity() > MAX_SCRATCH {
+                    *scratch = Vec::new();
+                }
+                Some(result)
+            });
+            if let Some(result) = copied {
+                match result {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.watch.wrote();
+                        pending.advance(n);
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
             let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
             let mut slices = [io::IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
             let filled = pending.slices(&mut headers, &mut slices);
