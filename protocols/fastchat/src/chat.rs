@@ -734,11 +734,19 @@ impl FastChat {
     ) -> EngineResult<()> {
         let (peer, engine) = (cx.peer(), cx.engine());
         let store = self.store(engine);
+        // The version of this sender's own `pending` record for this id: its first attempt was
+        // never answered (the node died between claiming the id and queueing the message), so
+        // this retry sends it again rather than answer `sent` for a message never queued.
+        let mut resumed = None;
         if let Some(id) = &client_id
-            && let Some((record, _)) = store.message(id).await?
+            && let Some((record, version)) = store.message(id).await?
         {
-            Self::answer_taken(peer, me, id, &record, details);
-            return Ok(());
+            if record.status == Status::Pending && record.from == me && record.to == to {
+                resumed = Some(version);
+            } else {
+                Self::answer_taken(peer, me, id, &record, details);
+                return Ok(());
+            }
         }
         // An open chat implies a known recipient (forgetting a user closes their chats), so the
         // hot path reads one small key.
@@ -797,20 +805,33 @@ impl FastChat {
         };
         // The record comes first: a message is only delivered once the server can remember it
         // (for retries and the delivered tick).
+        // It is `pending` until the message is queued or delivered, then confirmed `sent`.
         let record = MessageRecord {
             from: me,
             to,
-            status: Status::Sent,
+            status: Status::Pending,
         };
-        let order = match store.record(message_id, &record).await? {
-            Ok(order) => order,
-            Err(Some(taken)) => {
-                Self::answer_taken(peer, me, message_id, &taken, details);
+        let order = if let Some(version) = resumed {
+            // Of retries racing to resume it, the one whose compare-and-set lands sends it; the
+            // others answer as retries. Its charge and age entry are the first attempt's.
+            if !store.update_message(message_id, &record, version).await? {
+                if let Some((taken, _)) = store.message(message_id).await? {
+                    Self::answer_taken(peer, me, message_id, &taken, details);
+                }
                 return Ok(());
             }
-            Err(None) => {
-                failed("the server has no room to track another message");
-                return Ok(());
+            None
+        } else {
+            match store.record(message_id, &record).await? {
+                Ok(order) => Some(order),
+                Err(Some(taken)) => {
+                    Self::answer_taken(peer, me, message_id, &taken, details);
+                    return Ok(());
+                }
+                Err(None) => {
+                    failed("the server has no room to track another message");
+                    return Ok(());
+                }
             }
         };
         let delivered = self.deliver(&store, client, to, incoming).await;
@@ -818,12 +839,17 @@ impl FastChat {
             Ok(Ok(())) => None,
             Ok(Err(refused)) => Some(refused),
             Err(error) => {
-                store.unrecord(message_id, order).await?;
+                if let Some(order) = order {
+                    store.unrecord(message_id, order).await?;
+                }
                 return Err(error);
             }
         };
         if let Some(refused) = refused {
-            store.unrecord(message_id, order).await?;
+            // A resumed record stays `pending` (charged as before): a later retry tries again.
+            if let Some(order) = order {
+                store.unrecord(message_id, order).await?;
+            }
             failed(match refused {
                 QueueRefused::User => "the recipient's offline queue is full",
                 QueueRefused::Server => "the server's offline queue is full",
@@ -834,6 +860,7 @@ impl FastChat {
             });
             return Ok(());
         }
+        store.confirm_message(message_id).await?;
         // The account's counters returned their values as they changed: no read of it here.
         self.fit_cache();
         Self::send(

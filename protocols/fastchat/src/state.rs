@@ -89,6 +89,11 @@ pub struct UserRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Claimed by a sender whose delivery has not finished yet. A node that dies between the
+    /// claim and the inbox append leaves this: the sender was never answered, and a retry with
+    /// the same id sends the message again instead of answering `sent` for a message that was
+    /// never queued.
+    Pending,
     /// Accepted by the server.
     Sent,
     /// Acknowledged by the recipient.
@@ -99,7 +104,9 @@ impl Status {
     /// The wire form.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Sent => "sent",
+            // Never answered as such (a pending message is sent again or refused); "sent" is
+            // the nearest wire status.
+            Self::Pending | Self::Sent => "sent",
             Self::Delivered => "delivered",
         }
     }
@@ -120,9 +127,10 @@ pub struct MessageRecord {
 
 impl MessageRecord {
     /// The record after the recipient `acker` acknowledged it, if that ack counts: only the
-    /// recipient's first ack turns `sent` into `delivered`.
+    /// recipient's first ack turns `sent` into `delivered` (or `pending`: a recipient online
+    /// gets the message before its sender confirms the record).
     pub fn acked_by(self, acker: Uuid) -> Option<Self> {
-        (self.to == acker && self.status == Status::Sent).then_some(Self {
+        (self.to == acker && self.status != Status::Delivered).then_some(Self {
             status: Status::Delivered,
             ..self
         })
@@ -331,6 +339,15 @@ mod tests {
         let delivered = record.acked_by(b).unwrap();
         assert_eq!(delivered.status, Status::Delivered);
         assert_eq!(delivered.acked_by(b), None, "acked once");
+        let pending = MessageRecord {
+            status: Status::Pending,
+            ..record
+        };
+        assert_eq!(
+            pending.acked_by(b),
+            Some(delivered),
+            "acked before its confirmation"
+        );
     }
 
     #[test]

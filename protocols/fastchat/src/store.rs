@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::state::{
     Bounds, CHAT_BYTES, MAX_MSG_FRAME_BYTES, MessageRecord, QueuedMarker, RecordRoom, Refused,
-    USER_BYTES, Usage, UserRecord, chat_id, queued_bytes, record_bytes,
+    Status, USER_BYTES, Usage, UserRecord, chat_id, queued_bytes, record_bytes,
 };
 
 /// Presence room of online users: member = user id, one connection per socket.
@@ -564,6 +564,27 @@ impl<'a> Store<'a> {
             )
             .await?;
         Ok(matches!(put, Put::Stored(_)))
+    }
+
+    /// Turns message `message_id`'s record from `pending` into `sent` once its delivery is
+    /// done (a record already `delivered`, or gone, is left alone).
+    pub async fn confirm_message(&self, message_id: &str) -> EngineResult<()> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((record, version)) = self.message(message_id).await? else {
+                return Ok(());
+            };
+            if record.status != Status::Pending {
+                return Ok(());
+            }
+            let sent = MessageRecord {
+                status: Status::Sent,
+                ..record
+            };
+            if self.update_message(message_id, &sent, version).await? {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// Forgets the oldest message record; `false` if there is none.
