@@ -1,0 +1,235 @@
+//! Shared by the `--data-dir` tests: a node of the real binary that can be SIGKILLed and
+//! started again on the same directory, and blocking WebSocket and HTTP clients for load
+//! threads, which must end quietly (not panic) when the node dies under them.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking; not every test uses every helper"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message, WebSocket};
+
+/// How long any single wait of these tests may take.
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
+
+/// A fresh directory, removed when dropped.
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "switchboard-cli-{name}-{}-{nanos}",
+            std::process::id()
+        ));
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `switchboard serve --protocol <protocol> --data-dir <dir>` on a free port; SIGKILLed when
+/// dropped, so a failing test leaves no process behind.
+pub(crate) struct Node {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Node {
+    /// Starts the node and waits (bounded) for the address it reports.
+    pub(crate) fn start(dir: &Path, protocol: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["--protocol", protocol])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(dir)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn switchboard");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        // Keeps draining stderr for the node's whole life, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if entry["fields"]["message"] == "listening" {
+                    let _ = tx.send(
+                        entry["fields"]["local"]
+                            .as_str()
+                            .unwrap()
+                            .parse::<SocketAddr>()
+                            .unwrap(),
+                    );
+                }
+            }
+        });
+        let Ok(addr) = rx.recv_timeout(WAIT) else {
+            let _ = child.kill();
+            panic!("the server did not report its address");
+        };
+        Self { child, addr }
+    }
+
+    /// SIGKILL: no shutdown, no flush. Returns once the process is gone.
+    pub(crate) fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking WebSocket client. Every read is bounded by [`WAIT`]; every failure (the node
+/// died, a timeout) is an `Err`, so a load thread ends instead of panicking.
+pub(crate) struct Ws {
+    ws: WebSocket<TcpStream>,
+}
+
+/// Why a [`Ws`] call failed.
+pub(crate) type WsResult<T> = Result<T, String>;
+
+impl Ws {
+    /// Connects to `url`, sending `headers` with the upgrade.
+    pub(crate) fn connect(url: &str, headers: &[(&str, &str)]) -> WsResult<Self> {
+        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+        for (name, value) in headers {
+            let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| e.to_string())?;
+            let value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+            request.headers_mut().append(name, value);
+        }
+        let host = request.uri().host().unwrap_or("127.0.0.1").to_owned();
+        let port = request.uri().port_u16().unwrap_or(80);
+        let stream = TcpStream::connect((host.as_str(), port)).map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(WAIT))
+            .map_err(|e| e.to_string())?;
+        stream
+            .set_write_timeout(Some(WAIT))
+            .map_err(|e| e.to_string())?;
+        let (ws, _) = tungstenite::client(request, stream).map_err(|e| e.to_string())?;
+        Ok(Self { ws })
+    }
+
+    /// Connects or panics (for the checks after a restart, where failing is a test failure).
+    pub(crate) fn open(url: &str, headers: &[(&str, &str)]) -> Self {
+        Self::connect(url, headers).unwrap_or_else(|e| panic!("connect {url}: {e}"))
+    }
+
+    pub(crate) fn send(&mut self, value: &Value) -> WsResult<()> {
+        self.ws
+            .send(Message::text(value.to_string()))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The next JSON text frame (pings, pongs and binary frames are skipped).
+    pub(crate) fn recv(&mut self) -> WsResult<Value> {
+        loop {
+            match self.ws.read().map_err(|e| e.to_string())? {
+                Message::Text(text) => {
+                    return serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"));
+                }
+                Message::Close(frame) => return Err(format!("closed: {frame:?}")),
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads frames, handing each to `seen`, until one satisfies `accept` (within [`WAIT`]).
+    pub(crate) fn recv_until(
+        &mut self,
+        mut seen: impl FnMut(&Value),
+        mut accept: impl FnMut(&Value) -> bool,
+    ) -> WsResult<Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if Instant::now() > deadline {
+                return Err("no matching frame in time".into());
+            }
+            let value = self.recv()?;
+            seen(&value);
+            if accept(&value) {
+                return Ok(value);
+            }
+        }
+    }
+
+    /// [`Ws::send`] then [`Ws::recv_until`], panicking on failure (checks after a restart).
+    pub(crate) fn ask(&mut self, value: &Value, accept: impl FnMut(&Value) -> bool) -> Value {
+        self.send(value).unwrap();
+        self.recv_until(|_| {}, accept)
+            .unwrap_or_else(|e| panic!("no answer to {value}: {e}"))
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`: (status, body). Panics on failure.
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).expect("connect for HTTP");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read HTTP response");
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "chunked bodies are not expected here: {head}"
+    );
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Load threads report each acknowledgement here; the test kills the node once `count` have
+/// arrived (bounded by [`WAIT`]), while the threads are still sending.
+pub(crate) fn await_acks(progress: &mpsc::Receiver<()>, count: usize) {
+    let deadline = Instant::now() + WAIT;
+    for seen in 0..count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if progress.recv_timeout(left).is_err() {
+            panic!("only {seen} of {count} acknowledgements before the deadline");
+        }
+    }
+}
