@@ -277,36 +277,41 @@ fn upgrade<P: Protocol>(
 
 /// Wraps the upgraded socket (metering, WebSocket codec, outbound queue) and runs the
 /// connection until it ends.
-async fn open_connection<P: Protocol>(
+// Not an `async fn`: those keep each argument twice in their state machine (see
+// `connection::run`).
+#[allow(clippy::manual_async_fn)]
+fn open_connection<P: Protocol>(
     app: Arc<App<P>>,
     conn: P::Conn,
     upgraded: hyper::upgrade::Upgraded,
     remote: SocketAddr,
     client_ip: IpAddr,
     client_key: ClientKey,
-) {
-    let watch = Arc::new(Watch::default());
-    let io = Metered::new(
-        TokioIo::new(upgraded),
-        watch.clone(),
-        app.reassembly.clone(),
-        client_key,
-    );
-    let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(app.ws_config)).await;
-    let (peer, link) = peer_channel_bounded(remote, app.config.outbound_queue, app.queue_bytes);
-    debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
-    app.handle.counters.accepted.fetch_add(1, Ordering::Relaxed);
-    let ctx = ConnectionContext {
-        counters: app.handle.counters.clone(),
-        keepalive: app.keepalive,
-        close_timeout: app.config.close_timeout,
-        write_timeout: app.config.write_timeout,
-        message_timeout: app.config.message_timeout,
-        watch,
-        shutdown: app.handle.shutdown.clone(),
-        engine: app.config.engine.clone(),
-    };
-    connection::run(app.protocol.clone(), conn, socket, peer, link, ctx).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let watch = Arc::new(Watch::default());
+        let io = Metered::new(
+            TokioIo::new(upgraded),
+            watch.clone(),
+            app.reassembly.clone(),
+            client_key,
+        );
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(app.ws_config)).await;
+        let (peer, link) = peer_channel_bounded(remote, app.config.outbound_queue, app.queue_bytes);
+        debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
+        app.handle.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let ctx = ConnectionContext {
+            counters: app.handle.counters.clone(),
+            keepalive: app.keepalive,
+            close_timeout: app.config.close_timeout,
+            write_timeout: app.config.write_timeout,
+            message_timeout: app.config.message_timeout,
+            watch,
+            shutdown: app.handle.shutdown.clone(),
+            engine: app.config.engine.clone(),
+        };
+        connection::run(app.protocol.clone(), conn, socket, peer, link, ctx).await;
+    }
 }
 
 /// The client's IP: the TCP peer, or with a trusted proxy the last `X-Forwarded-For` entry (the
