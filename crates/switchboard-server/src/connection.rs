@@ -167,6 +167,7 @@ async fn drive<P: Protocol>(
     ctx: &ConnectionContext,
 ) -> End {
     let tick_every = protocol.tick_interval();
+    let gate = ReadGate::new();
     let keepalive = ctx.keepalive;
     let cx = Context::new(peer, &ctx.engine);
     let mut last_heard = Instant::now();
@@ -206,7 +207,7 @@ async fn drive<P: Protocol>(
                     }
                 }
             },
-            incoming = read_next(socket) => {
+            incoming = gate.read(socket) => {
                 last_heard = Instant::now();
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
@@ -399,6 +400,80 @@ async fn finish_write(
         *unfinished = Some(pending);
     }
     outcome
+}
+
+/// Remembers whether the socket's read side has anything new since it was last polled.
+///
+/// The connection task wakes for its queue far more often than for its socket (a subscriber
+/// mostly receives), and `select!` re-polls every arm on every wake-up. Polling tungstenite
+/// for input that has not arrived is not free (its waker proxies, a 1 KiB buffer cleared for
+/// the read, a `recv` readiness check): measured at a steady fan-out, the read side was the
+/// largest user-space cost of a delivery. So the read side is polled with a waker of its
+/// own, which records that the socket woke it, and is skipped while nothing did.
+struct ReadGate {
+    state: Arc<ReadWoken>,
+    waker: std::task::Waker,
+}
+
+#[derive(Default)]
+struct ReadWoken {
+    /// Set when the socket's read side woke the task, or may have more to give at once.
+    woken: std::sync::atomic::AtomicBool,
+    /// The connection task, woken in turn.
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for ReadWoken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl ReadGate {
+    fn new() -> Self {
+        let state = Arc::new(ReadWoken::default());
+        // The first poll must reach the socket, to register for its readiness.
+        state.woken.store(true, Ordering::Relaxed);
+        let waker = std::task::Waker::from(state.clone());
+        Self { state, waker }
+    }
+
+    /// [`read_next`], skipped while the socket has not woken the task since its last
+    /// `Pending`. Control replies waiting to be sent are sent either way.
+    fn read<'a>(
+        &'a self,
+        socket: &'a mut Socket,
+    ) -> impl Future<Output = Option<Result<Message, WsError>>> + 'a {
+        std::future::poll_fn(move |cx| {
+            if socket.get_ref().has_control()
+                && let std::task::Poll::Ready(Err(error)) = socket.get_mut().poll_send_control(cx)
+            {
+                return std::task::Poll::Ready(Some(Err(WsError::Io(error))));
+            }
+            self.state.task.register(cx.waker());
+            if !self.state.woken.swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Pending;
+            }
+            let mut read_cx = std::task::Context::from_waker(&self.waker);
+            let read = socket.poll_next_unpin(&mut read_cx);
+            if read.is_ready() {
+                // tungstenite may hold more frames already read, or a reply to send on its
+                // next read: look again on the next pass.
+                self.state.woken.store(true, Ordering::Release);
+            } else if socket.get_ref().has_control() {
+                // A reply written during that read (a pong) goes out now.
+                if let std::task::Poll::Ready(Err(error)) = socket.get_mut().poll_send_control(cx) {
+                    return std::task::Poll::Ready(Some(Err(WsError::Io(error))));
+                }
+            }
+            read
+        })
+    }
 }
 
 /// Polls the socket for the next message, then sends any control reply tungstenite wrote
