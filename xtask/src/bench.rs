@@ -44,16 +44,42 @@ enum Flags {
     Roomy,
     /// The server's defaults, as an operator would run it.
     Defaults,
+    /// Room for sockets, and the state engine durable in a fresh data directory
+    /// (`--data-dir`), its log kept to read the group-commit summary.
+    Durable,
 }
 
 struct Running {
     child: Child,
     url: String,
+    /// With [`Flags::Durable`]: the data directory (removed on drop) and the server's log.
+    durable: Option<(PathBuf, PathBuf)>,
+}
+
+impl Running {
+    /// Stops the server gracefully and reads what its durable engine reported on closing:
+    /// commits (one `fsync` each) and write operations.
+    fn stop_durable(mut self) -> Option<(f64, f64)> {
+        stop(&mut self.child);
+        let (_, log) = self.durable.as_ref()?;
+        let text = std::fs::read_to_string(log).ok()?;
+        let line = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find(|v| v["fields"]["message"] == "durable engine writer stopped")?;
+        Some((
+            line["fields"]["commits"].as_f64()?,
+            line["fields"]["writes"].as_f64()?,
+        ))
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         stop(&mut self.child);
+        if let Some((dir, _)) = &self.durable {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -117,6 +143,7 @@ fn release_dir() -> PathBuf {
 
 fn start(server: Server, release: &Path, flags: Flags) -> Result<Running, String> {
     let addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut durable = None;
     let child = match server {
         Server::Switchboard(protocol) => {
             let mut command = Command::new(release.join("switchboard"));
@@ -127,13 +154,26 @@ fn start(server: Server, release: &Path, flags: Flags) -> Result<Running, String
                 "--listen",
                 &addr.to_string(),
             ]);
-            if flags == Flags::Roomy {
+            if flags != Flags::Defaults {
                 command.args(["--max-connections", "20000"]);
             }
-            command
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
+            if flags == Flags::Durable {
+                let dir = std::env::temp_dir().join(format!("switchboard-bench-{}", addr.port()));
+                let _ = std::fs::remove_dir_all(&dir);
+                let log = dir.with_extension("log");
+                let file = std::fs::File::create(&log)
+                    .map_err(|e| format!("could not create {}: {e}", log.display()))?;
+                command
+                    .arg("--data-dir")
+                    .arg(&dir)
+                    .args(["--log-format", "json"])
+                    .env("RUST_LOG", "warn,switchboard_engine_durable=info")
+                    .stdout(file);
+                durable = Some((dir, log));
+            } else {
+                command.env("RUST_LOG", "warn").stdout(Stdio::null());
+            }
+            command.spawn()
         }
         Server::Baseline => Command::new(release.join("baseline-server"))
             .arg(addr.to_string())
@@ -148,6 +188,7 @@ fn start(server: Server, release: &Path, flags: Flags) -> Result<Running, String
     let running = Running {
         child,
         url: format!("ws://{addr}/ws"),
+        durable,
     };
     wait_listening(addr)?;
     Ok(running)
@@ -349,7 +390,18 @@ fn idle(
 }
 
 fn reqack(release: &Path, users: usize, messages: usize) -> Result<Value, String> {
-    let running = start(Server::Switchboard("reqack"), release, Flags::Roomy)?;
+    reqack_on(release, users, messages, Flags::Roomy).map(|(report, _, _)| report)
+}
+
+/// The reqack load on a server started with `flags`: the report, the load's wall time, and
+/// for a durable server its (commits, writes).
+fn reqack_on(
+    release: &Path,
+    users: usize,
+    messages: usize,
+    flags: Flags,
+) -> Result<(Value, Duration, Option<(f64, f64)>), String> {
+    let running = start(Server::Switchboard("reqack"), release, flags)?;
     let args = [
         "reqack",
         "--url",
@@ -359,7 +411,97 @@ fn reqack(release: &Path, users: usize, messages: usize) -> Result<Value, String
         "--messages",
         &messages.to_string(),
     ];
-    load(release, &args.map(str::to_owned))
+    let started = Instant::now();
+    let report = load(release, &args.map(str::to_owned))?;
+    let took = started.elapsed();
+    Ok((report, took, running.stop_durable()))
+}
+
+/// The durable node (`--data-dir`) beside the in-memory engine, in the same run: ip-chat
+/// fan-out and reqack's write-heavy request/ack load.
+fn durable_section(out: &mut String, release: &Path, quick: bool) -> Result<(), String> {
+    let subscribers = if quick { 200 } else { 1_000 };
+    let _ = writeln!(out, "\n## Durable node (`--data-dir`)\n");
+    let _ = writeln!(
+        out,
+        "The same loads on Switchboard with the in-memory engine and with the durable engine in a\n\
+         fresh data directory, which acknowledges and delivers a write only after it is on disk\n\
+         (one `fsync` per batch of concurrent writes). Fan-out rows: median of three fresh servers.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| run | engine | deliveries/s | p50 µs | p99 µs | runs (deliveries/s) | ratio (target ≥ 0.8×) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let scenario = |flags| Scenario {
+        subscribers,
+        senders: None,
+        messages: 500,
+        rate: None,
+        flags,
+        timeout_secs: None,
+    };
+    let memory = fanout(
+        release,
+        Server::Switchboard("ip-chat"),
+        scenario(Flags::Roomy),
+    )?;
+    let durable = fanout(
+        release,
+        Server::Switchboard("ip-chat"),
+        scenario(Flags::Durable),
+    )?;
+    let label = format!("{} subs × 500 msgs", group(subscribers));
+    for (engine, r) in [("in memory", &memory), ("durable", &durable)] {
+        let _ = writeln!(
+            out,
+            "| {label} | {engine} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            num(r, &["deliveries_per_sec"]),
+            num(r, &["latency_us", "p50"]),
+            num(r, &["latency_us", "p99"]),
+            r["samples"].as_str().unwrap_or(""),
+            if engine == "durable" {
+                judged(
+                    num(&durable, &["deliveries_per_sec"]),
+                    num(&memory, &["deliveries_per_sec"]),
+                    Target::AtLeast(0.8),
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    let (users, messages) = if quick { (20, 20) } else { (100, 50) };
+    let _ = writeln!(
+        out,
+        "\nreqack, {users} users × {messages} messages (each a request, its response and an event \
+         to ack):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| engine | request p50 µs | p99 µs | events/s | exactly once | fsyncs | fsyncs/s | writes per fsync |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for (engine, flags) in [("in memory", Flags::Roomy), ("durable", Flags::Durable)] {
+        let (r, took, commits) = reqack_on(release, users, messages, flags)?;
+        let (fsyncs, per_sec, batch) = match commits {
+            Some((commits, writes)) => (
+                format!("{commits:.0}"),
+                format!("{:.0}", commits / took.as_secs_f64().max(1e-9)),
+                format!("{:.1}", writes / commits.max(1.0)),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "| {engine} | {:.0} | {:.0} | {:.0} | {} | {fsyncs} | {per_sec} | {batch} |",
+            num(&r, &["request_latency_us", "p50"]),
+            num(&r, &["request_latency_us", "p99"]),
+            num(&r, &["events_per_sec"]),
+            r["exactly_once"],
+        );
+    }
+    Ok(())
 }
 
 fn machine() -> String {
@@ -588,6 +730,7 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
         r["missing"],
         r["exactly_once"]
     );
+    durable_section(&mut out, release, quick)?;
     Ok(out)
 }
 

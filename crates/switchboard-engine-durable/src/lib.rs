@@ -149,6 +149,7 @@ impl DurableEngine {
             view: RwLock::new(loaded.state.clone()),
             ready: AtomicBool::new(true),
             commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         });
         let writer = Writer {
             dir: dir.clone(),
@@ -213,6 +214,12 @@ impl DurableEngine {
     /// one `fsync`.
     pub fn commits(&self) -> u64 {
         self.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// Write operations committed since the engine opened (over [`DurableEngine::commits`]:
+    /// the average group-commit batch).
+    pub fn writes(&self) -> u64 {
+        self.shared.writes.load(Ordering::Relaxed)
     }
 
     /// Hands `op` to the writer and waits until it is durable (or refused).

@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     pub(crate) ready: AtomicBool,
     /// Batches committed (each one `fsync`), for reports and the group-commit test.
     pub(crate) commits: AtomicU64,
+    /// Write operations those batches held (writes per commit = the group-commit batch size).
+    pub(crate) writes: AtomicU64,
 }
 
 impl Shared {
@@ -139,7 +141,17 @@ impl Writer {
             }
             self.serve(batch);
         }
-        tracing::debug!(dir = %self.dir.display(), "durable engine writer stopped");
+        // What group commit achieved over the node's life: operators (and `cargo xtask bench`)
+        // read the batch size here.
+        let commits = self.shared.commits.load(Ordering::Relaxed);
+        let writes = self.shared.writes.load(Ordering::Relaxed);
+        tracing::info!(
+            dir = %self.dir.display(),
+            commits,
+            writes,
+            writes_per_commit = format!("{:.1}", writes as f64 / commits.max(1) as f64),
+            "durable engine writer stopped"
+        );
     }
 
     fn serve(&mut self, batch: Vec<Request>) {
@@ -181,6 +193,9 @@ impl Writer {
                 return;
             }
             self.shared.commits.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .writes
+                .fetch_add(answers.len() as u64, Ordering::Relaxed);
             let mut view = self.shared.view_mut();
             for mutation in &mutations {
                 view.apply(mutation);
