@@ -1208,7 +1208,7 @@ fn beyond_one_process(per_socket_bytes: f64) -> String {
          | sockets | server user-space memory at {per:.2} KiB/socket | what else it needs |\n\
          |---|---|---|\n\
          | 100,000 | {m100k:.2} GiB | `ulimit -n` (soft and hard, e.g. systemd `LimitNOFILE`) above 100,000; `--max-connections 100000`; the load generator spread over ≥ {src100k} source addresses, because one source address reaches one server port from at most {port_count} ephemeral ports (`net.ipv4.ip_local_port_range` is {ports}) |\n\
-         | 1,000,000 | {m1m:.2} GiB | `fs.nr_open` (here {nr_open}) and `ulimit -n` above 1,000,000; ≥ {src1m} source addresses or several load machines; kernel socket memory on top (a few KiB per idle TCP socket, bounded by `net.ipv4.tcp_mem`); and fan-out sharded across rooms or nodes: at ~0.4 µs of CPU per delivery one message to a million sockets costs ~0.4 s of CPU, so one 2-core node sustains only a few such broadcasts per second |\n",
+         | 1,000,000 | {m1m:.2} GiB | `fs.nr_open` (here {nr_open}) and `ulimit -n` above 1,000,000; ≥ {src1m} source addresses or several load machines; kernel socket memory on top (a few KiB per idle TCP socket, bounded by `net.ipv4.tcp_mem`); and fan-out sharded across rooms or nodes: at ~0.5 µs of CPU per delivery one message to a million sockets costs ~0.5 s of CPU, so one 2-core node sustains only a few such broadcasts per second |\n",
         per = per_socket_bytes / 1024.0,
         m100k = gib(100_000.0),
         m1m = gib(1_000_000.0),
