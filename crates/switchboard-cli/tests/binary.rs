@@ -15,6 +15,8 @@ use std::time::Duration;
 use switchboard_testkit::{Client, json};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+mod common;
+
 /// Starts the binary with JSON logs and returns it with the address it listens on.
 fn start(args: &[&str]) -> (Child, SocketAddr) {
     start_with_env(args, &[])
@@ -22,35 +24,12 @@ fn start(args: &[&str]) -> (Child, SocketAddr) {
 
 /// [`start`] with environment variables set for the server.
 fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    command
         .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
         .args(args)
-        .envs(envs.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn switchboard");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if entry["fields"]["message"] == "listening" {
-                let _ = tx.send(
-                    entry["fields"]["local"]
-                        .as_str()
-                        .unwrap()
-                        .parse::<SocketAddr>()
-                        .unwrap(),
-                );
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the server reported its address");
-    (child, addr)
+        .envs(envs.iter().copied());
+    common::spawn_listening(command)
 }
 
 fn wait_exit(child: &mut Child) -> i32 {

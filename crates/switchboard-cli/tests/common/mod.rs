@@ -46,6 +46,39 @@ impl Drop for TempDir {
     }
 }
 
+/// Spawns `command` (the binary with `--log-format json` serving on `127.0.0.1:0`), keeps
+/// draining its stderr for its whole life (so it never blocks on a full pipe), and returns it
+/// with the address it reports listening on; kills it and panics after [`WAIT`] without one.
+pub(crate) fn spawn_listening(mut command: Command) -> (Child, SocketAddr) {
+    let mut child = command
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if entry["fields"]["message"] == "listening" {
+                let _ = tx.send(
+                    entry["fields"]["local"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<SocketAddr>()
+                        .unwrap(),
+                );
+            }
+        }
+    });
+    let Ok(addr) = rx.recv_timeout(WAIT) else {
+        let _ = child.kill();
+        panic!("the server did not report its address");
+    };
+    (child, addr)
+}
+
 /// `switchboard serve --protocol <protocol> --data-dir <dir>` on a free port; SIGKILLed when
 /// dropped, so a failing test leaves no process behind.
 pub(crate) struct Node {
@@ -56,38 +89,14 @@ pub(crate) struct Node {
 impl Node {
     /// Starts the node and waits (bounded) for the address it reports.
     pub(crate) fn start(dir: &Path, protocol: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             .args(["--protocol", protocol])
             .args(extra)
             .arg("--data-dir")
-            .arg(dir)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn switchboard");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        // Keeps draining stderr for the node's whole life, so it never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let Ok(entry) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if entry["fields"]["message"] == "listening" {
-                    let _ = tx.send(
-                        entry["fields"]["local"]
-                            .as_str()
-                            .unwrap()
-                            .parse::<SocketAddr>()
-                            .unwrap(),
-                    );
-                }
-            }
-        });
-        let Ok(addr) = rx.recv_timeout(WAIT) else {
-            let _ = child.kill();
-            panic!("the server did not report its address");
-        };
+            .arg(dir);
+        let (child, addr) = spawn_listening(command);
         Self { child, addr }
     }
 
