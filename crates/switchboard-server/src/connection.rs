@@ -148,7 +148,7 @@ pub(crate) fn run<P: Protocol>(
                 // ends the stream, and the reply is then written.
                 let _ = timeout(ctx.close_timeout, async {
                     while read_next(&mut socket).await.is_some() {}
-                    std::future::poll_fn(|cx| socket.get_mut().poll_send_control(cx)).await
+                    send_control(&mut socket).await
                 })
                 .await;
             }
@@ -244,8 +244,7 @@ async fn drive<P: Protocol>(
             _ = tick_opt(&mut pinger) => {
                 trace!(conn = %peer.id(), "ping");
                 socket.get_mut().queue_control(&wire::encode(wire::Opcode::Ping, &[]), false);
-                let ping = std::future::poll_fn(|cx| socket.get_mut().poll_send_control(cx));
-                match Box::pin(guarded(ping, peer, shutdown.as_mut(), ctx)).await {
+                match Box::pin(guarded(send_control(socket), peer, shutdown.as_mut(), ctx)).await {
                     WriteOutcome::Written => {}
                     WriteOutcome::Interrupted(reason) => return End::Close(reason),
                     WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
@@ -363,9 +362,7 @@ async fn write_batch(
     shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
 ) -> WriteOutcome {
-    let mut rest = Vec::new();
-    link.take_into(&mut rest, MAX_BATCH - 1);
-    let mut pending = Pending::new(first, rest);
+    let mut pending = take_batch(link, first);
     // Most writes complete at once: try inline before paying for the guarded wait, which is
     // boxed to keep idle tasks small and would cost an allocation per batch.
     let now = std::future::poll_fn(|cx| {
@@ -394,8 +391,7 @@ async fn finish_write(
     shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
 ) -> WriteOutcome {
-    let write = std::future::poll_fn(|cx| socket.get_mut().poll_write_pending(cx, &mut pending));
-    let outcome = guarded(write, peer, shutdown, ctx).await;
+    let outcome = guarded(write_pending(socket, &mut pending), peer, shutdown, ctx).await;
     if matches!(outcome, WriteOutcome::Interrupted(_)) && !pending.is_done() {
         *unfinished = Some(pending);
     }
@@ -443,7 +439,7 @@ impl ReadGate {
         Self { state, waker }
     }
 
-    /// [`read_next`], skipped while the socket has not woken the task since its last
+    /// [`poll_read`], skipped while the socket has not woken the task since its last
     /// `Pending`. Control replies waiting to be sent are sent either way.
     fn read<'a>(
         &'a self,
@@ -459,37 +455,63 @@ impl ReadGate {
             if !self.state.woken.swap(false, Ordering::AcqRel) {
                 return std::task::Poll::Pending;
             }
-            let mut read_cx = std::task::Context::from_waker(&self.waker);
-            let read = socket.poll_next_unpin(&mut read_cx);
+            let read = poll_read(socket, &mut std::task::Context::from_waker(&self.waker), cx);
             if read.is_ready() {
                 // tungstenite may hold more frames already read, or a reply to send on its
                 // next read: look again on the next pass.
                 self.state.woken.store(true, Ordering::Release);
-            } else if socket.get_ref().has_control() {
-                // A reply written during that read (a pong) goes out now.
-                if let std::task::Poll::Ready(Err(error)) = socket.get_mut().poll_send_control(cx) {
-                    return std::task::Poll::Ready(Some(Err(WsError::Io(error))));
-                }
             }
             read
         })
     }
 }
 
-/// Polls the socket for the next message, then sends any control reply tungstenite wrote
-/// meanwhile (a pong, the reply to a close) without waiting for it: a reply the socket cannot
-/// take now is retried on the next poll or before the next data write, whichever comes first.
+/// Polls the socket for the next message with `read_cx` (whose waker hears the read side),
+/// then sends any control reply tungstenite wrote meanwhile (a pong, the reply to a close)
+/// with the task's `cx`, without waiting for it: a reply the socket cannot take now is retried
+/// on the next poll or before the next data write, whichever comes first.
+fn poll_read(
+    socket: &mut Socket,
+    read_cx: &mut std::task::Context<'_>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<Option<Result<Message, WsError>>> {
+    let read = socket.poll_next_unpin(read_cx);
+    if socket.get_ref().has_control()
+        && let std::task::Poll::Ready(Err(error)) = socket.get_mut().poll_send_control(cx)
+        && read.is_pending()
+    {
+        return std::task::Poll::Ready(Some(Err(WsError::Io(error))));
+    }
+    read
+}
+
+/// [`poll_read`] with the task's own waker for both sides.
 fn read_next(socket: &mut Socket) -> impl Future<Output = Option<Result<Message, WsError>>> + '_ {
     std::future::poll_fn(move |cx| {
-        let read = socket.poll_next_unpin(cx);
-        if socket.get_ref().has_control()
-            && let std::task::Poll::Ready(Err(error)) = socket.get_mut().poll_send_control(cx)
-            && read.is_pending()
-        {
-            return std::task::Poll::Ready(Some(Err(WsError::Io(error))));
-        }
-        read
+        let mut read_cx = std::task::Context::from_waker(cx.waker());
+        poll_read(socket, &mut read_cx, cx)
     })
+}
+
+/// `first` and up to `MAX_BATCH - 1` more items ready in the queue, as one write.
+fn take_batch(link: &mut PeerLink, first: Outgoing) -> Pending {
+    let mut rest = Vec::new();
+    link.take_into(&mut rest, MAX_BATCH - 1);
+    Pending::new(first, rest)
+}
+
+/// Writes all of `pending`, waiting for the socket as long as it takes (callers bound it).
+fn write_pending<'a>(
+    socket: &'a mut Socket,
+    pending: &'a mut Pending,
+) -> impl Future<Output = std::io::Result<()>> + 'a {
+    std::future::poll_fn(move |cx| socket.get_mut().poll_write_pending(cx, pending))
+}
+
+/// Sends the queued control bytes, waiting for the socket as long as it takes (callers bound
+/// it).
+fn send_control(socket: &mut Socket) -> impl Future<Output = std::io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| socket.get_mut().poll_send_control(cx))
 }
 
 /// Runs a socket write unless a close request, shutdown or the write timeout interrupts it (a
@@ -553,22 +575,17 @@ async fn close_from_our_side(
         // A frame cut in the middle must be completed: the close frame has to start on a
         // frame boundary to be a close frame at all.
         if let Some(mut pending) = unfinished {
-            std::future::poll_fn(|cx| socket.get_mut().poll_write_pending(cx, &mut pending))
-                .await?;
+            write_pending(socket, &mut pending).await?;
         }
         if slow {
             link.discard_queued();
         } else {
             while let Some(first) = link.try_recv() {
-                let mut rest = Vec::new();
-                link.take_into(&mut rest, MAX_BATCH - 1);
-                let mut pending = Pending::new(first, rest);
-                std::future::poll_fn(|cx| socket.get_mut().poll_write_pending(cx, &mut pending))
-                    .await?;
+                write_pending(socket, &mut take_batch(link, first)).await?;
             }
         }
         socket.get_mut().queue_control(&close_frame, true);
-        std::future::poll_fn(|cx| socket.get_mut().poll_send_control(cx)).await?;
+        send_control(socket).await?;
         if mid_message {
             // The rest of the oversized message is still arriving; read and discard it so the
             // kernel does not answer our close with a reset that could destroy the close frame.

@@ -292,18 +292,25 @@ impl<T: AsyncWrite + Unpin> Metered<T> {
         !self.control.is_empty()
     }
 
+    /// What a write to the socket did: bytes it took (at least one, noted as write progress),
+    /// an error (a socket that takes nothing is one), or `Pending`.
+    fn progress(&self, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                self.watch.wrote();
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
     /// Writes the queued control bytes to the socket.
     pub(crate) fn poll_send_control(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.control.is_empty() {
-            match Pin::new(&mut self.inner).poll_write(cx, &self.control) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    self.watch.wrote();
-                    self.control.drain(..n.min(self.control.len()));
-                }
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => return Poll::Pending,
-            }
+            let result = Pin::new(&mut self.inner).poll_write(cx, &self.control);
+            let n = std::task::ready!(self.progress(result))?;
+            self.control.drain(..n.min(self.control.len()));
         }
         // A burst of pongs must not keep its buffer.
         if self.control.capacity() > 256 {
@@ -333,32 +340,14 @@ impl<T: AsyncWrite + Unpin> Metered<T> {
                 }
                 Some(result)
             });
-            if let Some(result) = copied {
-                match result {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        self.watch.wrote();
-                        pending.advance(n);
-                    }
-                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                    Poll::Pending => return Poll::Pending,
-                }
-                continue;
-            }
-            let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
-            let mut slices = [io::IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
-            let filled = pending.slices(&mut headers, &mut slices);
-            match Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..filled]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    self.watch.wrote();
-                    pending.advance(n);
-                }
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => return Poll::Pending,
-            }
+            let result = copied.unwrap_or_else(|| {
+                let mut headers = [[0u8; MAX_HEADER]; FRAMES_PER_WRITE];
+                let mut slices = [io::IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+                let filled = pending.slices(&mut headers, &mut slices);
+                Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..filled])
+            });
+            let n = std::task::ready!(self.progress(result))?;
+            pending.advance(n);
         }
         Poll::Ready(Ok(()))
     }

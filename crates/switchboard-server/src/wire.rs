@@ -140,6 +140,19 @@ impl Pending {
         }
     }
 
+    /// The frames still to write, from the cursor on (the first may be partly written:
+    /// `offset` says how much).
+    fn frames(&self) -> impl Iterator<Item = (Opcode, &[u8])> {
+        let first = self.item_at(self.item).into_iter().flat_map(move |item| {
+            (self.frame..frame_count(item)).filter_map(move |index| frame_at(item, index))
+        });
+        let later =
+            self.rest.iter().skip(self.item).flat_map(|item| {
+                (0..frame_count(item)).filter_map(move |index| frame_at(item, index))
+            });
+        first.chain(later)
+    }
+
     /// Fills `headers` and `slices` with the next bytes to write (up to [`FRAMES_PER_WRITE`]
     /// frames) and returns how many slices were filled.
     pub(crate) fn slices<'a>(
@@ -150,23 +163,11 @@ impl Pending {
         // Headers first (they are written into `headers`), slices second (they borrow it).
         let mut frames: [(usize, &'a [u8]); FRAMES_PER_WRITE] = [(0, &[]); FRAMES_PER_WRITE];
         let mut count = 0;
-        let (mut item, mut frame) = (self.item, self.frame);
-        while count < FRAMES_PER_WRITE {
-            let Some(entry) = self.item_at(item) else {
-                break;
-            };
-            match frame_at(entry, frame) {
-                Some((opcode, payload)) => {
-                    let len = header(opcode, payload.len(), &mut headers[count]);
-                    frames[count] = (len, payload);
-                    count += 1;
-                    frame += 1;
-                }
-                None => {
-                    item += 1;
-                    frame = 0;
-                }
-            }
+        for ((opcode, payload), (head, slot)) in
+            self.frames().zip(headers.iter_mut().zip(frames.iter_mut()))
+        {
+            *slot = (header(opcode, payload.len(), head), payload);
+            count += 1;
         }
         let headers: &'a [[u8; MAX_HEADER]; FRAMES_PER_WRITE] = headers;
         let mut filled = 0;
@@ -198,21 +199,12 @@ impl Pending {
     /// many small slices was the largest cost of a fan-out).
     pub(crate) fn coalesce(&self, scratch: &mut Vec<u8>) -> usize {
         scratch.clear();
-        let (mut item, mut frame) = (self.item, self.frame);
         let mut skip = self.offset;
-        let mut frames = 0;
-        while frames < FRAMES_PER_WRITE {
-            let Some(entry) = self.item_at(item) else {
-                break;
-            };
-            let Some((opcode, payload)) = frame_at(entry, frame) else {
-                item += 1;
-                frame = 0;
-                continue;
-            };
-            if payload.len() > COALESCE_PAYLOAD {
-                break;
-            }
+        for (opcode, payload) in self
+            .frames()
+            .take(FRAMES_PER_WRITE)
+            .take_while(|(_, payload)| payload.len() <= COALESCE_PAYLOAD)
+        {
             let mut head = [0u8; MAX_HEADER];
             let head_len = header(opcode, payload.len(), &mut head);
             // Only the first frame can be partly written already.
@@ -223,8 +215,6 @@ impl Pending {
                 scratch.extend_from_slice(payload.get(skip - head_len..).unwrap_or_default());
             }
             skip = 0;
-            frames += 1;
-            frame += 1;
         }
         scratch.len()
     }
