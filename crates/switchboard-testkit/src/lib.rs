@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 pub mod conformance;
 pub mod driver;
+pub mod redis;
 
 pub use driver::{Driver, Session};
 pub use serde_json::json;
