@@ -1,8 +1,9 @@
 //! The Switchboard runtime: serves any [`switchboard_core::Protocol`] over HTTP and WebSocket.
 //!
-//! [`router`] turns a protocol into an axum [`Router`] that answers `GET /healthz`, upgrades
-//! WebSocket requests (origin check, connection limit, protocol admission) and routes every other
-//! request to the protocol's plain HTTP handler. Mount it at the root with [`serve`], or nest it
+//! [`router`] turns a protocol into an axum [`Router`] that answers `GET /healthz` (liveness)
+//! and `GET /readyz` (the state engine can serve), upgrades WebSocket requests (origin check,
+//! connection limit, protocol admission) and routes every other request to the protocol's plain
+//! HTTP handler. Mount it at the root with [`serve`], or nest it
 //! inside your own axum application next to your own routes. Each upgraded socket runs on its
 //! own task with a bounded outbound queue, keepalive, a frame-size limit and a clean close.
 //!
@@ -31,6 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::get;
 use switchboard_core::{Engine, Protocol};
 use tokio::net::{TcpListener, TcpSocket};
@@ -179,9 +181,17 @@ impl ServerHandle {
 pub fn router<P: Protocol>(protocol: Arc<P>, config: ServerConfig) -> (Router, ServerHandle) {
     let handle = ServerHandle::new(&config);
     spawn_engine_events(protocol.clone(), config.engine.clone(), &handle);
+    let engine = config.engine.clone();
     let state = Arc::new(upgrade::App::new(protocol, config, handle.clone()));
     let router = Router::new()
         .route("/healthz", get(healthz))
+        .route(
+            "/readyz",
+            get(move || {
+                let engine = engine.clone();
+                async move { readyz(&engine).await }
+            }),
+        )
         .fallback(upgrade::entry::<P>)
         .with_state(state);
     (router, handle)
@@ -210,6 +220,24 @@ fn spawn_engine_events<P: Protocol>(protocol: Arc<P>, engine: Engine, handle: &S
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// How long `GET /readyz` waits for the engine's answer: a probe that hangs tells a load
+/// balancer less than one that says "not ready".
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// 200 while the state engine can serve (always, for the in-process engines), 503 while it
+/// cannot (e.g. a cluster engine that has lost its Redis), so a load balancer can take the node
+/// out of rotation without restarting it (`/healthz` stays 200).
+async fn readyz(engine: &Engine) -> (StatusCode, &'static str) {
+    if tokio::time::timeout(READY_TIMEOUT, engine.ready())
+        .await
+        .unwrap_or(false)
+    {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "engine unavailable")
+    }
 }
 
 /// Binds a TCP listener with a deliberate accept backlog.

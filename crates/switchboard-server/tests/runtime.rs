@@ -229,6 +229,16 @@ async fn a_member_of_a_lost_node_is_announced_by_the_protocols_engine_event_hook
 }
 
 #[tokio::test]
+async fn readyz_answers_200_while_the_engine_is_ready() {
+    // The in-memory engine is always ready; a cluster engine that lost its Redis answers 503
+    // (tested against a real Redis in the CLI's tests).
+    let server = start(ServerConfig::default()).await;
+    let reply = server.http("GET", "/readyz", None).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "ready"));
+    assert_eq!(server.http("GET", "/healthz", None).await.status, 200);
+}
+
+#[tokio::test]
 async fn past_max_connections_upgrades_get_503() {
     let config = ServerConfig {
         max_connections: 2,
