@@ -36,6 +36,12 @@ impl ConnId {
     pub fn get(self) -> u64 {
         self.0
     }
+
+    /// Rebuilds the id of a connection named in a message from another node (the number its
+    /// node's [`ConnId::get`] gave). It names that node's connection; it reserves nothing here.
+    pub fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
 }
 
 impl fmt::Display for ConnId {

@@ -1,6 +1,7 @@
 //! The node-local half of publish/subscribe: which sockets of this node subscribe to which topic.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::OnceCell;
@@ -23,11 +24,47 @@ struct Held {
     bytes: usize,
 }
 
+/// A subscriber that receives publications as they come.
+#[derive(Debug)]
+struct Live {
+    peer: Peer,
+    /// The offset its replay reached (0: none). An engine whose deliveries travel (over a
+    /// network) may still bring entries up to it after the subscriber went live; those are
+    /// skipped. Cleared by the first entry beyond it: after that, a lower offset belongs to a
+    /// recreated log and is delivered.
+    floor: AtomicU64,
+}
+
+impl Live {
+    fn new(peer: Peer, floor: u64) -> Self {
+        Self {
+            peer,
+            floor: AtomicU64::new(floor),
+        }
+    }
+
+    /// Whether the entry at `offset` is new to this subscriber.
+    fn wants(&self, offset: Option<u64>) -> bool {
+        let Some(offset) = offset else {
+            return true;
+        };
+        let floor = self.floor.load(Ordering::Relaxed);
+        if floor == 0 {
+            return true;
+        }
+        if offset <= floor {
+            return false;
+        }
+        self.floor.store(0, Ordering::Relaxed);
+        true
+    }
+}
+
 #[derive(Debug, Default)]
 struct Topic {
     /// Subscribers that receive publications as they come: the fan-out's hot path reads these
     /// under the hub's read lock and touches nothing else.
-    live: HashMap<ConnId, Peer>,
+    live: HashMap<ConnId, Live>,
     /// Subscribers still joining (rare, short-lived).
     held: Mutex<HashMap<ConnId, Held>>,
     /// Set once the engine brings this topic's publications to the node.
@@ -86,8 +123,10 @@ impl Hub {
         let delivered = entry
             .live
             .iter()
-            .filter_map(|(id, peer)| frame_for(*id).map(|frame| (peer, frame)))
-            .filter(|(peer, frame)| peer.send((*frame).clone()).is_queued())
+            .filter_map(|(id, live)| frame_for(*id).map(|frame| (live, frame)))
+            .filter(|(live, frame)| {
+                live.wants(offset) && live.peer.send((*frame).clone()).is_queued()
+            })
             .count();
         let mut held = lock(&entry.held);
         for (id, joining) in held.iter_mut() {
@@ -124,7 +163,7 @@ impl Hub {
                 },
             );
         } else {
-            entry.live.insert(peer.id(), peer.clone());
+            entry.live.insert(peer.id(), Live::new(peer.clone(), 0));
         }
         entry.ready.clone()
     }
@@ -152,7 +191,9 @@ impl Hub {
         );
         // One queue slot for the whole catch-up, in order.
         let _ = joining.peer.send_batch(frames);
-        entry.live.insert(conn, joining.peer);
+        entry
+            .live
+            .insert(conn, Live::new(joining.peer, replayed_to));
     }
 
     /// Removes `conn` from `topic`; returns `true` if it was the node's last subscriber there.
