@@ -1,5 +1,6 @@
-//! Shared by the `--data-dir` tests: a node of the real binary that can be SIGKILLed and
-//! started again on the same directory, and blocking WebSocket and HTTP clients for load
+//! Shared by the `--data-dir` and cluster tests: a node of the real binary that can be
+//! SIGKILLed and started again on the same directory (or as one node of a cluster on a Redis
+//! engine), and blocking WebSocket and HTTP clients for load
 //! threads, which must end quietly (not panic) when the node dies under them.
 #![allow(
     dead_code,
@@ -98,6 +99,38 @@ impl Node {
             .arg(dir);
         let (child, addr) = spawn_listening(command);
         Self { child, addr }
+    }
+
+    /// A node of cluster `cluster` on the Redis at `engine` (`redis://...`), started and ready:
+    /// returns once its `/readyz` says 200 (bounded by [`WAIT`]).
+    pub(crate) fn cluster(engine: &str, cluster: &str, protocol: &str, extra: &[&str]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["--protocol", protocol])
+            .args(["--engine", engine, "--cluster-name", cluster])
+            .args(extra);
+        let (child, addr) = spawn_listening(command);
+        let node = Self { child, addr };
+        node.wait_ready(true);
+        node
+    }
+
+    /// Waits (bounded by [`WAIT`]) until `/readyz` answers 200 (`ready`) or 503 (`!ready`).
+    pub(crate) fn wait_ready(&self, ready: bool) {
+        let want = if ready { 200 } else { 503 };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if readyz(self.addr) == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz of {} never said {want}",
+                self.addr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILL: no shutdown, no flush. Returns once the process is gone.
@@ -200,6 +233,20 @@ impl Ws {
         self.recv_until(|_| {}, accept)
             .unwrap_or_else(|e| panic!("no answer to {value}: {e}"))
     }
+}
+
+/// The status of `GET /readyz`, or `None` when the node does not answer.
+pub(crate) fn readyz(addr: SocketAddr) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(WAIT)).ok()?;
+    write!(
+        stream,
+        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).ok()?;
+    raw.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// One HTTP/1.1 request with `Connection: close`: (status, body). Panics on failure.
