@@ -20,6 +20,8 @@ use switchboard_core::sync::lock;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use switchboard_core::Frame;
+
 use crate::codec::{Body, Published, parse_published};
 use crate::{Inner, Rows};
 
@@ -27,6 +29,8 @@ use crate::{Inner, Rows};
 const GAP_WAIT: Duration = Duration::from_millis(300);
 /// Entries held ahead of a gap beyond which the log is read at once.
 const MAX_PENDING: usize = 4096;
+/// ...or bytes of entries.
+const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 /// Entries read from a log per round trip when filling a gap.
 const FILL_PAGE: usize = 1000;
 /// Waits between attempts to reconnect the subscriber connection.
@@ -39,9 +43,72 @@ pub(crate) struct TopicState {
     /// (epoch, offset) of the last entry delivered; `None` until the subscription is confirmed.
     cursor: Option<(u64, u64)>,
     /// Entries that arrived ahead of the cursor, by offset, with their epoch.
-    pending: BTreeMap<u64, (u64, Body)>,
+    pending: Pending,
     /// Since when `pending` has waited for an earlier entry.
     gap_since: Option<Instant>,
+}
+
+/// Entries held ahead of a gap, by offset, with their epoch, and the bytes they hold.
+#[derive(Debug, Default)]
+struct Pending {
+    entries: BTreeMap<u64, (u64, Body)>,
+    bytes: usize,
+}
+
+fn body_bytes(body: &Body) -> usize {
+    body.frame
+        .len()
+        .saturating_add(body.reply.as_ref().map_or(0, Frame::len))
+}
+
+impl Pending {
+    fn insert(&mut self, offset: u64, epoch: u64, body: Body) {
+        if self.entries.contains_key(&offset) {
+            return;
+        }
+        self.bytes = self.bytes.saturating_add(body_bytes(&body));
+        self.entries.insert(offset, (epoch, body));
+    }
+
+    /// The lowest entry, if its offset is at most `upto`.
+    fn pop_first_upto(&mut self, upto: u64) -> Option<(u64, u64, Body)> {
+        let entry = self.entries.first_entry()?;
+        if *entry.key() > upto {
+            return None;
+        }
+        let offset = *entry.key();
+        let (epoch, body) = entry.remove();
+        self.bytes = self.bytes.saturating_sub(body_bytes(&body));
+        Some((offset, epoch, body))
+    }
+
+    fn first_offset(&self) -> Option<u64> {
+        self.entries.keys().next().copied()
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(u64, u64) -> bool) {
+        let mut freed = 0usize;
+        self.entries.retain(|offset, (epoch, body)| {
+            let kept = keep(*offset, *epoch);
+            if !kept {
+                freed = freed.saturating_add(body_bytes(body));
+            }
+            kept
+        });
+        self.bytes = self.bytes.saturating_sub(freed);
+    }
+
+    fn newest_epoch(&self) -> Option<u64> {
+        self.entries.values().map(|(epoch, _)| *epoch).max()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
 }
 
 /// What the engine asks of the subscriber connection.
@@ -60,13 +127,13 @@ impl Inner {
             return;
         };
         let Some((current_epoch, cursor)) = state.cursor else {
-            state.pending.insert(offset, (epoch, body));
+            state.pending.insert(offset, epoch, body);
             return;
         };
         if epoch < current_epoch || (epoch == current_epoch && offset <= cursor) {
             return;
         }
-        state.pending.insert(offset, (epoch, body));
+        state.pending.insert(offset, epoch, body);
         self.drain(topic, state);
     }
 
@@ -77,7 +144,7 @@ impl Inner {
         };
         // An entry of a newer epoch means the log was recreated since the cursor was set: the
         // new log is delivered from its start.
-        if let Some(newest) = state.pending.values().map(|(e, _)| *e).max()
+        if let Some(newest) = state.pending.newest_epoch()
             && newest > epoch
         {
             epoch = newest;
@@ -85,13 +152,12 @@ impl Inner {
         }
         state
             .pending
-            .retain(|offset, (e, _)| *e == epoch && *offset > cursor);
-        while let Some(entry) = state.pending.first_entry() {
-            let offset = *entry.key();
-            if offset != cursor.saturating_add(1) {
+            .retain(|offset, e| e == epoch && offset > cursor);
+        while state.pending.first_offset() == Some(cursor.saturating_add(1)) {
+            let Some((offset, _, body)) = state.pending.pop_first_upto(cursor.saturating_add(1))
+            else {
                 break;
-            }
-            let (_, body) = entry.remove();
+            };
             self.deliver(topic, Some(offset), &body);
             cursor = offset;
         }
@@ -150,7 +216,7 @@ impl Inner {
                 }
             };
             if top.epoch != epoch {
-                state.pending.retain(|_, (e, _)| *e == top.epoch);
+                state.pending.retain(|_, e| e == top.epoch);
             }
             let upto = if more {
                 rows.last().map_or(top.offset, |(o, _)| *o)
@@ -158,15 +224,10 @@ impl Inner {
                 top.offset
             };
             for (offset, body) in rows {
-                state.pending.entry(offset).or_insert((top.epoch, body));
+                state.pending.insert(offset, top.epoch, body);
             }
             let mut cursor = if top.epoch == epoch { offset } else { 0 };
-            while let Some(entry) = state.pending.first_entry() {
-                let at = *entry.key();
-                if at > upto {
-                    break;
-                }
-                let (_, body) = entry.remove();
+            while let Some((at, _, body)) = state.pending.pop_first_upto(upto) {
                 if at > cursor {
                     self.deliver(topic, Some(at), &body);
                     cursor = at;
@@ -188,6 +249,7 @@ impl Inner {
             .iter()
             .filter(|(_, state)| {
                 state.pending.len() >= MAX_PENDING
+                    || state.pending.bytes >= MAX_PENDING_BYTES
                     || state
                         .gap_since
                         .is_some_and(|since| now.saturating_duration_since(since) >= GAP_WAIT)
