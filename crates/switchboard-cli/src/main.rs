@@ -27,6 +27,18 @@ pub(crate) enum CliError {
     Serve(#[source] std::io::Error),
     #[error("cannot open the state engine: {0}")]
     DataDir(#[from] switchboard_engine_durable::OpenError),
+    #[error(
+        "--engine and --data-dir cannot be used together: a node keeps its state either in the \
+         shared engine or in its own data directory"
+    )]
+    EngineWithDataDir,
+    #[error(
+        "unsupported --engine URL {0:?}: expected redis://HOST:PORT[/DB] (a Redis or Valkey \
+         server)"
+    )]
+    UnsupportedEngine(String),
+    #[error("cannot use the state engine: {0}")]
+    Engine(#[from] switchboard_engine_redis::ConfigError),
     #[error("{0}")]
     Failed(String),
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use switchboard_core::engine::MemoryLimits;
 use switchboard_core::{Engine, Keepalive, Protocol};
 use switchboard_engine_durable::{DurableEngine, DurableLimits};
+use switchboard_engine_redis::{RedisConfig, RedisEngine};
 use switchboard_server::ServerConfig;
 
 use crate::CliError;
@@ -113,16 +114,34 @@ pub(crate) struct RuntimeArgs {
     /// memory and is gone when the process stops. One process per directory.
     #[arg(long, env = "SWITCHBOARD_DATA_DIR")]
     pub(crate) data_dir: Option<PathBuf>,
+    /// Keep the state in a shared engine instead: `redis://HOST:PORT[/DB]` makes this node one
+    /// of a cluster whose nodes share logs, presence, keyed state and rate limits through that
+    /// Redis (or Valkey). Cannot be combined with --data-dir.
+    #[arg(long, env = "SWITCHBOARD_ENGINE", value_name = "URL")]
+    pub(crate) engine: Option<String>,
+    /// The cluster this node joins on --engine's Redis: nodes with the same name share state,
+    /// other names on the same Redis are separate clusters (1 to 64 of A-Z a-z 0-9 - _ .).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CLUSTER_NAME",
+        value_name = "NAME",
+        default_value = RedisConfig::DEFAULT_CLUSTER_NAME
+    )]
+    pub(crate) cluster_name: String,
 }
 
 impl RuntimeArgs {
-    /// The server's configuration, with its state engine: durable in `--data-dir` when given
-    /// (an unusable directory is an error: nothing is wiped to get past it), else in memory.
+    /// The server's configuration, with its state engine: shared at `--engine`'s URL when given,
+    /// durable in `--data-dir` when given (an unusable directory is an error: nothing is wiped
+    /// to get past it), else in memory. Must run inside the tokio runtime: the Redis engine
+    /// connects in the background from the start.
     pub(crate) fn config(&self) -> Result<ServerConfig, CliError> {
-        let engine = match &self.data_dir {
+        let engine = match (&self.engine, &self.data_dir) {
+            (Some(_), Some(_)) => return Err(CliError::EngineWithDataDir),
+            (Some(url), None) => self.shared_engine(url)?,
             // Bounded by the same state budget the protocols check against, like the memory
             // engine below.
-            Some(dir) => DurableEngine::engine(
+            (None, Some(dir)) => DurableEngine::engine(
                 dir,
                 DurableLimits {
                     max_bytes: self.max_state_bytes,
@@ -130,7 +149,7 @@ impl RuntimeArgs {
                 },
             )?,
             // The embedded default: everything shared lives in this process.
-            None => Engine::memory(MemoryLimits {
+            (None, None) => Engine::memory(MemoryLimits {
                 max_bytes: self.max_state_bytes,
                 ..MemoryLimits::default()
             }),
@@ -165,6 +184,20 @@ impl RuntimeArgs {
             engine,
             ..ServerConfig::default()
         })
+    }
+}
+
+impl RuntimeArgs {
+    /// The engine `--engine`'s URL names, chosen by its scheme (only `redis://` so far).
+    fn shared_engine(&self, url: &str) -> Result<Engine, CliError> {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        if scheme != Some("redis") {
+            return Err(CliError::UnsupportedEngine(url.to_owned()));
+        }
+        let engine = RedisEngine::engine(RedisConfig::new(url, self.cluster_name.as_str()))?;
+        // The URL may carry a password: log the cluster, not the URL.
+        tracing::info!(cluster = %self.cluster_name, "state engine: redis (connecting in the background)");
+        Ok(engine)
     }
 }
 
