@@ -192,7 +192,9 @@ impl RuntimeArgs {
     fn shared_engine(&self, url: &str) -> Result<Engine, CliError> {
         let scheme = url.split_once("://").map(|(scheme, _)| scheme);
         if scheme != Some("redis") {
-            return Err(CliError::UnsupportedEngine(url.to_owned()));
+            return Err(CliError::UnsupportedEngine(
+                switchboard_engine_redis::redacted(url),
+            ));
         }
         let engine = RedisEngine::engine(RedisConfig::new(url, self.cluster_name.as_str()))?;
         // The URL may carry a password: log the cluster, not the URL.

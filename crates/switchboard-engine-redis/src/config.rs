@@ -66,7 +66,7 @@ impl RedisConfig {
             return Err(ConfigError::InvalidClusterName(name.clone()));
         }
         let invalid = |reason: &str| ConfigError::InvalidUrl {
-            url: self.url.clone(),
+            url: redacted(&self.url),
             reason: reason.to_owned(),
         };
         if !self.url.starts_with("redis://") {
@@ -77,9 +77,35 @@ impl RedisConfig {
     }
 }
 
+/// `url` without its credentials (`redis://user:secret@host` becomes `redis://***@host`), for
+/// error messages and logs.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest
+        .get(..authority_end)
+        .and_then(|authority| authority.rfind('@'))
+    {
+        Some(at) => format!("{scheme}://***{}", rest.get(at..).unwrap_or_default()),
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_never_reach_messages() {
+        assert_eq!(redacted("redis://u:pw@h:1/2"), "redis://***@h:1/2");
+        assert_eq!(redacted("redis://:pw@h"), "redis://***@h");
+        assert_eq!(redacted("redis://h:1/a@b"), "redis://h:1/a@b");
+        assert_eq!(redacted("nonsense"), "nonsense");
+        let error = RedisConfig::new("redis://u:secret@", "a").validate();
+        assert!(!format!("{error:?}").contains("secret"), "{error:?}");
+    }
 
     #[test]
     fn validates_urls_and_cluster_names() {

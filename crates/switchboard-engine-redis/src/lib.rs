@@ -19,7 +19,7 @@ mod keys;
 mod scripts;
 mod subs;
 
-pub use config::{ConfigError, RedisConfig};
+pub use config::{ConfigError, RedisConfig, redacted};
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -119,7 +119,7 @@ impl RedisEngine {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
         let client =
             redis::Client::open(config.url.as_str()).map_err(|error| ConfigError::InvalidUrl {
-                url: config.url.clone(),
+                url: redacted(&config.url),
                 reason: error.to_string(),
             })?;
         let node = NodeId::random();

@@ -45,7 +45,7 @@ pub struct ServerConfig {
     /// Open WebSocket connections per client (IPv4 address or IPv6 /64); the next upgrade from
     /// that client gets HTTP 429. 0 disables the share.
     pub max_connections_per_ip: usize,
-    /// HTTP requests (upgrades included, `/healthz` excluded) one client may make at once...
+    /// HTTP requests (upgrades included, `/healthz` and `/readyz` excluded) one client may make at once...
     pub requests_per_ip_burst: u32,
     /// ...and per second after the burst; over the rate a request gets HTTP 429. A burst of 0
     /// disables the limit.
