@@ -1,6 +1,13 @@
 //! ip-chat fan-out: how fast one message reaches every subscriber.
+//!
+//! Sockets can be spread over several nodes of a cluster: every socket in turn (subscribers
+//! first, then senders) goes to the next target. With senders 0 the run only listens: it holds
+//! its subscribers until each has the expected messages of a known run id, sent by another
+//! process (several such processes together measure one broadcast to more sockets than one
+//! process can open).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,34 +19,89 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::info;
 
-use crate::{BenchError, Percentiles, Target, connect_from, sample_process, source_address};
+use crate::{
+    BenchError, Percentiles, ProcessSample, Target, connect_from, sample_process, source_address,
+};
+
+/// The source-address pool of the senders (subscribers use [`FanoutOptions::source_pool`]).
+const SENDER_POOL: u8 = 2;
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct FanoutOptions {
-    /// The ip-chat WebSocket URL, e.g. `ws://127.0.0.1:8000/ws`.
-    pub target: Target,
+    /// The ip-chat WebSocket URLs, e.g. `ws://127.0.0.1:8000/ws`: one server, or several nodes
+    /// of one cluster. Socket `k` (subscribers are sockets `0..subscribers`, then the senders)
+    /// connects to `targets[k % targets.len()]`, so with two targets one subscriber and one
+    /// sender sit on different nodes.
+    pub targets: Vec<Target>,
     /// Sockets that only listen.
     pub subscribers: usize,
     /// Sockets that send, each from its own loopback address (so per-IP rate limits hold).
+    /// 0 runs listen-only: the subscribers wait for `messages` messages carrying `run_id`
+    /// from elsewhere, and a socket that fails to connect is counted instead of ending the run.
     pub senders: usize,
-    /// Messages in total, shared among the senders.
+    /// Messages in total, shared among the senders (listen-only: messages each subscriber
+    /// waits for).
     pub messages: usize,
     /// Messages per second across all senders; `None` sends as fast as possible.
     pub rate: Option<f64>,
-    /// The server's pid, to measure its CPU time per delivery.
-    pub server_pid: Option<u32>,
-    /// Bound on the delivery phase after the last message is sent.
+    /// The server processes' pids (every node, and e.g. the Redis they share), to measure
+    /// their CPU time per delivery, summed.
+    pub server_pids: Vec<u32>,
+    /// Bound on the delivery phase after the last message is sent (listen-only: after every
+    /// socket is connected).
     pub timeout: Duration,
     /// Connection attempts in flight at once.
     pub connect_concurrency: usize,
+    /// The run id written into every message (`bench <run_id> ...`); `None` picks one. Give
+    /// the same id to a sending and to listen-only runs so they recognise each other's
+    /// messages. Only ASCII letters, digits, `-` and `_`.
+    pub run_id: Option<String>,
+    /// The loopback pool of the subscribers' source addresses (`127.<pool>.x.y`, see
+    /// [`source_address`]). Senders use pool 2; several load processes aimed at the same
+    /// node need different pools.
+    pub source_pool: u8,
+    /// Written (JSON: subscribers connected, connect failures) once every socket is
+    /// connected, so whoever sends to listen-only runs knows when they are ready.
+    pub ready_file: Option<PathBuf>,
+    /// Put every latency sample in the report (to merge several processes' percentiles).
+    pub keep_latency_samples: bool,
+}
+
+impl FanoutOptions {
+    /// The defaults for one target: 100 subscribers, 5 senders, 500 messages as fast as
+    /// possible, 60 s timeout.
+    pub fn new(target: Target) -> Self {
+        Self {
+            targets: vec![target],
+            subscribers: 100,
+            senders: 5,
+            messages: 500,
+            rate: None,
+            server_pids: Vec::new(),
+            timeout: Duration::from_secs(60),
+            connect_concurrency: 256,
+            run_id: None,
+            source_pool: 1,
+            ready_file: None,
+            keep_latency_samples: false,
+        }
+    }
 }
 
 /// What came out.
 #[derive(Debug, Clone, Serialize)]
 pub struct FanoutReport {
+    /// Nodes the sockets were spread over.
+    pub targets: usize,
     /// Listening sockets.
     pub subscribers: usize,
+    /// Listening sockets that connected (listen-only runs go on without the others).
+    pub connected: usize,
+    /// Subscribers that could not connect (listen-only runs).
+    pub connect_failures: u64,
+    /// Why the first of them failed.
+    pub first_connect_error: Option<String>,
     /// Sending sockets.
     pub senders: usize,
     /// Messages sent.
@@ -51,28 +113,34 @@ pub struct FanoutReport {
     pub closed_by_server: u64,
     /// Those disconnects by close code (`"none"`: the socket ended without a close frame).
     pub close_codes: BTreeMap<String, u64>,
-    /// `messages × subscribers`.
+    /// `messages × connected subscribers`.
     pub expected_deliveries: u64,
     /// Deliveries that arrived at subscribers.
     pub deliveries: u64,
     /// This run's broadcasts that arrived at the senders (a broadcast reaches its sender's room
     /// too): the server wrote `deliveries + sender_deliveries` message frames in all.
     pub sender_deliveries: u64,
-    /// Whether every expected delivery arrived.
+    /// Whether every expected delivery arrived (and, listen-only, every subscriber connected).
     pub complete: bool,
     /// Seconds to open every socket.
     pub connect_secs: f64,
-    /// From the first send to the last delivery.
+    /// From the first send to the last delivery (listen-only: from the earliest send
+    /// timestamp read in a message to the last delivery).
     pub duration_secs: f64,
     /// `deliveries / duration`.
     pub deliveries_per_sec: f64,
     /// End-to-end latency (send to receipt) in microseconds.
     pub latency_us: Percentiles,
-    /// Server CPU seconds during the run, when its pid was given.
+    /// Every latency sample, sorted, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_samples_us: Option<Vec<f64>>,
+    /// Server CPU seconds during the run, summed over the given pids.
     pub server_cpu_secs: Option<f64>,
-    /// The same in nanoseconds, when both samples came from the nanosecond schedstat counters
+    /// The same in nanoseconds, when every sample came from the nanosecond schedstat counters
     /// (`cargo xtask bench` subtracts a short run's from a long run's).
     pub server_cpu_ns: Option<u64>,
+    /// The same per pid, in the order given.
+    pub server_cpu_ns_each: Option<Vec<u64>>,
     /// Server CPU microseconds per delivery.
     pub server_cpu_per_delivery_us: Option<f64>,
 }
@@ -81,6 +149,9 @@ struct SubscriberResult {
     received: u64,
     latencies_us: Vec<f64>,
     last: Option<Instant>,
+    /// Wall-clock nanoseconds of the last delivery, and the earliest send timestamp read.
+    last_unix_ns: u128,
+    first_sent_unix_ns: Option<u128>,
     /// Set when the server ended the socket early: its close code, or `"none"`.
     closed: Option<String>,
 }
@@ -99,9 +170,46 @@ fn sent_at_nanos(frame: &str, marker: &str) -> Option<u128> {
     rest[..end].rsplit(' ').next()?.parse().ok()
 }
 
+/// Whether `id` can go into a message text unescaped and be found again verbatim.
+pub fn valid_run_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Samples every pid; `None` unless all of them could be read.
+fn sample_all(pids: &[u32]) -> Option<Vec<ProcessSample>> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|pid| sample_process(*pid)).collect()
+}
+
+/// Atomically writes `body` to `path` (a temporary file renamed into place).
+fn write_ready_file(path: &std::path::Path, body: &str) -> Result<(), BenchError> {
+    let fail = |source| BenchError::ReadyFile {
+        path: path.display().to_string(),
+        source,
+    };
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, body).map_err(fail)?;
+    std::fs::rename(&partial, path).map_err(fail)
+}
+
 /// Runs the fan-out benchmark.
 pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
-    let run_id = unix_nanos() % 1_000_000_007;
+    if options.targets.is_empty() {
+        return Err(BenchError::Target("no target given".to_owned()));
+    }
+    let run_id = match &options.run_id {
+        Some(id) if valid_run_id(id) => id.clone(),
+        Some(id) => return Err(BenchError::Target(format!("invalid run id {id:?}"))),
+        None => (unix_nanos() % 1_000_000_007).to_string(),
+    };
+    let listen_only = options.senders == 0;
+    let target_of = |socket: usize| options.targets[socket % options.targets.len()].clone();
     let marker = Arc::<str>::from(format!("bench {run_id} "));
     let expected_per_subscriber = options.messages as u64;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -109,20 +217,32 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
     info!(
         subscribers = options.subscribers,
         senders = options.senders,
+        targets = options.targets.len(),
         "connecting"
     );
     let connect_started = Instant::now();
+    let pool = options.source_pool;
     let subscribers: Vec<_> = futures::stream::iter(0..options.subscribers)
         .map(|i| {
-            let target = options.target.clone();
-            async move { connect_from(&target, source_address(1, i), i).await }
+            let target = target_of(i);
+            async move { connect_from(&target, source_address(pool, i), i).await }
         })
         .buffer_unordered(options.connect_concurrency.max(1))
         .collect()
         .await;
     let mut subscriber_tasks = Vec::with_capacity(subscribers.len());
+    let mut connect_failures = 0u64;
+    let mut first_connect_error = None;
     for socket in subscribers {
-        let mut socket = socket?;
+        let mut socket = match socket {
+            Ok(socket) => socket,
+            Err(error) if listen_only => {
+                connect_failures += 1;
+                first_connect_error.get_or_insert_with(|| error.to_string());
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let marker = marker.clone();
         let mut stop = stop_rx.clone();
         subscriber_tasks.push(tokio::spawn(async move {
@@ -130,6 +250,8 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
                 received: 0,
                 latencies_us: Vec::new(),
                 last: None,
+                last_unix_ns: 0,
+                first_sent_unix_ns: None,
                 closed: None,
             };
             while result.received < expected_per_subscriber {
@@ -150,7 +272,11 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
                         if let Some(sent) = sent_at_nanos(&text, &marker) {
                             result.received += 1;
                             result.last = Some(Instant::now());
-                            let latency = unix_nanos().saturating_sub(sent) as f64 / 1000.0;
+                            let now = unix_nanos();
+                            result.last_unix_ns = now;
+                            result.first_sent_unix_ns =
+                                Some(result.first_sent_unix_ns.map_or(sent, |s| s.min(sent)));
+                            let latency = now.saturating_sub(sent) as f64 / 1000.0;
                             result.latencies_us.push(latency);
                         }
                     }
@@ -161,10 +287,17 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
                     }
                 }
             }
-            let _ = socket.close(None).await;
-            result
+            if listen_only {
+                // Held until every subscriber of this run is done, so closing sockets does not
+                // compete with the broadcast still being delivered to the others.
+                (result, Some(socket))
+            } else {
+                let _ = socket.close(None).await;
+                (result, None)
+            }
         }));
     }
+    let connected = subscriber_tasks.len();
 
     let rejected = Arc::new(AtomicU64::new(0));
     let sender_deliveries = Arc::new(AtomicU64::new(0));
@@ -172,8 +305,8 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
     let mut sender_readers = Vec::with_capacity(options.senders);
     for j in 0..options.senders {
         let socket = connect_from(
-            &options.target,
-            source_address(2, j),
+            &target_of(options.subscribers + j),
+            source_address(SENDER_POOL, j),
             options.subscribers + j,
         )
         .await?;
@@ -210,11 +343,21 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
     let connect_secs = connect_started.elapsed().as_secs_f64();
     info!(connect_secs, "connected; sending");
 
-    let cpu_before = options.server_pid.and_then(sample_process);
+    if let Some(path) = &options.ready_file {
+        let ready = serde_json::json!({
+            "connected": connected,
+            "connect_failures": connect_failures,
+            "first_connect_error": first_connect_error,
+            "connect_secs": connect_secs,
+        });
+        write_ready_file(path, &ready.to_string())?;
+    }
+
+    let cpu_before = sample_all(&options.server_pids);
     let started = Instant::now();
     let per_sender_interval = options
         .rate
-        .map(|rate| Duration::from_secs_f64(options.senders as f64 / rate.max(0.001)));
+        .map(|rate| Duration::from_secs_f64(options.senders.max(1) as f64 / rate.max(0.001)));
     let mut send_tasks = Vec::with_capacity(senders.len());
     for (j, mut write) in senders.into_iter().enumerate() {
         let count = options.messages / options.senders
@@ -244,7 +387,11 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
                 .map_err(|e| BenchError::Socket(e.to_string()))??,
         );
     }
-    info!(sent = options.messages, "sent; waiting for deliveries");
+    if listen_only {
+        info!(connected, "connected; listening");
+    } else {
+        info!(sent = options.messages, "sent; waiting for deliveries");
+    }
 
     let deadline = Instant::now() + options.timeout;
     let mut results = Vec::with_capacity(subscriber_tasks.len());
@@ -252,14 +399,25 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
         tokio::time::sleep_until(deadline).await;
         let _ = stop_tx.send(true);
     });
+    let mut held = Vec::new();
     for task in subscriber_tasks {
-        results.push(task.await.map_err(|e| BenchError::Socket(e.to_string()))?);
+        let (result, socket) = task.await.map_err(|e| BenchError::Socket(e.to_string()))?;
+        results.push(result);
+        held.extend(socket);
     }
     for reader in sender_readers {
         let _ = reader.await;
     }
     stopper.abort();
-    let cpu_after = options.server_pid.and_then(sample_process);
+    let cpu_after = sample_all(&options.server_pids);
+    futures::stream::iter(held)
+        .for_each_concurrent(
+            options.connect_concurrency.max(1),
+            |mut socket| async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), socket.close(None)).await;
+            },
+        )
+        .await;
     for mut writer in writers {
         let _ = writer.close().await;
     }
@@ -269,21 +427,59 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
     for code in results.iter().filter_map(|r| r.closed.clone()) {
         *close_codes.entry(code).or_insert(0u64) += 1;
     }
-    let last = results
-        .iter()
-        .filter_map(|r| r.last)
-        .max()
-        .unwrap_or(started);
-    let duration_secs = last.duration_since(started).as_secs_f64().max(1e-9);
+    let duration_secs = if listen_only {
+        // Nothing was sent from here: the broadcast's own timestamps frame it.
+        let first_sent = results.iter().filter_map(|r| r.first_sent_unix_ns).min();
+        let last = results.iter().map(|r| r.last_unix_ns).max();
+        match (first_sent, last) {
+            (Some(first), Some(last)) => last.saturating_sub(first) as f64 / 1e9,
+            _ => 0.0,
+        }
+    } else {
+        let last = results
+            .iter()
+            .filter_map(|r| r.last)
+            .max()
+            .unwrap_or(started);
+        last.duration_since(started).as_secs_f64()
+    }
+    .max(1e-9);
     let mut latencies: Vec<f64> = results.into_iter().flat_map(|r| r.latencies_us).collect();
-    let expected_deliveries = expected_per_subscriber * options.subscribers as u64;
-    let server_cpu = cpu_before.zip(cpu_after);
-    let server_cpu_secs = server_cpu.map(|(b, a)| a.cpu.saturating_sub(b.cpu).as_secs_f64());
-    let server_cpu_ns = server_cpu
-        .filter(|(b, a)| b.cpu_from_schedstat && a.cpu_from_schedstat)
-        .map(|(b, a)| u64::try_from(a.cpu.saturating_sub(b.cpu).as_nanos()).unwrap_or(u64::MAX));
+    let expected_deliveries = expected_per_subscriber * connected as u64;
+    let server_cpu: Option<Vec<(ProcessSample, ProcessSample)>> = cpu_before
+        .zip(cpu_after)
+        .map(|(before, after)| before.into_iter().zip(after).collect());
+    let server_cpu_secs = server_cpu.as_ref().map(|pairs| {
+        pairs
+            .iter()
+            .map(|(b, a)| a.cpu.saturating_sub(b.cpu).as_secs_f64())
+            .sum::<f64>()
+    });
+    let server_cpu_ns_each = server_cpu
+        .as_ref()
+        .filter(|pairs| {
+            pairs
+                .iter()
+                .all(|(b, a)| b.cpu_from_schedstat && a.cpu_from_schedstat)
+        })
+        .map(|pairs| {
+            pairs
+                .iter()
+                .map(|(b, a)| {
+                    u64::try_from(a.cpu.saturating_sub(b.cpu).as_nanos()).unwrap_or(u64::MAX)
+                })
+                .collect::<Vec<u64>>()
+        });
+    let server_cpu_ns = server_cpu_ns_each
+        .as_ref()
+        .map(|each| each.iter().fold(0u64, |sum, ns| sum.saturating_add(*ns)));
+    let latency_us = Percentiles::of(&mut latencies);
     Ok(FanoutReport {
+        targets: options.targets.len(),
         subscribers: options.subscribers,
+        connected,
+        connect_failures,
+        first_connect_error,
         senders: options.senders,
         messages: options.messages,
         rejected: rejected.load(Ordering::Relaxed),
@@ -292,13 +488,15 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
         expected_deliveries,
         deliveries,
         sender_deliveries: sender_deliveries.load(Ordering::Relaxed),
-        complete: deliveries == expected_deliveries,
+        complete: deliveries == expected_deliveries && connect_failures == 0,
         connect_secs,
         duration_secs,
         deliveries_per_sec: deliveries as f64 / duration_secs,
-        latency_us: Percentiles::of(&mut latencies),
+        latency_us,
+        latency_samples_us: options.keep_latency_samples.then_some(latencies),
         server_cpu_secs,
         server_cpu_ns,
+        server_cpu_ns_each,
         server_cpu_per_delivery_us: server_cpu_secs
             .filter(|_| deliveries > 0)
             .map(|cpu| cpu * 1e6 / deliveries as f64),
@@ -308,59 +506,76 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
     use tokio::net::TcpListener;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-    /// A relay on 127.0.0.1:0 that sends every text frame to every socket (the sender too),
-    /// and closes the first `close_first` sockets with 1008 right after the handshake.
-    async fn relay(close_first: usize) -> Target {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+    /// `nodes` listeners on 127.0.0.1:0 sharing one relay that sends every text frame to every
+    /// socket on any of them (the sender too), like the nodes of a cluster; the first
+    /// `close_first` sockets accepted (on any node) are closed with 1008 after the handshake.
+    /// Also returns how many sockets each node accepted.
+    async fn relays(nodes: usize, close_first: usize) -> (Vec<Target>, Arc<Vec<AtomicUsize>>) {
         let (relay, _) = tokio::sync::broadcast::channel::<String>(4096);
-        tokio::spawn(async move {
-            for accepted in 1.. {
-                let (stream, _) = listener.accept().await.unwrap();
-                let relay = relay.clone();
-                tokio::spawn(async move {
-                    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-                    if accepted <= close_first {
-                        let close = CloseFrame {
-                            code: CloseCode::Policy,
-                            reason: "slow".into(),
-                        };
-                        let _ = ws.close(Some(close)).await;
-                        return;
-                    }
-                    let mut inbox = relay.subscribe();
-                    loop {
-                        tokio::select! {
-                            Ok(text) = inbox.recv() => {
-                                if ws.send(Message::text(text)).await.is_err() { break }
-                            }
-                            frame = ws.next() => match frame {
-                                Some(Ok(Message::Text(text))) => { let _ = relay.send(text.to_string()); }
-                                Some(Ok(_)) => {}
-                                _ => break,
-                            },
+        let accepted_total = Arc::new(AtomicUsize::new(0));
+        let per_node = Arc::new((0..nodes).map(|_| AtomicUsize::new(0)).collect::<Vec<_>>());
+        let mut targets = Vec::new();
+        for node in 0..nodes {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let relay = relay.clone();
+            let accepted_total = accepted_total.clone();
+            let per_node = per_node.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    let accepted = accepted_total.fetch_add(1, Ordering::SeqCst) + 1;
+                    per_node[node].fetch_add(1, Ordering::SeqCst);
+                    let relay = relay.clone();
+                    tokio::spawn(async move {
+                        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                        if accepted <= close_first {
+                            let close = CloseFrame {
+                                code: CloseCode::Policy,
+                                reason: "slow".into(),
+                            };
+                            let _ = ws.close(Some(close)).await;
+                            return;
                         }
-                    }
-                });
-            }
-        });
-        Target::parse(&format!("ws://{addr}/ws")).unwrap()
+                        let mut inbox = relay.subscribe();
+                        loop {
+                            tokio::select! {
+                                Ok(text) = inbox.recv() => {
+                                    if ws.send(Message::text(text)).await.is_err() { break }
+                                }
+                                frame = ws.next() => match frame {
+                                    Some(Ok(Message::Text(text))) => { let _ = relay.send(text.to_string()); }
+                                    Some(Ok(_)) => {}
+                                    _ => break,
+                                },
+                            }
+                        }
+                    });
+                }
+            });
+            targets.push(Target::parse(&format!("ws://{addr}/ws")).unwrap());
+        }
+        (targets, per_node)
+    }
+
+    async fn relay(close_first: usize) -> Target {
+        relays(1, close_first).await.0.remove(0)
     }
 
     fn options(target: Target, timeout: Duration) -> FanoutOptions {
         FanoutOptions {
-            target,
             subscribers: 5,
             senders: 2,
             messages: 10,
-            rate: None,
-            server_pid: Some(std::process::id()),
+            server_pids: vec![std::process::id()],
             timeout,
             connect_concurrency: 1,
+            ..FanoutOptions::new(target)
         }
     }
 
@@ -374,6 +589,7 @@ mod tests {
         assert_eq!(report.sender_deliveries, 20);
         assert_eq!(report.closed_by_server, 0);
         assert!(report.server_cpu_ns.is_some_and(|ns| ns > 0), "{report:?}");
+        assert!(report.latency_samples_us.is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,6 +601,109 @@ mod tests {
         assert_eq!(report.deliveries, 20);
         assert_eq!(report.closed_by_server, 3);
         assert_eq!(report.close_codes.get("1008"), Some(&3), "{report:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spreads_sockets_over_every_target_and_sums_every_pid() {
+        let (targets, per_node) = relays(3, 0).await;
+        let pid = std::process::id();
+        let report = run(FanoutOptions {
+            targets,
+            // Seven sockets in turn over three nodes: 3, 2, 2.
+            subscribers: 5,
+            senders: 2,
+            messages: 4,
+            server_pids: vec![pid, pid],
+            connect_concurrency: 1,
+            ..FanoutOptions::new(Target::parse("ws://127.0.0.1:1/ws").unwrap())
+        })
+        .await
+        .unwrap();
+        assert!(report.complete, "{report:?}");
+        assert_eq!((report.targets, report.deliveries), (3, 20));
+        let accepted: Vec<usize> = per_node.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+        assert_eq!(accepted, [3, 2, 2]);
+        let each = report.server_cpu_ns_each.clone().unwrap();
+        assert_eq!(each.len(), 2);
+        assert_eq!(report.server_cpu_ns, Some(each[0] + each[1]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listen_only_runs_receive_what_another_run_sends() {
+        let (targets, _) = relays(2, 0).await;
+        let dir = std::env::temp_dir().join(format!("fanout-ready-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let listener = tokio::spawn(run(FanoutOptions {
+            targets: targets.clone(),
+            subscribers: 4,
+            senders: 0,
+            messages: 2,
+            timeout: Duration::from_secs(10),
+            run_id: Some("shared-1".into()),
+            source_pool: 9,
+            ready_file: Some(ready.clone()),
+            keep_latency_samples: true,
+            ..FanoutOptions::new(targets[0].clone())
+        }));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(std::time::Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+        assert_eq!(written["connected"], 4);
+        // A run that only sends, on the second node, with the same run id.
+        let sender = run(FanoutOptions {
+            targets: vec![targets[1].clone()],
+            subscribers: 0,
+            senders: 1,
+            messages: 2,
+            run_id: Some("shared-1".into()),
+            ..FanoutOptions::new(targets[1].clone())
+        })
+        .await
+        .unwrap();
+        assert_eq!(sender.sender_deliveries, 2);
+        let report = listener.await.unwrap().unwrap();
+        assert!(report.complete, "{report:?}");
+        assert_eq!((report.connected, report.deliveries), (4, 8));
+        assert_eq!(report.latency_samples_us.as_ref().map(Vec::len), Some(8));
+        assert!(report.duration_secs > 0.0 && report.duration_secs < 10.0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listen_only_runs_count_sockets_that_could_not_connect() {
+        // Nothing listens on the second target.
+        let (mut targets, _) = relays(1, 0).await;
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        targets.push(Target::parse(&format!("ws://{dead}/ws")).unwrap());
+        let report = run(FanoutOptions {
+            targets: targets.clone(),
+            subscribers: 4,
+            senders: 0,
+            messages: 1,
+            timeout: Duration::from_millis(200),
+            ..FanoutOptions::new(targets[0].clone())
+        })
+        .await
+        .unwrap();
+        assert_eq!((report.connected, report.connect_failures), (2, 2));
+        assert!(report.first_connect_error.is_some());
+        assert!(!report.complete);
+    }
+
+    #[test]
+    fn run_ids_are_plain() {
+        assert!(valid_run_id("scale-123_a"));
+        assert!(!valid_run_id(""));
+        assert!(!valid_run_id("a\"b"));
+        assert!(!valid_run_id("a b"));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Load generators behind `switchboard bench`, pointed at a running server like
 //! `redis-benchmark`.
 //!
-//! - [`fanout`]: N subscribers and S senders on ip-chat; deliveries/s, end-to-end latency, and a
-//!   check that every expected delivery arrived.
+//! - [`fanout`]: N subscribers and S senders on ip-chat, on one server or spread over the nodes
+//!   of a cluster; deliveries/s, end-to-end latency, and a check that every expected delivery
+//!   arrived. Listen-only runs in several processes measure one broadcast together.
 //! - [`idle`]: N idle sockets; connect rate and, given the server's pid, resident memory per
 //!   connection.
-//! - [`reqack`]: request→response latency and event→ack throughput with an exactly-once check.
+//! - [`reqack`]: request→response latency and event→ack throughput with an exactly-once check,
+//!   on one server or with each user's partner on another node of a cluster.
 //! - [`attack`]: the attacks listed in docs/hardening.md, one row at a time, each checked against a
 //!   documented memory bound and a bystander's latency.
 //!
@@ -48,6 +50,14 @@ pub enum BenchError {
     /// A socket failed mid-run.
     #[error("socket failure: {0}")]
     Socket(String),
+    /// The file announcing that every socket is connected could not be written.
+    #[error("could not write {path}: {source}")]
+    ReadyFile {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A parsed, loopback-only WebSocket target.

@@ -15,8 +15,12 @@ use crate::{BenchError, Percentiles, Target, connect_from, source_address};
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct ReqackOptions {
-    /// The reqack base URL, e.g. `ws://127.0.0.1:8000/ws` (`?userId=` is added per user).
-    pub target: Target,
+    /// The reqack base URLs, e.g. `ws://127.0.0.1:8000/ws` (`?userId=` is added per user):
+    /// one server, or several nodes of one cluster. User `i` connects to
+    /// `targets[i % targets.len()]`, so with several targets a user's partner (user `i + 1`)
+    /// is on another node and every event crosses nodes (all but the last user's, when the
+    /// users are not a multiple of the targets).
+    pub targets: Vec<Target>,
     /// Users, each on its own socket and loopback address; user `i` writes to user `i + 1`.
     pub users: usize,
     /// Messages each user sends.
@@ -30,6 +34,10 @@ pub struct ReqackOptions {
 pub struct ReqackReport {
     /// Users.
     pub users: usize,
+    /// Nodes the users were spread over.
+    pub targets: usize,
+    /// Users whose partner is connected to another node than theirs.
+    pub cross_node_pairs: usize,
     /// Requests sent.
     pub requests: u64,
     /// Responses carrying a message id.
@@ -67,14 +75,19 @@ fn now_ms() -> u128 {
 
 /// Runs the reqack benchmark.
 pub async fn run(options: ReqackOptions) -> Result<ReqackReport, BenchError> {
+    if options.targets.is_empty() {
+        return Err(BenchError::Target("no target given".to_owned()));
+    }
     let run_id = now_ms() % 1_000_000_007;
     let user = |i: usize| format!("bench-{run_id}-{i}");
+    let node_of = |i: usize| i % options.targets.len();
+    let cross_node_pairs = (0..options.users)
+        .filter(|&i| node_of(i) != node_of((i + 1) % options.users.max(1)))
+        .count();
     let mut sockets = Vec::with_capacity(options.users);
     for i in 0..options.users {
-        let target =
-            options
-                .target
-                .with_path(&format!("{}?userId={}", path_of(&options.target), user(i)));
+        let base = &options.targets[node_of(i)];
+        let target = base.with_path(&format!("{}?userId={}", path_of(base), user(i)));
         sockets.push(connect_from(&target, source_address(4, i), i).await?);
     }
     info!(users = options.users, "connected");
@@ -114,6 +127,8 @@ pub async fn run(options: ReqackOptions) -> Result<ReqackReport, BenchError> {
         .collect();
     Ok(ReqackReport {
         users: options.users,
+        targets: options.targets.len(),
+        cross_node_pairs,
         requests: (options.users * options.messages) as u64,
         responses: results.iter().map(|r| r.responses).sum(),
         errors: results.iter().map(|r| r.errors).sum(),

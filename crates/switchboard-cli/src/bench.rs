@@ -46,16 +46,20 @@ pub(crate) struct FanoutArgs {
     /// Protocol under test (only ip-chat has a broadcast room).
     #[arg(long, default_value = "ip-chat", value_parser = ["ip-chat"])]
     protocol: String,
-    /// WebSocket URL on 127.0.0.0/8.
-    #[arg(long, default_value = "ws://127.0.0.1:8000/ws")]
-    url: String,
+    /// WebSocket URL on 127.0.0.0/8. Repeat it for the nodes of a cluster: the sockets go to
+    /// them in turn (subscribers first, then senders).
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8000/ws")]
+    urls: Vec<String>,
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
     /// Senders, each on its own loopback address (default: enough to stay within 60 messages
-    /// per sender per minute).
+    /// per sender per minute). 0 only listens: the subscribers wait for --messages messages
+    /// of --run-id sent by another `bench fanout`, e.g. one broadcast to sockets held by
+    /// several processes.
     #[arg(long)]
     senders: Option<usize>,
-    /// Messages in total, shared among the senders.
+    /// Messages in total, shared among the senders (with --senders 0: messages each
+    /// subscriber waits for).
     #[arg(long, default_value_t = 500)]
     messages: usize,
     /// Messages each sender sends (instead of --messages: the total is senders × this, e.g.
@@ -65,12 +69,38 @@ pub(crate) struct FanoutArgs {
     /// Messages per second across all senders (default: as fast as possible).
     #[arg(long)]
     rate: Option<f64>,
-    /// Server pid, to measure its CPU per delivery (nanoseconds from /proc schedstat).
-    #[arg(long)]
-    pid: Option<u32>,
-    /// Bound on waiting for deliveries after the last send.
+    /// Server pid, to measure its CPU per delivery (nanoseconds from /proc schedstat). Repeat
+    /// it for every process that serves the run (each node, the Redis they share): their CPU
+    /// is summed.
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+    /// Bound on waiting for deliveries after the last send (with --senders 0: after every
+    /// socket is connected).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     timeout: Duration,
+    /// The run id written into every message (ASCII letters, digits, `-`, `_`; default: a
+    /// fresh one): give a sending run and listen-only runs the same id.
+    #[arg(long, value_parser = parse_run_id)]
+    run_id: Option<String>,
+    /// Subscribers connect from 127.<pool>.x.y (senders use pool 2, idle 3, reqack 4):
+    /// processes that each hold many sockets on the same node need different pools.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    source_pool: u8,
+    /// Once every socket is connected, write a JSON line here (subscribers connected,
+    /// connect failures).
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
+    /// Put every latency sample in the JSON report (to merge several processes' percentiles).
+    #[arg(long)]
+    latency_samples: bool,
+}
+
+fn parse_run_id(id: &str) -> Result<String, String> {
+    if fanout::valid_run_id(id) {
+        Ok(id.to_owned())
+    } else {
+        Err("1 to 64 ASCII letters, digits, `-` or `_`".to_owned())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -93,9 +123,10 @@ pub(crate) struct IdleArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ReqackArgs {
-    /// reqack WebSocket URL on 127.0.0.0/8 (without userId).
-    #[arg(long, default_value = "ws://127.0.0.1:8000/ws")]
-    url: String,
+    /// reqack WebSocket URL on 127.0.0.0/8 (without userId). Repeat it for the nodes of a
+    /// cluster: users go to them in turn, so each user's partner is on another node.
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8000/ws")]
+    urls: Vec<String>,
     #[arg(long, default_value_t = 100)]
     users: usize,
     /// Messages each user sends.
@@ -113,29 +144,33 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
         BenchCommand::Fanout(args) => {
             let senders = args
                 .senders
-                .unwrap_or_else(|| args.messages.div_ceil(60))
-                .max(1);
+                .unwrap_or_else(|| args.messages.div_ceil(60).max(1));
             let messages = args
                 .messages_per_sender
                 .map_or(args.messages, |each| each.saturating_mul(senders));
             let options = fanout::FanoutOptions {
-                target: Target::parse(&args.url).map_err(failed)?,
+                targets: targets(&args.urls).map_err(failed)?,
                 subscribers: args.subscribers,
                 senders,
                 messages,
                 rate: args.rate,
-                server_pid: args.pid,
+                server_pids: args.pids,
                 timeout: args.timeout,
                 connect_concurrency: 256,
+                run_id: args.run_id,
+                source_pool: args.source_pool,
+                ready_file: args.ready_file,
+                keep_latency_samples: args.latency_samples,
             };
             let report = fanout::run(options).await.map_err(failed)?;
             print_report("fanout", &report);
             if !report.complete {
                 return Err(CliError::Failed(format!(
-                    "{} of {} deliveries missing; the server closed {} subscribers",
+                    "{} of {} deliveries missing; the server closed {} subscribers; {} could not connect",
                     report.expected_deliveries.saturating_sub(report.deliveries),
                     report.expected_deliveries,
-                    report.closed_by_server
+                    report.closed_by_server,
+                    report.connect_failures
                 )));
             }
         }
@@ -151,7 +186,7 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
         }
         BenchCommand::Reqack(args) => {
             let options = reqack::ReqackOptions {
-                target: Target::parse(&args.url).map_err(failed)?,
+                targets: targets(&args.urls).map_err(failed)?,
                 users: args.users.max(2),
                 messages: args.messages,
                 timeout: args.timeout,
@@ -190,6 +225,11 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Every `--url`, parsed.
+fn targets(urls: &[String]) -> Result<Vec<Target>, switchboard_bench::BenchError> {
+    urls.iter().map(|url| Target::parse(url)).collect()
 }
 
 /// The attack report as a table of checks, then as one JSON line.
@@ -241,7 +281,8 @@ fn print_report<T: Serialize>(name: &str, report: &T) {
     let value = serde_json::to_value(report).unwrap_or_default();
     println!("{name}");
     if let Some(fields) = value.as_object() {
-        for (key, field) in fields {
+        // Latency samples (thousands of numbers) are for the JSON line only.
+        for (key, field) in fields.iter().filter(|(_, f)| !f.is_array()) {
             println!("  {key:<28} {field}");
         }
     }
