@@ -2,15 +2,19 @@
 //! [`crate::store`]); nothing shared lives in the protocol value but node-local caches and the
 //! per-client token buckets.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use switchboard_core::engine::{
     Appended, ConnRef, EngineError, EngineEvent, EngineResult, Expect, Position, Read, ReadFrom,
 };
 use switchboard_core::{
-    ClientKey, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse, Keepalive, Peer,
-    Protocol, Reject,
+    Backoff, ClientKey, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse, Keepalive,
+    Peer, Protocol, Reject,
 };
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 use uuid::Uuid;
 
 use crate::messages::{self, ClientMessage, ErrorCode, Kind, PresenceUser, frame, now_iso8601};
@@ -27,6 +31,14 @@ use crate::{Conn, FastChat, WS_PATH, web};
 const ANNOUNCE_ATTEMPTS: usize = 16;
 /// How often a HELLO retries registering against concurrent writers of the same user.
 const REGISTER_ATTEMPTS: usize = 8;
+/// Presence leaves the engine could not take, retried in the background, per node: beyond
+/// this (a long outage of a node with very many sockets closing) a socket stays counted online
+/// until its node is lost. Each costs a small task (ids and a timer).
+const MAX_PENDING_LEAVES: usize = 65_536;
+/// The first and the longest delay between retries of a presence leave: short, because the
+/// user counts as online (their messages are not queued) until the retry lands.
+const LEAVE_RETRY_MIN: Duration = Duration::from_millis(100);
+const LEAVE_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The outcome of a HELLO for the user table.
 #[derive(Debug, Default)]
@@ -164,7 +176,6 @@ impl FastChat {
     /// always carries that user's latest state, whatever order concurrent changes on several
     /// nodes finished in.
     async fn announce(
-        &self,
         store: &Store<'_>,
         users: &[Uuid],
         forgotten: &[(Uuid, String)],
@@ -442,8 +453,7 @@ impl FastChat {
             );
             Self::send(peer, own);
             if registered.renamed || !registered.forgotten.is_empty() {
-                self.announce(&store, &[user_id], &registered.forgotten, Some(cx.me()))
-                    .await?;
+                Self::announce(&store, &[user_id], &registered.forgotten, Some(cx.me())).await?;
             }
             return Ok(());
         }
@@ -464,14 +474,22 @@ impl FastChat {
             )
             .await?;
         let joined = async {
-            let came_online = engine.presence_join(ONLINE_ROOM, &id, cx.me()).await?;
+            // A join that failed may still have been applied (a timeout after the engine did
+            // it): it is undone like the joins below, or the user would stay online for good.
+            let came_online = match engine.presence_join(ONLINE_ROOM, &id, cx.me()).await {
+                Ok(came_online) => came_online,
+                Err(error) => {
+                    self.leave_presence(engine, user_id, cx.me()).await;
+                    return Err(error);
+                }
+            };
             let deltas = engine
                 .join(PRESENCE_LOG, peer, ReadFrom::Latest(0), 0)
                 .await;
             let deltas = match deltas {
                 Ok(deltas) => deltas,
                 Err(error) => {
-                    engine.presence_leave(ONLINE_ROOM, &id, cx.me()).await?;
+                    self.leave_presence(engine, user_id, cx.me()).await;
                     return Err(error);
                 }
             };
@@ -481,7 +499,7 @@ impl FastChat {
                 Err(error) => {
                     drop(deltas);
                     engine.unsubscribe(PRESENCE_LOG, peer.id());
-                    engine.presence_leave(ONLINE_ROOM, &id, cx.me()).await?;
+                    self.leave_presence(engine, user_id, cx.me()).await;
                     Err(error)
                 }
             }
@@ -503,9 +521,8 @@ impl FastChat {
         let changed =
             registered.new || registered.renamed || came_online || !registered.forgotten.is_empty();
         if changed
-            && let Err(error) = self
-                .announce(&store, &[user_id], &registered.forgotten, Some(cx.me()))
-                .await
+            && let Err(error) =
+                Self::announce(&store, &[user_id], &registered.forgotten, Some(cx.me())).await
         {
             warn!(%error, user = %id, "could not announce a presence change");
         }
@@ -1037,13 +1054,84 @@ impl FastChat {
         );
     }
 
+    /// Removes socket `me` of `user` from presence; `true` if that was the user's last socket
+    /// anywhere (the caller announces it). When the engine cannot be reached the socket would
+    /// stay counted online for good (every message to its user acknowledged `sent` and lost),
+    /// so the removal is retried in the background until the engine answers, and that retry
+    /// announces the user offline itself; `false` then.
+    async fn leave_presence(&self, engine: &Engine, user: Uuid, me: ConnRef) -> bool {
+        match engine
+            .presence_leave(ONLINE_ROOM, &user.to_string(), me)
+            .await
+        {
+            Ok(last) => last,
+            Err(error @ EngineError::Unavailable(_)) => {
+                warn!(%error, user = %user, conn = %me, "could not leave presence; retrying in the background");
+                self.leave_later(engine, user, me);
+                false
+            }
+            Err(error) => {
+                warn!(%error, user = %user, conn = %me, "could not leave presence");
+                false
+            }
+        }
+    }
+
+    /// Retries removing socket `me` of `user` from presence, with backoff, until the engine
+    /// takes it (or answers anything but "unavailable"); then announces the user offline if it
+    /// was their last socket. At most [`MAX_PENDING_LEAVES`] retries wait at once per node.
+    fn leave_later(&self, engine: &Engine, user: Uuid, me: ConnRef) {
+        let pending = Arc::clone(&self.pending_leaves);
+        if pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_LEAVES {
+            pending.fetch_sub(1, Ordering::Relaxed);
+            error!(user = %user, conn = %me, "too many presence leaves waiting for the engine; this socket stays counted online until its node is lost");
+            return;
+        }
+        let (engine, seen) = (engine.clone(), Arc::clone(&self.seen));
+        let (bounds, per_user, per_client) = (
+            self.bounds(),
+            self.config.max_queued_per_user,
+            self.config.max_queued_per_client,
+        );
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(LEAVE_RETRY_MIN, LEAVE_RETRY_MAX);
+            loop {
+                tokio::time::sleep(backoff.next_delay()).await;
+                match engine
+                    .presence_leave(ONLINE_ROOM, &user.to_string(), me)
+                    .await
+                {
+                    Ok(last) => {
+                        debug!(user = %user, conn = %me, attempts = backoff.attempts(), "left presence after retrying");
+                        if last {
+                            let store = Store {
+                                engine: &engine,
+                                bounds,
+                                seen: &seen,
+                                max_queued_per_user: per_user,
+                                max_queued_per_client: per_client,
+                            };
+                            Self::went_offline(&store, user, Some(me)).await;
+                        }
+                        break;
+                    }
+                    Err(EngineError::Unavailable(_)) => {}
+                    Err(error) => {
+                        warn!(%error, user = %user, conn = %me, "could not leave presence");
+                        break;
+                    }
+                }
+            }
+            pending.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
     /// User `user`'s last socket is gone (closed here, or its node disappeared): remember when,
     /// and tell everyone else.
-    async fn went_offline(&self, engine: &Engine, user: Uuid, except: Option<ConnRef>) {
-        let store = self.store(engine);
+    async fn went_offline(store: &Store<'_>, user: Uuid, except: Option<ConnRef>) {
         let announced = async {
             store.touch(user).await?;
-            self.announce(&store, &[user], &[], except).await
+            Self::announce(store, &[user], &[], except).await
         }
         .await;
         match announced {
@@ -1158,20 +1246,13 @@ impl Protocol for FastChat {
         let (peer, engine) = (cx.peer(), cx.engine());
         // Presence is left before the topics: while a socket counts as online it is still
         // subscribed, which is what a sender's "online after the append" check relies on.
-        let last = match engine
-            .presence_leave(ONLINE_ROOM, &user.to_string(), cx.me())
-            .await
-        {
-            Ok(last) => last,
-            Err(error) => {
-                warn!(%error, user = %user, "could not leave presence");
-                false
-            }
-        };
+        // (A leave the engine could not take now is retried in the background, which then
+        // announces the user offline itself.)
+        let last = self.leave_presence(engine, user, cx.me()).await;
         engine.unsubscribe(&user_topic(user), peer.id());
         engine.unsubscribe(PRESENCE_LOG, peer.id());
         if last {
-            self.went_offline(engine, user, Some(cx.me())).await;
+            Self::went_offline(&self.store(engine), user, Some(cx.me())).await;
         }
     }
 
@@ -1200,6 +1281,6 @@ impl Protocol for FastChat {
         };
         // The user's last socket was on a node that disappeared: announced exactly as if that
         // socket had closed here.
-        self.went_offline(engine, user, None).await;
+        Self::went_offline(&self.store(engine), user, None).await;
     }
 }
