@@ -687,3 +687,60 @@ fn an_engine_outage_is_answered_and_recovered_from() {
     assert_eq!(got, queued, "Rita's queue after the outage");
     eprintln!("every node ready {ready:?} after Redis restarted");
 }
+
+/// A socket that closes while Redis is stopped cannot leave presence then; once Redis is back
+/// its user goes offline for everyone (a `PRESENCE` delta, and the full list of a fresh socket)
+/// without anything else happening on that node, so a message sent to them afterwards is
+/// queued and delivered on their next HELLO instead of being acknowledged and lost.
+#[test]
+fn a_socket_closed_during_an_outage_leaves_presence_once_redis_is_back() {
+    /// How long Redis stays stopped after the socket closed: longer than the engine's command
+    /// timeout (2 s), so the node's attempt to leave presence surely falls into the outage.
+    const HOLD: Duration = Duration::from_secs(3);
+    let rt = runtime();
+    let Some(mut redis) = rt.block_on(RedisServer::start()) else {
+        return;
+    };
+    let nodes = cluster(&redis, 2, &[]);
+    let (alice_id, carol_id) = (user_id(1), user_id(2));
+    let mut alice = Peer::hello(&nodes[0], &alice_id, "Alice");
+    let carol = Peer::hello(&nodes[1], &carol_id, "Carol");
+    let online = alice.await_presence(common::WAIT, |p| {
+        p.get(carol_id.as_str()).copied() == Some(true)
+    });
+    assert!(online, "Carol never came online: {:?}", alice.presence);
+    alice.open_chat(&carol_id);
+
+    rt.block_on(redis.stop());
+    await_readyz(&nodes, 503, common::WAIT, "with Redis stopped");
+    drop(carol);
+    std::thread::sleep(HOLD);
+    rt.block_on(redis.restart());
+    await_readyz(&nodes, 200, RECOVERY_BOUND, "after Redis restarted");
+
+    let offline = alice.await_presence(RECOVERY_BOUND, |p| {
+        p.get(carol_id.as_str()).copied() == Some(false)
+    });
+    assert!(
+        offline,
+        "Carol, gone during the outage, is still online {RECOVERY_BOUND:?} after it: {:?}",
+        alice.presence
+    );
+    let fresh = Peer::hello(&nodes[0], &user_id(3), "Watcher");
+    assert_eq!(fresh.presence.get(carol_id.as_str()), Some(&false));
+
+    alice.msg_sent(&carol_id, "while you were away", "to-carol-1");
+    let mut back = Peer::connect(&nodes[0], &carol_id);
+    back.send(&json!({"type": "HELLO", "data": {"user_id": carol_id, "display_name": "Carol"}}));
+    let queued: Vec<Value> = back
+        .drain()
+        .into_iter()
+        .filter(|v| v["type"] == "MSG")
+        .collect();
+    assert_eq!(
+        queued.len(),
+        1,
+        "the message acknowledged `sent` was lost: {queued:?}"
+    );
+    assert_eq!(queued[0]["data"]["message_id"], "to-carol-1");
+}
