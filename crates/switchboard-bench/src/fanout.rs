@@ -66,6 +66,9 @@ pub struct FanoutOptions {
     pub ready_file: Option<PathBuf>,
     /// Put every latency sample in the report (to merge several processes' percentiles).
     pub keep_latency_samples: bool,
+    /// Listen-only: keep every socket open this long after the last one got its messages,
+    /// so that closing them does not overlap a broadcast other processes are still getting.
+    pub hold: Duration,
 }
 
 impl FanoutOptions {
@@ -85,6 +88,7 @@ impl FanoutOptions {
             source_pool: 1,
             ready_file: None,
             keep_latency_samples: false,
+            hold: Duration::ZERO,
         }
     }
 }
@@ -131,6 +135,10 @@ pub struct FanoutReport {
     pub deliveries_per_sec: f64,
     /// End-to-end latency (send to receipt) in microseconds.
     pub latency_us: Percentiles,
+    /// The earliest send timestamp read in a delivered message, Unix nanoseconds.
+    pub first_sent_unix_ns: Option<u64>,
+    /// When the last delivery arrived, Unix nanoseconds.
+    pub last_delivery_unix_ns: Option<u64>,
     /// Every latency sample, sorted, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_samples_us: Option<Vec<f64>>,
@@ -410,6 +418,9 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
     }
     stopper.abort();
     let cpu_after = sample_all(&options.server_pids);
+    if !held.is_empty() {
+        tokio::time::sleep(options.hold).await;
+    }
     futures::stream::iter(held)
         .for_each_concurrent(
             options.connect_concurrency.max(1),
@@ -427,11 +438,15 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
     for code in results.iter().filter_map(|r| r.closed.clone()) {
         *close_codes.entry(code).or_insert(0u64) += 1;
     }
+    let first_sent = results.iter().filter_map(|r| r.first_sent_unix_ns).min();
+    let last_delivery = results
+        .iter()
+        .map(|r| r.last_unix_ns)
+        .max()
+        .filter(|ns| *ns > 0);
     let duration_secs = if listen_only {
         // Nothing was sent from here: the broadcast's own timestamps frame it.
-        let first_sent = results.iter().filter_map(|r| r.first_sent_unix_ns).min();
-        let last = results.iter().map(|r| r.last_unix_ns).max();
-        match (first_sent, last) {
+        match (first_sent, last_delivery) {
             (Some(first), Some(last)) => last.saturating_sub(first) as f64 / 1e9,
             _ => 0.0,
         }
@@ -493,6 +508,8 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
         duration_secs,
         deliveries_per_sec: deliveries as f64 / duration_secs,
         latency_us,
+        first_sent_unix_ns: first_sent.map(|ns| u64::try_from(ns).unwrap_or(u64::MAX)),
+        last_delivery_unix_ns: last_delivery.map(|ns| u64::try_from(ns).unwrap_or(u64::MAX)),
         latency_samples_us: options.keep_latency_samples.then_some(latencies),
         server_cpu_secs,
         server_cpu_ns,
@@ -588,7 +605,9 @@ mod tests {
         // Each sender gets every message, its own included.
         assert_eq!(report.sender_deliveries, 20);
         assert_eq!(report.closed_by_server, 0);
-        assert!(report.server_cpu_ns.is_some_and(|ns| ns > 0), "{report:?}");
+        // Measured on this test process, whose other tests' threads come and go (a thread
+        // that exits takes its CPU time out of the sum), so only its presence is certain.
+        assert!(report.server_cpu_ns.is_some(), "{report:?}");
         assert!(report.latency_samples_us.is_none());
     }
 
@@ -645,6 +664,7 @@ mod tests {
             source_pool: 9,
             ready_file: Some(ready.clone()),
             keep_latency_samples: true,
+            hold: Duration::from_millis(50),
             ..FanoutOptions::new(targets[0].clone())
         }));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -672,6 +692,8 @@ mod tests {
         assert_eq!((report.connected, report.deliveries), (4, 8));
         assert_eq!(report.latency_samples_us.as_ref().map(Vec::len), Some(8));
         assert!(report.duration_secs > 0.0 && report.duration_secs < 10.0);
+        let (sent, last) = (report.first_sent_unix_ns, report.last_delivery_unix_ns);
+        assert!(sent.zip(last).is_some_and(|(s, l)| s < l), "{report:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -15,7 +15,7 @@ use crate::runtime::parse_duration;
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
     /// N subscribers and S senders on ip-chat: deliveries/s, latency, completeness.
-    Fanout(FanoutArgs),
+    Fanout(Box<FanoutArgs>),
     /// Hold N idle sockets: connect rate and server memory per connection.
     Idle(IdleArgs),
     /// reqack users exchanging messages: request latency, event throughput, exactly-once.
@@ -93,6 +93,10 @@ pub(crate) struct FanoutArgs {
     /// Put every latency sample in the JSON report (to merge several processes' percentiles).
     #[arg(long)]
     latency_samples: bool,
+    /// With --senders 0: keep the sockets open this long after the last one got its
+    /// messages, e.g. 10s, so closing them does not overlap what other processes still get.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    hold: Duration,
 }
 
 fn parse_run_id(id: &str) -> Result<String, String> {
@@ -161,6 +165,7 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
                 source_pool: args.source_pool,
                 ready_file: args.ready_file,
                 keep_latency_samples: args.latency_samples,
+                hold: args.hold,
             };
             let report = fanout::run(options).await.map_err(failed)?;
             print_report("fanout", &report);
