@@ -125,7 +125,7 @@ pub(crate) fn free_port() -> u16 {
 
 /// Where `cargo build --release` put the binaries: `$CARGO_TARGET_DIR/release` when that is set
 /// (cargo passes it on to the build `crate::cargo` runs), else `target/release`.
-fn release_dir() -> PathBuf {
+pub(crate) fn release_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map_or_else(
@@ -197,7 +197,7 @@ fn start(server: Server, release: &Path, flags: Flags) -> Result<Running, String
 }
 
 /// Runs `switchboard bench <args>` and returns its JSON report.
-fn load(release: &Path, args: &[String]) -> Result<Value, String> {
+pub(crate) fn load(release: &Path, args: &[String]) -> Result<Value, String> {
     eprintln!("  $ switchboard bench {}", args.join(" "));
     let output = Command::new(release.join("switchboard"))
         .arg("bench")
@@ -240,7 +240,7 @@ fn fanout(release: &Path, server: Server, scenario: Scenario) -> Result<Value, S
 }
 
 /// The median run by deliveries/s, with every run's throughput in its `samples` field.
-fn median_by_throughput(mut runs: Vec<Value>) -> Value {
+pub(crate) fn median_by_throughput(mut runs: Vec<Value>) -> Value {
     runs.sort_by(|a, b| {
         num(a, &["deliveries_per_sec"]).total_cmp(&num(b, &["deliveries_per_sec"]))
     });
@@ -544,7 +544,7 @@ fn durable_section(out: &mut String, release: &Path, quick: bool) -> Result<(), 
     Ok(())
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -573,7 +573,7 @@ fn machine() -> String {
     )
 }
 
-fn num(v: &Value, path: &[&str]) -> f64 {
+pub(crate) fn num(v: &Value, path: &[&str]) -> f64 {
     path.iter()
         .fold(v, |v, key| &v[*key])
         .as_f64()
@@ -585,7 +585,7 @@ fn quotient(ours: f64, theirs: f64) -> Option<f64> {
     (theirs.is_finite() && theirs > 0.0 && ours.is_finite()).then(|| ours / theirs)
 }
 
-fn ratio(ours: f64, theirs: f64) -> String {
+pub(crate) fn ratio(ours: f64, theirs: f64) -> String {
     quotient(ours, theirs).map_or_else(|| "–".into(), |q| format!("{q:.2}×"))
 }
 
@@ -707,6 +707,10 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
     );
 
     let measured = fanout_section(&mut out, release, big_fanout)?;
+    // The cluster section compares against the one-node run of the same scenario.
+    let one_node_fanout = measured
+        .get(1)
+        .map_or(Value::Null, |row| row.runs[0].clone());
     let burst = burst_section(&mut out, release, pairs)?;
     let idle_rows = idle_section(&mut out, release, &idle_sizes)?;
     let per_socket = idle_rows.last().map_or(f64::NAN, |(_, runs)| {
@@ -751,6 +755,7 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
     }
 
     out.push_str(&beyond_one_process(per_socket));
+    out.push_str(&crate::scale::kept_measurement());
 
     let _ = writeln!(out, "\n## reqack\n");
     let (users, messages) = if quick { (20, 20) } else { (100, 50) };
@@ -771,6 +776,18 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
         r["exactly_once"]
     );
     durable_section(&mut out, release, quick)?;
+    crate::cluster::section(
+        &mut out,
+        release,
+        quick,
+        &crate::cluster::OneNode {
+            fanout: one_node_fanout,
+            fanout_subscribers: big_fanout,
+            reqack: r,
+            reqack_users: users,
+            reqack_messages: messages,
+        },
+    )?;
     Ok(out)
 }
 
@@ -956,7 +973,7 @@ fn burst_section(out: &mut String, release: &Path, pairs: usize) -> Result<Vec<B
 }
 
 /// ` (1008 × 3, none × 1)` from a run's `close_codes`, or nothing.
-fn close_codes(run: &Value) -> String {
+pub(crate) fn close_codes(run: &Value) -> String {
     let codes: Vec<String> = run["close_codes"]
         .as_object()
         .map(|codes| {
@@ -974,7 +991,7 @@ fn close_codes(run: &Value) -> String {
 }
 
 /// `5500000` → `5,500,000`.
-fn group(n: usize) -> String {
+pub(crate) fn group(n: usize) -> String {
     let digits = n.to_string();
     let mut grouped = String::new();
     for (i, digit) in digits.chars().enumerate() {
