@@ -49,6 +49,9 @@ const JANITOR_PAGE: usize = 200;
 /// Subscription requests queued for the subscriber connection; beyond it a subscription is
 /// refused as unavailable (it waits on one round trip each, so this is only reached in a storm).
 const SUB_COMMANDS: usize = 16_384;
+/// Presence leaves kept for when Redis answers again; beyond it (a long outage while very many
+/// sockets close) a connection stays in presence until its node is lost.
+const MAX_DEFERRED_LEAVES: usize = 65_536;
 /// How long the one node that removes a lost node's presence holds that job.
 const REAPER_LEASE_MS: u64 = 30_000;
 
@@ -76,6 +79,8 @@ pub(crate) struct Inner {
     events_ready: Notify,
     /// This node's presence, to register again if the cluster took the node for lost.
     presence: Mutex<HashSet<(String, String, ConnRef)>>,
+    /// Presence leaves Redis did not take (it was unreachable), done again once it answers.
+    deferred_leaves: Mutex<HashSet<(String, String, ConnRef)>>,
     cluster_id: OnceCell<Uuid>,
     rate_seq: AtomicU64,
     /// Where the key-index janitor resumes.
@@ -139,6 +144,7 @@ impl RedisEngine {
             events: Mutex::new(VecDeque::new()),
             events_ready: Notify::new(),
             presence: Mutex::new(HashSet::new()),
+            deferred_leaves: Mutex::new(HashSet::new()),
             cluster_id: OnceCell::new(),
             rate_seq: AtomicU64::new(0),
             janitor_after: Mutex::new(None),
@@ -355,6 +361,49 @@ impl Inner {
         Ok(int(&reply) == Some(1))
     }
 
+    async fn leave_room(&self, room: &str, member: &str, conn: ConnRef) -> EngineResult<bool> {
+        let mut invocation = scripts::PRESENCE_LEAVE.prepare_invoke();
+        for key in self.keys.room(room, conn.node) {
+            invocation.key(key);
+        }
+        invocation.arg(member).arg(conn.conn.get());
+        Ok(int(&self.script(&invocation).await?) == Some(1))
+    }
+
+    /// Does the presence leaves Redis could not take. A member one of them removes is
+    /// announced with `MemberExpired`; so is a member already gone from the room, because the
+    /// leave that failed may have been applied after its caller gave up (a timeout), and then
+    /// nobody announced it.
+    async fn retry_leaves(&self) {
+        let waiting: Vec<_> = lock(&self.deferred_leaves).iter().cloned().collect();
+        for entry in waiting {
+            let (room, member, conn) = &entry;
+            let gone = match self.leave_room(room, member, *conn).await {
+                Ok(true) => true,
+                Ok(false) => match self.contains(room, member).await {
+                    Ok(present) => !present,
+                    Err(_) => return,
+                },
+                Err(_) => return,
+            };
+            lock(&self.deferred_leaves).remove(&entry);
+            if gone {
+                self.push_events([EngineEvent::MemberExpired {
+                    room: room.clone(),
+                    member: member.clone(),
+                }]);
+            }
+        }
+    }
+
+    async fn contains(&self, room: &str, member: &str) -> EngineResult<bool> {
+        let [members, ..] = self.keys.room(room, self.node);
+        let score: Option<f64> = self
+            .command(redis::cmd("ZSCORE").arg(members).arg(member))
+            .await?;
+        Ok(score.is_some())
+    }
+
     fn push_events(&self, events: impl IntoIterator<Item = EngineEvent>) {
         let mut queue = lock(&self.events);
         let before = queue.len();
@@ -539,6 +588,7 @@ async fn heartbeat(weak: Weak<Inner>) {
             }
         }
         registered = true;
+        inner.retry_leaves().await;
         // After an outage every node's heartbeat is old: reap only once this node has been
         // healthy for a whole stale period, so the others had the time to come back.
         if now.saturating_duration_since(since) >= inner.config.stale_after {
@@ -766,12 +816,24 @@ impl StateEngine for RedisEngine {
     async fn presence_leave(&self, room: &str, member: &str, conn: ConnRef) -> EngineResult<bool> {
         let inner = &self.inner;
         lock(&inner.presence).remove(&(room.to_owned(), member.to_owned(), conn));
-        let mut invocation = scripts::PRESENCE_LEAVE.prepare_invoke();
-        for key in inner.keys.room(room, conn.node) {
-            invocation.key(key);
+        match inner.leave_room(room, member, conn).await {
+            Err(error @ EngineError::Unavailable(_)) => {
+                // Left as is, the connection would count as present for good. The leave is done
+                // again once Redis answers, and a member it removes is announced then with
+                // `MemberExpired`, as if its node had been lost.
+                let mut deferred = lock(&inner.deferred_leaves);
+                if deferred.len() < MAX_DEFERRED_LEAVES {
+                    deferred.insert((room.to_owned(), member.to_owned(), conn));
+                } else {
+                    tracing::warn!(
+                        room,
+                        "too many presence leaves wait for redis; one is dropped"
+                    );
+                }
+                Err(error)
+            }
+            other => other,
         }
-        invocation.arg(member).arg(conn.conn.get());
-        Ok(int(&inner.script(&invocation).await?) == Some(1))
     }
 
     async fn presence_members(&self, room: &str) -> EngineResult<Vec<String>> {
@@ -782,12 +844,7 @@ impl StateEngine for RedisEngine {
     }
 
     async fn presence_contains(&self, room: &str, member: &str) -> EngineResult<bool> {
-        let [members, ..] = self.inner.keys.room(room, self.inner.node);
-        let score: Option<f64> = self
-            .inner
-            .command(redis::cmd("ZSCORE").arg(members).arg(member))
-            .await?;
-        Ok(score.is_some())
+        self.inner.contains(room, member).await
     }
 
     async fn get(&self, key: &str) -> EngineResult<Option<Versioned>> {

@@ -195,3 +195,43 @@ async fn a_paused_redis_times_operations_out_then_serves_again() {
         Read::Gone { .. } => panic!("the log is there"),
     }
 }
+
+/// A connection that leaves presence while Redis is down is not left counted present for good:
+/// the leave is done once Redis answers, and the member is announced gone then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_leave_during_an_outage_lands_when_redis_is_back() {
+    use switchboard_core::ConnId;
+    use switchboard_core::engine::EngineEvent;
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let engine = node(&redis);
+    until_ready(&engine, true, Duration::from_secs(5)).await;
+    let alice = engine.conn_ref(ConnId::next());
+    let bob = engine.conn_ref(ConnId::next());
+    assert!(
+        engine
+            .presence_join("online", "alice", alice)
+            .await
+            .unwrap()
+    );
+    assert!(engine.presence_join("online", "bob", bob).await.unwrap());
+    redis.stop().await;
+    let left = engine.presence_leave("online", "alice", alice).await;
+    assert!(matches!(left, Err(EngineError::Unavailable(_))), "{left:?}");
+    redis.restart().await;
+    let event = timeout(Duration::from_secs(10), engine.next_event())
+        .await
+        .expect("the deferred leave is announced");
+    assert_eq!(
+        event,
+        Some(EngineEvent::MemberExpired {
+            room: "online".into(),
+            member: "alice".into()
+        })
+    );
+    assert_eq!(
+        engine.presence_members("online").await.unwrap(),
+        vec!["bob"]
+    );
+}
