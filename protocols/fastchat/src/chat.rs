@@ -2,19 +2,15 @@
 //! [`crate::store`]); nothing shared lives in the protocol value but node-local caches and the
 //! per-client token buckets.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
-
 use serde_json::{Value, json};
 use switchboard_core::engine::{
     Appended, ConnRef, EngineError, EngineEvent, EngineResult, Expect, Position, Read, ReadFrom,
 };
 use switchboard_core::{
-    Backoff, ClientKey, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse, Keepalive,
+    ClientKey, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse, Keepalive,
     Peer, Protocol, Reject,
 };
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::messages::{self, ClientMessage, ErrorCode, Kind, PresenceUser, frame, now_iso8601};
@@ -31,14 +27,6 @@ use crate::{Conn, FastChat, WS_PATH, web};
 const ANNOUNCE_ATTEMPTS: usize = 16;
 /// How often a HELLO retries registering against concurrent writers of the same user.
 const REGISTER_ATTEMPTS: usize = 8;
-/// Presence leaves the engine could not take, retried in the background, per node: beyond
-/// this (a long outage of a node with very many sockets closing) a socket stays counted online
-/// until its node is lost. Each costs a small task (ids and a timer).
-const MAX_PENDING_LEAVES: usize = 65_536;
-/// The first and the longest delay between retries of a presence leave: short, because the
-/// user counts as online (their messages are not queued) until the retry lands.
-const LEAVE_RETRY_MIN: Duration = Duration::from_millis(100);
-const LEAVE_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The outcome of a HELLO for the user table.
 #[derive(Debug, Default)]
@@ -1055,75 +1043,20 @@ impl FastChat {
     }
 
     /// Removes socket `me` of `user` from presence; `true` if that was the user's last socket
-    /// anywhere (the caller announces it). When the engine cannot be reached the socket would
-    /// stay counted online for good (every message to its user acknowledged `sent` and lost),
-    /// so the removal is retried in the background until the engine answers, and that retry
-    /// announces the user offline itself; `false` then.
+    /// anywhere (the caller announces it). When the engine cannot take the leave now, it keeps
+    /// it and does it once it can, announcing the user with `EngineEvent::MemberExpired` if that
+    /// was their last socket (handled like a lost node's member): `false` here then.
     async fn leave_presence(&self, engine: &Engine, user: Uuid, me: ConnRef) -> bool {
         match engine
             .presence_leave(ONLINE_ROOM, &user.to_string(), me)
             .await
         {
             Ok(last) => last,
-            Err(error @ EngineError::Unavailable(_)) => {
-                warn!(%error, user = %user, conn = %me, "could not leave presence; retrying in the background");
-                self.leave_later(engine, user, me);
-                false
-            }
             Err(error) => {
-                warn!(%error, user = %user, conn = %me, "could not leave presence");
+                warn!(%error, user = %user, conn = %me, "could not leave presence now; the engine does it when it can");
                 false
             }
         }
-    }
-
-    /// Retries removing socket `me` of `user` from presence, with backoff, until the engine
-    /// takes it (or answers anything but "unavailable"); then announces the user offline if it
-    /// was their last socket. At most [`MAX_PENDING_LEAVES`] retries wait at once per node.
-    fn leave_later(&self, engine: &Engine, user: Uuid, me: ConnRef) {
-        let pending = Arc::clone(&self.pending_leaves);
-        if pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_LEAVES {
-            pending.fetch_sub(1, Ordering::Relaxed);
-            error!(user = %user, conn = %me, "too many presence leaves waiting for the engine; this socket stays counted online until its node is lost");
-            return;
-        }
-        let (engine, seen) = (engine.clone(), Arc::clone(&self.seen));
-        let (bounds, per_user, per_client) = (
-            self.bounds(),
-            self.config.max_queued_per_user,
-            self.config.max_queued_per_client,
-        );
-        tokio::spawn(async move {
-            let mut backoff = Backoff::new(LEAVE_RETRY_MIN, LEAVE_RETRY_MAX);
-            loop {
-                tokio::time::sleep(backoff.next_delay()).await;
-                match engine
-                    .presence_leave(ONLINE_ROOM, &user.to_string(), me)
-                    .await
-                {
-                    Ok(last) => {
-                        debug!(user = %user, conn = %me, attempts = backoff.attempts(), "left presence after retrying");
-                        if last {
-                            let store = Store {
-                                engine: &engine,
-                                bounds,
-                                seen: &seen,
-                                max_queued_per_user: per_user,
-                                max_queued_per_client: per_client,
-                            };
-                            Self::went_offline(&store, user, Some(me)).await;
-                        }
-                        break;
-                    }
-                    Err(EngineError::Unavailable(_)) => {}
-                    Err(error) => {
-                        warn!(%error, user = %user, conn = %me, "could not leave presence");
-                        break;
-                    }
-                }
-            }
-            pending.fetch_sub(1, Ordering::Relaxed);
-        });
     }
 
     /// User `user`'s last socket is gone (closed here, or its node disappeared): remember when,

@@ -31,9 +31,8 @@
 //! one engine serve one chat: user records, chats and message records are keyed state, each
 //! user's inbox is a log published to that user's sockets, presence is the engine's, and rate
 //! limits per user are the engine's sliding windows ([`store`] names every key). The protocol
-//! value keeps only node-local things: its config, the per-client token buckets, a cache of
-//! the encoded presence list and the presence leaves it retries while the engine is
-//! unreachable. Liveness is the protocol's own: there are no WebSocket pings; a socket from
+//! value keeps only node-local things: its config, the per-client token buckets and a cache of
+//! the encoded presence list. Liveness is the protocol's own: there are no WebSocket pings; a socket from
 //! which no frame arrived for `ping_interval + pong_timeout` is dropped.
 
 mod chat;
@@ -44,8 +43,7 @@ pub mod store;
 mod web;
 
 use std::fmt;
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use switchboard_core::engine::Position;
@@ -358,11 +356,8 @@ pub struct Stats {
 /// share lives in the node's state engine.
 pub struct FastChat {
     config: Config,
-    /// Node-local: the account's counters as this node last saw them (shared with the
-    /// background retries of presence leaves).
-    seen: Arc<Seen>,
-    /// Node-local: how many presence leaves are being retried in the background.
-    pending_leaves: Arc<AtomicUsize>,
+    /// Node-local: the account's counters as this node last saw them.
+    seen: Seen,
     /// Node-local: the cached presence list.
     local: Mutex<Local>,
     /// Per-client rate limits, keyed on the client so switching `user_id` does not dodge them.
@@ -400,8 +395,7 @@ impl FastChat {
     pub fn new(config: Config) -> Self {
         let clients = config.max_clients;
         Self {
-            seen: Arc::default(),
-            pending_leaves: Arc::default(),
+            seen: Seen::default(),
             local: Mutex::new(Local::default()),
             client_msg: per_minute_buckets(config.client_msg_per_minute, clients),
             client_typing: per_minute_buckets(config.client_typing_per_minute, clients),
