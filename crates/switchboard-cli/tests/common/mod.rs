@@ -289,3 +289,58 @@ pub(crate) fn await_acks(progress: &mpsc::Receiver<()>, count: usize) {
         }
     }
 }
+
+/// Starts `count` nodes of cluster `cluster` on the Redis at `engine` at the same time (each
+/// started as [`Node::cluster`] does, ready when returned); for async tests.
+pub(crate) async fn start_cluster(
+    engine: &str,
+    cluster: &str,
+    protocol: &str,
+    extra: &[&str],
+    count: usize,
+) -> Vec<Node> {
+    let starts: Vec<_> = (0..count)
+        .map(|_| {
+            let (engine, cluster, protocol) =
+                (engine.to_owned(), cluster.to_owned(), protocol.to_owned());
+            let extra: Vec<String> = extra.iter().map(|arg| (*arg).to_owned()).collect();
+            tokio::task::spawn_blocking(move || {
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                Node::cluster(&engine, &cluster, &protocol, &extra)
+            })
+        })
+        .collect();
+    let mut nodes = Vec::with_capacity(count);
+    for start in starts {
+        nodes.push(start.await.expect("a node did not start"));
+    }
+    nodes
+}
+
+/// Polls `GET /readyz` of every address until all answer `status` in one round; returns how
+/// long that took, or panics (naming each node's last answer) after `within`. For async tests.
+pub(crate) async fn await_readyz_all(
+    addrs: &[SocketAddr],
+    status: u16,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    let mut last = vec![None; addrs.len()];
+    loop {
+        for (addr, answer) in addrs.iter().zip(last.iter_mut()) {
+            let addr = *addr;
+            *answer = tokio::task::spawn_blocking(move || readyz(addr))
+                .await
+                .expect("readyz poll");
+        }
+        if last.iter().all(|answer| *answer == Some(status)) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "/readyz did not answer {status} on every node within {within:?}: {:?}",
+            addrs.iter().zip(&last).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
