@@ -199,6 +199,45 @@ impl Document {
         Ok(document)
     }
 
+    /// Gives a document just [`Document::loaded`] the operations that led to its version, oldest
+    /// first (`ops[i]` took the document from version `version - ops.len() + i` to the next), so
+    /// that edits based on those older versions are transformed instead of refused. In a
+    /// cluster a node loads its copy when it first needs one, possibly after other nodes' edits
+    /// that a client had not seen yet when it made its own; the shared log still has their
+    /// operations. Keeps the newest that chain onto the text and fit the log's limits and the
+    /// budget (the log is an optimization: what does not fit is left out, and edits based on
+    /// versions before it resync). Does nothing if the log is not empty. Returns how many were
+    /// kept.
+    pub(crate) fn seed_log(&mut self, ops: Vec<Operation>) -> usize {
+        if !self.log.is_empty() || self.limits.max_log_ops == 0 {
+            return 0;
+        }
+        let most = usize::try_from(self.version)
+            .unwrap_or(usize::MAX)
+            .min(self.limits.max_log_ops);
+        let mut kept = VecDeque::new();
+        let mut bytes = 0usize;
+        // Each operation must end where the next one (or the text) starts.
+        let mut target = self.chars;
+        for mut op in ops.into_iter().rev() {
+            if kept.len() >= most || op.target_len() != target {
+                break;
+            }
+            op.shrink_to_fit();
+            let weight = op.weight();
+            let total = bytes.saturating_add(weight);
+            if total > self.limits.max_log_bytes || self.charge.try_grow(weight).is_err() {
+                break;
+            }
+            bytes = total;
+            target = op.base_len();
+            kept.push_front(LogEntry { op, weight });
+        }
+        self.log = kept;
+        self.log_bytes = bytes;
+        self.log.len()
+    }
+
     fn build(text: String, limits: DocumentLimits, charge: Charge) -> Self {
         Self {
             chars: text.chars().count(),
@@ -489,6 +528,42 @@ mod tests {
         assert_eq!(b.version, 2);
         assert_eq!(doc.text(), ">hello!");
         assert_eq!(serde_json::to_string(&b.op).unwrap(), r#"[6,"!"]"#);
+    }
+
+    #[test]
+    fn a_loaded_copy_seeded_with_the_operations_transforms_like_the_original() {
+        // The original: four edits; its log (limit 3) keeps the last three.
+        let mut original = Document::new("ab".into(), limits());
+        let mut ops = Vec::new();
+        for (i, piece) in ["1", "2", "3", "4"].into_iter().enumerate() {
+            let base = i as u64;
+            ops.push(
+                original
+                    .apply_operation(base, insert_at(1, piece, 2 + i))
+                    .unwrap()
+                    .op,
+            );
+        }
+        let budgets = Budgets::server(&Arc::new(MemoryBudget::unlimited()));
+        let mut copy = Document::loaded(original.text().into(), 4, limits(), &budgets).unwrap();
+        assert_eq!(copy.oldest_version(), 4);
+        let charged = copy.charged_bytes();
+        // All four are offered; the newest three fit the log, as on the original.
+        assert_eq!(copy.seed_log(ops.clone()), 3);
+        assert_eq!(copy.oldest_version(), 1);
+        assert_eq!(copy.log_bytes(), original.log_bytes());
+        assert_eq!(copy.charged_bytes(), charged + copy.log_bytes());
+        // An edit made on version 1 lands the same way on both.
+        let late = Operation::new().retain(3).insert("!");
+        let on_original = original.apply_operation(1, late.clone()).unwrap();
+        let on_copy = copy.apply_operation(1, late).unwrap();
+        assert_eq!(on_copy, on_original);
+        assert_eq!(copy.text(), original.text());
+        // A second seeding does nothing; a chain that does not end at the text is not kept.
+        assert_eq!(copy.seed_log(ops.clone()), 0);
+        let mut other = Document::loaded("xyz".into(), 4, limits(), &budgets).unwrap();
+        assert_eq!(other.seed_log(ops), 0);
+        assert_eq!(other.oldest_version(), 4);
     }
 
     #[test]

@@ -550,6 +550,32 @@ fn newest_document(
     Ok((record.code, record.version))
 }
 
+/// The operations of the newest entries of `read` that lead, one version after the other and
+/// with no gap in the log, to `version` (oldest first); empty when the newest entry is not at
+/// `version` (the document came from the record's snapshot).
+fn logged_ops(read: &Read, version: u64) -> Vec<crate::ot::Operation> {
+    let Read::Entries { entries, .. } = read else {
+        return Vec::new();
+    };
+    let mut ops = Vec::new();
+    let mut want = version;
+    let mut next_offset: Option<u64> = None;
+    for entry in entries.iter().rev() {
+        let continues = next_offset.is_none_or(|next| entry.offset.checked_add(1) == Some(next));
+        let Ok(edit) = store::logged_edit(&entry.frame) else {
+            break;
+        };
+        if !continues || edit.version != want || want == 0 {
+            break;
+        }
+        ops.push(edit.op);
+        want = want.saturating_sub(1);
+        next_offset = Some(entry.offset);
+    }
+    ops.reverse();
+    ops
+}
+
 impl Protocol for Collab {
     type Conn = CollabConn;
 
@@ -1193,7 +1219,10 @@ impl Collab {
     }
 
     /// Loads this node's copy of the document: the log's newest entry, or the record's snapshot
-    /// when that is newer (the log expired or is empty).
+    /// when that is newer (the log expired or is empty). The operations of the entries the log
+    /// keeps go into the copy's operation log, so an edit a client based on a version before
+    /// this node loaded the document (another node's edits landed first) is transformed like
+    /// on the node that made them, not refused.
     async fn load_replica(
         &self,
         engine: &Engine,
@@ -1201,23 +1230,22 @@ impl Collab {
         generation: &str,
         topic: &str,
     ) -> Result<(), Refusal> {
-        let read = engine.read(topic, ReadFrom::Latest(1), 1).await?;
+        let keep = self.config.shared_log_entries();
+        let read = engine.read(topic, ReadFrom::Latest(keep), keep).await?;
         let top = match &read {
             Read::Entries { top, .. } | Read::Gone { top } => *top,
         };
         match &read {
-            Read::Entries { entries, top } => match entries.last() {
-                Some(entry) => session.saw_entry(
-                    Position {
+            Read::Entries { entries, top } if !entries.is_empty() => {
+                for entry in entries {
+                    let at = Position {
                         offset: entry.offset,
                         epoch: top.epoch,
-                    },
-                    entry.frame.len(),
-                    self.log_bounds(),
-                ),
-                None => session.log_gone(),
-            },
-            Read::Gone { .. } => session.log_gone(),
+                    };
+                    session.saw_entry(at, entry.frame.len(), self.log_bounds());
+                }
+            }
+            Read::Entries { .. } | Read::Gone { .. } => session.log_gone(),
         }
         let Some(stored) = engine.get(&store::record_key(&session.id)).await? else {
             return Err(Refusal::Gone);
@@ -1227,7 +1255,8 @@ impl Collab {
             return Err(Refusal::Gone);
         }
         let (code, version) = newest_document(&read, &meta, &stored.value)?;
-        let replica = session.load_replica(code, version, top)?;
+        let ops = logged_ops(&read, version);
+        let replica = session.load_replica(code, version, ops, top)?;
         let mut state = lock(&session.state);
         if state.generation.as_deref() == Some(generation) && state.replica.is_none() {
             state.replica = Some(replica);

@@ -62,8 +62,9 @@ pub(crate) struct Session {
 /// This node's copy of a session's document, and the log position it reflects.
 #[derive(Debug)]
 pub(crate) struct Replica {
-    /// The document at the version of the log entry at `pos`, with the operations this node saw
-    /// since it loaded it (to transform late edits against).
+    /// The document at the version of the log entry at `pos`, with the operations of the log
+    /// entries read when it was loaded and those this node saw since (to transform late edits
+    /// against).
     pub(crate) doc: Document,
     /// The engine log's position `doc` is at (offset 0: the log held nothing newer than the
     /// record's snapshot when the copy was made).
@@ -231,15 +232,19 @@ impl Session {
     }
 
     /// A fresh copy of the document at `version`, charged to this session's budgets (the
-    /// snapshot it will make in the engine too).
+    /// snapshot it will make in the engine too), with `ops`, the operations that led to
+    /// `version` (oldest first), in its operation log as far as they fit (see
+    /// [`Document::seed_log`]).
     pub(crate) fn load_replica(
         &self,
         code: String,
         version: u64,
+        ops: Vec<crate::ot::Operation>,
         pos: Position,
     ) -> Result<Replica, crate::document::EditError> {
         let snapshot = crate::store::escaped_len(&code);
-        let doc = Document::loaded(code, version, self.limits, &self.budgets)?;
+        let mut doc = Document::loaded(code, version, self.limits, &self.budgets)?;
+        doc.seed_log(ops);
         lock(&self.state).engine.set_newest_snapshot(snapshot);
         Ok(Replica { doc, pos })
     }

@@ -305,7 +305,8 @@ async fn concurrent_edits_from_both_nodes_converge() {
         .await;
     let id = created.json()["sessionId"].as_str().unwrap().to_owned();
     let mut editors = Vec::new();
-    for (n, (node, letter)) in [(&a, 'a'), (&b, 'b'), (&a, 'c'), (&b, 'd')]
+    // Letters the starting text does not contain, so each editor's keystrokes can be counted.
+    for (n, (node, letter)) in [(&a, 'w'), (&b, 'x'), (&a, 'y'), (&b, 'z')]
         .into_iter()
         .enumerate()
     {
@@ -342,19 +343,58 @@ async fn concurrent_edits_from_both_nodes_converge() {
         assert_eq!(editor.doc.text(), text, "an editor diverged");
         assert_eq!(editor.doc.version(), version);
     }
-    // Unless an edit was refused (which resyncs and drops the editor's pending keystrokes),
-    // every keystroke is in the text.
-    if editors.iter().all(|editor| editor.resyncs == 0) {
-        for editor in &editors {
-            let expected = editor.typed.len();
-            let letter = editor.typed.chars().next().unwrap();
-            assert_eq!(
-                text.chars().filter(|c| *c == letter).count(),
-                expected,
-                "keystrokes of {letter:?} lost"
-            );
-        }
+    // No edit was refused (a refusal resyncs and drops the editor's pending keystrokes; a node
+    // loading its copy after the other node's edits still transforms edits based on older
+    // versions), so every keystroke is in the text.
+    let resyncs: Vec<usize> = editors.iter().map(|editor| editor.resyncs).collect();
+    assert_eq!(resyncs, [0, 0, 0, 0], "refused edits (resyncs per editor)");
+    for editor in &editors {
+        let expected = editor.typed.len();
+        let letter = editor.typed.chars().next().unwrap();
+        assert_eq!(
+            text.chars().filter(|c| *c == letter).count(),
+            expected,
+            "keystrokes of {letter:?} lost"
+        );
     }
+}
+
+/// A client's edit based on a version from before its node first loaded the document (the
+/// other node's edits landed first, and the client had not seen them yet) is transformed as it
+/// would be on one node, not refused: the node takes the operations it missed from the shared
+/// log.
+#[tokio::test]
+async fn an_edit_based_on_a_version_before_the_node_loaded_the_document_is_transformed() {
+    let (_cluster, a, b) = two_nodes().await;
+    let (mut alice, _) = join(&a.server, "first", "u-alice", "Alice").await;
+    let (mut bob, state) = join(&b.server, "first", "u-bob", "Bob").await;
+    assert_eq!(state["version"], 0);
+    alice.recv_type("participant-joined").await;
+    // Two edits through A; nothing has been edited through B yet.
+    for (version, op) in [(0, json!(["hello"])), (1, json!([5, " world"]))] {
+        alice
+            .send_json(&json!({"type": "code-change", "payload": {"changes": {"baseVersion": version, "ops": op}}}))
+            .await;
+        assert_eq!(
+            alice.recv_type("code-ack").await["payload"]["version"],
+            version + 1
+        );
+    }
+    // Bob typed "> " at the start of the empty document he joined (version 0).
+    bob.send_json(
+        &json!({"type": "code-change", "payload": {"changes": {"baseVersion": 0, "ops": ["> "]}}}),
+    )
+    .await;
+    let answer = bob
+        .recv_until(|v| v["type"] == "code-ack" || v["type"] == "error")
+        .await;
+    assert_eq!(
+        answer,
+        json!({"type": "code-ack", "payload": {"version": 3}})
+    );
+    let update = alice.recv_type("code-update").await;
+    assert_eq!(update["payload"]["code"], "> hello world");
+    assert_eq!(describe(&b.server, "first").await["code"], "> hello world");
 }
 
 #[tokio::test]
