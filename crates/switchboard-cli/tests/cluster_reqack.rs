@@ -530,6 +530,12 @@ fn an_engine_outage_answers_unavailable_and_loses_nothing_acknowledged() {
     let events: Vec<Frame> = (0..3).map(|_| bob.event("new")).collect();
     bob.ack(events[0].id());
     bob.sync();
+    // carol, online on C, will close during the outage.
+    let mut carol = Sock::open(c, "carol");
+    carol.sync();
+    alice.find("carol online", |f| {
+        f.is_event("online") && f.json["payload"]["userId"] == "carol"
+    });
 
     cluster.rt.block_on(cluster.redis.stop());
     let stopped = Instant::now();
@@ -557,6 +563,8 @@ fn an_engine_outage_answers_unavailable_and_loses_nothing_acknowledged() {
     bob.ack(events[1].id());
     let refused = bob.request("h", "history", &json!({"chatId": "alice"}));
     assert_eq!(refused.json["payload"]["error"]["code"], "UNAVAILABLE");
+    // A socket that closes now cannot leave presence yet.
+    carol.close();
     // A new socket cannot be registered: refused, or closed with 1013.
     match Sock::connect(c, "dave") {
         Err(e) => println!("a connect during the outage was refused: {e}"),
@@ -625,6 +633,15 @@ fn an_engine_outage_answers_unavailable_and_loses_nothing_acknowledged() {
     bob.close();
     let mut bob = Sock::open(a, "bob");
     bob.quiet("an acked event", |f| f.is_event("new"));
+    // carol's leave, refused during the outage, is done once Redis is back: she goes offline
+    // for the others (and is not online again).
+    let offline = alice.find("carol offline", |f| {
+        f.is_event("offline") && f.json["payload"]["userId"] == "carol"
+    });
+    assert_eq!(offline.json["payload"], json!({"userId": "carol"}));
+    alice.quiet("carol online again", |f| {
+        f.is_event("online") && f.json["payload"]["userId"] == "carol"
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
