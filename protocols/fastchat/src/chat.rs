@@ -7,8 +7,8 @@ use switchboard_core::engine::{
     Appended, ConnRef, EngineError, EngineEvent, EngineResult, Expect, Position, Read, ReadFrom,
 };
 use switchboard_core::{
-    ClientKey, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse, Keepalive,
-    Peer, Protocol, Reject,
+    ClientKey, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse, Keepalive, Peer,
+    Protocol, Reject,
 };
 use tracing::{debug, warn};
 use uuid::Uuid;
