@@ -339,9 +339,7 @@ impl State {
         let retention = options.retention;
         let keep = options.keep;
         let size = frame.len();
-        if keep && (size > retention.max_bytes || retention.max_entries == 0) {
-            return Err(EngineError::Full("entry larger than the log's retention"));
-        }
+        options.check_size(size)?;
         if self
             .logs
             .get(topic)

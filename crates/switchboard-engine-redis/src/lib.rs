@@ -724,9 +724,7 @@ impl StateEngine for RedisEngine {
         let inner = &self.inner;
         let retention = options.retention;
         let size = frame.len();
-        if options.keep && (size > retention.max_bytes || retention.max_entries == 0) {
-            return Err(EngineError::Full("entry larger than the log's retention"));
-        }
+        options.check_size(size)?;
         let body = Body {
             frame,
             except: options.except,

@@ -509,9 +509,7 @@ impl StateEngine for MemoryEngine {
         let retention = options.retention;
         let keep = options.keep;
         let size = frame.len();
-        if keep && (size > retention.max_bytes || retention.max_entries == 0) {
-            return Err(EngineError::Full("entry larger than the log's retention"));
-        }
+        options.check_size(size)?;
         // Charged before the log is locked: charging may sweep, and the sweep locks logs. A
         // transient entry is never stored, so it costs nothing.
         let stored_cost = if keep { cost(size) } else { 0 };

@@ -228,6 +228,15 @@ impl Append {
         self.except = Some(conn);
         self
     }
+
+    /// Refuses, as every engine does, an entry of `size` bytes to be kept that the retention
+    /// could never hold (larger than its byte bound, or a bound of no entries).
+    pub fn check_size(&self, size: usize) -> EngineResult<()> {
+        if self.keep && (size > self.retention.max_bytes || self.retention.max_entries == 0) {
+            return Err(EngineError::Full("entry larger than the log's retention"));
+        }
+        Ok(())
+    }
 }
 
 /// The result of an append.
