@@ -357,6 +357,16 @@ fn fanout_rows(
             num(&one.fanout, &["server_cpu_per_delivery_us"])
         ),
     );
+    let _ = writeln!(
+        out,
+        "\nWhy the cluster is slower: a node reads a socket's next message only after the previous\n\
+         one is stored, and storing is now a script run in Redis, a round trip, instead of a write\n\
+         to memory; so each sender's messages, and the broadcasts with them, come at a fraction of\n\
+         the one-node rate (the latency is mostly messages waiting in their sender's socket). They\n\
+         also reach the nodes spread out rather than in one burst, so each node writes few frames\n\
+         per `send` to a socket: CPU per delivery is then that of the one-node steady-rate row\n\
+         above, not of a burst (Redis's share is in its own column)."
+    );
     Ok(())
 }
 
@@ -386,7 +396,8 @@ fn reqack_rows(
          to ack) with the users spread over the {NODES} nodes in turn: user i writes to user i + 1,\n\
          so the producer of an event is on another node than its recipient ({} of {} pairs; the\n\
          last user's partner, user 0, can share its node). Each request is appended through\n\
-         Redis and its event reaches the recipient's node by `PUBLISH`.\n",
+         Redis and its event reaches the recipient's node by `PUBLISH`; a request's response\n\
+         waits for its writes to Redis (each a script, a round trip) where one node writes memory.\n",
         one.reqack_users, one.reqack_messages, cluster["cross_node_pairs"], one.reqack_users,
     );
     let _ = writeln!(
@@ -459,9 +470,9 @@ fn publish_rows(
          `--ip-chat-rate-limit 0`) to one subscriber: on one node, and with the subscriber on one\n\
          node of a 2-node cluster and the sender on the other, so each message is one append\n\
          script and one `PUBLISH` in Redis and one delivery from the channel{}. CPU per message:\n\
-         every process's CPU over the run (both nodes and Redis; the window also holds their idle\n\
-         work: heartbeats, Redis's timers) ÷ messages; the sender's own copy of each broadcast\n\
-         is a second delivery on its node.\n",
+         every process's CPU over the run (both nodes and Redis; the window also holds the\n\
+         subscriber closing and the processes' idle work: heartbeats, Redis's timers) ÷ messages;\n\
+         the sender's own copy of each broadcast is a second delivery on its node.\n",
         group(messages),
         if runs > 1 {
             format!("; median of {runs} runs by p50")

@@ -218,44 +218,78 @@ fn first_problem(path: &Path) -> Option<String> {
         .map(|l| l.chars().take(300).collect())
 }
 
-fn measure(release: &Path, options: &Options) -> Result<String, String> {
-    let work = std::env::temp_dir().join(format!("switchboard-bench-scale-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let load_before = load_average();
-    let redis = Redis::start()?.ok_or("redis-server is not installed")?;
-    let stamp = unix_ns() / 1_000_000;
-    let cluster = format!("scale-{stamp}");
-    let url = redis.url();
-    let max_connections = (options.per_node + 1_000).to_string();
-    let mut nodes = Vec::with_capacity(options.nodes);
-    for k in 0..options.nodes {
-        nodes.push(Node::start(
-            release,
-            "ip-chat",
-            Some((&url, &cluster)),
-            &["--max-connections", &max_connections],
-            Some(&work.join(format!("node-{k}.log"))),
-        )?);
-    }
-    let rss_before: Vec<u64> = nodes.iter().map(|n| rss_bytes(n.pid())).collect();
-    let redis_rss_before = rss_bytes(redis.pid());
-    eprintln!(
-        "  {} nodes ready; {} listeners × {} sockets connecting",
-        options.nodes, options.nodes, options.per_node
-    );
+/// What one broadcast to the sockets held on some nodes measured.
+struct Broadcast {
+    /// Per node: sockets held, open files, RSS before connecting and with every socket open.
+    held: Vec<u64>,
+    fds: Vec<usize>,
+    rss_before: Vec<u64>,
+    rss_after: Vec<u64>,
+    /// Redis's RSS before and with every socket open, when there is a Redis.
+    redis_rss: Option<(u64, u64)>,
+    connect_secs: f64,
+    load_before: String,
+    load_connected: String,
+    /// Sockets that got the broadcast, and its latency percentiles in µs.
+    reached: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    /// CPU of every node (and Redis) from the send to the last delivery.
+    cpu_ms: Option<f64>,
+    /// The first error each node logged and each load process could not connect with.
+    problems: Vec<String>,
+    sender_error: Option<String>,
+}
 
+impl Broadcast {
+    fn total_held(&self) -> u64 {
+        self.held.iter().sum()
+    }
+
+    /// RSS growth per socket over every node.
+    fn growth_per_socket(&self) -> f64 {
+        let after: u64 = self.rss_after.iter().sum();
+        let before: u64 = self.rss_before.iter().sum();
+        after.saturating_sub(before) as f64 / self.total_held().max(1) as f64
+    }
+
+    fn cpu_per_socket_us(&self) -> Option<f64> {
+        self.cpu_ms
+            .map(|ms| ms * 1000.0 / self.reached.max(1) as f64)
+            .filter(|v| v.is_finite())
+    }
+}
+
+/// Holds `per_node` listen-only subscribers on each node (one load process per node), sends
+/// one message on the first node, and measures who got it when.
+fn broadcast(
+    release: &Path,
+    work: &Path,
+    nodes: &[Node],
+    node_logs: &[PathBuf],
+    redis: Option<&Redis>,
+    per_node: usize,
+) -> Result<Broadcast, String> {
+    let load_before = load_average();
+    let rss_before: Vec<u64> = nodes.iter().map(|n| rss_bytes(n.pid())).collect();
+    let redis_rss_before = redis.map(|r| rss_bytes(r.pid()));
+    eprintln!(
+        "  {} listeners × {per_node} sockets connecting",
+        nodes.len()
+    );
+    let stamp = unix_ns() / 1_000_000;
     let run_id = format!("scale{stamp}");
     let connect_started = Instant::now();
-    let mut listeners = Vec::with_capacity(options.nodes);
+    let mut listeners = Vec::with_capacity(nodes.len());
     for (k, node) in nodes.iter().enumerate() {
-        let ready = work.join(format!("ready-{k}.json"));
-        let stdout = work.join(format!("listen-{k}.out"));
-        let stderr = work.join(format!("listen-{k}.err"));
+        let ready = work.join(format!("ready-{stamp}-{k}.json"));
+        let stdout = work.join(format!("listen-{stamp}-{k}.out"));
+        let stderr = work.join(format!("listen-{stamp}-{k}.err"));
         let file = |p: &Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
         let child = Command::new(release.join("switchboard"))
             .args(["bench", "fanout", "--url", &node.url()])
-            .args(["--subscribers", &options.per_node.to_string()])
+            .args(["--subscribers", &per_node.to_string()])
             .args(["--senders", "0", "--messages", "1", "--run-id", &run_id])
             // Pools 10.. are nobody else's (senders 2, idle 3, reqack 4).
             .args(["--source-pool", &(10 + k).to_string()])
@@ -317,25 +351,28 @@ fn measure(release: &Path, options: &Options) -> Result<String, String> {
     std::thread::sleep(Duration::from_secs(2));
     let load_connected = load_average();
     let rss_after: Vec<u64> = nodes.iter().map(|n| rss_bytes(n.pid())).collect();
-    let node_fds: Vec<usize> = nodes.iter().map(|n| fds(n.pid())).collect();
-    let redis_rss_after = rss_bytes(redis.pid());
+    let fds_now: Vec<usize> = nodes.iter().map(|n| fds(n.pid())).collect();
+    let redis_rss_after = redis.map(|r| rss_bytes(r.pid()));
     let held: Vec<u64> = ready
         .iter()
         .map(|r| r.as_ref().map_or(0.0, |r| num(r, &["connected"])) as u64)
         .collect();
-    let total_held: u64 = held.iter().sum();
-    eprintln!("  {total_held} sockets held after {connect_secs:.1} s; broadcasting");
+    eprintln!(
+        "  {} sockets held after {connect_secs:.1} s; broadcasting",
+        held.iter().sum::<u64>()
+    );
 
     let mut pids: Vec<u32> = nodes.iter().map(Node::pid).collect();
-    pids.push(redis.pid());
+    pids.extend(redis.map(Redis::pid));
     let trace = CpuTrace::start(pids);
     std::thread::sleep(Duration::from_millis(100));
+    let first = nodes.first().ok_or("no node")?;
     let sender = load(
         release,
         &[
             "fanout",
             "--url",
-            &nodes[0].url(),
+            &first.url(),
             "--subscribers",
             "0",
             "--senders",
@@ -386,8 +423,6 @@ fn measure(release: &Path, options: &Options) -> Result<String, String> {
             samples[index]
         }
     };
-    let (p50, p99, max) = (rank(0.5), rank(0.99), rank(1.0));
-    let reached = samples.len();
     // CPU from the last sample before the message was sent to the first after the last
     // delivery (every process holds its sockets for a while after that).
     let stamp_of = |key: &str| {
@@ -401,29 +436,99 @@ fn measure(release: &Path, options: &Options) -> Result<String, String> {
     let last_delivery = stamp_of("last_delivery_unix_ns").into_iter().max();
     let before = sent_at.and_then(|at| cpu_trace.iter().rev().find(|(t, _)| *t <= at));
     let after = last_delivery.and_then(|at| cpu_trace.iter().find(|(t, _)| *t >= at));
-    let broadcast_cpu_ms = before
+    let cpu_ms = before
         .zip(after)
         .map(|((_, b), (_, a))| a.saturating_sub(*b) as f64 / 1e6);
-
-    let problems: Vec<String> = (0..nodes.len())
-        .filter_map(|k| {
-            first_problem(&work.join(format!("node-{k}.log"))).map(|p| format!("node {k}: {p}"))
-        })
+    let problems = node_logs
+        .iter()
+        .enumerate()
+        .filter_map(|(k, log)| first_problem(log).map(|p| format!("node {}: {p}", k + 1)))
         .chain(ready.iter().enumerate().filter_map(|(k, r)| {
             r.as_ref()
                 .and_then(|r| r["first_connect_error"].as_str().map(str::to_owned))
-                .map(|e| format!("load process {k}: {e}"))
+                .map(|e| format!("load process {}: {e}", k + 1))
         }))
         .collect();
-    drop(listeners);
+    Ok(Broadcast {
+        held,
+        fds: fds_now,
+        rss_before,
+        rss_after,
+        redis_rss: redis_rss_before.zip(redis_rss_after),
+        connect_secs,
+        load_before,
+        load_connected,
+        reached: samples.len(),
+        p50: rank(0.5),
+        p99: rank(0.99),
+        max: rank(1.0),
+        cpu_ms,
+        problems,
+        sender_error: sender.err(),
+    })
+}
+
+fn measure(release: &Path, options: &Options) -> Result<String, String> {
+    let work = std::env::temp_dir().join(format!("switchboard-bench-scale-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let max_connections = (options.per_node + 1_000).to_string();
+    let flags = ["--max-connections", max_connections.as_str()];
+
+    // The cluster.
+    let redis = Redis::start()?.ok_or("redis-server is not installed")?;
+    let cluster_name = format!("scale-{}", unix_ns() / 1_000_000);
+    let url = redis.url();
+    let logs: Vec<PathBuf> = (0..options.nodes)
+        .map(|k| work.join(format!("node-{k}.log")))
+        .collect();
+    let nodes = logs
+        .iter()
+        .map(|log| {
+            Node::start(
+                release,
+                "ip-chat",
+                Some((&url, &cluster_name)),
+                &flags,
+                Some(log),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    eprintln!("  {} nodes ready", nodes.len());
+    let cluster = broadcast(
+        release,
+        &work,
+        &nodes,
+        &logs,
+        Some(&redis),
+        options.per_node,
+    )?;
     drop(nodes);
     drop(redis);
-    let _ = std::fs::remove_dir_all(&work);
 
+    // The same broadcast to one node's share, on one node alone (in-memory engine).
+    let log = work.join("single.log");
+    let node = Node::start(release, "ip-chat", None, &flags, Some(&log))?;
+    let single = broadcast(
+        release,
+        &work,
+        std::slice::from_ref(&node),
+        std::slice::from_ref(&log),
+        None,
+        options.per_node,
+    )?;
+    drop(node);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(render(options, &max_connections, &cluster, &single))
+}
+
+fn render(
+    options: &Options,
+    max_connections: &str,
+    cluster: &Broadcast,
+    single: &Broadcast,
+) -> String {
     let mut out = String::new();
-    let per = |k: usize| rss_after[k] as f64 / held[k].max(1) as f64;
-    let growth =
-        |k: usize| rss_after[k].saturating_sub(rss_before[k]) as f64 / held[k].max(1) as f64;
     let _ = writeln!(
         out,
         "{START}\n### Measured: {} nodes on one Redis, one broadcast\n",
@@ -431,20 +536,22 @@ fn measure(release: &Path, options: &Options) -> Result<String, String> {
     );
     let _ = writeln!(
         out,
-        "`cargo xtask bench-scale`, run once on {} ({}; load average {} before, {} with every\n\
-         socket open; other work was running on the machine). {n} `switchboard serve --protocol\n\
-         ip-chat --engine redis://... --max-connections {max_connections}` release nodes and one\n\
-         redis-server ({REDIS_PERSISTENCE}); {n} `switchboard bench fanout --senders 0` load\n\
-         processes, each capped at 20,000 open files like the nodes and aimed at one node,\n\
-         each holding {} subscribers from its own pool of loopback source addresses (no\n\
-         per-IP limit needed raising: every subscriber has its own address). Then one\n\
-         `send_message` on the first node: one append and one `PUBLISH` in Redis, which sends\n\
-         it to each node's subscriber connection once ({n} copies, not one per socket), and\n\
-         every node writes it to its own sockets.\n",
+        "`cargo xtask bench-scale`, run once on {} ({}; load average {} before connecting, {}\n\
+         with every socket open: other work was running on the machine). {n} `switchboard serve\n\
+         --protocol ip-chat --engine redis://... --max-connections {max_connections}` release\n\
+         nodes and one redis-server ({REDIS_PERSISTENCE}); {n} `switchboard bench fanout\n\
+         --senders 0` load processes, each capped at 20,000 open files like the nodes and aimed\n\
+         at one node, each holding {} subscribers from its own pool of loopback source\n\
+         addresses (no per-IP limit needed raising: every subscriber has its own address, and\n\
+         per-IP limits are per node). Then one `send_message` on the first node: one append and\n\
+         one `PUBLISH` in Redis, which sends it to each node's subscriber connection once ({n}\n\
+         copies, not one per socket), and every node writes it to its own sockets. Last row: the\n\
+         same broadcast to one node's share of sockets on one node alone (in-memory engine), in\n\
+         the same run.\n",
         today(),
         machine(),
-        load_before,
-        load_connected,
+        cluster.load_before,
+        cluster.load_connected,
         group(options.per_node),
         n = options.nodes,
     );
@@ -453,115 +560,126 @@ fn measure(release: &Path, options: &Options) -> Result<String, String> {
         "| node | sockets held | open files | RSS before | RSS with sockets | RSS ÷ sockets | (RSS − before) ÷ sockets |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-    for k in 0..held.len() {
+    for k in 0..cluster.held.len() {
+        let held = cluster.held[k].max(1) as f64;
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {:.2} KiB | {:.2} KiB |",
             k + 1,
-            group(held[k] as usize),
-            group(node_fds[k]),
-            mib(rss_before[k] as f64),
-            mib(rss_after[k] as f64),
-            per(k) / 1024.0,
-            growth(k) / 1024.0,
+            group(cluster.held[k] as usize),
+            group(cluster.fds[k]),
+            mib(cluster.rss_before[k] as f64),
+            mib(cluster.rss_after[k] as f64),
+            cluster.rss_after[k] as f64 / held / 1024.0,
+            cluster.rss_after[k].saturating_sub(cluster.rss_before[k]) as f64 / held / 1024.0,
         );
     }
-    let total_after: u64 = rss_after.iter().sum();
-    let total_before: u64 = rss_before.iter().sum();
-    let total_per = total_after as f64 / total_held.max(1) as f64;
-    let total_growth = total_after.saturating_sub(total_before) as f64 / total_held.max(1) as f64;
+    let total_after: u64 = cluster.rss_after.iter().sum();
+    let total_before: u64 = cluster.rss_before.iter().sum();
     let _ = writeln!(
         out,
         "| all | {} | {} | {} | {} | {:.2} KiB | {:.2} KiB |",
-        group(total_held as usize),
-        group(node_fds.iter().sum()),
+        group(cluster.total_held() as usize),
+        group(cluster.fds.iter().sum()),
         mib(total_before as f64),
         mib(total_after as f64),
-        total_per / 1024.0,
-        total_growth / 1024.0,
+        total_after as f64 / cluster.total_held().max(1) as f64 / 1024.0,
+        cluster.growth_per_socket() / 1024.0,
     );
+    if let Some((before, after)) = cluster.redis_rss {
+        let _ = writeln!(
+            out,
+            "\nRedis's RSS: {} before, {} with every socket open. Connecting took {:.1} s\n\
+             (all load processes at once, 256 connects in flight each).\n",
+            mib(before as f64),
+            mib(after as f64),
+            cluster.connect_secs,
+        );
+    }
     let _ = writeln!(
         out,
-        "\nRedis's RSS: {} before, {} with every socket open. Connecting took {connect_secs:.1} s\n\
-         (all load processes at once, 256 connects in flight each).\n",
-        mib(redis_rss_before as f64),
-        mib(redis_rss_after as f64),
+        "| setup | sockets held | got the broadcast | time until every socket had it | p50 latency | p99 latency | CPU of the broadcast | CPU per socket |"
     );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for (setup, b) in [
+        (format!("{} nodes + Redis", options.nodes), cluster),
+        ("one node, in memory".to_owned(), single),
+    ] {
+        let _ = writeln!(
+            out,
+            "| {setup} | {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} |",
+            group(b.total_held() as usize),
+            group(b.reached),
+            b.max / 1000.0,
+            b.p50 / 1000.0,
+            b.p99 / 1000.0,
+            b.cpu_ms
+                .map_or_else(|| "–".to_owned(), |ms| format!("{ms:.0} ms")),
+            b.cpu_per_socket_us()
+                .map_or_else(|| "–".to_owned(), |us| format!("{us:.1} µs")),
+        );
+    }
     let _ = writeln!(
         out,
-        "| sockets held | sockets that got the broadcast | time until every socket had it | p50 latency | p99 latency | CPU of the broadcast (nodes + Redis) |"
+        "\nCPU of the broadcast: every node's CPU (and Redis's), sampled every 20 ms, from the\n\
+         sample before the message was sent to the first after the last socket had it. Almost\n\
+         all of it is the kernel's: one `send` per socket, which on loopback also runs the\n\
+         receiving side's TCP work in the sender's time, so it is the same per socket on one\n\
+         node and on the cluster. The load processes reading every socket (and any other work\n\
+         on the machine) share the same 2 cores, so the wall time is longer than the nodes' CPU."
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let target = (options.nodes * options.per_node) as u64;
+    for (setup, b, expected) in [
+        ("the cluster", cluster, target),
+        ("the single node", single, options.per_node as u64),
+    ] {
+        if b.total_held() < expected
+            || (b.reached as u64) < b.total_held()
+            || b.sender_error.is_some()
+        {
+            let _ = writeln!(
+                out,
+                "\nNot every socket was reached on {setup}: {} of {} held, {} of those got the broadcast{}.",
+                group(b.total_held() as usize),
+                group(expected as usize),
+                group(b.reached),
+                b.sender_error
+                    .as_ref()
+                    .map_or_else(String::new, |e| format!("; the sending run failed: {e}")),
+            );
+        }
+        if !b.problems.is_empty() {
+            let _ = writeln!(out, "\nWhat the processes of {setup} reported:\n");
+            for problem in b.problems.iter().take(12) {
+                let _ = writeln!(out, "- `{}`", problem.replace('`', "'"));
+            }
+        }
+    }
+    let per_socket = cluster.growth_per_socket().max(0.0);
+    let million_gib = per_socket * 1e6 / (1024.0 * 1024.0 * 1024.0);
+    let at_cap = 1_000_000usize.div_ceil(options.per_node);
+    let cpu = cluster.cpu_per_socket_us();
     let _ = writeln!(
         out,
-        "| {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {} |",
-        group(total_held as usize),
-        group(reached),
-        max / 1000.0,
-        p50 / 1000.0,
-        p99 / 1000.0,
-        broadcast_cpu_ms.map_or_else(
-            || "–".to_owned(),
-            |ms| format!(
-                "{ms:.0} ms ({:.2} µs per socket)",
-                ms * 1000.0 / reached.max(1) as f64
+        "\nWhat 1,000,000 sockets would take, from this run: {at_cap} nodes of {} sockets (this\n\
+         machine's 20,000 open files per process), or e.g. 10 nodes of 100,000 with the open-file\n\
+         limit raised (see above); node memory {million_gib:.1} GiB in all at {:.2} KiB per socket\n\
+         (the growth measured here), plus each node's base ({} here) and the kernel's socket\n\
+         buffers; and enough load-generating source addresses or machines (see above). Redis's\n\
+         part of a broadcast does not grow with sockets: one append and one `PUBLISH` per\n\
+         message, copied once to each subscribed node ({at_cap} or 10 copies), so one Redis\n\
+         carries the fan-out of a million-socket room. The per-socket work is the nodes': {}.\n{END}",
+        group(options.per_node),
+        per_socket / 1024.0,
+        mib(total_before as f64 / options.nodes.max(1) as f64),
+        cpu.map_or_else(
+            || "about 20 µs of CPU per socket for one message on this machine, so ~20 s of CPU per broadcast to 1,000,000 sockets, spread over the nodes' cores".to_owned(),
+            |us| format!(
+                "{us:.1} µs of CPU per socket reached in this run, so one broadcast to 1,000,000 \
+                 sockets costs ~{us:.0} s of CPU, spread over the nodes' cores (a rate of broadcasts \
+                 to such a room is bounded by cores ÷ that)"
             )
         ),
     );
-    let target = (options.nodes * options.per_node) as u64;
-    if total_held < target || (reached as u64) < total_held || sender.is_err() {
-        let _ = writeln!(
-            out,
-            "\nNot every socket was reached: {} of {} held, {} of those got the broadcast{}.",
-            group(total_held as usize),
-            group(target as usize),
-            group(reached),
-            match &sender {
-                Err(e) => format!("; the sending run failed: {e}"),
-                Ok(_) => String::new(),
-            }
-        );
-    }
-    if !problems.is_empty() {
-        let _ = writeln!(out, "\nWhat the processes reported:\n");
-        for problem in problems.iter().take(12) {
-            let _ = writeln!(out, "- `{}`", problem.replace('`', "'"));
-        }
-    }
-    let per_socket = total_growth.max(0.0);
-    let million_gib = per_socket * 1e6 / (1024.0 * 1024.0 * 1024.0);
-    let at_cap = 1_000_000usize.div_ceil(options.per_node);
-    let cpu_per_socket_us = broadcast_cpu_ms
-        .map(|ms| ms * 1000.0 / reached.max(1) as f64)
-        .filter(|v| v.is_finite());
-    let _ = writeln!(
-        out,
-        "\nWhat 1,000,000 sockets would take, from this run: {at_cap} nodes at {} sockets each\n\
-         (this machine's 20,000 open files per process), or e.g. 10 nodes of 100,000 with the\n\
-         open-file limit raised (see the table above); node memory {million_gib:.1} GiB in all at\n\
-         {:.2} KiB per socket (the growth per socket measured here), plus each node's base\n\
-         ({} here) and the kernel's socket buffers; and as many load-generating source addresses\n\
-         (or machines) as the ephemeral-port arithmetic above asks. Redis's share of a\n\
-         broadcast does not grow with sockets: one `PUBLISH` per message, copied once to each\n\
-         subscribed node ({at_cap} or 10 copies), so one Redis carries the fan-out of a\n\
-         million-socket room; the per-socket work is the nodes': {}, so a broadcast to\n\
-         1,000,000 sockets costs {} of CPU spread over the nodes, and arrives within about\n\
-         that divided by the cores serving them.\n{END}",
-        group(options.per_node),
-        per_socket / 1024.0,
-        mib(total_before as f64 / nodes_count(options)),
-        cpu_per_socket_us.map_or_else(
-            || "not measured in this run".to_owned(),
-            |us| format!("{us:.2} µs of CPU per socket reached in this run (nodes and Redis)")
-        ),
-        cpu_per_socket_us.map_or_else(
-            || "about 0.5 µs per delivery (the burst figure above) × 1,000,000, ~0.5 s,".to_owned(),
-            |us| format!("~{:.1} s", us)
-        ),
-    );
-    Ok(out)
-}
-
-fn nodes_count(options: &Options) -> f64 {
-    options.nodes.max(1) as f64
+    out
 }
