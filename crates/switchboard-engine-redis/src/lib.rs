@@ -21,7 +21,7 @@ mod subs;
 
 pub use config::{ConfigError, RedisConfig, redacted};
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -83,6 +83,8 @@ pub(crate) struct Inner {
     deferred_leaves: Mutex<HashSet<(String, String, ConnRef)>>,
     cluster_id: OnceCell<Uuid>,
     rate_seq: AtomicU64,
+    /// Reads of one log asked for at once, answered together.
+    reads: Mutex<HashMap<ReadKey, ReadBatch>>,
     /// Where the key-index janitor resumes.
     janitor_after: Mutex<Option<String>>,
     /// Set by [`RedisEngine::kill`]: the node acts as if its process died.
@@ -147,6 +149,7 @@ impl RedisEngine {
             deferred_leaves: Mutex::new(HashSet::new()),
             cluster_id: OnceCell::new(),
             rate_seq: AtomicU64::new(0),
+            reads: Mutex::new(HashMap::new()),
             janitor_after: Mutex::new(None),
             killed: AtomicBool::new(false),
             config,
@@ -535,6 +538,79 @@ impl Inner {
     }
 }
 
+/// The same read of one log, asked for by several callers at once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ReadKey {
+    topic: String,
+    latest: bool,
+    offset: u64,
+    epoch: u64,
+    limit: usize,
+}
+
+impl ReadKey {
+    fn new(topic: &str, from: ReadFrom, limit: usize) -> Self {
+        let (latest, offset, epoch) = match from {
+            ReadFrom::Latest(n) => (true, u64::try_from(n).unwrap_or(u64::MAX), 0),
+            ReadFrom::After(position) => (false, position.offset, position.epoch),
+        };
+        Self {
+            topic: topic.to_owned(),
+            latest,
+            offset,
+            epoch,
+            limit,
+        }
+    }
+}
+
+/// Callers waiting for one [`ReadKey`], and whether a read for them runs.
+#[derive(Default)]
+pub(crate) struct ReadBatch {
+    running: bool,
+    waiting: Vec<oneshot::Sender<EngineResult<Read>>>,
+}
+
+/// Answers every caller waiting for `key` with reads issued after they asked: each round takes
+/// the callers waiting now and makes one read for all of them, so a read never starts before a
+/// caller it answers (a subscriber joining with a replay must get everything up to the moment
+/// it was registered). A thousand subscribers joining a topic at once cost a few reads, not a
+/// thousand.
+async fn read_batches(inner: Arc<Inner>, key: ReadKey, from: ReadFrom, limit: usize) {
+    loop {
+        let waiting = {
+            let mut reads = lock(&inner.reads);
+            let Some(batch) = reads.get_mut(&key) else {
+                return;
+            };
+            if batch.waiting.is_empty() {
+                reads.remove(&key);
+                return;
+            }
+            std::mem::take(&mut batch.waiting)
+        };
+        let result = inner
+            .read_rows(&key.topic, from, limit)
+            .await
+            .map(|rows| match rows {
+                Rows::Entries { rows, top } => Read::Entries {
+                    entries: rows
+                        .into_iter()
+                        .map(|(offset, body)| Entry {
+                            offset,
+                            frame: body.frame,
+                        })
+                        .collect(),
+                    top,
+                },
+                Rows::Gone { top } => Read::Gone { top },
+            });
+        for waiter in waiting {
+            let _ = waiter.send(result.clone());
+        }
+    }
+}
+
 /// Heartbeats, lost-node removal and the key-index janitor, until the engine is dropped.
 async fn heartbeat(weak: Weak<Inner>) {
     let Some(inner) = weak.upgrade() else {
@@ -769,19 +845,22 @@ impl StateEngine for RedisEngine {
     }
 
     async fn read(&self, topic: &str, from: ReadFrom, limit: usize) -> EngineResult<Read> {
-        Ok(match self.inner.read_rows(topic, from, limit).await? {
-            Rows::Entries { rows, top } => Read::Entries {
-                entries: rows
-                    .into_iter()
-                    .map(|(offset, body)| Entry {
-                        offset,
-                        frame: body.frame,
-                    })
-                    .collect(),
-                top,
-            },
-            Rows::Gone { top } => Read::Gone { top },
-        })
+        let key = ReadKey::new(topic, from, limit);
+        let (done, result) = oneshot::channel();
+        let lead = {
+            let mut reads = lock(&self.inner.reads);
+            let batch = reads.entry(key.clone()).or_default();
+            batch.waiting.push(done);
+            !std::mem::replace(&mut batch.running, true)
+        };
+        if lead {
+            // A task of its own: the readers waiting on it must be answered even if this
+            // caller goes away.
+            tokio::spawn(read_batches(self.inner.clone(), key, from, limit));
+        }
+        result
+            .await
+            .map_err(|_| EngineError::Unavailable("the redis engine stopped".into()))?
     }
 
     async fn remove(&self, topic: &str, offset: u64) -> EngineResult<bool> {
