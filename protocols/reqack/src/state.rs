@@ -4,11 +4,9 @@
 //! Everything shared lives in the engine (see `docs/protocols/reqack.md`, "State and the
 //! engine"): each user's outbox is a log whose offsets are the user's event ids, messages and
 //! calls are keyed records changed by compare-and-set, idempotent responses are engine records,
-//! presence is the engine's. The node-local [`Local`] tables are locked only between awaits, and
-//! every ordering the protocol promises comes from log order or compare-and-set. The one lock
-//! held across an engine call is an outbox append's *turn*, taken only after a compare-and-set
-//! conflict: it lines up this node's retries on one outbox so they stop colliding with each
-//! other (see [`Node::append_guessing`]); it orders nothing.
+//! presence is the engine's. Nothing here holds a lock across an engine call: the node-local
+//! [`Local`] tables are locked only between awaits, and every ordering the protocol promises
+//! comes from log order or compare-and-set.
 //!
 //! What stays node-local (in [`Local`]): the books of what this node queued and stored, by
 //! sending client (per-client shares, the node's totals, expiry of events for users that never
@@ -16,7 +14,6 @@
 //! (a user's newest outbox offset, whether it ever connected) that are rebuilt on a miss.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -69,8 +66,6 @@ const PRESENCE_ROUNDS: usize = 3;
 const CACHE_SLICE: usize = 32;
 /// Outbox entries read at once beyond the outbox limit (ephemeral events in passing).
 const READ_SLACK: usize = 64;
-/// Turns for retrying outbox appends after a conflict (outboxes hash onto them).
-const APPEND_TURNS: usize = 64;
 
 const START: Position = Position {
     offset: 0,
@@ -485,12 +480,6 @@ pub(crate) struct Node {
     config: Config,
     budget: Arc<MemoryBudget>,
     local: Mutex<Local>,
-    /// Outbox appends that conflicted retry one at a time per outbox on this node (hashed
-    /// onto these), each from the newest offset the one before it appended: without them, `n`
-    /// fan-outs racing for one outbox on a remote engine take `n²/2` round trips.
-    turns: Box<[tokio::sync::Mutex<()>]>,
-    /// Hashes outbox owners onto `turns`.
-    turn_hasher: RandomState,
 }
 
 impl Node {
@@ -546,18 +535,7 @@ impl Node {
             config,
             budget,
             local: Mutex::new(local),
-            turns: (0..APPEND_TURNS)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-            turn_hasher: RandomState::new(),
         }
-    }
-
-    /// The turn `user`'s outbox appends retry in after a conflict.
-    fn turn(&self, user: &str) -> &tokio::sync::Mutex<()> {
-        let hash = self.turn_hasher.hash_one(user);
-        let index = usize::try_from(hash % APPEND_TURNS as u64).unwrap_or(0);
-        &self.turns[index.min(APPEND_TURNS - 1)]
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -808,14 +786,6 @@ impl Node {
 
     /// [`Self::append_event`] starting from `guess` as the outbox's newest offset, leaving the
     /// node's cache of it to the caller (a fan-out reads and updates it once for all).
-    ///
-    /// The first attempt takes no lock. After a conflict the retries wait for the outbox's turn
-    /// on this node and start from the newest offset known here (the conflict's, or what the
-    /// turn's previous holder appended), and a success under the turn updates the cache before
-    /// the turn passes on. Several fan-outs of this node that hit one outbox at once (every
-    /// connect and disconnect tells every online user) then cost about two attempts each
-    /// instead of racing each other round after round; only other nodes' appends can still
-    /// conflict. On an engine in this process conflicts are rare, and so are turns.
     async fn append_guessing(
         &self,
         engine: &Engine,
@@ -826,11 +796,7 @@ impl Node {
     ) -> Result<(u64, Frame), EngineError> {
         let topic = keys::outbox(user);
         let mut top = guess;
-        let mut turn = None;
         for _ in 0..CAS_ATTEMPTS {
-            if turn.is_some() {
-                top = top.max(self.cached_top(user).unwrap_or(0));
-            }
             let id = top.saturating_add(1);
             let frame = encode(id)
                 .map_err(|e| EngineError::Corrupt(format!("could not encode an event: {e}")))?;
@@ -848,17 +814,9 @@ impl Node {
                             "outbox offset is not the event id"
                         );
                     }
-                    if turn.is_some() {
-                        self.cache_top(user, position.offset);
-                    }
                     return Ok((position.offset, frame));
                 }
-                Appended::Conflict(position) => {
-                    top = position.offset;
-                    if turn.is_none() {
-                        turn = Some(self.turn(user).lock().await);
-                    }
-                }
+                Appended::Conflict(position) => top = position.offset,
             }
         }
         Err(EngineError::Unavailable(format!(
