@@ -27,13 +27,11 @@
     reason = "tests fail by panicking"
 )]
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{Node, WAIT, await_readyz_all, start_cluster};
+use crate::common::{Node, WAIT, await_readyz_all, start_cluster};
 use serde_json::Value;
 use switchboard_testkit::redis::RedisServer;
 use switchboard_testkit::{Client, ConnectOptions, json};

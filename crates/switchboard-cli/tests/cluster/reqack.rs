@@ -22,8 +22,6 @@
     reason = "tests fail by panicking and report what they measured"
 )]
 
-mod common;
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
@@ -31,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Node, WAIT, readyz};
+use crate::common::{Node, WAIT, readyz};
 use serde_json::{Value, json};
 use switchboard_testkit::redis::RedisServer;
 use tokio_tungstenite::tungstenite::{self, Message, WebSocket};

@@ -19,12 +19,10 @@
     reason = "tests fail by panicking"
 )]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Node, Ws, WsResult, readyz};
+use crate::common::{Node, Ws, WsResult, readyz};
 use serde_json::{Value, json};
 use switchboard_testkit::redis::RedisServer;
 use tokio::runtime::Runtime;
@@ -89,7 +87,7 @@ impl Peer {
         }
     }
 
-    /// Reads until a frame satisfies `accept` (bounded by `common::WAIT`), noting presence.
+    /// Reads until a frame satisfies `accept` (bounded by `crate::common::WAIT`), noting presence.
     fn try_recv(&mut self, mut accept: impl FnMut(&Value) -> bool) -> WsResult<Value> {
         let presence = &mut self.presence;
         self.ws
@@ -244,7 +242,7 @@ fn presence_chats_messages_acks_and_typing_cross_three_nodes() {
 
     // The earlier sockets learn of the later users from deltas published by the other nodes.
     for peer in &mut peers {
-        let told = peer.await_presence(common::WAIT, |p| {
+        let told = peer.await_presence(crate::common::WAIT, |p| {
             all.iter().all(|id| p.get(*id).copied() == Some(true))
         });
         assert!(told, "{} sees {:?}", peer.id, peer.presence);
@@ -338,7 +336,7 @@ fn offline_queue_is_delivered_once_in_order_on_another_node() {
     let mut sender = Peer::hello(&nodes[0], &sender_id, "Sender");
     // The recipient becomes known on node B, then goes away.
     drop(Peer::hello(&nodes[1], &recipient_id, "Recipient"));
-    let offline = sender.await_presence(common::WAIT, |p| {
+    let offline = sender.await_presence(crate::common::WAIT, |p| {
         p.get(recipient_id.as_str()).copied() == Some(false)
     });
     assert!(
@@ -390,7 +388,7 @@ fn offline_queue_is_delivered_once_in_order_on_another_node() {
 
     // Delivered means gone from the queue: the next HELLO, on yet another node, gets none.
     drop(recipient);
-    let offline = sender.await_presence(common::WAIT, |p| {
+    let offline = sender.await_presence(crate::common::WAIT, |p| {
         p.get(recipient_id.as_str()).copied() == Some(false)
     });
     assert!(offline, "the recipient never went offline again");
@@ -507,7 +505,7 @@ fn a_killed_nodes_users_leave_presence_and_the_rest_keeps_serving() {
     let mut bob = Peer::hello(&nodes[1], &bob_id, "Bob");
     let x = Peer::hello(&nodes[2], &x_id, "Xavier");
     for peer in [&mut alice, &mut bob] {
-        let told = peer.await_presence(common::WAIT, |p| {
+        let told = peer.await_presence(crate::common::WAIT, |p| {
             [&alice_id, &bob_id, &x_id]
                 .iter()
                 .all(|id| p.get(id.as_str()).copied() == Some(true))
@@ -585,7 +583,7 @@ fn an_engine_outage_is_answered_and_recovered_from() {
     let mut alice = Peer::hello(&nodes[0], &alice_id, "Alice");
     let mut bob = Peer::hello(&nodes[1], &bob_id, "Bob");
     drop(Peer::hello(&nodes[2], &rita_id, "Rita"));
-    let offline = alice.await_presence(common::WAIT, |p| {
+    let offline = alice.await_presence(crate::common::WAIT, |p| {
         p.get(rita_id.as_str()).copied() == Some(false)
     });
     assert!(offline, "Rita never went offline: {:?}", alice.presence);
@@ -605,7 +603,7 @@ fn an_engine_outage_is_answered_and_recovered_from() {
     );
 
     rt.block_on(redis.stop());
-    await_readyz(&nodes, 503, common::WAIT, "with Redis stopped");
+    await_readyz(&nodes, 503, crate::common::WAIT, "with Redis stopped");
 
     // Every request that needs the engine is answered, on each node, with its failure code.
     let refused = alice.msg(&bob_id, "during the outage", "during-1");
@@ -705,14 +703,14 @@ fn a_socket_closed_during_an_outage_leaves_presence_once_redis_is_back() {
     let (alice_id, carol_id) = (user_id(1), user_id(2));
     let mut alice = Peer::hello(&nodes[0], &alice_id, "Alice");
     let carol = Peer::hello(&nodes[1], &carol_id, "Carol");
-    let online = alice.await_presence(common::WAIT, |p| {
+    let online = alice.await_presence(crate::common::WAIT, |p| {
         p.get(carol_id.as_str()).copied() == Some(true)
     });
     assert!(online, "Carol never came online: {:?}", alice.presence);
     alice.open_chat(&carol_id);
 
     rt.block_on(redis.stop());
-    await_readyz(&nodes, 503, common::WAIT, "with Redis stopped");
+    await_readyz(&nodes, 503, crate::common::WAIT, "with Redis stopped");
     drop(carol);
     std::thread::sleep(HOLD);
     rt.block_on(redis.restart());

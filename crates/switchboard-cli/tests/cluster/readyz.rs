@@ -8,14 +8,12 @@
     reason = "tests fail by panicking"
 )]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{Node, TempDir, WAIT};
+use crate::common::{Node, TempDir, WAIT};
 use switchboard_testkit::redis::RedisServer;
 
 /// `GET <path>` with `Connection: close`: (status, body), or why it failed.

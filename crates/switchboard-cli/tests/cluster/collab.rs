@@ -19,12 +19,10 @@
     reason = "tests fail by panicking"
 )]
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Node, start_cluster};
+use crate::common::{Node, start_cluster};
 use serde_json::Value;
 use switchboard_collab::ClientDocument;
 use switchboard_collab::ot::Operation;
