@@ -68,11 +68,16 @@ impl Keys {
     pub(crate) fn room(&self, room: &str, node: NodeId) -> [String; 4] {
         let node = node.as_uuid().simple().to_string();
         [
-            self.join(&[":presence:{", room, "}:members"]),
+            self.room_members(room),
             self.join(&[":presence:{", room, "}:counts"]),
             self.join(&[":presence:{", room, "}:seq"]),
             self.join(&[":presence:{", room, "}:node:", &node]),
         ]
+    }
+
+    /// A presence room's members by first join (what membership reads need).
+    pub(crate) fn room_members(&self, room: &str) -> String {
+        self.join(&[":presence:{", room, "}:members"])
     }
 
     /// The rooms where `node` has (or had) connections.

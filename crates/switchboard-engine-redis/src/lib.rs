@@ -164,9 +164,7 @@ impl RedisEngine {
     /// operation unavailable. Its presence is removed by the other nodes once it is stale (for
     /// tests of node loss in one process).
     pub fn kill(&self) {
-        self.inner.killed.store(true, Ordering::Release);
-        self.inner.pubsub_up.store(false, Ordering::Release);
-        lock(&self.inner.subs).clear();
+        self.inner.kill();
     }
 
     /// A handle that can [`RedisEngine::kill`] this node after the engine was handed to an
@@ -184,7 +182,7 @@ impl Killer {
     /// See [`RedisEngine::kill`].
     pub fn kill(&self) {
         if let Some(inner) = self.0.upgrade() {
-            RedisEngine { inner }.kill();
+            inner.kill();
         }
     }
 }
@@ -278,6 +276,17 @@ fn rows(value: Option<&Value>) -> EngineResult<Vec<(u64, Body)>> {
     Ok(out)
 }
 
+/// A key's hash as `HMGET v d` reads it.
+type StoredHash = (Option<u64>, Option<Vec<u8>>);
+
+/// The value a key's hash holds, if it holds one.
+fn versioned((version, value): StoredHash) -> Option<Versioned> {
+    Some(Versioned {
+        version: version?,
+        value: Bytes::from(value?),
+    })
+}
+
 fn expect_args(expect: Expect) -> (&'static str, u64) {
     match expect {
         Expect::Any => ("any", 0),
@@ -312,6 +321,22 @@ impl Inner {
         cmd.query_async::<T>(&mut conn)
             .await
             .map_err(|error| self.commands.fail(&error))
+    }
+
+    /// Runs a pipeline (one round trip), mapping failures.
+    async fn pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> EngineResult<T> {
+        self.alive()?;
+        let mut conn = self.commands.get().await?;
+        pipe.query_async::<T>(&mut conn)
+            .await
+            .map_err(|error| self.commands.fail(&error))
+    }
+
+    /// Stops heartbeats and deliveries; see [`RedisEngine::kill`].
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.pubsub_up.store(false, Ordering::Release);
+        lock(&self.subs).clear();
     }
 
     pub(crate) async fn read_rows(
@@ -400,7 +425,7 @@ impl Inner {
     }
 
     async fn contains(&self, room: &str, member: &str) -> EngineResult<bool> {
-        let [members, ..] = self.keys.room(room, self.node);
+        let members = self.keys.room_members(room);
         let score: Option<f64> = self
             .command(redis::cmd("ZSCORE").arg(members).arg(member))
             .await?;
@@ -494,12 +519,7 @@ impl Inner {
         for key in &page {
             pipe.exists(self.keys.kv(key));
         }
-        self.alive()?;
-        let mut conn = self.commands.get().await?;
-        let exists: Vec<bool> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|error| self.commands.fail(&error))?;
+        let exists: Vec<bool> = self.pipeline(&pipe).await?;
         let gone: Vec<&String> = page
             .iter()
             .zip(exists)
@@ -511,19 +531,6 @@ impl Inner {
                 .await?;
         }
         Ok(())
-    }
-
-    async fn kv_get(&self, key: &str) -> EngineResult<Option<Versioned>> {
-        let reply: (Option<u64>, Option<Vec<u8>>) = self
-            .command(redis::cmd("HMGET").arg(self.keys.kv(key)).arg("v").arg("d"))
-            .await?;
-        Ok(match reply {
-            (Some(version), Some(value)) => Some(Versioned {
-                version,
-                value: Bytes::from(value),
-            }),
-            _ => None,
-        })
     }
 
     async fn index(&self, key: &str) -> EngineResult<()> {
@@ -542,26 +549,8 @@ impl Inner {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ReadKey {
     topic: String,
-    latest: bool,
-    offset: u64,
-    epoch: u64,
+    from: ReadFrom,
     limit: usize,
-}
-
-impl ReadKey {
-    fn new(topic: &str, from: ReadFrom, limit: usize) -> Self {
-        let (latest, offset, epoch) = match from {
-            ReadFrom::Latest(n) => (true, u64::try_from(n).unwrap_or(u64::MAX), 0),
-            ReadFrom::After(position) => (false, position.offset, position.epoch),
-        };
-        Self {
-            topic: topic.to_owned(),
-            latest,
-            offset,
-            epoch,
-            limit,
-        }
-    }
 }
 
 /// Callers waiting for one [`ReadKey`], and whether a read for them runs.
@@ -576,7 +565,7 @@ pub(crate) struct ReadBatch {
 /// caller it answers (a subscriber joining with a replay must get everything up to the moment
 /// it was registered). A thousand subscribers joining a topic at once cost a few reads, not a
 /// thousand.
-async fn read_batches(inner: Arc<Inner>, key: ReadKey, from: ReadFrom, limit: usize) {
+async fn read_batches(inner: Arc<Inner>, key: ReadKey) {
     loop {
         let waiting = {
             let mut reads = lock(&inner.reads);
@@ -589,22 +578,23 @@ async fn read_batches(inner: Arc<Inner>, key: ReadKey, from: ReadFrom, limit: us
             }
             std::mem::take(&mut batch.waiting)
         };
-        let result = inner
-            .read_rows(&key.topic, from, limit)
-            .await
-            .map(|rows| match rows {
-                Rows::Entries { rows, top } => Read::Entries {
-                    entries: rows
-                        .into_iter()
-                        .map(|(offset, body)| Entry {
-                            offset,
-                            frame: body.frame,
-                        })
-                        .collect(),
-                    top,
-                },
-                Rows::Gone { top } => Read::Gone { top },
-            });
+        let result =
+            inner
+                .read_rows(&key.topic, key.from, key.limit)
+                .await
+                .map(|rows| match rows {
+                    Rows::Entries { rows, top } => Read::Entries {
+                        entries: rows
+                            .into_iter()
+                            .map(|(offset, body)| Entry {
+                                offset,
+                                frame: body.frame,
+                            })
+                            .collect(),
+                        top,
+                    },
+                    Rows::Gone { top } => Read::Gone { top },
+                });
         for waiter in waiting {
             let _ = waiter.send(result.clone());
         }
@@ -701,7 +691,7 @@ impl StateEngine for RedisEngine {
         inner
             .cluster_id
             .get_or_try_init(|| async {
-                let fresh = Uuid::from_u128(rand_u128());
+                let fresh = Uuid::new_v4();
                 let key = inner.keys.cluster_id();
                 inner
                     .command::<()>(redis::cmd("SET").arg(&key).arg(fresh.to_string()).arg("NX"))
@@ -845,7 +835,11 @@ impl StateEngine for RedisEngine {
     }
 
     async fn read(&self, topic: &str, from: ReadFrom, limit: usize) -> EngineResult<Read> {
-        let key = ReadKey::new(topic, from, limit);
+        let key = ReadKey {
+            topic: topic.to_owned(),
+            from,
+            limit,
+        };
         let (done, result) = oneshot::channel();
         let lead = {
             let mut reads = lock(&self.inner.reads);
@@ -856,7 +850,7 @@ impl StateEngine for RedisEngine {
         if lead {
             // A task of its own: the readers waiting on it must be answered even if this
             // caller goes away.
-            tokio::spawn(read_batches(self.inner.clone(), key, from, limit));
+            tokio::spawn(read_batches(self.inner.clone(), key));
         }
         result
             .await
@@ -914,7 +908,7 @@ impl StateEngine for RedisEngine {
     }
 
     async fn presence_members(&self, room: &str) -> EngineResult<Vec<String>> {
-        let [members, ..] = self.inner.keys.room(room, self.inner.node);
+        let members = self.inner.keys.room_members(room);
         self.inner
             .command(redis::cmd("ZRANGE").arg(members).arg(0).arg(-1))
             .await
@@ -925,7 +919,16 @@ impl StateEngine for RedisEngine {
     }
 
     async fn get(&self, key: &str) -> EngineResult<Option<Versioned>> {
-        self.inner.kv_get(key).await
+        let inner = &self.inner;
+        let stored: StoredHash = inner
+            .command(
+                redis::cmd("HMGET")
+                    .arg(inner.keys.kv(key))
+                    .arg("v")
+                    .arg("d"),
+            )
+            .await?;
+        Ok(versioned(stored))
     }
 
     async fn put(
@@ -1063,21 +1066,10 @@ impl StateEngine for RedisEngine {
             for key in &keys {
                 pipe.cmd("HMGET").arg(inner.keys.kv(key)).arg("v").arg("d");
             }
-            inner.alive()?;
-            let mut conn = inner.commands.get().await?;
-            let values: Vec<(Option<u64>, Option<Vec<u8>>)> = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(|error| inner.commands.fail(&error))?;
+            let values: Vec<StoredHash> = inner.pipeline(&pipe).await?;
             for (key, value) in keys.iter().zip(values) {
-                if let (Some(version), Some(value)) = value {
-                    found.push((
-                        key.clone(),
-                        Versioned {
-                            version,
-                            value: Bytes::from(value),
-                        },
-                    ));
+                if let Some(value) = versioned(value) {
+                    found.push((key.clone(), value));
                 }
             }
             if keys.len() < page {
@@ -1132,9 +1124,4 @@ impl StateEngine for RedisEngine {
             notified.await;
         }
     }
-}
-
-fn rand_u128() -> u128 {
-    // Two v4 UUIDs' worth of randomness without another dependency.
-    Uuid::new_v4().as_u128()
 }

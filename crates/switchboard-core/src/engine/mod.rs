@@ -249,7 +249,7 @@ pub enum Appended {
 }
 
 /// Where a read starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReadFrom {
     /// The newest `n` entries.
     Latest(usize),
