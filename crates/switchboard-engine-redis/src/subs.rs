@@ -20,7 +20,7 @@ use switchboard_core::sync::lock;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use switchboard_core::Frame;
+use switchboard_core::{Backoff, Frame};
 
 use crate::codec::{Body, Published, parse_published};
 use crate::{Inner, Rows};
@@ -33,7 +33,8 @@ const MAX_PENDING: usize = 4096;
 const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 /// Entries read from a log per round trip when filling a gap.
 const FILL_PAGE: usize = 1000;
-/// Waits between attempts to reconnect the subscriber connection.
+/// Nominal waits between attempts to reconnect the subscriber connection (core's `Backoff`:
+/// doubling, jittered).
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
@@ -287,47 +288,36 @@ pub(crate) async fn run(
     client: Client,
     mut commands: mpsc::Receiver<SubCommand>,
 ) {
-    let mut backoff = RECONNECT_MIN;
+    let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
     loop {
         let Some(inner) = weak.upgrade() else {
             return;
         };
         let timeout = inner.config.command_timeout;
-        let connected = tokio::time::timeout(timeout, client.get_async_pubsub()).await;
-        let pubsub = match connected {
-            Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "redis subscriber connection failed");
-                drop(inner);
-                if !wait_refusing(&weak, &mut commands, backoff).await {
-                    return;
-                }
-                backoff = backoff.saturating_mul(2).min(RECONNECT_MAX);
-                continue;
+        let connected = tokio::time::timeout(timeout, async {
+            let (mut sink, stream) = client.get_async_pubsub().await?.split();
+            let topics: Vec<String> = lock(&inner.subs).keys().cloned().collect();
+            if !topics.is_empty() {
+                let channels: Vec<String> = topics.iter().map(|t| inner.keys.channel(t)).collect();
+                sink.subscribe(channels).await?;
             }
-            Err(_) => {
+            Ok::<_, redis::RedisError>((sink, stream, topics))
+        })
+        .await;
+        let (mut sink, mut stream, topics) = match connected {
+            Ok(Ok(connected)) => connected,
+            failed => {
+                if let Ok(Err(error)) = failed {
+                    tracing::debug!(%error, "redis subscriber connection failed");
+                }
                 drop(inner);
-                if !wait_refusing(&weak, &mut commands, backoff).await {
+                if !wait_refusing(&weak, &mut commands, backoff.next_delay()).await {
                     return;
                 }
-                backoff = backoff.saturating_mul(2).min(RECONNECT_MAX);
                 continue;
             }
         };
-        let (mut sink, mut stream) = pubsub.split();
-        let topics: Vec<String> = lock(&inner.subs).keys().cloned().collect();
-        if !topics.is_empty() {
-            let channels: Vec<String> = topics.iter().map(|t| inner.keys.channel(t)).collect();
-            let subscribed = tokio::time::timeout(timeout, sink.subscribe(channels)).await;
-            if !matches!(subscribed, Ok(Ok(()))) {
-                drop(inner);
-                if !wait_refusing(&weak, &mut commands, backoff).await {
-                    return;
-                }
-                continue;
-            }
-        }
-        backoff = RECONNECT_MIN;
+        backoff.reset();
         inner.pubsub_up.store(true, Ordering::Release);
         if inner.was_connected.swap(true, Ordering::AcqRel) {
             tracing::info!(
