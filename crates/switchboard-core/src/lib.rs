@@ -18,6 +18,7 @@ pub mod engine;
 pub mod envelope;
 mod error;
 mod frame;
+pub mod identity;
 pub mod limits;
 mod peer;
 mod protocol;
@@ -31,6 +32,7 @@ pub use context::Context;
 pub use engine::Engine;
 pub use error::Error;
 pub use frame::Frame;
+pub use identity::{Caller, Identity};
 pub use limits::{
     BudgetExceeded, ClientKey, MemoryBudget, Rate, ShareGuard, ShareRefused, Shares, TokenBucket,
     TokenBuckets,

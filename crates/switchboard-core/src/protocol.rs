@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::engine::EngineEvent;
-use crate::{Context, Engine};
+use crate::{Caller, Context, Engine, Identity};
 
 /// What the runtime knows about a WebSocket upgrade request before accepting it.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +24,9 @@ pub struct Handshake<'a> {
     pub origin: Option<&'a str>,
     /// The `Host` header (`host:port`), e.g. for building URLs that point back at this server.
     pub host: Option<&'a str>,
+    /// The verified identity when the server requires signed tokens (a request without a valid
+    /// token never reaches the protocol then); `None` when it does not.
+    pub identity: Option<&'a Identity>,
 }
 
 impl Handshake<'_> {
@@ -42,6 +45,9 @@ pub enum Reject {
     /// 400: the request is malformed (e.g. a required query parameter is missing).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// 401: the request needs a valid signed token and carried none (or a bad one).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
     /// 403: the request is not allowed.
     #[error("forbidden: {0}")]
     Forbidden(String),
@@ -59,6 +65,7 @@ impl Reject {
         match self {
             Self::NotFound => 404,
             Self::BadRequest(_) => 400,
+            Self::Unauthorized(_) => 401,
             Self::Forbidden(_) => 403,
             Self::Unavailable(_) => 503,
             Self::TooMany(_) => 429,
@@ -82,6 +89,8 @@ pub struct HttpRequest {
     /// The client's IP (proxy-resolved only when the server trusts a proxy), for per-client
     /// shares such as "sessions created per client".
     pub client_ip: IpAddr,
+    /// The caller's verified identity, if signed identity is configured and a token came.
+    pub caller: Caller,
 }
 
 /// A plain HTTP response from a protocol.
@@ -159,6 +168,8 @@ impl Default for Keepalive {
 ///
 /// Identity is the protocol's business: take it from [`Handshake::client_ip`] (by IP), a query
 /// parameter, the path (`/ws/<session>`), or leave `Conn` unidentified until a first HELLO frame.
+/// When the server verifies signed tokens, [`Handshake::identity`] is the verified user, and a
+/// protocol must let a connection act only as that user.
 pub trait Protocol: Send + Sync + 'static {
     /// Per-connection state, created by [`Protocol::admit`].
     type Conn: Send + 'static;

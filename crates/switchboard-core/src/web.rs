@@ -70,6 +70,7 @@ mod tests {
             body: Default::default(),
             host: None,
             client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            caller: crate::Caller::Open,
         }
     }
 

@@ -232,6 +232,7 @@ fn upgrade<P: Protocol>(
         client_ip,
         origin,
         host: headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+        identity: None,
     };
     let conn = match app.protocol.admit(&handshake) {
         Ok(conn) => conn,
@@ -361,6 +362,7 @@ async fn plain_http<P: Protocol>(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         client_ip,
+        caller: switchboard_core::Caller::Open,
     };
     match app.protocol.http(&app.config.engine, request).await {
         Some(response) => to_response(response),

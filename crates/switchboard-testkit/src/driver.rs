@@ -64,6 +64,25 @@ impl<P: Protocol> Driver<P> {
 
     /// Like [`Driver::open`], from loopback address `source`.
     pub async fn open_from(&self, path: &str, source: [u8; 4]) -> Result<Session<P>, Reject> {
+        self.open_with(path, source, None).await
+    }
+
+    /// Like [`Driver::open`], as the server does it when it verified a signed token for
+    /// `identity` (`None`: signed identity is not configured).
+    pub async fn open_as(
+        &self,
+        path: &str,
+        identity: Option<&switchboard_core::Identity>,
+    ) -> Result<Session<P>, Reject> {
+        self.open_with(path, [127, 0, 0, 1], identity).await
+    }
+
+    async fn open_with(
+        &self,
+        path: &str,
+        source: [u8; 4],
+        identity: Option<&switchboard_core::Identity>,
+    ) -> Result<Session<P>, Reject> {
         let (path, query) = match path.split_once('?') {
             Some((path, query)) => (path, Some(query)),
             None => (path, None),
@@ -76,6 +95,7 @@ impl<P: Protocol> Driver<P> {
             client_ip: remote.ip(),
             origin: None,
             host: Some("127.0.0.1"),
+            identity,
         };
         let mut conn = self.protocol.admit(&handshake)?;
         let (peer, link) = peer_channel(remote, QUEUE);
