@@ -31,7 +31,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 pub mod conformance;
 pub mod driver;
+pub mod jwt;
 pub mod redis;
+pub mod tls;
 
 pub use driver::{Driver, Session};
 pub use serde_json::json;

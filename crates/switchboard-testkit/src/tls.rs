@@ -1,0 +1,1 @@
+//! TLS test helpers: certificates generated in the test, and clients that trust them.
