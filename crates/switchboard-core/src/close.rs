@@ -28,6 +28,9 @@ impl CloseReason {
     pub const INTERNAL: u16 = 1011;
     /// 1013: the server is temporarily out of a shared resource; try again later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// 4401 (private use, after HTTP 401): the signed token the connection was opened with has
+    /// expired; reconnect with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4401;
 
     /// A close with any code and reason.
     pub fn new(code: u16, reason: impl Into<Cow<'static, str>>) -> Self {
@@ -40,6 +43,11 @@ impl CloseReason {
     /// 1000 with the given reason.
     pub fn normal(reason: impl Into<Cow<'static, str>>) -> Self {
         Self::new(Self::NORMAL, reason)
+    }
+
+    /// 4401 "token expired": the connection's signed token is no longer valid.
+    pub fn token_expired() -> Self {
+        Self::new(Self::TOKEN_EXPIRED, "token expired")
     }
 
     /// 1008 "slow consumer": the peer's outbound queue overflowed.

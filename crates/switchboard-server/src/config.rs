@@ -1,5 +1,6 @@
 //! Runtime limits and policies, shared by every protocol.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_core::{Engine, Keepalive};
@@ -82,6 +83,11 @@ pub struct ServerConfig {
     /// of the logs, topics, presence and keyed state protocols share. Defaults to a fresh
     /// in-memory engine; clones of a config share one engine.
     pub engine: Engine,
+    /// Signed identity: with a verifier, every WebSocket upgrade needs a valid token (HTTP 401
+    /// otherwise) and the protocol sees the verified [`switchboard_core::Identity`]; a
+    /// connection is closed with 4401 when its token expires. `None` (the default): identity is
+    /// whatever each protocol's spec says.
+    pub auth: Option<Arc<crate::JwtVerifier>>,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +118,7 @@ impl Default for ServerConfig {
             read_buffer_bytes: 1024,
             accept_backlog: 4096,
             engine: Engine::default(),
+            auth: None,
         }
     }
 }

@@ -42,6 +42,8 @@ pub(crate) struct ConnectionContext {
     pub(crate) watch: Arc<Watch>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) engine: Engine,
+    /// When the connection's signed token expires (it is then closed with 4401).
+    pub(crate) expires_at: Option<Instant>,
 }
 
 /// How the read/write loop ended.
@@ -123,6 +125,7 @@ pub(crate) fn run<P: Protocol>(
                 _ if *reason == CloseReason::message_timeout() => {
                     Some(&ctx.counters.message_timeouts)
                 }
+                CloseReason::TOKEN_EXPIRED => Some(&ctx.counters.token_expiries),
                 CloseReason::TRY_AGAIN_LATER => Some(&ctx.counters.reassembly_refusals),
                 CloseReason::INVALID_PAYLOAD => Some(&ctx.counters.invalid_utf8),
                 CloseReason::TOO_BIG => Some(&ctx.counters.oversized),
@@ -238,7 +241,7 @@ async fn drive<P: Protocol>(
                     None => return End::Gone("connection ended".into()),
                 }
             }
-            expired = inbound_deadline(deadline.as_mut(), &ctx.watch, last_heard, keepalive.idle_timeout, ctx.message_timeout) => {
+            expired = inbound_deadline(deadline.as_mut(), &ctx.watch, last_heard, keepalive.idle_timeout, ctx.message_timeout, ctx.expires_at) => {
                 return End::Close(expired);
             }
             _ = tick_opt(&mut pinger) => {
@@ -310,15 +313,17 @@ async fn hook(
     }
 }
 
-/// Resolves with the close reason when an inbound deadline passes: the reassembly budget refused
-/// this socket, a message is unfinished after `message_timeout`, or nothing was heard for
-/// `idle_timeout`. Re-evaluated on every poll of the connection's task.
+/// Resolves with the close reason when a deadline passes: the reassembly budget refused this
+/// socket, a message is unfinished after `message_timeout`, nothing was heard for
+/// `idle_timeout`, or the connection's signed token expired. Re-evaluated on every poll of the
+/// connection's task.
 fn inbound_deadline<'a>(
     mut timer: Pin<&'a mut tokio::time::Sleep>,
     watch: &'a Watch,
     last_heard: Instant,
     idle_timeout: Duration,
     message_timeout: Duration,
+    expires_at: Option<Instant>,
 ) -> impl Future<Output = CloseReason> + 'a {
     // Polled on every pass of the connection loop, so it reads no clock: the timer is moved to
     // the earliest deadline when that changes, and its firing says the deadline passed.
@@ -335,6 +340,10 @@ fn inbound_deadline<'a>(
                 (message_at, CloseReason::message_timeout())
             }
             _ => (idle_at, CloseReason::idle_timeout()),
+        };
+        let (at, reason) = match expires_at {
+            Some(expires_at) if expires_at <= at => (expires_at, CloseReason::token_expired()),
+            _ => (at, reason),
         };
         if timer.deadline() != at {
             timer.as_mut().reset(at);

@@ -18,6 +18,7 @@
 //! # }
 //! ```
 
+pub mod auth;
 mod config;
 mod connection;
 mod edge;
@@ -40,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub use auth::{JwtOptions, JwtVerifier};
 pub use config::ServerConfig;
 
 /// Distinct clients each per-client table of the runtime tracks (connections, pending
@@ -74,6 +76,10 @@ pub struct RuntimeStats {
     pub rate_limited_total: u64,
     /// Connections refused (503) because too many were pending server-wide.
     pub pending_refusals_total: u64,
+    /// Upgrades and requests refused (401) for a missing or invalid signed token.
+    pub auth_refusals_total: u64,
+    /// Connections closed (4401) because their token expired while they were open.
+    pub token_expiries_total: u64,
     /// Bytes of partly received inbound messages held now, server-wide.
     pub reassembly_bytes: usize,
 }
@@ -91,6 +97,8 @@ pub(crate) struct Counters {
     pub(crate) per_client_refusals: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
     pub(crate) pending_refusals: AtomicU64,
+    pub(crate) auth_refusals: AtomicU64,
+    pub(crate) token_expiries: AtomicU64,
 }
 
 /// Controls a running router: shutdown, drain, and live connection counts. Cheap to clone.
@@ -141,6 +149,8 @@ impl ServerHandle {
             per_client_refusals_total: load(&self.counters.per_client_refusals),
             rate_limited_total: load(&self.counters.rate_limited),
             pending_refusals_total: load(&self.counters.pending_refusals),
+            auth_refusals_total: load(&self.counters.auth_refusals),
+            token_expiries_total: load(&self.counters.token_expiries),
             reassembly_bytes: self.reassembly.used(),
         }
     }

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -11,14 +12,15 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use switchboard_core::{
-    ClientKey, Handshake, HttpRequest, HttpResponse, Keepalive, Protocol, Reject, Shares,
-    TokenBuckets, peer_channel_bounded,
+    Caller, ClientKey, Handshake, HttpRequest, HttpResponse, Identity, Keepalive, Protocol, Reject,
+    Shares, TokenBuckets, peer_channel_bounded,
 };
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{debug, warn};
 
+use crate::auth::{self, AuthError, JwtVerifier};
 use crate::connection::{self, ConnectionContext};
 use crate::metered::{Metered, ReassemblyPool, Watch};
 use crate::{MAX_TRACKED_CLIENTS, ServerConfig, ServerHandle};
@@ -197,6 +199,30 @@ fn upgrade<P: Protocol>(
         return error_response(403, "origin not allowed");
     }
 
+    // Signed identity before any share or slot is taken: a refused token costs no more than
+    // a request.
+    let identity = match &app.config.auth {
+        None => None,
+        Some(verifier) => match verify(verifier, headers, request.uri().query()) {
+            Ok(identity) => Some(identity),
+            Err(refused) => {
+                app.handle
+                    .counters
+                    .auth_refusals
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(reason = refused.reason(), "upgrade refused: signed token");
+                return unauthorized(refused);
+            }
+        },
+    };
+    // A token that expires while connected ends the connection (4401) when it does.
+    let expires_in = identity.as_ref().and_then(|identity| {
+        app.config
+            .auth
+            .as_ref()
+            .and_then(|verifier| verifier.remaining(identity, SystemTime::now()))
+    });
+
     let Some((remote, client_ip)) = peer else {
         warn!(
             "no peer address: serve the router with into_make_service_with_connect_info::<SocketAddr>()"
@@ -232,7 +258,7 @@ fn upgrade<P: Protocol>(
         client_ip,
         origin,
         host: headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-        identity: None,
+        identity: identity.as_ref(),
     };
     let conn = match app.protocol.admit(&handshake) {
         Ok(conn) => conn,
@@ -262,7 +288,7 @@ fn upgrade<P: Protocol>(
         // state, so building the socket inline here would make every idle task carry a second
         // copy of the socket's size.
         Box::pin(open_connection(
-            task_app, conn, upgraded, remote, client_ip, client_key,
+            task_app, conn, upgraded, remote, client_ip, client_key, expires_in,
         ))
         .await;
     });
@@ -288,6 +314,7 @@ fn open_connection<P: Protocol>(
     remote: SocketAddr,
     client_ip: IpAddr,
     client_key: ClientKey,
+    expires_in: Option<Duration>,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let watch = Arc::new(Watch::default());
@@ -310,9 +337,36 @@ fn open_connection<P: Protocol>(
             watch,
             shutdown: app.handle.shutdown.clone(),
             engine: app.config.engine.clone(),
+            expires_at: expires_in.map(|left| tokio::time::Instant::now() + left),
         };
         connection::run(app.protocol.clone(), conn, socket, peer, link, ctx).await;
     }
+}
+
+/// The verified identity of a request's token (header, else `?token=`).
+fn verify(
+    verifier: &JwtVerifier,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Identity, AuthError> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = auth::token_from(authorization, query).ok_or(AuthError::Missing)?;
+    verifier.verify(&token)
+}
+
+/// 401 with the reason and the RFC 6750 challenge.
+fn unauthorized(refused: AuthError) -> Response {
+    let mut response = error_response(401, refused.reason());
+    let challenge = match refused {
+        AuthError::Missing => HeaderValue::from_static("Bearer"),
+        _ => HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    };
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, challenge);
+    response
 }
 
 /// The client's IP: the TCP peer, or with a trusted proxy the last `X-Forwarded-For` entry (the
@@ -351,6 +405,21 @@ async fn plain_http<P: Protocol>(
         Ok(Err(_)) => return error_response(413, "request body too large"),
         Err(_) => return error_response(408, "request body not received in time"),
     };
+    let caller = match &app.config.auth {
+        None => Caller::Open,
+        Some(verifier) => match verify(verifier, &parts.headers, parts.uri.query()) {
+            Ok(identity) => Caller::Verified(identity),
+            Err(AuthError::Missing) => Caller::Anonymous,
+            Err(refused) => {
+                app.handle
+                    .counters
+                    .auth_refusals
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(reason = refused.reason(), "request refused: signed token");
+                return unauthorized(refused);
+            }
+        },
+    };
     let request = HttpRequest {
         method: parts.method.as_str().to_owned(),
         path: parts.uri.path().to_owned(),
@@ -362,7 +431,7 @@ async fn plain_http<P: Protocol>(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         client_ip,
-        caller: switchboard_core::Caller::Open,
+        caller,
     };
     match app.protocol.http(&app.config.engine, request).await {
         Some(response) => to_response(response),

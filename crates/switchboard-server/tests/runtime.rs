@@ -318,3 +318,211 @@ async fn shutdown_closes_every_socket_with_1001_and_returns() {
         "the listener is closed"
     );
 }
+
+/// Signed identity (`ServerConfig::auth`), tested with a protocol that tells each socket who
+/// the server says it is.
+mod signed_identity {
+    use super::*;
+    use switchboard_core::{CloseReason, HttpRequest, HttpResponse};
+    use switchboard_server::JwtOptions;
+    use switchboard_testkit::json;
+    use switchboard_testkit::jwt::{Keys, alg_none, claims, now, tampered};
+
+    struct Whoami;
+
+    impl Protocol for Whoami {
+        type Conn = String;
+
+        fn name(&self) -> &'static str {
+            "whoami"
+        }
+
+        fn admit(&self, handshake: &Handshake<'_>) -> Result<String, Reject> {
+            if handshake.path != "/ws" {
+                return Err(Reject::NotFound);
+            }
+            Ok(handshake
+                .identity
+                .map_or_else(|| "nobody".to_owned(), |id| id.subject().to_owned()))
+        }
+
+        async fn on_open(&self, conn: &mut String, cx: &Context<'_>) {
+            let _ = cx.send(Frame::text(format!("you are {conn}")));
+        }
+
+        async fn on_text(&self, _conn: &mut String, cx: &Context<'_>, text: &str) {
+            let _ = cx.send(Frame::text(text));
+        }
+
+        async fn on_close(&self, _conn: String, _cx: &Context<'_>) {}
+
+        async fn http(&self, _engine: &Engine, request: HttpRequest) -> Option<HttpResponse> {
+            let caller = match request.caller.identity() {
+                Some(identity) => identity.subject().to_owned(),
+                None if request.caller.auth_enabled() => "anonymous".to_owned(),
+                None => "open".to_owned(),
+            };
+            Some(HttpResponse::json(200, &json!({ "caller": caller })))
+        }
+    }
+
+    async fn serve(keys: &Keys, options: JwtOptions) -> TestServer {
+        let config = ServerConfig {
+            auth: Some(keys.verifier_with(options)),
+            ..ServerConfig::default()
+        };
+        TestServer::start(Whoami, config).await
+    }
+
+    async fn greeting(server: &TestServer, token: &str) -> String {
+        let mut client = Client::connect(&server.ws_url(&format!("/ws?token={token}"))).await;
+        recv_text(&mut client).await
+    }
+
+    async fn status(server: &TestServer, token: Option<&str>) -> u16 {
+        let url = match token {
+            Some(token) => server.ws_url(&format!("/ws?token={token}")),
+            None => server.ws_url("/ws"),
+        };
+        Client::refused_status(&url, ConnectOptions::default()).await
+    }
+
+    #[tokio::test]
+    async fn each_algorithm_admits_its_valid_tokens_from_the_query_or_the_header() {
+        for keys in [Keys::hs256(), Keys::rs256(), Keys::es256()] {
+            let server = serve(&keys, JwtOptions::default()).await;
+            let token = keys.token(&claims("alice", 60));
+            assert_eq!(greeting(&server, &token).await, "you are alice");
+            let bearer = ConnectOptions {
+                headers: vec![("authorization".into(), format!("Bearer {token}"))],
+                ..ConnectOptions::default()
+            };
+            let mut client = Client::connect_with(&server.ws_url("/ws"), bearer)
+                .await
+                .expect("a bearer token is accepted");
+            assert_eq!(recv_text(&mut client).await, "you are alice");
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_expired_early_forged_and_unsigned_tokens_get_401() {
+        let keys = Keys::hs256();
+        let server = serve(&keys, JwtOptions::default()).await;
+        let good = keys.token(&claims("alice", 60));
+        let expired = keys.token(&claims("alice", -120));
+        let early = keys.token(&json!({"sub": "alice", "exp": now() + 600, "nbf": now() + 300}));
+        let other_key = Keys::hs256().token(&claims("alice", 60));
+        let no_sub = keys.token(&json!({"exp": now() + 60}));
+        let no_exp = keys.token(&json!({"sub": "alice"}));
+        let rsa_token = Keys::es256().token(&claims("alice", 60));
+        for (what, token) in [
+            ("no token", None),
+            ("expired", Some(expired)),
+            ("not yet valid", Some(early)),
+            ("another key", Some(other_key)),
+            ("alg none", Some(alg_none(&claims("alice", 60)))),
+            ("tampered", Some(tampered(&good, &claims("mallory", 60)))),
+            ("no sub", Some(no_sub)),
+            ("no exp", Some(no_exp)),
+            ("another algorithm", Some(rsa_token)),
+            ("garbage", Some("not.a.token".to_owned())),
+        ] {
+            assert_eq!(status(&server, token.as_deref()).await, 401, "{what}");
+        }
+        assert_eq!(server.handle().stats().auth_refusals_total, 10);
+        // The good token still works, and the refusals cost nobody else anything.
+        assert_eq!(greeting(&server, &good).await, "you are alice");
+    }
+
+    #[tokio::test]
+    async fn a_public_key_server_refuses_a_token_signed_with_its_public_key_as_a_secret() {
+        let keys = Keys::rs256();
+        let server = serve(&keys, JwtOptions::default()).await;
+        let confused = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims("mallory", 60),
+            &jsonwebtoken::EncodingKey::from_secret(keys.verifying_key()),
+        )
+        .unwrap();
+        assert_eq!(status(&server, Some(&confused)).await, 401);
+    }
+
+    #[tokio::test]
+    async fn audience_and_issuer_are_checked_when_configured() {
+        let keys = Keys::hs256();
+        let options = JwtOptions {
+            audience: Some("switchboard".into()),
+            issuer: Some("https://issuer.example".into()),
+            ..JwtOptions::default()
+        };
+        let server = serve(&keys, options).await;
+        let token = |aud: &str, iss: &str| {
+            keys.token(&json!({"sub": "alice", "exp": now() + 60, "aud": aud, "iss": iss}))
+        };
+        assert_eq!(
+            greeting(&server, &token("switchboard", "https://issuer.example")).await,
+            "you are alice"
+        );
+        assert_eq!(
+            status(&server, Some(&token("other", "https://issuer.example"))).await,
+            401
+        );
+        assert_eq!(
+            status(&server, Some(&token("switchboard", "https://evil.example"))).await,
+            401
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_closed_with_4401_when_its_token_expires() {
+        let keys = Keys::hs256();
+        let options = JwtOptions {
+            leeway: Duration::ZERO,
+            ..JwtOptions::default()
+        };
+        let server = serve(&keys, options).await;
+        let short = keys.token(&claims("alice", 2));
+        let long = keys.token(&claims("bob", 600));
+        let mut alice = Client::connect(&server.ws_url(&format!("/ws?token={short}"))).await;
+        let mut bob = Client::connect(&server.ws_url(&format!("/ws?token={long}"))).await;
+        assert_eq!(recv_text(&mut alice).await, "you are alice");
+        assert_eq!(recv_text(&mut bob).await, "you are bob");
+        // TIMEOUT (5 s) bounds the wait; the token has at most 2 s left.
+        let close = alice.expect_close().await;
+        assert_eq!(u16::from(close.code), CloseReason::TOKEN_EXPIRED);
+        assert_eq!(close.reason.as_str(), "token expired");
+        bob.send_text("still here").await;
+        assert_eq!(recv_text(&mut bob).await, "still here");
+        assert_eq!(server.handle().stats().token_expiries_total, 1);
+    }
+
+    #[tokio::test]
+    async fn http_requests_reach_the_protocol_anonymous_or_verified_but_never_forged() {
+        let keys = Keys::hs256();
+        let server = serve(&keys, JwtOptions::default()).await;
+        let reply = server.http("GET", "/whoami", None).await;
+        assert_eq!(reply.json()["caller"], "anonymous");
+        let token = keys.token(&claims("alice", 60));
+        let reply = server
+            .http("GET", &format!("/whoami?token={token}"), None)
+            .await;
+        assert_eq!(reply.json()["caller"], "alice");
+        let forged = Keys::hs256().token(&claims("alice", 60));
+        let reply = server
+            .http("GET", &format!("/whoami?token={forged}"), None)
+            .await;
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.json()["error"], "bad token signature");
+        // Without signed identity configured the protocol is told so.
+        let open = TestServer::start(Whoami, ServerConfig::default()).await;
+        assert_eq!(
+            open.http("GET", "/whoami", None).await.json()["caller"],
+            "open"
+        );
+        assert_eq!(
+            greeting(&open, "anything").await,
+            "you are nobody",
+            "a token is ignored without auth"
+        );
+    }
+}
