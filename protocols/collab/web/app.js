@@ -4,6 +4,14 @@
 // Worker, sharing the output as `execution-result`.
 'use strict';
 (() => {
+  // Signed identity: a token given in this page's own URL (?token=...) is passed on to the
+  // server, and its `sub` (read here for display only; the server verifies it) is who we are.
+  const authToken = new URLSearchParams(location.search).get('token');
+  const tokenSubject = (() => {
+    try { return JSON.parse(atob(authToken.split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).sub || null; }
+    catch { return null; }
+  })();
+  const withToken = (url) => authToken ? `${url}${url.includes('?') ? '&' : '?'}token=${encodeURIComponent(authToken)}` : url;
   const OT = window.CollabOT;
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -16,8 +24,8 @@
   const RUN_TIMEOUT_MS = 3000;
   const CURSOR_THROTTLE_MS = 100;
 
-  let userId = null;
-  try { userId = sessionStorage.getItem('collab.userId'); } catch { /* ignore */ }
+  let userId = tokenSubject;
+  if (!userId) { try { userId = sessionStorage.getItem('collab.userId'); } catch { /* ignore */ } }
   if (!userId) {
     userId = `u-${Math.random().toString(36).slice(2, 10)}`;
     try { sessionStorage.setItem('collab.userId', userId); } catch { /* ignore */ }
@@ -69,7 +77,7 @@
   // ---------- connection ----------
   function connect() {
     clearTimeout(retryTimer);
-    const socket = new WebSocket(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws/${encodeURIComponent(sessionId)}`);
+    const socket = new WebSocket(withToken(`${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws/${encodeURIComponent(sessionId)}`));
     ws = socket;
     socket.onopen = () => {
       if (ws !== socket) return;
@@ -449,7 +457,7 @@
     if (!rememberName()) { el.username.reportValidity(); el.username.focus(); return; }
     el.createBtn.disabled = true;
     try {
-      const res = await fetch('/api/sessions', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ language: 'javascript', code: "// Welcome! Edit together, then press Run.\nconsole.log('hello from ' + 'collab');\n" }) });
+      const res = await fetch('/api/sessions', { method: 'POST', headers: { 'content-type': 'application/json', ...(authToken ? { authorization: `Bearer ${authToken}` } : {}) }, body: JSON.stringify({ language: 'javascript', code: "// Welcome! Edit together, then press Run.\nconsole.log('hello from ' + 'collab');\n" }) });
       const body = await res.json();
       if (!res.ok) throw new Error(body.error || `HTTP ${res.status}`);
       start(body.sessionId);

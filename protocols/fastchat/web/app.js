@@ -1,6 +1,14 @@
 // fastchat demo client: plain JS, no build step. Wire format: docs/protocols/fastchat.md.
 'use strict';
 (() => {
+  // Signed identity: a token given in this page's own URL (?token=...) is passed on to the
+  // server, and its `sub` (read here for display only; the server verifies it) is who we are.
+  const authToken = new URLSearchParams(location.search).get('token');
+  const tokenSubject = (() => {
+    try { return JSON.parse(atob(authToken.split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).sub || null; }
+    catch { return null; }
+  })();
+  const withToken = (url) => authToken ? `${url}${url.includes('?') ? '&' : '?'}token=${encodeURIComponent(authToken)}` : url;
   const PING_EVERY_MS = 15000;
   const TYPING_IDLE_MS = 2500;
   const $ = (id) => document.getElementById(id);
@@ -22,7 +30,7 @@
     return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
   }
 
-  let userId = localStorage.getItem('fastchat.userId');
+  let userId = tokenSubject || localStorage.getItem('fastchat.userId');
   if (!userId) { userId = uuid4(); localStorage.setItem('fastchat.userId', userId); }
   userId = userId.toLowerCase();
   let displayName = localStorage.getItem('fastchat.name') || '';
@@ -53,7 +61,7 @@
   function connect() {
     clearTimeout(reconnectTimer);
     const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-    ws = new WebSocket(`${scheme}://${location.host}/ws`);
+    ws = new WebSocket(withToken(`${scheme}://${location.host}/ws`));
     setStatus('connecting', attempt ? 'Reconnecting…' : 'Connecting…');
     ws.addEventListener('open', () => {
       send('HELLO', { user_id: userId, display_name: displayName });

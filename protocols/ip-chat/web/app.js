@@ -1,6 +1,14 @@
 // ip-chat demo client: plain JS, no build step. Wire format: docs/protocols/ip-chat.md.
 'use strict';
 (() => {
+  // Signed identity: a token given in this page's own URL (?token=...) is passed on to the
+  // server, and its `sub` (read here for display only; the server verifies it) is who we are.
+  const authToken = new URLSearchParams(location.search).get('token');
+  const tokenSubject = (() => {
+    try { return JSON.parse(atob(authToken.split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).sub || null; }
+    catch { return null; }
+  })();
+  const withToken = (url) => authToken ? `${url}${url.includes('?') ? '&' : '?'}token=${encodeURIComponent(authToken)}` : url;
   const MAX_CHARS = 500; // the server counts Unicode code points, so do we: [...text].length
   const EMOJI = ['👍', '❤️', '😂', '🎉', '😮'];
   const $ = (id) => document.getElementById(id);
@@ -32,7 +40,7 @@
   function connect() {
     clearTimeout(reconnectTimer);
     const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-    ws = new WebSocket(`${scheme}://${location.host}/ws`);
+    ws = new WebSocket(withToken(`${scheme}://${location.host}/ws`));
     setStatus('connecting', retry ? 'Reconnecting…' : 'Connecting…');
     ws.addEventListener('open', () => {
       retry = 0;

@@ -2,6 +2,14 @@
 // delivered/read receipts, edit/delete, history, typing, presence and automatic reconnect.
 'use strict';
 (() => {
+  // Signed identity: a token given in this page's own URL (?token=...) is passed on to the
+  // server, and its `sub` (read here for display only; the server verifies it) is who we are.
+  const authToken = new URLSearchParams(location.search).get('token');
+  const tokenSubject = (() => {
+    try { return JSON.parse(atob(authToken.split('.')[1].replace(/-/g, '+').replace(/_/g, '/'))).sub || null; }
+    catch { return null; }
+  })();
+  const withToken = (url) => authToken ? `${url}${url.includes('?') ? '&' : '?'}token=${encodeURIComponent(authToken)}` : url;
   const $ = (id) => document.getElementById(id);
   const el = {
     status: $('status'), redelivered: $('redelivered'), me: $('me'), switchUser: $('switch-user'),
@@ -14,6 +22,7 @@
   const RECEIPTS = { sent: 0, delivered: 1, read: 2 };
 
   let me = null;          // my user id
+  if (tokenSubject) el.userId.value = tokenSubject;
   let ws = null;
   let connected = false;
   let everConnected = false;
@@ -42,7 +51,7 @@
   function connect() {
     clearTimeout(retryTimer);
     const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws?userId=${encodeURIComponent(me)}`;
-    const socket = new WebSocket(url);
+    const socket = new WebSocket(withToken(url));
     ws = socket;
     socket.onopen = () => {
       if (ws !== socket) return;
