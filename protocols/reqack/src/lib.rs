@@ -1,7 +1,9 @@
 //! reqack: request/response messaging with acknowledged, never-lost events.
 //!
 //! Clients connect at `/ws?userId=<id>` (a missing or empty `userId` gets HTTP 400) and speak
-//! four envelopes:
+//! four envelopes. When the server verifies signed tokens the user is the token's `sub`
+//! instead: `userId` may be left out, and one naming another user gets HTTP 403.
+//! The envelopes:
 //!
 //! - `request {type, timestamp, id, payloadType, payload}` → `response {type, timestamp, id,
 //!   payload}` with the same `id`: `new`, `edit`, `delete`, `dlvrd`, `read`, `call`, `newCall`,
@@ -191,6 +193,24 @@ impl Default for ReqAck {
     }
 }
 
+/// Who the socket of `handshake` is: its `userId`, or with signed identity the token's `sub`
+/// (a `userId` naming anyone else is refused with 403, a missing or empty one means `sub`).
+fn user_of(handshake: &Handshake<'_>) -> Result<String, Reject> {
+    let asked = handshake.query_param("userId").filter(|u| !u.is_empty());
+    let Some(identity) = handshake.identity else {
+        return asked.ok_or_else(|| Reject::BadRequest("missing `userId` query parameter".into()));
+    };
+    let subject = identity.subject();
+    match asked {
+        // The refusal does not echo the parameter: it is the client's text, of any length.
+        Some(asked) if asked != subject => Err(Reject::Forbidden(
+            "`userId` is not the user the token was issued to (omit it or use the token's `sub`)"
+                .into(),
+        )),
+        _ => Ok(subject.to_owned()),
+    }
+}
+
 impl Protocol for ReqAck {
     type Conn = Conn;
 
@@ -202,10 +222,7 @@ impl Protocol for ReqAck {
         if handshake.path != "/ws" {
             return Err(Reject::NotFound);
         }
-        let user = handshake
-            .query_param("userId")
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| Reject::BadRequest("missing `userId` query parameter".into()))?;
+        let user = user_of(handshake)?;
         let client = ClientKey::from_ip(handshake.client_ip);
         self.node.admit(&user, client, Instant::now())?;
         Ok(Conn::new(user, client))

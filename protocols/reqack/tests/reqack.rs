@@ -813,3 +813,111 @@ async fn event_ids_only_grow_across_durable_and_ephemeral_events_and_reconnects(
         bob.sync().await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signed identity, in process (the server verified a token for `sub` before `admit`)
+
+mod signed_in_process {
+    use serde_json::{Map, Value};
+    use switchboard_core::{Identity, Reject};
+    use switchboard_reqack::{Config, ReqAck};
+    use switchboard_testkit::{Driver, Session, json};
+
+    fn identity(sub: &str) -> Identity {
+        Identity::new(sub, None, Map::new())
+    }
+
+    fn request(id: &str, payload_type: &str, payload: Value) -> Value {
+        json!({"type": "request", "timestamp": 0, "id": id, "payloadType": payload_type, "payload": payload})
+    }
+
+    fn events(session: &mut Session<ReqAck>, event_type: &str) -> Vec<Value> {
+        session
+            .json_frames()
+            .into_iter()
+            .filter(|frame| frame["type"] == "event" && frame["eventType"] == event_type)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_user_is_the_tokens_subject_with_or_without_a_matching_user_id() {
+        let driver = Driver::new(ReqAck::new(Config::default()));
+        let alice = identity("alice");
+        for path in ["/ws", "/ws?userId=", "/ws?userId=alice"] {
+            let session = driver.open_as(path, Some(&alice)).await;
+            assert!(session.is_ok(), "{path}: {session:?}");
+            session.unwrap().close().await;
+        }
+        let mut bob = driver.open_as("/ws", Some(&identity("bob"))).await.unwrap();
+        let mut alice = driver.open_as("/ws", Some(&alice)).await.unwrap();
+        alice
+            .json(&request(
+                "r1",
+                "new",
+                json!({"chatId": "bob", "message": "hi"}),
+            ))
+            .await;
+        let new = events(&mut bob, "new");
+        assert_eq!(new.len(), 1, "{new:?}");
+        assert_eq!(new[0]["payload"]["from"], "alice");
+        let responses: Vec<Value> = alice
+            .json_frames()
+            .into_iter()
+            .filter(|frame| frame["type"] == "response")
+            .collect();
+        assert!(
+            responses[0]["payload"]["messageId"].is_u64(),
+            "{responses:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_users_user_id_is_forbidden() {
+        let driver = Driver::new(ReqAck::new(Config::default()));
+        let refused = driver
+            .open_as("/ws?userId=bob", Some(&identity("alice")))
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, Reject::Forbidden(_)), "{refused:?}");
+        assert_eq!(refused.status(), 403);
+        // Without signed identity nothing changed: `userId` is the user, and it is required.
+        let open = driver.open_as("/ws?userId=bob", None).await;
+        assert!(open.is_ok());
+        let missing = driver.open_as("/ws", None).await.unwrap_err();
+        assert_eq!(missing.status(), 400);
+    }
+
+    #[tokio::test]
+    async fn nobody_acks_or_receives_another_users_events() {
+        let driver = Driver::new(ReqAck::new(Config::default()));
+        let mut bob = driver.open_as("/ws", Some(&identity("bob"))).await.unwrap();
+        let mut alice = driver
+            .open_as("/ws", Some(&identity("alice")))
+            .await
+            .unwrap();
+        alice
+            .json(&request(
+                "r1",
+                "new",
+                json!({"chatId": "bob", "message": "hi"}),
+            ))
+            .await;
+        let new = events(&mut bob, "new");
+        let id = new[0]["id"].as_u64().unwrap();
+        assert_eq!(driver.protocol().pending_for("bob").await, 1);
+        // Alice acks bob's event id: her ack is about her own outbox, bob's event stays.
+        alice
+            .json(&json!({"type": "ack", "id": id.to_string()}))
+            .await;
+        assert_eq!(driver.protocol().pending_for("bob").await, 1);
+        // Alice asking for bob's name at connect is refused, so she never gets his events.
+        let refused = driver
+            .open_as("/ws?userId=bob", Some(&identity("alice")))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status(), 403);
+        bob.json(&json!({"type": "ack", "id": id.to_string()}))
+            .await;
+        assert_eq!(driver.protocol().pending_for("bob").await, 0);
+    }
+}
