@@ -2,6 +2,11 @@
 //! `serve` does not set: a header-read timeout, a header size cap, and a cap on connections not
 //! (yet) upgraded to WebSocket, server-wide and per client. Without them a client could hold
 //! thousands of half-sent requests, each with a growing header buffer and a file descriptor.
+//!
+//! With TLS ([`crate::serve_tls`]) the handshake happens inside the same bounds: it counts as a
+//! pending connection and must finish within the header-read timeout, then hyper serves
+//! HTTP/1.1 over the TLS stream exactly as over plain TCP. Without TLS nothing of this runs: the
+//! plain path serves the `TcpStream` itself.
 
 use std::convert::Infallible;
 use std::io;
@@ -16,8 +21,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use switchboard_core::{ClientKey, ShareGuard, Shares};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::{debug, error};
@@ -42,6 +48,13 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after an accept error such as running out of file descriptors, so the loop does not
 /// spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(200);
+
+/// Answer to a plain HTTP request on a TLS port: a client that forgot `https://` learns why
+/// instead of seeing the connection drop.
+const PLAIN_HTTP_ON_TLS_PORT: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 56\r\nconnection: close\r\n\r\n{\"error\":\"this port speaks TLS: use https:// or wss://\"}";
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// One not-yet-upgraded connection: counted server-wide and per client while it lives.
 struct Pending {
@@ -80,6 +93,7 @@ pub(crate) async fn accept_loop(
     router: Router,
     handle: &ServerHandle,
     limits: EdgeLimits,
+    tls: Option<TlsAcceptor>,
 ) {
     let pending = Arc::new(AtomicUsize::new(0));
     let per_client = Arc::new(Shares::new(limits.max_pending_per_ip, MAX_TRACKED_CLIENTS));
@@ -130,14 +144,25 @@ pub(crate) async fn accept_loop(
                 }
             }
         }
-        tokio::spawn(serve_connection(
-            stream,
-            remote,
-            router.clone(),
-            limits,
-            shutdown.clone(),
-            guard,
-        ));
+        match &tls {
+            None => tokio::spawn(serve_connection(
+                stream,
+                remote,
+                router.clone(),
+                limits,
+                shutdown.clone(),
+                guard,
+            )),
+            Some(acceptor) => tokio::spawn(serve_tls_connection(
+                acceptor.clone(),
+                stream,
+                remote,
+                router.clone(),
+                limits,
+                shutdown.clone(),
+                guard,
+            )),
+        };
     }
 }
 
@@ -159,14 +184,60 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal, _guard: Pending) {
     .await;
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Completes the TLS handshake (still pending, bounded by the header-read timeout), then serves
+/// HTTP/1.1 over the TLS stream. A plain HTTP request gets a bare 400 saying the port speaks TLS;
+/// any other failed handshake just closes the connection.
+async fn serve_tls_connection(
+    acceptor: TlsAcceptor,
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    router: Router,
+    limits: EdgeLimits,
+    shutdown: CancellationToken,
+    guard: Pending,
+) {
+    let handshake = async {
+        let mut first = [0_u8; 1];
+        let peeked = stream.peek(&mut first).await?;
+        if peeked == 0 {
+            return Ok(None);
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            if first[0].is_ascii_uppercase() {
+                stream.write_all(PLAIN_HTTP_ON_TLS_PORT).await?;
+                stream.shutdown().await?;
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a TLS handshake",
+            ));
+        }
+        acceptor.accept(stream).await.map(Some)
+    };
+    let accepted = tokio::select! {
+        () = shutdown.cancelled() => return,
+        accepted = tokio::time::timeout(limits.header_read_timeout, handshake) => accepted,
+    };
+    match accepted {
+        Ok(Ok(Some(tls))) => {
+            serve_connection(tls, remote, router, limits, shutdown, guard).await;
+        }
+        Ok(Ok(None)) => debug!(%remote, "closed before the TLS handshake"),
+        Ok(Err(error)) => debug!(%remote, %error, "TLS handshake failed"),
+        Err(_) => debug!(%remote, "TLS handshake timed out"),
+    }
+}
+
+async fn serve_connection<S>(
+    stream: S,
     remote: SocketAddr,
     router: Router,
     limits: EdgeLimits,
     shutdown: CancellationToken,
     _guard: Pending,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(remote));
         let mut router = router.clone();

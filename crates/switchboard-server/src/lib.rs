@@ -3,7 +3,8 @@
 //! [`router`] turns a protocol into an axum [`Router`] that answers `GET /healthz` (liveness)
 //! and `GET /readyz` (the state engine can serve), upgrades WebSocket requests (origin check,
 //! connection limit, protocol admission) and routes every other request to the protocol's plain
-//! HTTP handler. Mount it at the root with [`serve`], or nest it
+//! HTTP handler. Mount it at the root with [`serve`] (or [`serve_tls`] for `https://` and
+//! `wss://`, see [`tls`]), or nest it
 //! inside your own axum application next to your own routes. Each upgraded socket runs on its
 //! own task with a bounded outbound queue, keepalive, a frame-size limit and a clean close.
 //!
@@ -23,6 +24,7 @@ mod config;
 mod connection;
 mod edge;
 mod metered;
+pub mod tls;
 mod upgrade;
 mod wire;
 
@@ -278,9 +280,36 @@ pub async fn serve(
     handle: &ServerHandle,
     grace: Duration,
 ) -> io::Result<()> {
+    serve_edge(listener, router, handle, grace, None).await
+}
+
+/// [`serve`] over TLS: `https://` and `wss://` with the certificate of `tls`.
+///
+/// Everything [`serve`] does applies unchanged; in addition each connection's TLS handshake
+/// counts as a pending connection and must finish within the header-read timeout (a client
+/// that never finishes it is dropped), and a plain HTTP request on the port gets a bare 400
+/// saying it speaks TLS. [`tls::TlsConfig::reload`] (or [`tls::reload_on_sighup`]) swaps the
+/// certificate for new handshakes while this runs; open connections keep theirs.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    handle: &ServerHandle,
+    grace: Duration,
+    tls: &tls::TlsConfig,
+) -> io::Result<()> {
+    serve_edge(listener, router, handle, grace, Some(tls.acceptor())).await
+}
+
+async fn serve_edge(
+    listener: TcpListener,
+    router: Router,
+    handle: &ServerHandle,
+    grace: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> io::Result<()> {
     let local = listener.local_addr()?;
-    info!(%local, "listening");
-    edge::accept_loop(listener, router, handle, handle.edge).await;
+    info!(%local, tls = tls.is_some(), "listening");
+    edge::accept_loop(listener, router, handle, handle.edge, tls).await;
     let open = handle.connections();
     info!(open, "stopped accepting; closing connections");
     if !handle.drain(grace).await {

@@ -526,3 +526,228 @@ mod signed_identity {
         );
     }
 }
+
+// TLS at the edge (`serve_tls`): the same runtime over https:// and wss://, with certificates
+// generated in the test.
+
+mod tls {
+    use std::time::Duration;
+
+    use futures::{SinkExt, StreamExt};
+    use switchboard_server::ServerConfig;
+    use switchboard_server::tls::{TlsConfig, TlsError};
+    use switchboard_testkit::tls::{
+        TestCa, TlsTestServer, WssStream, connect_wss, https_request, temp_dir, try_connect_wss,
+    };
+    use switchboard_testkit::{TIMEOUT, http_request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::time::{Instant, timeout};
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::Room;
+
+    /// Sends `text` to the room and expects it back.
+    async fn echo_round_trip(ws: &mut WssStream, text: &str) {
+        ws.send(Message::text(text)).await.expect("send over wss");
+        expect_frame(ws, text).await;
+    }
+
+    async fn expect_frame(ws: &mut WssStream, text: &str) {
+        let frame = timeout(TIMEOUT, ws.next())
+            .await
+            .expect("frame in time")
+            .expect("socket open")
+            .expect("frame");
+        assert_eq!(frame, Message::text(text));
+    }
+
+    /// Reads until the server closes; `true` if it did within `TIMEOUT`.
+    async fn closed_by_server(stream: &mut TcpStream) -> bool {
+        let mut buf = [0_u8; 1024];
+        timeout(TIMEOUT, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    #[tokio::test]
+    async fn wss_upgrades_carry_frames_and_https_serves_healthz() {
+        let ca = TestCa::new("test CA");
+        let dir = temp_dir("serve");
+        let server = TlsTestServer::start(
+            Room::new(),
+            ServerConfig::default(),
+            ca.issue().tls_config(&dir),
+        )
+        .await;
+        let trust = ca.client_config();
+        let started = Instant::now();
+        let mut alice = connect_wss(server.addr(), "/ws", &trust).await;
+        let handshake = started.elapsed();
+        let mut bob = connect_wss(server.addr(), "/ws", &trust).await;
+        echo_round_trip(&mut alice, "hello over TLS").await;
+        expect_frame(&mut bob, "hello over TLS").await;
+        // A frame larger than one TLS record (16 KiB) crosses several records.
+        let big = "x".repeat(40_000);
+        echo_round_trip(&mut bob, &big).await;
+        let health = https_request(server.addr(), &trust, "GET", "/healthz").await;
+        assert_eq!((health.status, health.body.as_str()), (200, "ok"));
+        assert!(
+            handshake < Duration::from_secs(1),
+            "TCP + TLS + WebSocket handshake took {handshake:?}"
+        );
+        alice.close(None).await.expect("close");
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn plain_clients_on_a_tls_port_are_refused_and_others_keep_being_served() {
+        let ca = TestCa::new("test CA");
+        let dir = temp_dir("plain");
+        let server = TlsTestServer::start(
+            Room::new(),
+            ServerConfig::default(),
+            ca.issue().tls_config(&dir),
+        )
+        .await;
+        let trust = ca.client_config();
+        let mut before = connect_wss(server.addr(), "/ws", &trust).await;
+        // Plain HTTP gets a bare 400 that says why, then the connection closes.
+        let reply = http_request(server.addr(), "GET", "/healthz", None).await;
+        assert_eq!(reply.status, 400);
+        assert!(reply.body.contains("TLS"), "{}", reply.body);
+        // Neither plain WebSocket nor garbage gets anywhere; the server closes on them.
+        let plain_ws = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr())).await;
+        assert!(plain_ws.is_err(), "a plain WebSocket upgrade succeeded");
+        let mut garbage = TcpStream::connect(server.addr()).await.expect("connect");
+        garbage.write_all(&[0xff; 64]).await.expect("write");
+        assert!(
+            closed_by_server(&mut garbage).await,
+            "garbage was not dropped"
+        );
+        // A client that does not trust the certificate fails its handshake.
+        let stranger = TestCa::new("another CA").client_config();
+        let refused = try_connect_wss(server.addr(), "/ws", &stranger).await;
+        assert!(refused.is_err(), "an untrusted certificate was accepted");
+        // Everyone else is served as before.
+        echo_round_trip(&mut before, "still here").await;
+        let mut after = connect_wss(server.addr(), "/ws", &trust).await;
+        echo_round_trip(&mut after, "new one").await;
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_the_tls_handshake_is_dropped_after_the_header_timeout() {
+        let ca = TestCa::new("test CA");
+        let dir = temp_dir("slow");
+        let config = ServerConfig {
+            header_read_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        };
+        let server = TlsTestServer::start(Room::new(), config, ca.issue().tls_config(&dir)).await;
+        let started = Instant::now();
+        // One sends nothing at all, one the first bytes of a ClientHello and nothing more.
+        let mut silent = TcpStream::connect(server.addr()).await.expect("connect");
+        let mut partial = TcpStream::connect(server.addr()).await.expect("connect");
+        partial
+            .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .expect("write");
+        assert!(closed_by_server(&mut silent).await, "silent client kept");
+        assert!(closed_by_server(&mut partial).await, "partial client kept");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(290),
+            "dropped before the timeout: {waited:?}"
+        );
+        // The pending slots are free again: a real client still gets in.
+        let mut ws = connect_wss(server.addr(), "/ws", &ca.client_config()).await;
+        echo_round_trip(&mut ws, "ok").await;
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_reload_serves_the_new_certificate_to_new_handshakes_and_keeps_open_connections() {
+        let ca_a = TestCa::new("CA A");
+        let ca_b = TestCa::new("CA B");
+        let dir = temp_dir("reload");
+        let tls = ca_a.issue().tls_config(&dir);
+        let server = TlsTestServer::start(Room::new(), ServerConfig::default(), tls.clone()).await;
+        let (trust_a, trust_b) = (ca_a.client_config(), ca_b.client_config());
+        let mut old = connect_wss(server.addr(), "/ws", &trust_a).await;
+        assert!(
+            try_connect_wss(server.addr(), "/ws", &trust_b)
+                .await
+                .is_err()
+        );
+
+        ca_b.issue().write(&dir);
+        tls.reload().expect("reload with B");
+        let mut new = connect_wss(server.addr(), "/ws", &trust_b).await;
+        // A fresh client config: one that connected before could resume its session, which
+        // involves no certificate at all.
+        assert!(
+            try_connect_wss(server.addr(), "/ws", &ca_a.client_config())
+                .await
+                .is_err(),
+            "the old certificate is still presented"
+        );
+        // Both are in the room: the connection opened before the reload still hears and talks.
+        echo_round_trip(&mut new, "new").await;
+        expect_frame(&mut old, "new").await;
+        echo_round_trip(&mut old, "old").await;
+        expect_frame(&mut new, "old").await;
+
+        // A broken file fails the reload and B stays in use.
+        std::fs::write(dir.join("cert.pem"), "not a certificate").expect("write");
+        let error = tls
+            .reload()
+            .expect_err("a broken file must fail the reload");
+        assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
+        connect_wss(server.addr(), "/ws", &trust_b).await;
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn unusable_files_are_reported_with_their_path_and_reason() {
+        let ca = TestCa::new("test CA");
+        let dir = temp_dir("errors");
+        let (cert, key) = ca.issue().write(&dir);
+        let missing = dir.join("missing.pem");
+        let error = TlsConfig::load(&missing, &key).unwrap_err();
+        assert!(matches!(error, TlsError::Read { .. }), "{error}");
+        assert!(error.to_string().contains("missing.pem"), "{error}");
+
+        // A key where the certificate should be, and the certificate where the key should be.
+        let error = TlsConfig::load(&key, &key).unwrap_err();
+        assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
+        let error = TlsConfig::load(&cert, &cert).unwrap_err();
+        assert!(matches!(error, TlsError::NoKey { .. }), "{error}");
+
+        // Truncated PEM.
+        let broken = dir.join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nAAAA\n").unwrap();
+        let error = TlsConfig::load(&broken, &key).unwrap_err();
+        assert!(matches!(error, TlsError::Pem { .. }), "{error}");
+
+        // Another certificate's key.
+        let other = ca.issue();
+        let other_key = dir.join("other-key.pem");
+        std::fs::write(&other_key, &other.key_pem).unwrap();
+        let error = TlsConfig::load(&cert, &other_key).unwrap_err();
+        assert!(error.to_string().contains("does not belong"), "{error}");
+        TlsConfig::load(&cert, &key).expect("the matching pair loads");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
