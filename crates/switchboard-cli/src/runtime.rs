@@ -10,6 +10,7 @@ use switchboard_core::{Engine, Keepalive, Protocol};
 use switchboard_engine_durable::{DurableEngine, DurableLimits};
 use switchboard_engine_redis::{RedisConfig, RedisEngine};
 use switchboard_server::ServerConfig;
+use switchboard_server::tls::TlsConfig;
 
 use crate::CliError;
 
@@ -128,6 +129,23 @@ pub(crate) struct RuntimeArgs {
         default_value = RedisConfig::DEFAULT_CLUSTER_NAME
     )]
     pub(crate) cluster_name: String,
+    /// Serve https:// and wss:// with this PEM certificate chain (the server's certificate
+    /// first); needs --tls-key. Re-read with the key on SIGHUP without dropping connections.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1); needs --tls-cert.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub(crate) tls_key: Option<PathBuf>,
 }
 
 impl RuntimeArgs {
@@ -188,6 +206,11 @@ impl RuntimeArgs {
 }
 
 impl RuntimeArgs {
+    /// The certificate and key files to serve TLS with, when given (clap makes sure both are).
+    pub(crate) fn tls_files(&self) -> Option<(PathBuf, PathBuf)> {
+        self.tls_cert.clone().zip(self.tls_key.clone())
+    }
+
     /// The engine `--engine`'s URL names, chosen by its scheme (only `redis://` so far).
     fn shared_engine(&self, url: &str) -> Result<Engine, CliError> {
         let scheme = url.split_once("://").map(|(scheme, _)| scheme);
@@ -210,6 +233,8 @@ pub(crate) struct Server {
     pub(crate) config: ServerConfig,
     /// `--max-state-bytes`: each protocol's `Config::max_state_bytes`.
     pub(crate) max_state_bytes: usize,
+    /// `--tls-cert` and `--tls-key`: serve TLS with them.
+    pub(crate) tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Server {
@@ -219,6 +244,11 @@ impl Server {
 
     pub(crate) async fn run_shared<P: Protocol>(self, protocol: Arc<P>) -> Result<(), CliError> {
         let name = protocol.name();
+        // A bad certificate or key is refused before anything listens.
+        let tls = match &self.tls {
+            Some((cert, key)) => Some(TlsConfig::load(cert, key)?),
+            None => None,
+        };
         // Each socket is a file descriptor: take the whole hard limit, not the (often 1024) soft one.
         match rlimit::increase_nofile_limit(u64::MAX) {
             Ok(limit) => tracing::info!(limit, "open-file limit"),
@@ -233,10 +263,26 @@ impl Server {
         let grace = self.config.shutdown_grace;
         let (router, handle) = switchboard_server::router(protocol, self.config);
         tokio::spawn(switchboard_server::shutdown_on_signal(handle.clone()));
-        tracing::info!(protocol = name, listen = %self.listen, "serving");
-        switchboard_server::serve(listener, router, &handle, grace)
-            .await
-            .map_err(CliError::Serve)?;
+        let served = match tls {
+            Some(tls) => {
+                tracing::info!(
+                    protocol = name,
+                    listen = %self.listen,
+                    cert = %tls.cert_path().display(),
+                    "serving https:// and wss:// (SIGHUP reloads the certificate)"
+                );
+                tokio::spawn(switchboard_server::tls::reload_on_sighup(
+                    tls.clone(),
+                    handle.clone(),
+                ));
+                switchboard_server::serve_tls(listener, router, &handle, grace, &tls).await
+            }
+            None => {
+                tracing::info!(protocol = name, listen = %self.listen, "serving");
+                switchboard_server::serve(listener, router, &handle, grace).await
+            }
+        };
+        served.map_err(CliError::Serve)?;
         tracing::info!("shut down cleanly");
         Ok(())
     }

@@ -327,3 +327,168 @@ async fn env_twins_apply_and_other_protocols_twins_are_ignored() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+// TLS: `serve --tls-cert FILE --tls-key FILE` (or the SWITCHBOARD_TLS_* twins), certificates
+// generated in the test.
+
+/// Starts the binary like [`start_with_env`] and also hands over every JSON log line, so a test
+/// can wait for a line (bounded) instead of sleeping.
+fn start_logging(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Child, SocketAddr, mpsc::Receiver<serde_json::Value>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = tx.send(entry);
+            }
+        }
+    });
+    let listening = wait_log(&rx, "listening");
+    let addr = listening["fields"]["local"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (child, addr, rx)
+}
+
+/// The next log line whose message starts with `message` (within 10 s).
+fn wait_log(logs: &mpsc::Receiver<serde_json::Value>, message: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match logs.recv_timeout(left) {
+            Ok(entry)
+                if entry["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message)) =>
+            {
+                return entry;
+            }
+            Ok(_) => {}
+            Err(_) => panic!("no log line {message:?} within 10 s"),
+        }
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+async fn echo_over_wss(ws: &mut switchboard_testkit::tls::WssStream, text: &str) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text(text)).await.expect("send");
+    let reply = tokio::time::timeout(switchboard_testkit::TIMEOUT, ws.next())
+        .await
+        .expect("echo in time")
+        .expect("open")
+        .expect("frame");
+    assert_eq!(reply, Message::text(text));
+}
+
+#[tokio::test]
+async fn tls_serves_wss_and_https_and_sighup_swaps_the_certificate_keeping_connections() {
+    use switchboard_testkit::tls::{TestCa, connect_wss, https_request, temp_dir, try_connect_wss};
+    let (ca_a, ca_b) = (TestCa::new("CA A"), TestCa::new("CA B"));
+    let dir = temp_dir("cli-reload");
+    let (cert, key) = ca_a.issue().write(&dir);
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    // The environment twins, so they are covered too.
+    let (mut child, addr, logs) = start_logging(
+        &["--protocol", "echo"],
+        &[("SWITCHBOARD_TLS_CERT", cert), ("SWITCHBOARD_TLS_KEY", key)],
+    );
+    let (trust_a, trust_b) = (ca_a.client_config(), ca_b.client_config());
+    let mut old = connect_wss(addr, "/ws", &trust_a).await;
+    echo_over_wss(&mut old, "before").await;
+    let health = https_request(addr, &trust_a, "GET", "/healthz").await;
+    assert_eq!((health.status, health.body.as_str()), (200, "ok"));
+
+    // Replace both files with a certificate of another CA, then SIGHUP.
+    ca_b.issue().write(&dir);
+    signal(&child, "HUP");
+    let reloaded = wait_log(&logs, "TLS certificate reloaded");
+    assert_eq!(reloaded["level"], "INFO");
+    let mut new = connect_wss(addr, "/ws", &trust_b).await;
+    echo_over_wss(&mut new, "after").await;
+    // A fresh client config: one that connected before could resume its session, which
+    // involves no certificate at all.
+    assert!(
+        try_connect_wss(addr, "/ws", &ca_a.client_config())
+            .await
+            .is_err(),
+        "the old certificate is still presented"
+    );
+    echo_over_wss(&mut old, "still open").await;
+
+    // A broken file: the reload fails with the reason logged, B stays in use.
+    std::fs::write(dir.join("key.pem"), "garbage").unwrap();
+    signal(&child, "HUP");
+    let failed = wait_log(&logs, "TLS certificate reload failed");
+    assert_eq!(failed["level"], "ERROR");
+    let reason = failed["fields"]["message"].as_str().unwrap();
+    assert!(reason.contains("key.pem"), "{reason}");
+    connect_wss(addr, "/ws", &trust_b).await;
+    echo_over_wss(&mut old, "and still").await;
+
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child), 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn unusable_tls_files_exit_1_naming_the_file() {
+    use switchboard_testkit::tls::{TestCa, temp_dir};
+    let ca = TestCa::new("test CA");
+    let dir = temp_dir("cli-bad");
+    let (cert, key) = ca.issue().write(&dir);
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let missing = dir.join("nope.pem");
+    let missing = missing.to_str().unwrap();
+
+    let (code, stderr) = serve_until_exit(&["--tls-cert", missing, "--tls-key", key], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot serve TLS: cannot read"), "{stderr}");
+    assert!(stderr.contains(missing), "{stderr}");
+
+    // The certificate given as the key: no private key in it.
+    let (code, stderr) = serve_until_exit(&["--tls-cert", cert, "--tls-key", cert], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("no private key found"), "{stderr}");
+    assert!(stderr.contains(cert), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // Another certificate's key.
+    let other = dir.join("other-key.pem");
+    std::fs::write(&other, ca.issue().key_pem).unwrap();
+    let (code, stderr) = serve_until_exit(
+        &["--tls-cert", cert, "--tls-key", other.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("does not belong to the certificate"),
+        "{stderr}"
+    );
+
+    // One without the other is a usage error.
+    let (code, stderr) = serve_until_exit(&["--tls-cert", cert], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -148,6 +148,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<(), CliError> {
         listen: args.listen,
         config: args.runtime.config()?,
         max_state_bytes: args.runtime.max_state_bytes,
+        tls: args.runtime.tls_files(),
     };
     match args.protocol {
         ProtocolName::IpChat => ip_chat::serve(args.ip_chat, server).await,
