@@ -331,6 +331,19 @@ impl FastChat {
 
     async fn hello(&self, conn: &mut Conn, cx: &Context<'_>, user_id: Uuid, display_name: &str) {
         let peer = cx.peer();
+        // With signed identity the token's subject is the only user this socket may be; the
+        // socket stays open so that the client can say HELLO again with it.
+        if let Some(signed) = conn.signed
+            && signed != user_id
+        {
+            Self::error(
+                peer,
+                ErrorCode::Unauthorized,
+                "user_id: this connection is signed in as another user; say HELLO with the token's sub",
+                json!({"field": "user_id"}),
+            );
+            return;
+        }
         if let Some(current) = conn.user
             && current != user_id
         {
@@ -1084,14 +1097,26 @@ impl Protocol for FastChat {
     }
 
     fn admit(&self, handshake: &Handshake<'_>) -> Result<Conn, Reject> {
-        if handshake.path == WS_PATH {
-            Ok(Conn {
-                client: ClientKey::from_ip(handshake.client_ip),
-                user: None,
-            })
-        } else {
-            Err(Reject::NotFound)
+        if handshake.path != WS_PATH {
+            return Err(Reject::NotFound);
         }
+        // A token whose subject can never be a fastchat user is refused now rather than
+        // letting every HELLO of the socket fail.
+        let signed = match handshake.identity {
+            None => None,
+            Some(identity) => Some(
+                crate::sanitize::parse_user_id("sub", identity.subject()).map_err(|_| {
+                    Reject::Forbidden(
+                        "the token's `sub` is not a fastchat user id (a UUID v4)".into(),
+                    )
+                })?,
+            ),
+        };
+        Ok(Conn {
+            client: ClientKey::from_ip(handshake.client_ip),
+            user: None,
+            signed,
+        })
     }
 
     async fn on_open(&self, _conn: &mut Conn, cx: &Context<'_>) {

@@ -8,6 +8,9 @@
 //! `PRESENCE` delta. Messages to a user who is offline wait in a bounded queue until that user's
 //! next HELLO. See `docs/protocols/fastchat.md` for every rule and error.
 //!
+//! When the server verifies signed tokens, HELLO's `user_id` must be the token's `sub` (a UUID
+//! v4; another `sub` is refused at the upgrade with 403, another `user_id` gets `UNAUTHORIZED`).
+//!
 //! Everything stored is bounded in items, shared per client ([`ClientKey`]: an IP, never a
 //! `user_id`) where one client could exhaust it, and charged in bytes against
 //! [`Config::max_state_bytes`]; see [`Config::worst_case_state_bytes`] and [`FastChat::stats`].
@@ -388,6 +391,9 @@ impl fmt::Debug for FastChat {
 pub struct Conn {
     client: ClientKey,
     user: Option<Uuid>,
+    /// With signed identity, the token's `sub`: the only `user_id` this socket's HELLO may
+    /// name. `None` when the server does not verify tokens (HELLO is the identity then).
+    signed: Option<Uuid>,
 }
 
 impl FastChat {

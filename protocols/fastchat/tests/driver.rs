@@ -121,3 +121,89 @@ async fn the_minute_long_message_window_slides_on_the_paused_clock() {
         "every accepted message, none refused"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signed identity: the server verified a token for `sub` before `admit`.
+
+fn signed(sub: &str) -> switchboard_core::Identity {
+    switchboard_core::Identity::new(sub, None, serde_json::Map::new())
+}
+
+fn hello_frame(id: &str, name: &str) -> Value {
+    json!({"type": "HELLO", "data": {"user_id": id, "display_name": name}})
+}
+
+#[tokio::test]
+async fn a_signed_socket_says_hello_only_as_its_subject_and_may_try_again() {
+    let driver = Driver::new(FastChat::new(Config::default()));
+    let (me, other) = (new_id(), new_id());
+    let mut session = driver.open_as("/ws", Some(&signed(&me))).await.unwrap();
+    session.json(&hello_frame(&other, "Mallory")).await;
+    let refused = session.json_frames();
+    assert_eq!(types(&refused), ["ERROR"], "{refused:?}");
+    assert_eq!(refused[0]["data"]["code"], "UNAUTHORIZED");
+    assert_eq!(refused[0]["data"]["details"]["field"], "user_id");
+    assert!(session.close_reason().is_none(), "the socket stays open");
+    // Still unidentified: nothing but HELLO and PING.
+    session
+        .json(&json!({"type": "OPEN_CHAT", "data": {"target_user_id": other}}))
+        .await;
+    assert_eq!(session.json_frames()[0]["data"]["code"], "UNAUTHORIZED");
+
+    // The same socket now says HELLO as its subject (upper case is the same UUID).
+    session
+        .json(&hello_frame(&me.to_uppercase(), "Alice"))
+        .await;
+    let frames = session.json_frames();
+    assert_eq!(types(&frames), ["HELLO_ACK", "PRESENCE"], "{frames:?}");
+    assert_eq!(frames[0]["data"]["user_id"], me.as_str());
+    // A later HELLO as someone else is refused the same way; renaming itself is fine.
+    session.json(&hello_frame(&other, "Mallory")).await;
+    assert_eq!(session.json_frames()[0]["data"]["code"], "UNAUTHORIZED");
+    session.json(&hello_frame(&me, "Alicia")).await;
+    assert_eq!(types(&session.json_frames()), ["HELLO_ACK", "PRESENCE"]);
+}
+
+#[tokio::test]
+async fn nobody_else_becomes_the_signed_user_and_messages_come_from_the_subject() {
+    let driver = Driver::new(FastChat::new(Config::default()));
+    let (a, b) = (new_id(), new_id());
+    let mut alice = driver.open_as("/ws", Some(&signed(&a))).await.unwrap();
+    alice.json(&hello_frame(&a, "Alice")).await;
+    alice.frames();
+    // Bob's token cannot say HELLO as Alice, so he never gets her messages or speaks for her.
+    let mut bob = driver.open_as("/ws", Some(&signed(&b))).await.unwrap();
+    bob.json(&hello_frame(&a, "Alice")).await;
+    assert_eq!(bob.json_frames()[0]["data"]["code"], "UNAUTHORIZED");
+    bob.json(&hello_frame(&b, "Bob")).await;
+    bob.frames();
+    alice.frames();
+    bob.json(&json!({"type": "OPEN_CHAT", "data": {"target_user_id": a}}))
+        .await;
+    bob.json(&json!({"type": "MSG", "data": {"to": a, "content": "hi", "message_id": "m-1"}}))
+        .await;
+    let incoming: Vec<Value> = alice
+        .json_frames()
+        .into_iter()
+        .filter(|frame| frame["type"] == "MSG")
+        .collect();
+    assert_eq!(incoming.len(), 1, "{incoming:?}");
+    assert_eq!(incoming[0]["data"]["from"], b.as_str());
+}
+
+#[tokio::test]
+async fn a_subject_that_is_not_a_user_id_is_refused_at_the_upgrade() {
+    let driver = Driver::new(FastChat::new(Config::default()));
+    for sub in [
+        "alice",
+        "not-a-uuid",
+        "00000000-0000-1000-8000-000000000000",
+    ] {
+        let refused = driver.open_as("/ws", Some(&signed(sub))).await.unwrap_err();
+        assert_eq!(refused.status(), 403, "{sub}: {refused:?}");
+    }
+    // Without signed identity HELLO is the identity, as before.
+    let mut open = driver.open_as("/ws", None).await.unwrap();
+    open.json(&hello_frame(&new_id(), "Anyone")).await;
+    assert_eq!(types(&open.json_frames()), ["HELLO_ACK", "PRESENCE"]);
+}
