@@ -33,6 +33,7 @@
 mod budget;
 mod client;
 mod document;
+mod grant;
 mod messages;
 pub mod ot;
 mod sessions;
@@ -478,6 +479,9 @@ pub struct CollabConn {
     /// The session's incarnation in the engine (names its topic), once its record is known.
     generation: Option<Arc<str>>,
     user: Option<Identity>,
+    /// With signed identity, the token's `sub`: the only `userId` this connection may join as.
+    /// `None` when the server does not verify tokens (the join's `userId` is the identity then).
+    signed: Option<String>,
     /// Who is connecting, for the per-client share of session creation.
     client: ClientKey,
     /// This connection's allowance of frames that reach the session.
@@ -585,6 +589,10 @@ impl Protocol for Collab {
 
     fn admit(&self, handshake: &Handshake<'_>) -> Result<CollabConn, Reject> {
         let id = session_id_from_path(handshake.path)?;
+        // Before anything is created: a token may not even create a session it may not use.
+        if let Some(identity) = handshake.identity {
+            grant::check(identity, id).map_err(Reject::Forbidden)?;
+        }
         let client = ClientKey::from_ip(handshake.client_ip);
         let now = Instant::now();
         // Admission is synchronous: this node's limits decide (a session new to this node
@@ -604,6 +612,9 @@ impl Protocol for Collab {
             session: None,
             generation: None,
             user: None,
+            signed: handshake
+                .identity
+                .map(|identity| identity.subject().to_owned()),
             client,
             relays: RateBucket::new(self.config.relay_burst, now),
             resyncs: RateBucket::new(STATE_FRAME_BURST, now),
@@ -889,6 +900,14 @@ impl Collab {
                 "Already joined as {:?}: a connection's identity cannot change",
                 user.user_id
             )));
+            return;
+        }
+        if let Some(signed) = &conn.signed
+            && join.user_id != *signed
+        {
+            let _ = cx.send(error_frame(
+                "join-session refused: \"userId\" must be the signed-in user (the token's sub)",
+            ));
             return;
         }
         let (Some(session), Some(generation)) = (conn.session.clone(), conn.generation.clone())
@@ -1634,6 +1653,9 @@ impl Collab {
         if path == "/api/sessions" {
             return Some(match request.method.as_str() {
                 "POST" => {
+                    if let Err(refused) = grant::rest(&request.caller, None) {
+                        return Some(refused);
+                    }
                     self.create_session(
                         engine,
                         &request.body,
@@ -1649,7 +1671,10 @@ impl Collab {
             return None;
         }
         Some(match request.method.as_str() {
-            "GET" => self.describe_session(engine, id).await,
+            "GET" => match grant::rest(&request.caller, Some(id)) {
+                Ok(()) => self.describe_session(engine, id).await,
+                Err(refused) => refused,
+            },
             _ => HttpResponse::json_error(405, "use GET to read a session"),
         })
     }

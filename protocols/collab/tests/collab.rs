@@ -857,3 +857,318 @@ async fn empty_sessions_expire_after_the_idle_ttl() {
         (json!(""), json!(0))
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signed identity, in process (the server verified a token before `admit` / `http`)
+
+mod signed_in_process {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use serde_json::{Map, Value};
+    use switchboard_collab::{Collab, Config};
+    use switchboard_core::{Caller, HttpRequest, Identity, Protocol, Reject};
+    use switchboard_testkit::{Driver, Session, json};
+
+    fn identity(sub: &str, sessions: Option<Value>) -> Identity {
+        let mut claims = Map::new();
+        if let Some(sessions) = sessions {
+            claims.insert("sessions".to_owned(), sessions);
+        }
+        Identity::new(sub, None, claims)
+    }
+
+    fn join(user: &str) -> Value {
+        json!({"type": "join-session", "payload": {"userId": user, "username": user}})
+    }
+
+    fn types(session: &mut Session<Collab>) -> Vec<(String, Value)> {
+        session
+            .json_frames()
+            .into_iter()
+            .map(|frame| {
+                (
+                    frame["type"].as_str().unwrap().to_owned(),
+                    frame["payload"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn request(method: &str, path: &str, caller: Caller) -> HttpRequest {
+        HttpRequest {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            query: None,
+            body: bytes::Bytes::new(),
+            host: Some("127.0.0.1".to_owned()),
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            caller,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_signed_socket_joins_only_as_its_subject() {
+        let driver = Driver::new(Collab::new(Config::default()));
+        let alice = identity("alice", None);
+        let mut session = driver.open_as("/ws/room", Some(&alice)).await.unwrap();
+        session.json(&join("mallory")).await;
+        let frames = types(&mut session);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].0, "error");
+        assert!(
+            frames[0].1["message"]
+                .as_str()
+                .unwrap()
+                .contains("signed-in user"),
+            "{frames:?}"
+        );
+        // Not joined: edits are refused as before a join.
+        session
+            .json(&json!({"type": "code-change", "payload": {"changes": "x"}}))
+            .await;
+        assert!(
+            types(&mut session)[0].1["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Not joined")
+        );
+        // The right userId joins; the participant list names the subject.
+        session.json(&join("alice")).await;
+        let frames = types(&mut session);
+        assert_eq!(frames[0].0, "session-state", "{frames:?}");
+        assert_eq!(frames[0].1["participants"][0]["userId"], "alice");
+        // After leaving, a join is still only as the subject.
+        session.json(&json!({"type": "leave-session"})).await;
+        session.json(&join("mallory")).await;
+        let frames = types(&mut session);
+        assert_eq!(frames.last().unwrap().0, "error", "{frames:?}");
+    }
+
+    #[tokio::test]
+    async fn the_sessions_claim_limits_which_sessions_a_token_may_open() {
+        let driver = Driver::new(Collab::new(Config::default()));
+        let listed = identity("alice", Some(json!(["room-1", "room-2"])));
+        assert!(driver.open_as("/ws/room-1", Some(&listed)).await.is_ok());
+        assert!(driver.open_as("/ws/room-2/", Some(&listed)).await.is_ok());
+        let refused = driver
+            .open_as("/ws/room-3", Some(&listed))
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, Reject::Forbidden(_)), "{refused:?}");
+        for any in [None, Some(json!("*"))] {
+            let token = identity("alice", any);
+            assert!(driver.open_as("/ws/room-3", Some(&token)).await.is_ok());
+        }
+        for malformed in [json!("room-3"), json!(7), json!(["room-3", 7])] {
+            let token = identity("alice", Some(malformed.clone()));
+            let refused = driver
+                .open_as("/ws/room-3", Some(&token))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.status(), 403, "{malformed}");
+        }
+        // Bad paths keep their own answers.
+        assert_eq!(
+            driver.open_as("/ws", Some(&listed)).await.unwrap_err(),
+            Reject::NotFound
+        );
+        // Without signed identity any session opens, as before.
+        assert!(driver.open_as("/ws/room-4", None).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn rest_needs_a_token_and_the_claim_when_auth_is_on() {
+        let driver = Driver::new(Collab::new(Config::default()));
+        let protocol = driver.protocol();
+        let engine = driver.engine();
+        let http = |method: &str, path: &str, caller: Caller| {
+            protocol.http(engine, request(method, path, caller))
+        };
+        // Open (no auth configured): as before.
+        let created = http("POST", "/api/sessions", Caller::Open).await.unwrap();
+        assert_eq!(created.status, 201);
+        let id: Value = serde_json::from_slice(&created.body).unwrap();
+        let id = id["sessionId"].as_str().unwrap().to_owned();
+        let path = format!("/api/sessions/{id}");
+        assert_eq!(http("GET", &path, Caller::Open).await.unwrap().status, 200);
+        // Anonymous: the API answers 401, the demo page still loads.
+        assert_eq!(
+            http("POST", "/api/sessions", Caller::Anonymous)
+                .await
+                .unwrap()
+                .status,
+            401
+        );
+        assert_eq!(
+            http("GET", &path, Caller::Anonymous).await.unwrap().status,
+            401
+        );
+        assert_eq!(
+            http("GET", "/", Caller::Anonymous).await.unwrap().status,
+            200
+        );
+        assert_eq!(
+            http("GET", "/app.js", Caller::Anonymous)
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+        // Verified: the claim decides.
+        let any = Caller::Verified(identity("alice", None));
+        assert_eq!(
+            http("POST", "/api/sessions", any.clone())
+                .await
+                .unwrap()
+                .status,
+            201
+        );
+        assert_eq!(http("GET", &path, any).await.unwrap().status, 200);
+        let this_one = Caller::Verified(identity("alice", Some(json!([id.clone()]))));
+        assert_eq!(
+            http("GET", &path, this_one.clone()).await.unwrap().status,
+            200
+        );
+        assert_eq!(
+            http("POST", "/api/sessions", this_one)
+                .await
+                .unwrap()
+                .status,
+            403,
+            "a new session's id is the server's: only a token allowed any session creates one"
+        );
+        let other = Caller::Verified(identity("alice", Some(json!(["elsewhere"]))));
+        assert_eq!(http("GET", &path, other).await.unwrap().status, 403);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signed identity over real sockets: the server verifies HS256 / RS256 tokens
+
+mod signed_over_sockets {
+    use std::sync::OnceLock;
+
+    use serde_json::Value;
+    use switchboard_collab::{Collab, Config};
+    use switchboard_server::ServerConfig;
+    use switchboard_testkit::jwt::{Keys, claims, now};
+    use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
+
+    /// One RSA key pair for the whole binary: generating one takes a while.
+    fn rs256() -> Keys {
+        static KEYS: OnceLock<Keys> = OnceLock::new();
+        KEYS.get_or_init(Keys::rs256).clone()
+    }
+
+    async fn start_signed(keys: &Keys) -> TestServer {
+        let config = ServerConfig {
+            auth: Some(keys.verifier()),
+            ..ServerConfig::default()
+        };
+        TestServer::start(Collab::new(Config::default()), config).await
+    }
+
+    /// A token for `sub`, limited to `sessions` when given.
+    fn token(keys: &Keys, sub: &str, sessions: Option<Value>) -> String {
+        let mut claims = claims(sub, 60);
+        if let Some(sessions) = sessions {
+            claims["sessions"] = sessions;
+        }
+        keys.token(&claims)
+    }
+
+    async fn status(server: &TestServer, path: &str) -> u16 {
+        Client::refused_status(&server.ws_url(path), ConnectOptions::default()).await
+    }
+
+    async fn join(client: &mut Client, user: &str) {
+        client
+            .send_json(&json!({"type": "join-session", "payload": {"userId": user}}))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn signed_tokens_join_as_the_subject_within_the_sessions_claim() {
+        for keys in [Keys::hs256(), rs256()] {
+            let server = start_signed(&keys).await;
+            assert_eq!(status(&server, "/ws/room").await, 401, "no token");
+            let alice = token(&keys, "alice", Some(json!(["room"])));
+            assert_eq!(
+                status(&server, &format!("/ws/elsewhere?token={alice}")).await,
+                403,
+                "a session outside the claim"
+            );
+
+            // Bob's token (any session) tries to join as alice: refused, then joins as bob.
+            let bob = token(&keys, "bob", None);
+            let mut bobs = server.connect(&format!("/ws/room?token={bob}")).await;
+            join(&mut bobs, "alice").await;
+            let refused = bobs.recv_type("error").await;
+            let message = refused["payload"]["message"].as_str().unwrap();
+            assert!(message.contains("signed-in user"), "{message}");
+            join(&mut bobs, "bob").await;
+            let state = bobs.recv_type("session-state").await;
+            assert_eq!(state["payload"]["participants"][0]["userId"], "bob");
+
+            let mut alices = server.connect(&format!("/ws/room?token={alice}")).await;
+            join(&mut alices, "alice").await;
+            alices.recv_type("session-state").await;
+            let joined = bobs.recv_type("participant-joined").await;
+            assert_eq!(
+                joined["payload"]["userId"],
+                "alice",
+                "{:?}",
+                keys.algorithm()
+            );
+            alices
+                .send_json(
+                    &json!({"type": "code-change", "payload": {"userId": "bob", "changes": "hi"}}),
+                )
+                .await;
+            let update = bobs.recv_type("code-update").await;
+            assert_eq!(
+                update["payload"]["userId"], "alice",
+                "stamped, not taken from the payload"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn signed_rest_needs_a_token_and_the_sessions_claim() {
+        for keys in [Keys::hs256(), rs256()] {
+            let server = start_signed(&keys).await;
+            // The demo page stays public; the API needs a token.
+            assert_eq!(server.http("GET", "/", None).await.status, 200);
+            let anonymous = server.http("POST", "/api/sessions", None).await;
+            assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+            assert_eq!(
+                server.http("GET", "/api/sessions/x", None).await.status,
+                401
+            );
+
+            let any = token(&keys, "alice", Some(json!("*")));
+            let created = server
+                .http("POST", &format!("/api/sessions?token={any}"), None)
+                .await;
+            assert_eq!(created.status, 201, "{}", created.body);
+            let id = created.json()["sessionId"].as_str().unwrap().to_owned();
+            let read = |token: String| {
+                let server = &server;
+                let path = format!("/api/sessions/{id}?token={token}");
+                async move { server.http("GET", &path, None).await.status }
+            };
+            assert_eq!(read(any).await, 200);
+            assert_eq!(read(token(&keys, "bob", Some(json!([id])))).await, 200);
+            assert_eq!(read(token(&keys, "bob", Some(json!(["other"])))).await, 403);
+            let listed = token(&keys, "bob", Some(json!([id])));
+            let create = server
+                .http("POST", &format!("/api/sessions?token={listed}"), None)
+                .await;
+            assert_eq!(create.status, 403, "{}", create.body);
+            // An expired token is the server's 401, before collab sees the request.
+            let expired = keys.token(&json!({"sub": "alice", "exp": now() - 120}));
+            let path = format!("/api/sessions/{id}?token={expired}");
+            assert_eq!(server.http("GET", &path, None).await.status, 401);
+        }
+    }
+}
