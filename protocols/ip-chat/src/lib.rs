@@ -6,7 +6,8 @@
 //! emoji on a stored message. The author id is a UUIDv5 of the client IP under a namespace
 //! derived from the state engine's cluster id: stable for one address on every node of a
 //! cluster (and across restarts with a durable engine), different across addresses, and never
-//! the address itself.
+//! the address itself. When the server verifies signed tokens the author id is derived the same
+//! way from `"sub:" + sub` instead, and the rate limits count per author rather than per address.
 //!
 //! [`IpChat`] implements [`switchboard_core::Protocol`]; serve it with `switchboard-server` or
 //! nest its router in your own axum application. Everything shared lives in the node's state
@@ -25,6 +26,8 @@ mod web;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,8 +38,8 @@ use switchboard_core::engine::{
 };
 use switchboard_core::sync::lock;
 use switchboard_core::{
-    ClientKey, CloseReason, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse, Protocol,
-    Rate, Reject, TokenBuckets,
+    ClientKey, CloseReason, Context, Engine, Frame, Handshake, HttpRequest, HttpResponse, Identity,
+    Protocol, Rate, Reject, TokenBuckets,
 };
 use tracing::warn;
 use uuid::Uuid;
@@ -56,10 +59,13 @@ pub const REACTIONS_TOPIC: &str = "ip-chat:reaction-updates";
 /// Prefix of the reaction records, `ip-chat:reactions:<history offset, 20 digits>`: zero-padded
 /// so that key order is history order.
 pub const REACTION_KEY_PREFIX: &str = "ip-chat:reactions:";
-/// Prefix of the engine's rate-limit windows for `send_message`, per client key.
+/// Prefix of the engine's rate-limit windows for `send_message`, per [`RateKey`].
 const SEND_RATE_PREFIX: &str = "ip-chat:rate:send:";
-/// Prefix of the engine's rate-limit windows for `add_reaction`, per client key.
+/// Prefix of the engine's rate-limit windows for `add_reaction`, per [`RateKey`].
 const REACT_RATE_PREFIX: &str = "ip-chat:rate:react:";
+/// What an author id is derived from with signed identity, before the token's `sub`: no IP
+/// address is written this way, so a subject never maps to an address's author id.
+const SUBJECT_PREFIX: &str = "sub:";
 /// The window of both per-client rate limits.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// What the reactions log keeps: its newest entry (it orders broadcasts; nothing reads it back).
@@ -271,12 +277,14 @@ pub struct Stats {
 /// The ip-chat protocol.
 pub struct IpChat {
     config: Config,
-    /// `send_message` per client on this node: `rate_limit` per minute, all of it at once if
-    /// the client likes (GCRA). The node-local first gate, in front of the engine's
-    /// cluster-wide window; its table bounds how many clients this node tracks.
-    messages: TokenBuckets<ClientKey>,
-    /// `add_reaction` per client on this node: `reaction_rate_limit` per minute, the same way.
-    reactions: TokenBuckets<ClientKey>,
+    /// `send_message` per client (per author with signed identity) on this node: `rate_limit`
+    /// per minute, all of it at once if the client likes (GCRA). The node-local first gate, in
+    /// front of the engine's cluster-wide window; its table bounds how many clients this node
+    /// tracks.
+    messages: RateTable,
+    /// `add_reaction` per client (or author) on this node: `reaction_rate_limit` per minute,
+    /// the same way.
+    reactions: RateTable,
     /// Where each message sits in the history log, and what it weighs (a rebuildable cache).
     view: Mutex<RoomView>,
     /// The author-id namespace of the engine of this node (derived from its cluster id).
@@ -291,9 +299,63 @@ impl std::fmt::Debug for IpChat {
     }
 }
 
+/// Who a rate limit counts: the client (its address key), or with signed identity the author
+/// (the author id derived from the token's `sub`), so that users behind one address each get
+/// their own limit and one user gets one limit from every address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum RateKey {
+    Client(ClientKey),
+    Author(Uuid),
+}
+
+impl From<ClientKey> for RateKey {
+    fn from(key: ClientKey) -> Self {
+        Self::Client(key)
+    }
+}
+
+impl fmt::Display for RateKey {
+    /// The engine window's name after the prefix: the client key as before signed identity
+    /// existed (an address), or `author:<author id>`, which no address looks like.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Client(key) => key.fmt(f),
+            Self::Author(author) => write!(f, "author:{author}"),
+        }
+    }
+}
+
+/// A node-local rate table: token buckets per [`RateKey`], also counting a bare [`ClientKey`]
+/// (the key of every connection without signed identity).
+struct RateTable(TokenBuckets<RateKey>);
+
+impl RateTable {
+    fn new(limit: usize, max_keys: usize) -> Self {
+        Self(per_minute(limit, max_keys))
+    }
+
+    /// Counts one event of `key` at `now`; `false` if its bucket is empty (or the table is
+    /// full of clients that have not refilled).
+    fn check_at<K: Into<RateKey> + Copy>(&self, key: &K, now: Instant) -> bool {
+        self.0.check_at(&(*key).into(), now)
+    }
+
+    fn keys(&self) -> usize {
+        self.0.keys()
+    }
+
+    fn bytes(&self) -> usize {
+        self.0.bytes()
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.0.max_bytes()
+    }
+}
+
 /// A per-client limit of `limit` events per minute (0: unlimited), the whole limit allowed at
 /// once, then one event per `60 s / limit`; at most `max_keys` clients tracked.
-fn per_minute(limit: usize, max_keys: usize) -> TokenBuckets<ClientKey> {
+fn per_minute<K: Eq + Hash + Clone>(limit: usize, max_keys: usize) -> TokenBuckets<K> {
     // Limits past u32::MAX events a minute are unlimited in all but name.
     let limit = u32::try_from(limit).unwrap_or(u32::MAX);
     TokenBuckets::with_rate(Rate::per_window(limit, RATE_WINDOW), max_keys)
@@ -304,6 +366,8 @@ fn per_minute(limit: usize, max_keys: usize) -> TokenBuckets<ClientKey> {
 pub struct Connection {
     ip: IpAddr,
     key: ClientKey,
+    /// With signed identity, the verified token: the author is its `sub`, not the address.
+    signed: Option<Identity>,
     /// The author id, derived once the engine's namespace is known (at open).
     user: Option<Uuid>,
 }
@@ -312,8 +376,8 @@ impl IpChat {
     /// ip-chat over the state engine of whichever server runs it.
     pub fn new(config: Config) -> Self {
         Self {
-            messages: per_minute(config.rate_limit, config.max_rate_limit_keys),
-            reactions: per_minute(config.reaction_rate_limit, config.max_rate_limit_keys),
+            messages: RateTable::new(config.rate_limit, config.max_rate_limit_keys),
+            reactions: RateTable::new(config.reaction_rate_limit, config.max_rate_limit_keys),
             view: Mutex::default(),
             namespace: Mutex::new(None),
             config,
@@ -333,6 +397,22 @@ impl IpChat {
     async fn user_for(&self, engine: &Engine, ip: IpAddr) -> Result<Uuid, EngineError> {
         let namespace = self.namespace(engine).await?;
         Ok(Uuid::new_v5(&namespace, ip.to_string().as_bytes()))
+    }
+
+    /// The author id for the verified subject `sub` (a signed token's `sub`) on the cluster of
+    /// `engine`: the address derivation applied to `"sub:" + sub`.
+    pub async fn user_id_for_subject(
+        &self,
+        engine: &Engine,
+        sub: &str,
+    ) -> Result<String, EngineError> {
+        Ok(self.user_for_subject(engine, sub).await?.to_string())
+    }
+
+    async fn user_for_subject(&self, engine: &Engine, sub: &str) -> Result<Uuid, EngineError> {
+        let namespace = self.namespace(engine).await?;
+        let name = [SUBJECT_PREFIX.as_bytes(), sub.as_bytes()].concat();
+        Ok(Uuid::new_v5(&namespace, &name))
     }
 
     /// The author-id namespace: a UUIDv5 of the engine's cluster id, the same on every node and,
@@ -355,9 +435,21 @@ impl IpChat {
         if let Some(user) = conn.user {
             return Ok(user);
         }
-        let user = self.user_for(engine, conn.ip).await.map_err(refuse)?;
+        let user = match &conn.signed {
+            Some(identity) => self.user_for_subject(engine, identity.subject()).await,
+            None => self.user_for(engine, conn.ip).await,
+        }
+        .map_err(refuse)?;
         conn.user = Some(user);
         Ok(user)
+    }
+
+    /// Who the rate limits count for `conn`, whose author is `user`.
+    fn rate_key(conn: &Connection, user: Uuid) -> RateKey {
+        match conn.signed {
+            Some(_) => RateKey::Author(user),
+            None => RateKey::Client(conn.key),
+        }
     }
 
     fn history_retention(&self) -> Retention {
@@ -502,11 +594,12 @@ impl IpChat {
     async fn allow(
         &self,
         engine: &Engine,
-        buckets: &TokenBuckets<ClientKey>,
+        buckets: &RateTable,
         prefix: &str,
         limit: usize,
-        key: ClientKey,
+        key: impl Into<RateKey>,
     ) -> Result<bool, Refusal> {
+        let key = key.into();
         if !buckets.check_at(&key, Instant::now()) {
             return Ok(false);
         }
@@ -546,7 +639,7 @@ impl IpChat {
                 &self.messages,
                 SEND_RATE_PREFIX,
                 self.config.rate_limit,
-                conn.key,
+                Self::rate_key(conn, user),
             )
             .await?
         {
@@ -726,7 +819,7 @@ impl IpChat {
                 &self.reactions,
                 REACT_RATE_PREFIX,
                 self.config.reaction_rate_limit,
-                conn.key,
+                Self::rate_key(conn, user),
             )
             .await?
         {
@@ -1085,6 +1178,7 @@ impl Protocol for IpChat {
         Ok(Connection {
             ip: handshake.client_ip,
             key: ClientKey::from_ip(handshake.client_ip),
+            signed: handshake.identity.cloned(),
             user: None,
         })
     }
@@ -1358,6 +1452,22 @@ mod tests {
             allow(&b, &engine).await,
             "the window slid past the first three"
         );
+    }
+
+    /// With signed identity the tables are keyed by author: a slot costs what the documented
+    /// formula charges for a client key.
+    #[test]
+    fn an_author_key_costs_what_a_client_key_costs() {
+        assert_eq!(
+            TokenBuckets::<RateKey>::slot_bytes(),
+            TokenBuckets::<ClientKey>::slot_bytes()
+        );
+        let author = RateKey::Author(Uuid::from_u128(7));
+        assert_eq!(
+            author.to_string(),
+            "author:00000000-0000-0000-0000-000000000007"
+        );
+        assert_eq!(RateKey::from(key(1)).to_string(), "127.0.0.1");
     }
 
     /// The numbers in `docs/protocols/ip-chat.md` for the default configuration (64-bit).

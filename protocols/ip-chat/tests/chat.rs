@@ -328,3 +328,243 @@ async fn forwarded_for_counts_only_behind_a_trusted_proxy() {
         "only the last entry, added by the trusted proxy, counts"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signed identity, in process (the server verified a token for `sub` before `admit`)
+
+mod signed_in_process {
+    use serde_json::{Map, Value};
+    use switchboard_core::Identity;
+    use switchboard_ip_chat::{Config, IpChat};
+    use switchboard_testkit::{Driver, Session, json};
+
+    fn identity(sub: &str) -> Identity {
+        Identity::new(sub, None, Map::new())
+    }
+
+    fn messages(session: &mut Session<IpChat>) -> Vec<Value> {
+        session
+            .json_frames()
+            .into_iter()
+            .filter(|frame| frame["type"] == "message")
+            .collect()
+    }
+
+    fn say(text: &str) -> Value {
+        json!({"type": "send_message", "data": {"text": text}})
+    }
+
+    #[tokio::test]
+    async fn the_author_id_comes_from_the_subject_not_the_address() {
+        let driver = Driver::new(IpChat::new(Config::default()));
+        let (protocol, engine) = (driver.protocol(), driver.engine());
+        let alice_id = protocol.user_id_for_subject(engine, "alice").await.unwrap();
+        let bob_id = protocol.user_id_for_subject(engine, "bob").await.unwrap();
+        let address_id = protocol
+            .user_id_for(engine, [127, 0, 0, 1].into())
+            .await
+            .unwrap();
+        assert_ne!(alice_id, bob_id);
+        assert_ne!(alice_id, address_id);
+        // "sub:" + sub under the address namespace: an address written as a subject is not
+        // that address.
+        let spoof = protocol
+            .user_id_for_subject(engine, "127.0.0.1")
+            .await
+            .unwrap();
+        assert_ne!(spoof, address_id);
+        assert_eq!(
+            uuid::Uuid::parse_str(&alice_id).unwrap().get_version_num(),
+            5
+        );
+
+        // Two users from one address are two authors; one user from two sockets is one.
+        let mut alice = driver
+            .open_as("/ws", Some(&identity("alice")))
+            .await
+            .unwrap();
+        let mut again = driver
+            .open_as("/ws", Some(&identity("alice")))
+            .await
+            .unwrap();
+        let mut bob = driver.open_as("/ws", Some(&identity("bob"))).await.unwrap();
+        let mut anonymous = driver.open_as("/ws", None).await.unwrap();
+        for (session, text) in [(&mut alice, "a1"), (&mut again, "a2"), (&mut bob, "b1")] {
+            session.json(&say(text)).await;
+        }
+        anonymous.json(&say("x1")).await;
+        let seen = messages(&mut anonymous);
+        let authors: Vec<(&str, &str)> = seen
+            .iter()
+            .map(|m| {
+                (
+                    m["data"]["text"].as_str().unwrap(),
+                    m["data"]["author_id"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            authors,
+            [
+                ("a1", alice_id.as_str()),
+                ("a2", alice_id.as_str()),
+                ("b1", bob_id.as_str()),
+                ("x1", address_id.as_str()),
+            ]
+        );
+        // A reaction's user is the subject too.
+        let id = seen[2]["data"]["id"].clone();
+        alice
+            .json(&json!({"type": "add_reaction", "data": {"message_id": id, "emoji": "👍"}}))
+            .await;
+        let update = alice
+            .json_frames()
+            .into_iter()
+            .find(|frame| frame["type"] == "reaction_updated")
+            .unwrap();
+        assert_eq!(update["data"]["user_id"], alice_id.as_str());
+        assert_eq!(
+            update["data"]["message"]["reactions"]["👍"],
+            json!([alice_id])
+        );
+    }
+
+    #[tokio::test]
+    async fn the_rate_limit_counts_per_subject_not_per_address() {
+        let driver = Driver::new(IpChat::new(Config {
+            rate_limit: 2,
+            ..Config::default()
+        }));
+        // Every session comes from 127.0.0.1: alice's sockets share one limit, bob has his own.
+        let mut alice = driver
+            .open_as("/ws", Some(&identity("alice")))
+            .await
+            .unwrap();
+        let mut again = driver
+            .open_as("/ws", Some(&identity("alice")))
+            .await
+            .unwrap();
+        let mut bob = driver.open_as("/ws", Some(&identity("bob"))).await.unwrap();
+        alice.json(&say("1")).await;
+        again.json(&say("2")).await;
+        again.frames();
+        again.json(&say("3")).await;
+        let refused = again.json_frames();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0]["type"], "error");
+        assert!(
+            refused[0]["data"]["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("Rate limit exceeded")
+        );
+        bob.frames();
+        bob.json(&say("4")).await;
+        bob.json(&say("5")).await;
+        let bobs: Vec<Value> = bob.json_frames();
+        assert!(
+            bobs.iter().all(|frame| frame["type"] == "message"),
+            "{bobs:?}"
+        );
+        assert_eq!(bobs.len(), 2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signed identity over real sockets: the server verifies HS256 / RS256 tokens
+
+mod signed_over_sockets {
+    use std::sync::{Arc, OnceLock};
+
+    use switchboard_core::Engine;
+    use switchboard_ip_chat::{Config, IpChat};
+    use switchboard_server::ServerConfig;
+    use switchboard_testkit::jwt::{Keys, claims};
+    use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
+
+    use super::common::send;
+    use super::expect_error;
+
+    /// One RSA key pair for the whole binary: generating one takes a while.
+    fn rs256() -> Keys {
+        static KEYS: OnceLock<Keys> = OnceLock::new();
+        KEYS.get_or_init(Keys::rs256).clone()
+    }
+
+    async fn start_signed(keys: &Keys, config: Config) -> (Arc<IpChat>, Engine, TestServer) {
+        let protocol = Arc::new(IpChat::new(config));
+        let engine = Engine::default();
+        let server_config = ServerConfig {
+            auth: Some(keys.verifier()),
+            engine: engine.clone(),
+            ..ServerConfig::default()
+        };
+        let server = TestServer::start_shared(protocol.clone(), server_config).await;
+        (protocol, engine, server)
+    }
+
+    async fn connect_as(server: &TestServer, keys: &Keys, sub: &str) -> Client {
+        let token = keys.token(&claims(sub, 60));
+        server.connect(&format!("/ws?token={token}")).await
+    }
+
+    #[tokio::test]
+    async fn signed_tokens_make_the_author_the_subject_and_limit_each_subject() {
+        for keys in [Keys::hs256(), rs256()] {
+            let config = Config {
+                rate_limit: 2,
+                ..Config::default()
+            };
+            let (protocol, engine, server) = start_signed(&keys, config).await;
+            let status =
+                Client::refused_status(&server.ws_url("/ws"), ConnectOptions::default()).await;
+            assert_eq!(status, 401, "no token");
+            let alice_id = protocol
+                .user_id_for_subject(&engine, "alice")
+                .await
+                .unwrap();
+            let bob_id = protocol.user_id_for_subject(&engine, "bob").await.unwrap();
+            let address_id = protocol
+                .user_id_for(&engine, [127, 0, 0, 1].into())
+                .await
+                .unwrap();
+
+            // Both from 127.0.0.1. Alice tries to pass as bob with an author_id of her own:
+            // the field is ignored, the author is her token's subject.
+            let mut alice = connect_as(&server, &keys, "alice").await;
+            let mut bob = connect_as(&server, &keys, "bob").await;
+            alice
+                .send_json(
+                    &json!({"type": "send_message", "data": {"text": "a1", "author_id": bob_id}}),
+                )
+                .await;
+            let message = bob.recv_type("message").await;
+            assert_eq!(
+                message["data"]["author_id"],
+                alice_id.as_str(),
+                "{:?}",
+                keys.algorithm()
+            );
+            assert_ne!(alice_id, address_id);
+            send(&mut bob, "b1").await;
+            let message = alice
+                .recv_until(|f| f["type"] == "message" && f["data"]["text"] == "b1")
+                .await;
+            assert_eq!(message["data"]["author_id"], bob_id.as_str());
+
+            // The limit (2 a minute) is alice's, not the address's: bob still has his.
+            send(&mut alice, "a2").await;
+            alice
+                .recv_until(|f| f["type"] == "message" && f["data"]["text"] == "a2")
+                .await;
+            send(&mut alice, "a3").await;
+            let error = expect_error(&mut alice).await;
+            assert!(error.starts_with("Rate limit exceeded"), "{error}");
+            send(&mut bob, "b2").await;
+            let message = bob
+                .recv_until(|f| f["type"] == "message" && f["data"]["text"] == "b2")
+                .await;
+            assert_eq!(message["data"]["author_id"], bob_id.as_str());
+        }
+    }
+}
