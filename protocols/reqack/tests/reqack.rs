@@ -921,3 +921,70 @@ mod signed_in_process {
         assert_eq!(driver.protocol().pending_for("bob").await, 0);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signed identity over real sockets: the server verifies HS256 / RS256 tokens
+
+mod signed_over_sockets {
+    use std::sync::OnceLock;
+
+    use switchboard_reqack::{Config, ReqAck};
+    use switchboard_server::ServerConfig;
+    use switchboard_testkit::jwt::{Keys, claims};
+    use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
+
+    use super::common::{User, user};
+
+    /// One RSA key pair for the whole binary: generating one takes a while.
+    fn rs256() -> Keys {
+        static KEYS: OnceLock<Keys> = OnceLock::new();
+        KEYS.get_or_init(Keys::rs256).clone()
+    }
+
+    async fn start_signed(keys: &Keys) -> TestServer {
+        let config = ServerConfig {
+            auth: Some(keys.verifier()),
+            ..ServerConfig::default()
+        };
+        TestServer::start(ReqAck::new(Config::default()), config).await
+    }
+
+    async fn connect_as(server: &TestServer, keys: &Keys, sub: &str, query: &str) -> User {
+        let token = keys.token(&claims(sub, 60));
+        user(server.connect(&format!("/ws?token={token}{query}")).await)
+    }
+
+    async fn status(server: &TestServer, path: &str) -> u16 {
+        Client::refused_status(&server.ws_url(path), ConnectOptions::default()).await
+    }
+
+    #[tokio::test]
+    async fn signed_tokens_make_the_subject_the_user_and_refuse_other_user_ids() {
+        for keys in [Keys::hs256(), rs256()] {
+            let server = start_signed(&keys).await;
+            // No token: the server's 401, userId or not.
+            assert_eq!(status(&server, "/ws?userId=alice").await, 401);
+            assert_eq!(status(&server, "/ws").await, 401);
+            // Bob's token naming alice: 403.
+            let bobs = keys.token(&claims("bob", 60));
+            assert_eq!(
+                status(&server, &format!("/ws?token={bobs}&userId=alice")).await,
+                403
+            );
+            // Good tokens, with the matching userId or none.
+            let mut alice = connect_as(&server, &keys, "alice", "&userId=alice").await;
+            let mut bob = connect_as(&server, &keys, "bob", "").await;
+            alice
+                .ok("r1", "new", json!({"chatId": "bob", "message": "hi"}))
+                .await;
+            let new = bob.event_acked("new").await;
+            assert_eq!(new["payload"]["from"], "alice", "{:?}", keys.algorithm());
+            assert_eq!(new["payload"]["message"], "hi");
+            // Bob's answer reaches alice, who is the token's subject, not a query parameter.
+            bob.ok("r2", "new", json!({"chatId": "alice", "message": "hello"}))
+                .await;
+            let reply = alice.event_acked("new").await;
+            assert_eq!(reply["payload"]["from"], "bob");
+        }
+    }
+}

@@ -59,6 +59,14 @@ pub async fn connect_from(server: &TestServer, user: &str, source: [u8; 4]) -> U
     }
 }
 
+/// Wraps a socket connected some other way (e.g. with a signed token) as a [`User`].
+pub fn user(client: Client) -> User {
+    User {
+        client,
+        backlog: VecDeque::new(),
+    }
+}
+
 /// A config whose live-socket redelivery happens quickly.
 pub fn fast_redelivery() -> Config {
     Config {
