@@ -833,3 +833,85 @@ async fn a_full_user_table_forgets_the_longest_offline_user() {
     expect_error(&mut dave, "UNAUTHORIZED").await;
     carol.expect_silence(Duration::ZERO).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Signed identity over real sockets: the server verifies HS256 / RS256 tokens
+
+mod signed_over_sockets {
+    use std::sync::OnceLock;
+
+    use switchboard_fastchat::{Config, FastChat};
+    use switchboard_server::ServerConfig;
+    use switchboard_testkit::jwt::{Keys, claims};
+    use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
+
+    use super::common::*;
+
+    /// One RSA key pair for the whole binary: generating one takes a while.
+    fn rs256() -> Keys {
+        static KEYS: OnceLock<Keys> = OnceLock::new();
+        KEYS.get_or_init(Keys::rs256).clone()
+    }
+
+    async fn start_signed(keys: &Keys) -> TestServer {
+        let config = ServerConfig {
+            auth: Some(keys.verifier()),
+            ..ServerConfig::default()
+        };
+        TestServer::start(FastChat::new(Config::default()), config).await
+    }
+
+    async fn connect_as(server: &TestServer, keys: &Keys, sub: &str) -> Client {
+        let token = keys.token(&claims(sub, 60));
+        server.connect(&format!("/ws?token={token}")).await
+    }
+
+    async fn hello(client: &mut Client, id: &str, name: &str) {
+        send(
+            client,
+            "HELLO",
+            json!({"user_id": id, "display_name": name}),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn signed_tokens_let_a_socket_say_hello_only_as_the_subject() {
+        for keys in [Keys::hs256(), rs256()] {
+            let server = start_signed(&keys).await;
+            let (a, b) = (new_id(), new_id());
+            // No token: the server's 401. A subject that is no user id: 403.
+            let refused =
+                Client::refused_status(&server.ws_url("/ws"), ConnectOptions::default()).await;
+            assert_eq!(refused, 401);
+            let token = keys.token(&claims("alice", 60));
+            let url = server.ws_url(&format!("/ws?token={token}"));
+            assert_eq!(
+                Client::refused_status(&url, ConnectOptions::default()).await,
+                403
+            );
+
+            // Bob's token says HELLO as alice: UNAUTHORIZED, the socket stays open, and the
+            // HELLO as bob that follows works.
+            let mut bob = connect_as(&server, &keys, &b).await;
+            hello(&mut bob, &a, "Alice").await;
+            let refused = expect_error(&mut bob, "UNAUTHORIZED").await;
+            assert_eq!(refused["details"]["field"], "user_id");
+            hello(&mut bob, &b, "Bob").await;
+            let ack = next(&mut bob, "HELLO_ACK").await;
+            assert_eq!(ack["data"]["user_id"], b.as_str(), "{:?}", keys.algorithm());
+            next(&mut bob, "PRESENCE").await;
+
+            // Alice, with her own token, is herself; bob's message comes from bob.
+            let mut alice = connect_as(&server, &keys, &a).await;
+            hello(&mut alice, &a, "Alice").await;
+            next(&mut alice, "HELLO_ACK").await;
+            next(&mut alice, "PRESENCE").await;
+            open(&mut bob, &a).await;
+            msg(&mut bob, &a, "hi", Some("m-1")).await;
+            let incoming = next(&mut alice, "MSG").await;
+            assert_eq!(incoming["data"]["from"], b.as_str());
+            assert_eq!(incoming["data"]["content"], "hi");
+        }
+    }
+}
