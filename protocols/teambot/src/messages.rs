@@ -256,9 +256,6 @@ pub enum UrlError {
     /// A scheme other than http, https, ws, wss.
     #[error("unsupported URL scheme {0:?} (expected http, https, ws or wss)")]
     Scheme(String),
-    /// `wss://` needs TLS, which this build does not include.
-    #[error("wss:// (or https://) needs TLS, which this build of teambot does not include")]
-    TlsUnsupported,
 }
 
 #[cfg(test)]

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use switchboard_server::ServerConfig;
+use switchboard_teambot::client::tls::ClientTls;
 use switchboard_teambot::client::{NoopHandler, RunEnd, TeamBot, TeamBotConfig};
-use switchboard_teambot::sim::{Scorecard, SimConfig, TeambotSim};
+use switchboard_teambot::sim::{Scorecard, SimConfig, TeambotSim, UrlScheme};
+use switchboard_testkit::tls::{TestCa, TlsTestServer, temp_dir};
 use switchboard_testkit::{Client, TestServer};
 use tokio::time::timeout;
 
@@ -123,6 +125,65 @@ async fn the_client_scores_perfectly_under_chaos() {
     assert_eq!(reply.status, 200);
     let served: Scorecard = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(served, card);
+}
+
+/// The same client and simulator over TLS (`wss://` global socket, `https://` team URLs), chaos
+/// on: every resilience behaviour holds when each reconnect is also a TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_scores_perfectly_under_chaos_over_tls() {
+    let ca = TestCa::new("teambot test CA");
+    let dir = temp_dir("teambot-chaos");
+    let sim = Arc::new(TeambotSim::new(SimConfig {
+        teams: 12,
+        leaving_teams: 3,
+        duration: Duration::from_secs(2),
+        url_scheme: UrlScheme::Https,
+        ..chaos_config(11)
+    }));
+    let server = TlsTestServer::start_shared(
+        sim.clone(),
+        ServerConfig::default(),
+        ca.issue().tls_config(&dir),
+    )
+    .await;
+    let mut config = client_config(format!("wss://127.0.0.1:{}/global", server.addr().port()));
+    config.tls = ClientTls::from_ca_file(ca.write(&dir)).expect("the test CA file");
+    let bot = TeamBot::new(config, NoopHandler);
+    let handle = bot.handle();
+    let end = timeout(Duration::from_secs(40), bot.run())
+        .await
+        .expect("the scenario ends with goodbye in time")
+        .expect("the run succeeds");
+    assert_eq!(end, RunEnd::Goodbye);
+    let card = timeout(Duration::from_secs(5), sim.finished())
+        .await
+        .expect("finished");
+    assert!(
+        card.perfect,
+        "scorecard is not perfect: {}",
+        serde_json::to_string_pretty(&card).unwrap()
+    );
+    eprintln!(
+        "over TLS: {} messages, team reconnects {}, global reconnects {}, chaos {:?}",
+        card.totals.messages, card.totals.team_reconnects, card.global.reconnects, card.chaos
+    );
+    assert!(card.chaos.team_drops >= 1, "{:?}", card.chaos);
+    assert!(card.totals.team_reconnects >= 1);
+    assert!(card.totals.messages >= 100, "{:?}", card.totals);
+    let stats = handle.stats();
+    for team in &card.teams {
+        let mine = stats
+            .iter()
+            .find(|s| s.id.as_u64() == Some(team.id))
+            .expect("the client knows every team");
+        assert_eq!(
+            mine.message_count, team.expected_messages,
+            "team {}",
+            team.id
+        );
+    }
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A client that lies gets caught: the simulator is not a rubber stamp.

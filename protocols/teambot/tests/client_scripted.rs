@@ -385,34 +385,48 @@ async fn a_dropped_global_socket_is_reopened_and_teams_are_kept() {
 }
 
 #[tokio::test]
-async fn wss_urls_are_reported_clearly_and_retried() {
+async fn a_failed_tls_handshake_is_reported_clearly_and_retried() {
     let mut fake = Fake::start().await;
     let mut running = start(&mut fake).await;
     send(&running.global, json!({"type": "team.join", "team_id": 4}));
     fake.text("/global", "team.connect").await;
+    // https:// to a server that speaks plain HTTP: the TLS handshake fails.
+    let https = fake.http_url("/t").replacen("http://", "https://", 1);
     send(
         &running.global,
-        json!({"type": "team.connect", "team_id": 4, "ws_url": "https://example.invalid/t"}),
+        json!({"type": "team.connect", "team_id": 4, "ws_url": https}),
     );
     let reason = seen(&mut running.seen, "the TLS error", |s| match s {
         Seen::ConnectFailed(_, reason) => Some(reason),
         _ => None,
     })
     .await;
-    assert!(reason.contains("TLS"), "{reason}");
+    assert!(reason.contains("TLS handshake"), "{reason}");
     // It asks again (the server may hand out a usable URL next time).
     fake.text("/global", "team.connect").await;
     answer_connect(&fake, &running.global, 4, "/team/a");
     fake.open("/team/a").await;
     finish(running).await;
 
+    let mut global = config(fake.url("/global").replacen("ws://", "wss://", 1));
+    global.global_retry_limit = Some(1);
+    let bot = TeamBot::new(global, support::Recorder(mpsc::channel(1).0));
+    match bot.run().await {
+        Err(TeamBotError::GaveUp { last_error, .. }) => {
+            assert!(last_error.contains("TLS handshake"), "{last_error}");
+        }
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+    // An unusable scheme is still refused up front.
     let bot = TeamBot::new(
-        TeamBotConfig::new("wss://example.invalid/global"),
+        TeamBotConfig::new("ftp://example.invalid/global"),
         support::Recorder(mpsc::channel(1).0),
     );
     match bot.run().await {
-        Err(TeamBotError::Url { source, .. }) => assert_eq!(source, UrlError::TlsUnsupported),
-        other => panic!("expected a TLS error, got {other:?}"),
+        Err(TeamBotError::Url { source, .. }) => {
+            assert_eq!(source, UrlError::Scheme("ftp".to_owned()));
+        }
+        other => panic!("expected a URL error, got {other:?}"),
     }
 }
 

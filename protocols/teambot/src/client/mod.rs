@@ -9,18 +9,20 @@
 //! team has its own task that asks the global task for a `ws_url` (`team.connect`), opens the
 //! team socket, pings it, counts its messages, and re-establishes it with exponential backoff and
 //! jitter when it drops. Counts live in the registry, so they survive reconnects.
+//!
+//! `wss://` (and `https://`) URLs, global or team, are opened over TLS and verified with
+//! [`TeamBotConfig::tls`]: the system's roots by default, or a given CA file ([`tls`]).
 
 mod global;
 mod registry;
 mod team;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_tungstenite::MaybeTlsStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,7 +33,7 @@ use registry::Registry;
 
 pub use registry::TeamStats;
 
-type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket = tls::ClientSocket;
 
 /// Client settings. Defaults follow `docs/protocols/teambot.md`.
 #[derive(Debug, Clone)]
@@ -61,6 +63,9 @@ pub struct TeamBotConfig {
     pub team_send_queue: usize,
     /// Consecutive failed global connects before [`TeamBot::run`] gives up; `None` never does.
     pub global_retry_limit: Option<u32>,
+    /// Which servers `wss://` sockets trust: the system's roots by default
+    /// ([`tls::ClientTls::from_ca_file`] for a self-signed deployment).
+    pub tls: tls::ClientTls,
 }
 
 impl TeamBotConfig {
@@ -79,6 +84,7 @@ impl TeamBotConfig {
             max_message_bytes: 1024 * 1024,
             team_send_queue: 64,
             global_retry_limit: None,
+            tls: tls::ClientTls::system_roots(),
         }
     }
 
@@ -147,7 +153,7 @@ pub trait TeamHandler: Send + Sync + 'static {
     /// A team socket closed without `team.left`; the client will re-establish it.
     fn on_team_dropped(&self, _team_id: &TeamId, _reason: &str) {}
     /// An attempt to (re-)establish a team socket failed: the `ws_url` was refused with an
-    /// `error`, never came, was unusable (e.g. `wss://` without TLS), or the upgrade failed. The
+    /// `error`, never came, was unusable, or the connect, TLS or upgrade failed. The
     /// client backs off and asks again.
     fn on_connect_failed(&self, _team_id: &TeamId, _reason: &str) {}
     /// `team.left` arrived: the team's socket is closed for good.
@@ -333,22 +339,15 @@ impl<H: TeamHandler> TeamBot<H> {
 }
 
 fn global_url(url: &str) -> Result<String, TeamBotError> {
-    let mapped = websocket_url(url).map_err(|source| TeamBotError::Url {
+    websocket_url(url).map_err(|source| TeamBotError::Url {
         url: url.to_owned(),
         source,
-    })?;
-    if mapped.starts_with("wss://") {
-        return Err(TeamBotError::Url {
-            url: url.to_owned(),
-            source: UrlError::TlsUnsupported,
-        });
-    }
-    Ok(mapped)
+    })
 }
 
-/// Opens a WebSocket within `config.connect_timeout`.
+/// Opens a WebSocket (over TLS for `wss://`) within `config.connect_timeout`.
 async fn open(config: &TeamBotConfig, url: &str) -> Result<Socket, String> {
-    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config.ws_config()), true);
+    let connect = tls::connect(url, &config.tls, Some(config.ws_config()));
     match tokio::time::timeout(config.connect_timeout, connect).await {
         Ok(Ok((socket, _response))) => Ok(socket),
         Ok(Err(error)) => Err(error.to_string()),

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use super::global::{leave, truncate, write};
 use super::registry::{Team, UrlReply};
 use super::{ServerError, Shared, Socket, TeamContext, TeamHandler, close_socket, open};
-use crate::messages::{ServerEvent, UrlError, is_props, ping, websocket_url};
+use crate::messages::{ServerEvent, is_props, ping, websocket_url};
 
 /// Ping ids are unique across the whole process.
 static NEXT_PING: AtomicU64 = AtomicU64::new(1);
@@ -127,9 +127,6 @@ async fn connect_and_hold<H: TeamHandler>(
     backoff: &mut Backoff,
 ) -> Attempt {
     let url = match websocket_url(ws_url) {
-        Ok(url) if url.starts_with("wss://") => {
-            return Attempt::Failed(format!("{ws_url}: {}", UrlError::TlsUnsupported));
-        }
         Ok(url) => url,
         Err(error) => return Attempt::Failed(format!("unusable ws_url {ws_url:?}: {error}")),
     };

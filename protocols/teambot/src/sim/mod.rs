@@ -45,14 +45,20 @@ pub enum UrlScheme {
     Http,
     /// `ws://host/...`.
     Ws,
+    /// `https://host/...`: for a simulator served over TLS; clients map it to `wss://`.
+    Https,
+    /// `wss://host/...`: for a simulator served over TLS.
+    Wss,
 }
 
 impl UrlScheme {
-    /// `http` or `ws`.
+    /// `http`, `ws`, `https` or `wss`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Http => "http",
             Self::Ws => "ws",
+            Self::Https => "https",
+            Self::Wss => "wss",
         }
     }
 }
