@@ -11,6 +11,10 @@
 //! - [`attack`]: the attacks listed in docs/hardening.md, one row at a time, each checked against a
 //!   documented memory bound and a bystander's latency.
 //!
+//! Targets are `ws://` or `wss://` URLs; `wss://` is verified with a
+//! [`ClientTls`] (the system's roots, or a CA file for a self-signed test deployment), through
+//! the workspace's one client-side TLS module, `switchboard_teambot::client::tls`.
+//!
 //! All traffic stays on 127.0.0.0/8: clients bind distinct loopback source addresses before
 //! connecting, which keeps per-IP rate limits per sender and spreads sockets over many
 //! ephemeral-port ranges. Every run is bounded in count and time.
@@ -25,16 +29,18 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 pub use proc::{ProcessSample, sample_process};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::WebSocketStream;
+pub use switchboard_teambot::client::tls::{ClientSocket, ClientTls, ConnectError};
+use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    /// The URL is not a `ws://<ip>:<port>/...` URL on loopback.
-    #[error("invalid target {0}: use ws://127.x.y.z:PORT/path (benchmarks stay on loopback)")]
+    /// The URL is not a `ws://<ip>:<port>/...` (or `wss://`) URL on loopback.
+    #[error(
+        "invalid target {0}: use ws://127.x.y.z:PORT/path or wss://127.x.y.z:PORT/path (benchmarks stay on loopback)"
+    )]
     Target(String),
     /// Connecting failed.
     #[error("connecting socket {index} failed: {source}")]
@@ -42,7 +48,7 @@ pub enum BenchError {
         /// Which socket.
         index: usize,
         /// Why.
-        source: tokio_tungstenite::tungstenite::Error,
+        source: ConnectError,
     },
     /// The run exceeded its time bound.
     #[error("timed out after {0:?}: {1}")]
@@ -65,14 +71,23 @@ pub enum BenchError {
 pub struct Target {
     url: String,
     addr: SocketAddr,
+    /// `wss://`.
+    secure: bool,
+    tls: ClientTls,
 }
 
 impl Target {
-    /// Parses `url`; refuses anything that is not an IP literal in 127.0.0.0/8.
+    /// Parses `url`; refuses anything that is not an IP literal in 127.0.0.0/8. A `wss://`
+    /// target is verified with the system's roots ([`Target::with_tls`] to change that).
     pub fn parse(url: &str) -> Result<Self, BenchError> {
         let request = url
             .into_client_request()
             .map_err(|_| BenchError::Target(url.to_owned()))?;
+        let secure = match request.uri().scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(BenchError::Target(url.to_owned())),
+        };
         let host = request
             .uri()
             .host()
@@ -84,18 +99,31 @@ impl Target {
         if !ip.is_loopback() {
             return Err(BenchError::Target(url.to_owned()));
         }
-        let port = request.uri().port_u16().unwrap_or(80);
+        let port = request
+            .uri()
+            .port_u16()
+            .unwrap_or(if secure { 443 } else { 80 });
         Ok(Self {
             url: url.to_owned(),
             addr: SocketAddr::new(ip, port),
+            secure,
+            tls: ClientTls::system_roots(),
         })
+    }
+
+    /// The same target, verifying a `wss://` server with `tls` (e.g.
+    /// [`ClientTls::from_ca_file`] for a self-signed certificate).
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The same server with another path and query, e.g. `/ws?userId=u1`.
     pub fn with_path(&self, path_and_query: &str) -> Self {
+        let scheme = if self.secure { "wss" } else { "ws" };
         Self {
-            url: format!("ws://{}{}", self.addr, path_and_query),
-            addr: self.addr,
+            url: format!("{scheme}://{}{}", self.addr, path_and_query),
+            ..self.clone()
         }
     }
 
@@ -121,26 +149,33 @@ pub fn source_address(pool: u8, index: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, pool, third, fourth)
 }
 
-/// Opens a WebSocket to `target` from source address `source`.
+/// Opens a WebSocket to `target` from source address `source` (over TLS for `wss://`).
 pub async fn connect_from(
     target: &Target,
     source: Ipv4Addr,
     index: usize,
-) -> Result<WebSocketStream<TcpStream>, BenchError> {
-    let fail =
-        |source: tokio_tungstenite::tungstenite::Error| BenchError::Connect { index, source };
-    let io = |e: std::io::Error| fail(e.into());
+) -> Result<ClientSocket, BenchError> {
+    let fail = |source: ConnectError| BenchError::Connect { index, source };
+    let io = |source: std::io::Error| {
+        fail(ConnectError::Tcp {
+            addr: target.addr.to_string(),
+            source,
+        })
+    };
     let socket = TcpSocket::new_v4().map_err(io)?;
     socket
         .bind(SocketAddr::new(IpAddr::V4(source), 0))
         .map_err(io)?;
     let stream = socket.connect(target.addr).await.map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
-    let request = target.url.as_str().into_client_request().map_err(fail)?;
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(request, stream, Some(client_config()))
-            .await
-            .map_err(fail)?;
+    let (ws, _) = switchboard_teambot::client::tls::connect_stream(
+        &target.url,
+        stream,
+        &target.tls,
+        Some(client_config()),
+    )
+    .await
+    .map_err(fail)?;
     Ok(ws)
 }
 
@@ -208,9 +243,50 @@ mod tests {
         assert!(c.is_loopback());
     }
 
+    #[tokio::test]
+    async fn wss_targets_connect_over_tls_with_the_given_ca() {
+        use futures::{SinkExt, StreamExt};
+        use switchboard_testkit::tls::{TestCa, TlsTestServer, temp_dir};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let ca = TestCa::new("bench CA");
+        let dir = temp_dir("bench");
+        let server = TlsTestServer::start(
+            switchboard_echo::Echo::new(),
+            switchboard_server::ServerConfig::default(),
+            ca.issue().tls_config(&dir),
+        )
+        .await;
+        let url = format!("wss://127.0.0.1:{}/ws", server.addr().port());
+        let target = Target::parse(&url)
+            .unwrap()
+            .with_tls(ClientTls::from_config(ca.client_config()));
+        let mut socket = connect_from(&target, source_address(9, 0), 0)
+            .await
+            .unwrap();
+        socket.send(Message::text("over tls")).await.unwrap();
+        let echoed = socket.next().await.unwrap().unwrap();
+        assert_eq!(echoed, Message::text("over tls"));
+        // The system's roots do not know the test CA: a clear TLS error, not a hang.
+        let untrusted = connect_from(&Target::parse(&url).unwrap(), source_address(9, 1), 1).await;
+        let error = untrusted.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            error.contains("TLS handshake") || error.contains("root"),
+            "{error}"
+        );
+        server.shutdown().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn targets_must_be_loopback() {
         assert!(Target::parse("ws://127.0.0.1:8000/ws").is_ok());
+        let secure = Target::parse("wss://127.0.0.1:8443/ws").unwrap();
+        assert_eq!(
+            secure.with_path("/ws?userId=a").url(),
+            "wss://127.0.0.1:8443/ws?userId=a"
+        );
+        assert!(Target::parse("http://127.0.0.1:8000/ws").is_err());
         assert!(Target::parse("ws://10.0.0.1:8000/ws").is_err());
         assert!(Target::parse("ws://example.com/ws").is_err());
     }

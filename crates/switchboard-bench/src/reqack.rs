@@ -151,7 +151,7 @@ fn path_of(target: &Target) -> String {
 }
 
 async fn drive_user(
-    socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    socket: crate::ClientSocket,
     index: usize,
     partner: String,
     messages: usize,

@@ -2,11 +2,12 @@
 //! the attacks listed in docs/hardening.md against it (`attack --row N`).
 #![allow(clippy::print_stdout, reason = "the report is the command's output")]
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use switchboard_bench::{Target, attack, fanout, idle, reqack};
+use switchboard_bench::{ClientTls, Target, attack, fanout, idle, reqack};
 
 use crate::CliError;
 use crate::runtime::parse_duration;
@@ -97,6 +98,10 @@ pub(crate) struct FanoutArgs {
     /// messages, e.g. 10s, so closing them does not overlap what other processes still get.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     hold: Duration,
+    /// Verify wss:// servers with the CA certificates in this PEM file instead of the system's
+    /// roots (e.g. a self-signed test certificate).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 fn parse_run_id(id: &str) -> Result<String, String> {
@@ -123,6 +128,10 @@ pub(crate) struct IdleArgs {
     /// Connection attempts in flight at once (raise it to test a connect burst).
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// Verify wss:// servers with the CA certificates in this PEM file instead of the system's
+    /// roots (e.g. a self-signed test certificate).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +147,10 @@ pub(crate) struct ReqackArgs {
     messages: usize,
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Verify wss:// servers with the CA certificates in this PEM file instead of the system's
+    /// roots (e.g. a self-signed test certificate).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
@@ -153,7 +166,7 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
                 .messages_per_sender
                 .map_or(args.messages, |each| each.saturating_mul(senders));
             let options = fanout::FanoutOptions {
-                targets: targets(&args.urls).map_err(failed)?,
+                targets: targets(&args.urls, args.ca_file.as_deref())?,
                 subscribers: args.subscribers,
                 senders,
                 messages,
@@ -181,7 +194,9 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
         }
         BenchCommand::Idle(args) => {
             let options = idle::IdleOptions {
-                target: Target::parse(&args.url).map_err(failed)?,
+                target: Target::parse(&args.url)
+                    .map_err(failed)?
+                    .with_tls(client_tls(args.ca_file.as_deref())?),
                 connections: args.connections,
                 server_pid: args.pid,
                 settle: args.settle,
@@ -191,7 +206,7 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
         }
         BenchCommand::Reqack(args) => {
             let options = reqack::ReqackOptions {
-                targets: targets(&args.urls).map_err(failed)?,
+                targets: targets(&args.urls, args.ca_file.as_deref())?,
                 users: args.users.max(2),
                 messages: args.messages,
                 timeout: args.timeout,
@@ -232,9 +247,21 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Every `--url`, parsed.
-fn targets(urls: &[String]) -> Result<Vec<Target>, switchboard_bench::BenchError> {
-    urls.iter().map(|url| Target::parse(url)).collect()
+/// Every `--url`, parsed, verifying wss:// servers with `--ca-file` or the system's roots.
+fn targets(urls: &[String], ca_file: Option<&Path>) -> Result<Vec<Target>, CliError> {
+    let tls = client_tls(ca_file)?;
+    urls.iter()
+        .map(|url| {
+            Target::parse(url)
+                .map(|target| target.with_tls(tls.clone()))
+                .map_err(|e| CliError::Failed(e.to_string()))
+        })
+        .collect()
+}
+
+/// `--ca-file`'s CA, or the system's roots (loaded on the first wss:// connect).
+fn client_tls(ca_file: Option<&Path>) -> Result<ClientTls, CliError> {
+    ClientTls::from_optional_ca_file(ca_file).map_err(|e| CliError::Failed(e.to_string()))
 }
 
 /// The attack report as a table of checks, then as one JSON line.

@@ -4,8 +4,10 @@
     reason = "the final stats are the command's output"
 )]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use switchboard_teambot::client::tls::ClientTls;
 use switchboard_teambot::client::{TeamBot, TeamBotConfig, TeamContext, TeamHandler};
 use switchboard_teambot::messages::{TeamId, is_props};
 
@@ -15,7 +17,7 @@ use crate::runtime::parse_duration;
 /// `switchboard teambot` flags.
 #[derive(Debug, clap::Args)]
 pub(crate) struct TeambotArgs {
-    /// The global socket (http:// is accepted as ws://; wss:// is not supported in this build).
+    /// The global socket (http:// is accepted as ws://, https:// as wss://).
     #[arg(
         long,
         env = "SWITCHBOARD_TEAMBOT_URL",
@@ -52,6 +54,10 @@ pub(crate) struct TeambotArgs {
     /// Give up after this many consecutive failed global connects (default: never).
     #[arg(long, env = "SWITCHBOARD_TEAMBOT_GLOBAL_RETRY_LIMIT")]
     global_retry_limit: Option<u32>,
+    /// Verify wss:// servers (global and team sockets) with the CA certificates in this PEM file
+    /// instead of the system's roots, e.g. for a self-signed test deployment.
+    #[arg(long, env = "SWITCHBOARD_TEAMBOT_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 /// Logs what teams say: props at info, everything else at debug.
@@ -83,6 +89,8 @@ pub(crate) async fn run(args: TeambotArgs) -> Result<(), CliError> {
     config.max_teams = args.max_teams;
     config.max_message_bytes = args.max_message_bytes;
     config.global_retry_limit = args.global_retry_limit;
+    config.tls = ClientTls::from_optional_ca_file(args.ca_file.as_deref())
+        .map_err(|error| CliError::Failed(error.to_string()))?;
     let bot = TeamBot::new(config, LogHandler);
     let handle = bot.handle();
     let stopper = handle.clone();

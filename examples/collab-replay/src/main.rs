@@ -11,6 +11,13 @@
 //! switchboard serve --protocol collab &
 //! cargo run -p collab-replay -- 127.0.0.1:8000
 //! ```
+//!
+//! Against a server with TLS, give an `https://` address (REST over https://, sockets over
+//! wss://), and the CA of a self-signed certificate if the system does not trust it:
+//!
+//! ```text
+//! cargo run -p collab-replay -- https://localhost:8443 --ca-file ca.pem
+//! ```
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -23,12 +30,10 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use switchboard_collab::ot::Operation;
 use switchboard_collab::{ClientDocument, OutgoingEdit};
+use switchboard_teambot::client::tls::{self, ClientSocket as Socket, ClientTls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
-
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const INITIAL: &str = "def greet(name):\n    pass\n\nprint(greet(\"world\"))\n";
@@ -74,10 +79,23 @@ def greet(name):\n    return f\"Hello, {name}!\"\n\nprint(greet(\"collab\"))\npr
 
 #[tokio::main]
 async fn main() {
-    let addr = std::env::args()
-        .nth(1)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let tls = match ClientTls::from_args(&mut args) {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("{error}");
+            std::process::exit(2);
+        }
+    };
+    let arg = args
+        .into_iter()
+        .next()
         .unwrap_or_else(|| "127.0.0.1:8000".to_owned());
-    match run(&addr).await {
+    let Some(server) = Server::parse(&arg, tls) else {
+        eprintln!("usage: collab-replay [http[s]://]HOST:PORT [--ca-file FILE]");
+        std::process::exit(2);
+    };
+    match run(&server).await {
         Ok(true) => println!("\nconverged: both authors and the server hold the same text"),
         Ok(false) => std::process::exit(1),
         Err(error) => {
@@ -87,9 +105,41 @@ async fn main() {
     }
 }
 
-async fn run(addr: &str) -> Result<bool, Error> {
+/// The collab server: where it is and whether it speaks TLS.
+struct Server {
+    host: String,
+    port: u16,
+    secure: bool,
+    tls: ClientTls,
+}
+
+impl Server {
+    /// `HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT`.
+    fn parse(arg: &str, tls: ClientTls) -> Option<Self> {
+        let (secure, rest) = match arg.split_once("://") {
+            Some(("https", rest)) => (true, rest),
+            Some(("http", rest)) => (false, rest),
+            Some(_) => return None,
+            None => (false, arg),
+        };
+        let (host, port) = rest.trim_end_matches('/').rsplit_once(':')?;
+        Some(Self {
+            host: host.to_owned(),
+            port: port.parse().ok()?,
+            secure,
+            tls,
+        })
+    }
+
+    fn ws_url(&self, path: &str) -> String {
+        let scheme = if self.secure { "wss" } else { "ws" };
+        format!("{scheme}://{}:{}{path}", self.host, self.port)
+    }
+}
+
+async fn run(server: &Server) -> Result<bool, Error> {
     let body = json!({"language": "python", "code": INITIAL}).to_string();
-    let (status, created) = http(addr, "POST", "/api/sessions", &body).await?;
+    let (status, created) = http(server, "POST", "/api/sessions", &body).await?;
     let id = created["sessionId"]
         .as_str()
         .ok_or_else(|| format!("POST /api/sessions answered {status}: {created}"))?
@@ -100,21 +150,23 @@ async fn run(addr: &str) -> Result<bool, Error> {
     );
 
     let alice = tokio::spawn(author(
-        format!("ws://{addr}/ws/{id}"),
+        server.ws_url(&format!("/ws/{id}")),
+        server.tls.clone(),
         "alice",
         alice_script(),
         Duration::from_millis(15),
     ));
     let bob = tokio::spawn(author(
-        format!("ws://{addr}/ws/{id}"),
+        server.ws_url(&format!("/ws/{id}")),
+        server.tls.clone(),
         "bob",
         bob_script(),
         Duration::from_millis(22),
     ));
     let alice = alice.await??;
     let bob = bob.await??;
-    let (_, server) = http(addr, "GET", &format!("/api/sessions/{id}"), "").await?;
-    let server = server["code"].as_str().unwrap_or_default().to_owned();
+    let (_, stored) = http(server, "GET", &format!("/api/sessions/{id}"), "").await?;
+    let server = stored["code"].as_str().unwrap_or_default().to_owned();
 
     println!("\n--- final text (server) ---\n{server}---------------------------");
     let mut ok = true;
@@ -135,11 +187,12 @@ async fn run(addr: &str) -> Result<bool, Error> {
 /// waits until everything is acknowledged and the session has been quiet for a moment.
 async fn author(
     url: String,
+    tls: ClientTls,
     user: &'static str,
     script: Vec<Action>,
     pace: Duration,
 ) -> Result<String, Error> {
-    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    let (mut socket, _) = tls::connect(&url, &tls, None).await?;
     let join = json!({"type": "join-session", "payload": {"userId": user, "username": user}});
     socket.send(Message::text(join.to_string())).await?;
     let mut doc = loop {
@@ -299,15 +352,29 @@ async fn next_frame(socket: &mut Socket) -> Result<Value, Error> {
 }
 
 /// A minimal HTTP/1.1 exchange (the example needs no HTTP client crate).
-async fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, Value), Error> {
-    let mut stream = TcpStream::connect(addr).await?;
+async fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, Value), Error> {
+    let mut stream =
+        tls::open_stream(&server.host, server.port, server.secure, &server.tls).await?;
+    let addr = format!("{}:{}", server.host, server.port);
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await?;
+    let mut raw = Vec::new();
+    // Over TLS a server may close without close_notify once the response is sent: what arrived
+    // is the response (an empty one fails below).
+    if let Err(error) = stream.read_to_end(&mut raw).await
+        && raw.is_empty()
+    {
+        return Err(error.into());
+    }
+    let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status = head
         .split_whitespace()

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run -p fastchat-client -- ws://127.0.0.1:8000/ws Alice [user-id]
+//! cargo run -p fastchat-client -- wss://localhost:8443/ws Alice --ca-file ca.pem
 //! ```
 //!
 //! Without a user id a fresh UUID v4 is made (and printed, so you can reuse it). Commands:
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use switchboard_teambot::client::tls::{self, ClientTls};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -27,7 +29,16 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `--ca-file FILE`: trust a self-signed deployment's CA for wss:// (default: system roots).
+    let tls = match ClientTls::from_args(&mut args) {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("{error}");
+            std::process::exit(2);
+        }
+    };
+    let mut args = args.into_iter();
     let url = args
         .next()
         .unwrap_or_else(|| "ws://127.0.0.1:8000/ws".to_owned());
@@ -36,7 +47,7 @@ async fn main() {
         .next()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
-    let (socket, _) = match tokio_tungstenite::connect_async(url.as_str()).await {
+    let (socket, _) = match tls::connect(&url, &tls, None).await {
         Ok(connected) => connected,
         Err(error) => {
             eprintln!("could not connect to {url}: {error}");

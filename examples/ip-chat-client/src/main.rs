@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run -p ip-chat-client -- ws://127.0.0.1:8000/ws Alice
+//! cargo run -p ip-chat-client -- wss://localhost:8443/ws Alice --ca-file ca.pem
 //! ```
 #![allow(
     clippy::print_stdout,
@@ -11,17 +12,27 @@
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use switchboard_teambot::client::tls::{self, ClientTls};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `--ca-file FILE`: trust a self-signed deployment's CA for wss:// (default: system roots).
+    let tls = match ClientTls::from_args(&mut args) {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("{error}");
+            std::process::exit(2);
+        }
+    };
+    let mut args = args.into_iter();
     let url = args
         .next()
         .unwrap_or_else(|| "ws://127.0.0.1:8000/ws".to_owned());
     let name = args.next();
-    let (socket, _) = match tokio_tungstenite::connect_async(url.as_str()).await {
+    let (socket, _) = match tls::connect(&url, &tls, None).await {
         Ok(connected) => connected,
         Err(error) => {
             eprintln!("could not connect to {url}: {error}");

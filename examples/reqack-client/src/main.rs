@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run -p reqack-client -- ws://127.0.0.1:8000/ws alice
+//! cargo run -p reqack-client -- wss://localhost:8443/ws alice --ca-file ca.pem
 //! ```
 //!
 //! Type `/to bob` to pick a conversation, then plain lines to send messages. Other commands:
@@ -20,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use switchboard_teambot::client::tls::{self, ClientTls};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -258,16 +260,25 @@ fn usage(text: &str) -> Vec<Value> {
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `--ca-file FILE`: trust a self-signed deployment's CA for wss:// (default: system roots).
+    let tls = match ClientTls::from_args(&mut args) {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("{error}");
+            std::process::exit(2);
+        }
+    };
+    let mut args = args.into_iter();
     let base = args
         .next()
         .unwrap_or_else(|| "ws://127.0.0.1:8000/ws".to_owned());
     let Some(me) = args.next() else {
-        eprintln!("usage: reqack-client <ws://host:port/ws> <userId>");
+        eprintln!("usage: reqack-client <ws[s]://host:port/ws> <userId> [--ca-file FILE]");
         std::process::exit(2);
     };
     let url = format!("{base}?userId={me}");
-    let (socket, _) = match tokio_tungstenite::connect_async(url.as_str()).await {
+    let (socket, _) = match tls::connect(&url, &tls, None).await {
         Ok(connected) => connected,
         Err(error) => {
             eprintln!("could not connect to {url}: {error}");

@@ -8,6 +8,13 @@
 //! switchboard serve --protocol teambot-sim --sim-duration 20s --sim-team-drop-rate 1 &
 //! cargo run -p teambot-bot -- ws://127.0.0.1:8000/global
 //! ```
+//!
+//! Over TLS (`switchboard serve ... --tls-cert cert.pem --tls-key key.pem --sim-url-scheme https`),
+//! trusting the CA of a self-signed certificate:
+//!
+//! ```text
+//! cargo run -p teambot-bot -- wss://localhost:8443/global --ca-file ca.pem
+//! ```
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -17,6 +24,7 @@
 use std::process::ExitCode;
 
 use serde_json::json;
+use switchboard_teambot::client::tls::ClientTls;
 use switchboard_teambot::client::{TeamBot, TeamBotConfig, TeamContext, TeamHandler};
 use switchboard_teambot::messages::{TeamId, is_props};
 use tracing_subscriber::EnvFilter;
@@ -57,10 +65,22 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let url = std::env::args()
-        .nth(1)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `--ca-file FILE`: trust a self-signed deployment's CA for wss:// (default: system roots).
+    let tls = match ClientTls::from_args(&mut args) {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("teambot-bot: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let url = args
+        .into_iter()
+        .next()
         .unwrap_or_else(|| "ws://127.0.0.1:8000/global".to_owned());
-    let bot = TeamBot::new(TeamBotConfig::new(url), PropsBot);
+    let mut config = TeamBotConfig::new(url);
+    config.tls = tls;
+    let bot = TeamBot::new(config, PropsBot);
     let handle = bot.handle();
     let stopper = handle.clone();
     tokio::spawn(async move {
