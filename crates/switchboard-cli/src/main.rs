@@ -39,6 +39,8 @@ pub(crate) enum CliError {
     UnsupportedEngine(String),
     #[error("cannot use the state engine: {0}")]
     Engine(#[from] switchboard_engine_redis::ConfigError),
+    #[error("cannot use signed identity: {0}")]
+    Auth(#[from] switchboard_server::auth::AuthConfigError),
     #[error("cannot serve TLS: {0}")]
     Tls(#[from] switchboard_server::tls::TlsError),
     #[error("{0}")]

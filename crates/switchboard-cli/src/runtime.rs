@@ -9,8 +9,8 @@ use switchboard_core::engine::MemoryLimits;
 use switchboard_core::{Engine, Keepalive, Protocol};
 use switchboard_engine_durable::{DurableEngine, DurableLimits};
 use switchboard_engine_redis::{RedisConfig, RedisEngine};
-use switchboard_server::ServerConfig;
 use switchboard_server::tls::TlsConfig;
+use switchboard_server::{JwtOptions, JwtVerifier, ServerConfig};
 
 use crate::CliError;
 
@@ -146,6 +146,29 @@ pub(crate) struct RuntimeArgs {
         requires = "tls_cert"
     )]
     pub(crate) tls_key: Option<PathBuf>,
+    /// Signed identity with HS256: every WebSocket upgrade needs a JWT (`Authorization: Bearer`
+    /// or `?token=`) signed with the shared secret in this file (at least 32 bytes), else HTTP
+    /// 401; its `sub` is the user. See docs/security.md.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_JWT_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with = "auth_jwt_public_key"
+    )]
+    pub(crate) auth_jwt_secret_file: Option<PathBuf>,
+    /// Signed identity with RS256 (an RSA key) or ES256 (a P-256 key): the token issuer's public
+    /// key in PEM.
+    #[arg(long, env = "SWITCHBOARD_AUTH_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub(crate) auth_jwt_public_key: Option<PathBuf>,
+    /// With signed identity: the token's `aud` must contain this.
+    #[arg(long, env = "SWITCHBOARD_AUTH_JWT_AUDIENCE", value_name = "AUD")]
+    pub(crate) auth_jwt_audience: Option<String>,
+    /// With signed identity: the token's `iss` must equal this.
+    #[arg(long, env = "SWITCHBOARD_AUTH_JWT_ISSUER", value_name = "ISS")]
+    pub(crate) auth_jwt_issuer: Option<String>,
+    /// With signed identity: clock skew tolerated on the token's `exp` and `nbf`, e.g. 30s.
+    #[arg(long, env = "SWITCHBOARD_AUTH_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub(crate) auth_jwt_leeway: Duration,
 }
 
 impl RuntimeArgs {
@@ -200,8 +223,35 @@ impl RuntimeArgs {
             read_buffer_bytes: self.read_buffer_bytes,
             accept_backlog: self.accept_backlog,
             engine,
+            auth: self.auth()?,
             ..ServerConfig::default()
         })
+    }
+
+    /// The token verifier of `--auth-jwt-*`, if signed identity is on. A bad key file stops the
+    /// server at start; so does an audience or issuer check without a key to check with.
+    fn auth(&self) -> Result<Option<Arc<JwtVerifier>>, CliError> {
+        let options = JwtOptions {
+            audience: self.auth_jwt_audience.clone(),
+            issuer: self.auth_jwt_issuer.clone(),
+            leeway: self.auth_jwt_leeway,
+        };
+        let verifier = match (&self.auth_jwt_secret_file, &self.auth_jwt_public_key) {
+            (Some(secret), _) => JwtVerifier::hs256_file(secret, options)?,
+            (None, Some(key)) => JwtVerifier::public_key_file(key, options)?,
+            (None, None) => {
+                if options.audience.is_some() || options.issuer.is_some() {
+                    return Err(CliError::Failed(
+                        "--auth-jwt-audience and --auth-jwt-issuer need --auth-jwt-secret-file or \
+                         --auth-jwt-public-key"
+                            .into(),
+                    ));
+                }
+                return Ok(None);
+            }
+        };
+        tracing::info!(algorithm = ?verifier.algorithm(), "signed identity: every upgrade needs a valid token");
+        Ok(Some(Arc::new(verifier)))
     }
 }
 

@@ -492,3 +492,91 @@ fn unusable_tls_files_exit_1_naming_the_file() {
     assert_eq!(code, 2, "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn auth_jwt_flags_require_a_token_signed_with_the_files_key() {
+    use switchboard_testkit::jwt::{Keys, claims};
+    use switchboard_testkit::tls::temp_dir;
+    let dir = temp_dir("cli-jwt");
+    for (flag, keys) in [
+        ("--auth-jwt-secret-file", Keys::hs256()),
+        ("--auth-jwt-public-key", Keys::es256()),
+    ] {
+        let file = dir.join("key");
+        // A trailing newline, as editors write it, is not part of an HS256 secret.
+        let mut contents = keys.verifying_key().to_vec();
+        contents.push(b'\n');
+        std::fs::write(&file, contents).unwrap();
+        let (mut child, addr) = start(&["--protocol", "reqack", flag, file.to_str().unwrap()]);
+        let url = format!("ws://{addr}/ws");
+        let options = switchboard_testkit::ConnectOptions::default();
+        assert_eq!(Client::refused_status(&url, options.clone()).await, 401);
+        let token = keys.token(&claims("alice", 60));
+        let as_bob = format!("{url}?userId=bob&token={token}");
+        assert_eq!(Client::refused_status(&as_bob, options).await, 403);
+        let mut alice = Client::connect(&format!("{url}?token={token}")).await;
+        // Served as alice: a request is answered.
+        alice
+            .send_json(&json!({"type": "request", "id": "probe", "payload": {}}))
+            .await;
+        let reply = alice.recv_until(|v| v["id"] == "probe").await;
+        assert_eq!(reply["type"], "response", "{reply}");
+        signal(&child, "TERM");
+        assert_eq!(wait_exit(&mut child), 0);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn unusable_auth_flags_exit_1_naming_the_problem() {
+    use switchboard_testkit::tls::temp_dir;
+    let dir = temp_dir("cli-jwt-bad");
+    let missing = dir.join("missing");
+    let missing = missing.to_str().unwrap();
+    let (code, stderr) = serve_until_exit(&["--auth-jwt-secret-file", missing], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot use signed identity: cannot read"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(missing), "{stderr}");
+
+    let short = dir.join("short");
+    std::fs::write(&short, "hunter2").unwrap();
+    let (code, stderr) =
+        serve_until_exit(&["--auth-jwt-secret-file", short.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("at least 32 are required"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "the secret is never printed: {stderr}"
+    );
+
+    let (code, stderr) = serve_until_exit(&["--auth-jwt-public-key", short.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("not an RSA or P-256 EC public key"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = serve_until_exit(&["--auth-jwt-audience", "x"], &[]);
+    assert_eq!(code, 1, "{stderr}");
+
+    let secret = dir.join("secret");
+    std::fs::write(&secret, [b'k'; 32]).unwrap();
+    let (code, stderr) = serve_until_exit(
+        &[
+            "--protocol",
+            "teambot-sim",
+            "--auth-jwt-secret-file",
+            secret.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("not supported with --protocol teambot-sim"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -13,6 +13,15 @@ use crate::CliError;
 use crate::runtime::Server;
 
 pub(crate) async fn serve(mut config: SimConfig, server: Server) -> Result<(), CliError> {
+    // The simulator's team sockets carry its own one-time `?token=`s, which the runtime would
+    // take for JWTs; a test server has no users to sign for anyway.
+    if server.config.auth.is_some() {
+        return Err(CliError::Failed(
+            "--auth-jwt-* is not supported with --protocol teambot-sim (it authenticates team \
+             sockets with its own one-time tokens)"
+                .into(),
+        ));
+    }
     config.max_state_bytes = server.max_state_bytes;
     let sim = Arc::new(TeambotSim::new(config));
     let watcher = sim.clone();
