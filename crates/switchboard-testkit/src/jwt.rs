@@ -121,6 +121,27 @@ impl Keys {
     }
 }
 
+/// Tokens for `sub` that a server verifying with `keys` must refuse (401), each with what is
+/// wrong with it: expired, not yet valid, signed by another key, unsigned (`alg: none`), and a
+/// good token whose payload was changed to another subject.
+pub fn refused_tokens(keys: &Keys, sub: &str) -> Vec<(&'static str, String)> {
+    let other_key = match keys.algorithm {
+        Algorithm::HS256 => Keys::hs256(),
+        _ => Keys::es256(),
+    };
+    let good = keys.token(&claims(sub, 60));
+    vec![
+        ("expired", keys.token(&claims(sub, -120))),
+        (
+            "not yet valid",
+            keys.token(&json!({"sub": sub, "exp": now() + 600, "nbf": now() + 300})),
+        ),
+        ("another key", other_key.token(&claims(sub, 60))),
+        ("alg none", alg_none(&claims(sub, 60))),
+        ("tampered", tampered(&good, &claims("someone-else", 60))),
+    ]
+}
+
 /// An unsigned token (`"alg": "none"`) with `claims`.
 pub fn alg_none(claims: &Value) -> String {
     let header = b64(br#"{"alg":"none","typ":"JWT"}"#);

@@ -1051,7 +1051,7 @@ mod signed_over_sockets {
     use serde_json::Value;
     use switchboard_collab::{Collab, Config};
     use switchboard_server::ServerConfig;
-    use switchboard_testkit::jwt::{Keys, claims, now};
+    use switchboard_testkit::jwt::{Keys, claims, now, refused_tokens};
     use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
 
     /// One RSA key pair for the whole binary: generating one takes a while.
@@ -1092,6 +1092,10 @@ mod signed_over_sockets {
         for keys in [Keys::hs256(), rs256()] {
             let server = start_signed(&keys).await;
             assert_eq!(status(&server, "/ws/room").await, 401, "no token");
+            for (what, token) in refused_tokens(&keys, "alice") {
+                let path = format!("/ws/room?token={token}");
+                assert_eq!(status(&server, &path).await, 401, "{what}");
+            }
             let alice = token(&keys, "alice", Some(json!(["room"])));
             assert_eq!(
                 status(&server, &format!("/ws/elsewhere?token={alice}")).await,

@@ -842,7 +842,7 @@ mod signed_over_sockets {
 
     use switchboard_fastchat::{Config, FastChat};
     use switchboard_server::ServerConfig;
-    use switchboard_testkit::jwt::{Keys, claims};
+    use switchboard_testkit::jwt::{Keys, claims, refused_tokens};
     use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
 
     use super::common::*;
@@ -884,6 +884,11 @@ mod signed_over_sockets {
             let refused =
                 Client::refused_status(&server.ws_url("/ws"), ConnectOptions::default()).await;
             assert_eq!(refused, 401);
+            for (what, token) in refused_tokens(&keys, &a) {
+                let url = server.ws_url(&format!("/ws?token={token}"));
+                let refused = Client::refused_status(&url, ConnectOptions::default()).await;
+                assert_eq!(refused, 401, "{what}");
+            }
             let token = keys.token(&claims("alice", 60));
             let url = server.ws_url(&format!("/ws?token={token}"));
             assert_eq!(

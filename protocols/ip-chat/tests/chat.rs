@@ -479,7 +479,7 @@ mod signed_over_sockets {
     use switchboard_core::Engine;
     use switchboard_ip_chat::{Config, IpChat};
     use switchboard_server::ServerConfig;
-    use switchboard_testkit::jwt::{Keys, claims};
+    use switchboard_testkit::jwt::{Keys, claims, refused_tokens};
     use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
 
     use super::common::send;
@@ -519,6 +519,11 @@ mod signed_over_sockets {
             let status =
                 Client::refused_status(&server.ws_url("/ws"), ConnectOptions::default()).await;
             assert_eq!(status, 401, "no token");
+            for (what, token) in refused_tokens(&keys, "alice") {
+                let url = server.ws_url(&format!("/ws?token={token}"));
+                let status = Client::refused_status(&url, ConnectOptions::default()).await;
+                assert_eq!(status, 401, "{what}");
+            }
             let alice_id = protocol
                 .user_id_for_subject(&engine, "alice")
                 .await

@@ -930,7 +930,7 @@ mod signed_over_sockets {
 
     use switchboard_reqack::{Config, ReqAck};
     use switchboard_server::ServerConfig;
-    use switchboard_testkit::jwt::{Keys, claims};
+    use switchboard_testkit::jwt::{Keys, claims, refused_tokens};
     use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
 
     use super::common::{User, user};
@@ -965,6 +965,10 @@ mod signed_over_sockets {
             // No token: the server's 401, userId or not.
             assert_eq!(status(&server, "/ws?userId=alice").await, 401);
             assert_eq!(status(&server, "/ws").await, 401);
+            for (what, token) in refused_tokens(&keys, "alice") {
+                let path = format!("/ws?token={token}&userId=alice");
+                assert_eq!(status(&server, &path).await, 401, "{what}");
+            }
             // Bob's token naming alice: 403.
             let bobs = keys.token(&claims("bob", 60));
             assert_eq!(
