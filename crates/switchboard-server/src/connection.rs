@@ -2,6 +2,7 @@
 //! keeps the peer alive, and closes it for exactly one reason.
 
 use std::future::{Future, pending};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,7 +12,8 @@ use futures::StreamExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use switchboard_core::{
-    CloseReason, Context, Engine, Keepalive, LinkEvent, Outgoing, Peer, PeerLink, Protocol,
+    CloseReason, Context, Engine, Identity, Keepalive, LinkEvent, Outgoing, Peer, PeerLink,
+    Protocol,
 };
 use tokio::io::AsyncReadExt;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
@@ -20,11 +22,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
-use tracing::{debug, trace};
+use tracing::{debug, info, trace};
 
-use crate::Counters;
 use crate::metered::{Metered, Watch};
 use crate::wire::{self, Pending};
+use crate::{ACCESS_TARGET, Counters};
 
 pub(crate) type Socket = WebSocketStream<Metered<TokioIo<Upgraded>>>;
 
@@ -44,6 +46,55 @@ pub(crate) struct ConnectionContext {
     pub(crate) engine: Engine,
     /// When the connection's signed token expires (it is then closed with 4401).
     pub(crate) expires_at: Option<Instant>,
+    /// What the access log says about the session.
+    pub(crate) access: Access,
+}
+
+/// A session's facts for its access-log line.
+pub(crate) struct Access {
+    /// The upgrade's path, without the query string (which may hold a token).
+    pub(crate) path: Box<str>,
+    pub(crate) client_ip: IpAddr,
+    /// The verified signed identity, when signed identity is on.
+    pub(crate) identity: Option<Identity>,
+    pub(crate) opened: Instant,
+}
+
+impl ConnectionContext {
+    /// Adds the socket's traffic to the shared counters if a flush is due (about once a
+    /// second while it is busy): one relaxed load when it is not.
+    fn flush_if_due(&self, socket: &mut Socket) {
+        let epoch = self.counters.epoch.load(Ordering::Relaxed);
+        let traffic = &mut socket.get_mut().traffic;
+        if traffic.due(epoch) {
+            traffic.flush(&self.counters.metrics, epoch);
+        }
+    }
+}
+
+/// The `reason` label of a close (a small fixed set) and whether the client chose its code.
+fn close_label(end: &End) -> (&'static str, bool) {
+    let End::Close(reason) = end else {
+        return match end {
+            End::PeerClosed(_) => ("client", true),
+            _ => ("gone", false),
+        };
+    };
+    let label = match reason.code {
+        _ if *reason == CloseReason::slow_consumer() => "slow_consumer",
+        _ if *reason == CloseReason::write_timeout() => "write_timeout",
+        _ if *reason == CloseReason::message_timeout() => "message_timeout",
+        _ if *reason == CloseReason::idle_timeout() => "idle_timeout",
+        _ if *reason == CloseReason::shutdown() => "shutdown",
+        CloseReason::TOKEN_EXPIRED => "token_expired",
+        CloseReason::TRY_AGAIN_LATER => "reassembly_budget",
+        CloseReason::INVALID_PAYLOAD => "invalid_utf8",
+        CloseReason::TOO_BIG => "oversized",
+        CloseReason::PROTOCOL_ERROR => "protocol_error",
+        // The protocol closed it, for a reason of its own.
+        _ => "protocol",
+    };
+    (label, false)
 }
 
 /// How the read/write loop ended.
@@ -112,6 +163,7 @@ pub(crate) fn run<P: Protocol>(
             ),
             End::Gone(why) => CloseReason::new(1006, why.clone()),
         };
+        let (label, by_client) = close_label(&end);
         // Mark the peer closed first so broadcasts stop queueing to it while it shuts down.
         peer.close(reason.clone());
         debug!(conn = %peer.id(), remote = %peer.remote(), code = reason.code, reason = %reason.reason, "connection closing");
@@ -157,6 +209,27 @@ pub(crate) fn run<P: Protocol>(
             }
             End::Gone(_) => {}
         }
+        let metrics = &ctx.counters.metrics;
+        let traffic = &mut socket.get_mut().traffic;
+        traffic.flush(metrics, 0);
+        metrics.closed(reason.code, by_client, label);
+        info!(
+            target: ACCESS_TARGET,
+            conn = %peer.id(),
+            protocol = metrics.protocol,
+            path = &*ctx.access.path,
+            client_ip = %ctx.access.client_ip,
+            user = ctx.access.identity.as_ref().map(Identity::subject),
+            duration_seconds = ctx.access.opened.elapsed().as_secs_f64(),
+            frames_in = traffic.frames_in,
+            frames_out = traffic.frames_out,
+            bytes_in = traffic.bytes_in,
+            bytes_out = traffic.bytes_out,
+            close_code = reason.code,
+            close_reason = %reason.reason,
+            closed_by = if by_client { "client" } else { label },
+            "session closed"
+        );
     }
 }
 
@@ -212,6 +285,11 @@ async fn drive<P: Protocol>(
             },
             incoming = gate.read(socket) => {
                 last_heard = Instant::now();
+                if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &incoming {
+                    let traffic = &mut socket.get_mut().traffic;
+                    traffic.frames_in = traffic.frames_in.saturating_add(1);
+                    ctx.flush_if_due(socket);
+                }
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
                         let work = protocol.on_text(conn, &cx, text.as_str());
@@ -246,6 +324,8 @@ async fn drive<P: Protocol>(
             }
             _ = tick_opt(&mut pinger) => {
                 trace!(conn = %peer.id(), "ping");
+                // A socket gone quiet still reports its last traffic within a ping interval.
+                ctx.flush_if_due(socket);
                 socket.get_mut().queue_control(&wire::encode(wire::Opcode::Ping, &[]), false);
                 match Box::pin(guarded(send_control(socket), peer, shutdown.as_mut(), ctx)).await {
                     WriteOutcome::Written => {}
@@ -372,6 +452,19 @@ async fn write_batch(
     ctx: &ConnectionContext,
 ) -> WriteOutcome {
     let mut pending = take_batch(link, first);
+    let frames = pending.frame_total();
+    let traffic = &mut socket.get_mut().traffic;
+    traffic.frames_out = traffic.frames_out.saturating_add(frames);
+    let epoch = ctx.counters.epoch.load(Ordering::Relaxed);
+    if traffic.due(epoch) {
+        // Sampled with the flush, about once a second per busy socket: the queue lock and the
+        // histogram records stay off the per-batch path.
+        let metrics = &ctx.counters.metrics;
+        let queued = pending.cost().saturating_add(peer.queued_bytes());
+        metrics.queue_bytes.record(queued as f64);
+        metrics.batch_frames.record(frames as f64);
+        traffic.flush(metrics, epoch);
+    }
     // Most writes complete at once: try inline before paying for the guarded wait, which is
     // boxed to keep idle tasks small and would cost an allocation per batch.
     let now = std::future::poll_fn(|cx| {

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::{debug, error};
 
+use crate::metrics::Rejection;
 use crate::{MAX_TRACKED_CLIENTS, ServerHandle};
 
 /// The edge's limits, taken from [`crate::ServerConfig`] when the router is built.
@@ -125,6 +126,7 @@ pub(crate) async fn accept_loop(
                 .counters
                 .pending_refusals
                 .fetch_add(1, Ordering::Relaxed);
+            handle.counters.metrics.rejected(Rejection::Pending);
             debug!(%remote, "connection refused: too many pending connections");
             tokio::spawn(refuse(stream, Refusal::ServerBusy, guard));
             continue;
@@ -138,6 +140,7 @@ pub(crate) async fn accept_loop(
                         .counters
                         .per_client_refusals
                         .fetch_add(1, Ordering::Relaxed);
+                    handle.counters.metrics.rejected(Rejection::PendingPerIp);
                     debug!(client = %key, "connection refused: per-client pending share");
                     tokio::spawn(refuse(stream, Refusal::ClientBusy, guard));
                     continue;

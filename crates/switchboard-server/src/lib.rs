@@ -1,12 +1,16 @@
 //! The Switchboard runtime: serves any [`switchboard_core::Protocol`] over HTTP and WebSocket.
 //!
-//! [`router`] turns a protocol into an axum [`Router`] that answers `GET /healthz` (liveness)
-//! and `GET /readyz` (the state engine can serve), upgrades WebSocket requests (origin check,
+//! [`router`] turns a protocol into an axum [`Router`] that answers `GET /healthz` (liveness),
+//! `GET /readyz` (the state engine can serve) and `GET /status` (uptime, connections, engine
+//! state and the limits in force, as JSON or HTML), upgrades WebSocket requests (origin check,
 //! connection limit, protocol admission) and routes every other request to the protocol's plain
 //! HTTP handler. Mount it at the root with [`serve`] (or [`serve_tls`] for `https://` and
 //! `wss://`, see [`tls`]), or nest it
 //! inside your own axum application next to your own routes. Each upgraded socket runs on its
 //! own task with a bounded outbound queue, keepalive, a frame-size limit and a clean close.
+//! Prometheus metrics go through the `metrics` facade; [`metrics`] installs the recorder and
+//! serves the exposition on a listener of its own. Each WebSocket session and each refused
+//! upgrade is one `info` line on the `switchboard::access` target.
 //!
 //! ```no_run
 //! # async fn run<P: switchboard_core::Protocol>(protocol: P) -> std::io::Result<()> {
@@ -24,6 +28,8 @@ mod config;
 mod connection;
 mod edge;
 mod metered;
+pub mod metrics;
+mod status;
 pub mod tls;
 mod upgrade;
 mod wire;
@@ -31,7 +37,7 @@ mod wire;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -86,8 +92,19 @@ pub struct RuntimeStats {
     pub reassembly_bytes: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Counters {
+    /// The Prometheus handles of this router's protocol.
+    pub(crate) metrics: metrics::RuntimeMetrics,
+    /// Advanced once a second while the router runs: a socket adds its traffic to the shared
+    /// counters when it sees a new value, so busy sockets flush about once a second and the
+    /// hot path reads one mostly-unchanging atomic instead of a clock.
+    pub(crate) epoch: AtomicU64,
+    /// Refused upgrades logged in the current epoch, and those left unlogged (see
+    /// [`Counters::log_refusal`]).
+    refusals_logged: AtomicU64,
+    refusals_unlogged: AtomicU64,
+    refusals_epoch: AtomicU64,
     pub(crate) accepted: AtomicU64,
     pub(crate) slow_consumers: AtomicU64,
     pub(crate) oversized: AtomicU64,
@@ -103,6 +120,64 @@ pub(crate) struct Counters {
     pub(crate) token_expiries: AtomicU64,
 }
 
+/// Refused upgrades logged per second at most: a flood of refusals must not become a flood of
+/// log lines (the counters still count every one).
+const REFUSAL_LOGS_PER_SECOND: u64 = 100;
+
+impl Counters {
+    fn new(protocol: &'static str) -> Self {
+        Self {
+            metrics: metrics::RuntimeMetrics::new(protocol),
+            epoch: AtomicU64::new(1),
+            refusals_logged: AtomicU64::new(0),
+            refusals_unlogged: AtomicU64::new(0),
+            refusals_epoch: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            slow_consumers: AtomicU64::new(0),
+            oversized: AtomicU64::new(0),
+            idle_timeouts: AtomicU64::new(0),
+            write_timeouts: AtomicU64::new(0),
+            message_timeouts: AtomicU64::new(0),
+            reassembly_refusals: AtomicU64::new(0),
+            invalid_utf8: AtomicU64::new(0),
+            per_client_refusals: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            pending_refusals: AtomicU64::new(0),
+            auth_refusals: AtomicU64::new(0),
+            token_expiries: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether one more refused upgrade may be logged this second. The first call of a new
+    /// second reports how many went unlogged in the one before.
+    pub(crate) fn log_refusal(&self) -> bool {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let seen = self.refusals_epoch.load(Ordering::Relaxed);
+        if seen != epoch
+            && self
+                .refusals_epoch
+                .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.refusals_logged.store(0, Ordering::Relaxed);
+            let unlogged = self.refusals_unlogged.swap(0, Ordering::Relaxed);
+            if unlogged > 0 {
+                info!(target: ACCESS_TARGET, unlogged, "refused upgrades not logged (over {REFUSAL_LOGS_PER_SECOND} a second)");
+            }
+        }
+        if self.refusals_logged.fetch_add(1, Ordering::Relaxed) < REFUSAL_LOGS_PER_SECOND {
+            true
+        } else {
+            self.refusals_unlogged.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// The `tracing` target of the access log: one line per WebSocket session at its close and
+/// one per refused upgrade.
+pub const ACCESS_TARGET: &str = "switchboard::access";
+
 /// Controls a running router: shutdown, drain, and live connection counts. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
@@ -112,15 +187,18 @@ pub struct ServerHandle {
     counters: Arc<Counters>,
     edge: edge::EdgeLimits,
     reassembly: Arc<metered::ReassemblyPool>,
+    /// Whether [`serve_tls`] serves this router (for `/status`).
+    tls: Arc<AtomicBool>,
 }
 
 impl ServerHandle {
-    fn new(config: &ServerConfig) -> Self {
+    fn new(config: &ServerConfig, protocol: &'static str) -> Self {
         Self {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             active: Arc::default(),
-            counters: Arc::default(),
+            counters: Arc::new(Counters::new(protocol)),
+            tls: Arc::default(),
             edge: edge::EdgeLimits {
                 max_pending: config.max_pending_connections,
                 max_pending_per_ip: config.max_pending_per_ip,
@@ -190,10 +268,16 @@ impl ServerHandle {
 ///
 /// Serve it with [`serve`], or with `axum::serve` using
 /// `into_make_service_with_connect_info::<SocketAddr>()`: the runtime needs the peer address.
+///
+/// Metric handles are registered here: install a recorder ([`metrics::install`]) before
+/// calling it, or the router records into the facade's no-op recorder.
 pub fn router<P: Protocol>(protocol: Arc<P>, config: ServerConfig) -> (Router, ServerHandle) {
-    let handle = ServerHandle::new(&config);
+    let handle = ServerHandle::new(&config, protocol.name());
+    config.engine.instrument(protocol.name());
     spawn_engine_events(protocol.clone(), config.engine.clone(), &handle);
+    spawn_epoch(&handle);
     let engine = config.engine.clone();
+    let status = Arc::new(status::Status::new(&*protocol, &config, handle.clone()));
     let state = Arc::new(upgrade::App::new(protocol, config, handle.clone()));
     let router = Router::new()
         .route("/healthz", get(healthz))
@@ -204,9 +288,40 @@ pub fn router<P: Protocol>(protocol: Arc<P>, config: ServerConfig) -> (Router, S
                 async move { readyz(&engine).await }
             }),
         )
+        .route(
+            "/status",
+            get(move |headers: axum::http::HeaderMap| {
+                let status = status.clone();
+                async move { status.respond(&headers).await }
+            }),
+        )
         .fallback(upgrade::entry::<P>)
         .with_state(state);
     (router, handle)
+}
+
+/// How often the flush epoch advances (see [`Counters::epoch`]).
+const EPOCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Advances the router's flush epoch every second until shutdown.
+fn spawn_epoch(handle: &ServerHandle) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let shutdown = handle.shutdown.clone();
+    let counters = handle.counters.clone();
+    runtime.spawn(async move {
+        let mut every = tokio::time::interval(EPOCH_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = every.tick() => {
+                    counters.epoch.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
 }
 
 /// Runs the node-wide task that hands engine events (e.g. presence of a lost node expiring) to
@@ -236,7 +351,7 @@ async fn healthz() -> &'static str {
 
 /// How long `GET /readyz` waits for the engine's answer: a probe that hangs tells a load
 /// balancer less than one that says "not ready".
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// 200 while the state engine can serve (always, for the in-process engines), 503 while it
 /// cannot (e.g. a cluster engine that has lost its Redis), so a load balancer can take the node
@@ -308,6 +423,7 @@ async fn serve_edge(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> io::Result<()> {
     let local = listener.local_addr()?;
+    handle.tls.store(tls.is_some(), Ordering::Relaxed);
     info!(%local, tls = tls.is_some(), "listening");
     edge::accept_loop(listener, router, handle, handle.edge, tls).await;
     let open = handle.connections();

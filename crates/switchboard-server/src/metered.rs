@@ -17,6 +17,7 @@ use std::time::Duration;
 use switchboard_core::{ClientKey, MemoryBudget, Shares};
 
 use crate::MAX_TRACKED_CLIENTS;
+use crate::metrics::Traffic;
 use crate::wire::{FRAMES_PER_WRITE, MAX_HEADER, Pending};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -180,6 +181,8 @@ pub(crate) struct Metered<T> {
     charged: usize,
     /// Off once the connection closes: bytes still arriving are discarded, not buffered.
     counting: bool,
+    /// This socket's frames and bytes, for the metrics and the access log.
+    pub(crate) traffic: Traffic,
 }
 
 impl<T> Metered<T> {
@@ -199,6 +202,7 @@ impl<T> Metered<T> {
             client,
             charged: 0,
             counting: true,
+            traffic: Traffic::default(),
         }
     }
 
@@ -270,6 +274,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
         if let Poll::Ready(Ok(())) = result {
             let filled = buf.filled();
             if filled.len() > before {
+                let read = filled.len() - before;
+                this.traffic.bytes_in = this
+                    .traffic
+                    .bytes_in
+                    .saturating_add(u64::try_from(read).unwrap_or(u64::MAX));
                 this.on_read(&filled[before..]);
             }
         }
@@ -294,10 +303,14 @@ impl<T: AsyncWrite + Unpin> Metered<T> {
 
     /// What a write to the socket did: bytes it took (at least one, noted as write progress),
     /// an error (a socket that takes nothing is one), or `Pending`.
-    fn progress(&self, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    fn progress(&mut self, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         match result {
             Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => {
+                self.traffic.bytes_out = self
+                    .traffic
+                    .bytes_out
+                    .saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
                 self.watch.wrote();
                 Poll::Ready(Ok(n))
             }

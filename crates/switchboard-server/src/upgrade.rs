@@ -18,12 +18,13 @@ use switchboard_core::{
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::{self, AuthError, JwtVerifier};
-use crate::connection::{self, ConnectionContext};
+use crate::connection::{self, Access, ConnectionContext};
 use crate::metered::{Metered, ReassemblyPool, Watch};
-use crate::{MAX_TRACKED_CLIENTS, ServerConfig, ServerHandle};
+use crate::metrics::Rejection;
+use crate::{ACCESS_TARGET, MAX_TRACKED_CLIENTS, ServerConfig, ServerHandle};
 
 pub(crate) struct App<P> {
     protocol: Arc<P>,
@@ -128,7 +129,13 @@ pub(crate) async fn entry<P: Protocol>(
                 .rate_limited
                 .fetch_add(1, Ordering::Relaxed);
             debug!(client = %key, "request refused: over the per-client request rate");
-            return error_response(429, "too many requests from this address");
+            let message = "too many requests from this address";
+            if is_websocket_upgrade(request.headers()) {
+                let path = request.uri().path();
+                return refuse(&app, Rejection::Rate, 429, message, path, Some(ip));
+            }
+            app.handle.counters.metrics.rejected(Rejection::Rate);
+            return error_response(429, message);
         }
     }
     if is_websocket_upgrade(request.headers()) {
@@ -159,14 +166,79 @@ fn to_response(response: HttpResponse) -> Response {
         .into_response()
 }
 
+/// Longest path the access log keeps (the header size cap bounds the rest, but a log line
+/// need not carry 16 KiB of it).
+const MAX_LOGGED_PATH: usize = 256;
+
+/// `path` cut to [`MAX_LOGGED_PATH`] bytes on a character boundary.
+fn logged_path(path: &str) -> &str {
+    if path.len() <= MAX_LOGGED_PATH {
+        return path;
+    }
+    let mut end = MAX_LOGGED_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
+/// Counts a refused upgrade, writes its access-log line (at most
+/// `REFUSAL_LOGS_PER_SECOND` a second) and builds the error response. `path` never holds the
+/// query string, which may carry a token.
+fn refuse<P>(
+    app: &App<P>,
+    why: Rejection,
+    status: u16,
+    message: &str,
+    path: &str,
+    client_ip: Option<IpAddr>,
+) -> Response {
+    log_refusal(app, why, status, message, path, client_ip);
+    error_response(status, message)
+}
+
+fn log_refusal<P>(
+    app: &App<P>,
+    why: Rejection,
+    status: u16,
+    message: &str,
+    path: &str,
+    client_ip: Option<IpAddr>,
+) {
+    let counters = &app.handle.counters;
+    counters.metrics.rejected(why);
+    if counters.log_refusal() {
+        info!(
+            target: ACCESS_TARGET,
+            protocol = counters.metrics.protocol,
+            status,
+            reason = why.label(),
+            detail = message,
+            path = logged_path(path),
+            client_ip = client_ip.map(tracing::field::display),
+            "upgrade refused"
+        );
+    }
+}
+
 fn upgrade<P: Protocol>(
     app: Arc<App<P>>,
     mut request: Request,
     peer: Option<(SocketAddr, IpAddr)>,
 ) -> Response {
+    let path: Box<str> = logged_path(request.uri().path()).into();
+    let ip = peer.map(|(_, ip)| ip);
+    let bad = |message: &str| refuse(&app, Rejection::BadRequest, 400, message, &path, ip);
     let headers = request.headers();
     if request.method() != Method::GET {
-        return error_response(405, "WebSocket upgrades use GET");
+        return refuse(
+            &app,
+            Rejection::BadRequest,
+            405,
+            "WebSocket upgrades use GET",
+            &path,
+            ip,
+        );
     }
     let connection_has_upgrade = headers
         .get_all(header::CONNECTION)
@@ -177,17 +249,17 @@ fn upgrade<P: Protocol>(
                 .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
         });
     if !connection_has_upgrade {
-        return error_response(400, "missing `Connection: upgrade`");
+        return bad("missing `Connection: upgrade`");
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
         .map(HeaderValue::as_bytes)
         != Some(b"13")
     {
-        return error_response(400, "unsupported WebSocket version (need 13)");
+        return bad("unsupported WebSocket version (need 13)");
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return error_response(400, "missing Sec-WebSocket-Key");
+        return bad("missing Sec-WebSocket-Key");
     };
     let accept = derive_accept_key(key.as_bytes());
 
@@ -196,7 +268,14 @@ fn upgrade<P: Protocol>(
         && !allowed.iter().any(|a| a == origin)
     {
         debug!(origin, "upgrade refused: origin not allowed");
-        return error_response(403, "origin not allowed");
+        return refuse(
+            &app,
+            Rejection::Origin,
+            403,
+            "origin not allowed",
+            &path,
+            ip,
+        );
     }
 
     // Signed identity before any share or slot is taken: a refused token costs no more than
@@ -211,6 +290,7 @@ fn upgrade<P: Protocol>(
                     .auth_refusals
                     .fetch_add(1, Ordering::Relaxed);
                 debug!(reason = refused.reason(), "upgrade refused: signed token");
+                log_refusal(&app, Rejection::Auth, 401, refused.reason(), &path, ip);
                 return unauthorized(refused);
             }
         },
@@ -231,7 +311,14 @@ fn upgrade<P: Protocol>(
     };
 
     if app.handle.is_shutting_down() {
-        return error_response(503, "server shutting down");
+        return refuse(
+            &app,
+            Rejection::ShuttingDown,
+            503,
+            "server shutting down",
+            &path,
+            ip,
+        );
     }
     let client_key = ClientKey::from_ip(client_ip);
     // Held for as long as the connection lives.
@@ -243,12 +330,26 @@ fn upgrade<P: Protocol>(
                 .per_client_refusals
                 .fetch_add(1, Ordering::Relaxed);
             debug!(client = %client_key, %refused, "upgrade refused: per-client connection share");
-            return error_response(429, "too many connections from this address");
+            return refuse(
+                &app,
+                Rejection::PerIp,
+                429,
+                "too many connections from this address",
+                &path,
+                ip,
+            );
         }
     };
     let Some(slot) = ConnectionSlot::take(&app.handle.active, app.config.max_connections) else {
         debug!(%remote, "upgrade refused: connection limit reached");
-        return error_response(503, "connection limit reached");
+        return refuse(
+            &app,
+            Rejection::Limit,
+            503,
+            "connection limit reached",
+            &path,
+            ip,
+        );
     };
 
     let handshake = Handshake {
@@ -268,10 +369,23 @@ fn upgrade<P: Protocol>(
                 Reject::NotFound => "not found".to_owned(),
                 other => other.to_string(),
             };
-            return error_response(reject.status(), &message);
+            return refuse(
+                &app,
+                Rejection::Protocol,
+                reject.status(),
+                &message,
+                &path,
+                ip,
+            );
         }
     };
 
+    let access = Access {
+        path,
+        client_ip,
+        identity,
+        opened: tokio::time::Instant::now(),
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_app = app.clone();
     app.handle.tracker.spawn(async move {
@@ -288,7 +402,7 @@ fn upgrade<P: Protocol>(
         // state, so building the socket inline here would make every idle task carry a second
         // copy of the socket's size.
         Box::pin(open_connection(
-            task_app, conn, upgraded, remote, client_ip, client_key, expires_in,
+            task_app, conn, upgraded, remote, client_key, expires_in, access,
         ))
         .await;
     });
@@ -312,9 +426,9 @@ fn open_connection<P: Protocol>(
     conn: P::Conn,
     upgraded: hyper::upgrade::Upgraded,
     remote: SocketAddr,
-    client_ip: IpAddr,
     client_key: ClientKey,
     expires_in: Option<Duration>,
+    access: Access,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let watch = Arc::new(Watch::default());
@@ -326,8 +440,12 @@ fn open_connection<P: Protocol>(
         );
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(app.ws_config)).await;
         let (peer, link) = peer_channel_bounded(remote, app.config.outbound_queue, app.queue_bytes);
-        debug!(conn = %peer.id(), %remote, %client_ip, "connection open");
+        debug!(conn = %peer.id(), %remote, client_ip = %access.client_ip, "connection open");
         app.handle.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let metrics = &app.handle.counters.metrics;
+        metrics.accepted.increment(1);
+        metrics.open.increment(1.0);
+        let _open = OpenGauge(metrics.open.clone());
         let ctx = ConnectionContext {
             counters: app.handle.counters.clone(),
             keepalive: app.keepalive,
@@ -338,8 +456,18 @@ fn open_connection<P: Protocol>(
             shutdown: app.handle.shutdown.clone(),
             engine: app.config.engine.clone(),
             expires_at: expires_in.map(|left| tokio::time::Instant::now() + left),
+            access,
         };
         connection::run(app.protocol.clone(), conn, socket, peer, link, ctx).await;
+    }
+}
+
+/// Takes one connection off the open-connections gauge when it ends, however it ends.
+struct OpenGauge(::metrics::Gauge);
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 

@@ -123,6 +123,20 @@ impl Pending {
         }
     }
 
+    /// Data frames in the batch (a batch item counts its frames).
+    pub(crate) fn frame_total(&self) -> u64 {
+        let items = std::iter::once(&self.first).chain(&self.rest);
+        items.fold(0u64, |sum, item| {
+            sum.saturating_add(u64::try_from(frame_count(item)).unwrap_or(u64::MAX))
+        })
+    }
+
+    /// What the batch counted against the socket's queue bound ([`Outgoing::cost`]).
+    pub(crate) fn cost(&self) -> usize {
+        let items = std::iter::once(&self.first).chain(&self.rest);
+        items.fold(0usize, |sum, item| sum.saturating_add(item.cost()))
+    }
+
     /// Whether every byte has been written.
     pub(crate) fn is_done(&self) -> bool {
         self.item_at(self.item).is_none()

@@ -3,16 +3,16 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use uuid::Uuid;
 
 use super::hub::ensure_ready;
 use super::{
-    Append, Appended, ConnRef, EngineEvent, EngineResult, Expect, Hub, MemoryEngine, MemoryLimits,
-    NodeId, Put, RateDecision, Read, ReadFrom, StateEngine, Versioned,
+    Append, Appended, ConnRef, EngineError, EngineEvent, EngineResult, Expect, Hub, MemoryEngine,
+    MemoryLimits, NodeId, Put, RateDecision, Read, ReadFrom, StateEngine, Versioned,
 };
 use crate::{ConnId, Frame, Peer};
 
@@ -230,6 +230,134 @@ impl<T: StateEngine> Erased for T {
 struct Inner {
     backend: Box<dyn Erased>,
     hub: Arc<Hub>,
+    /// Latency histograms and error counters, once [`Engine::instrument`] named the protocol.
+    metrics: OnceLock<EngineMetrics>,
+}
+
+/// An engine operation, as the `operation` label of the engine metrics names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    ClusterId,
+    Subscribe,
+    Join,
+    Publish,
+    Append,
+    Read,
+    Remove,
+    DropLog,
+    PresenceJoin,
+    PresenceLeave,
+    PresenceMembers,
+    PresenceContains,
+    Get,
+    Put,
+    Delete,
+    Take,
+    Add,
+    Scan,
+    RateLimit,
+    Recall,
+    Remember,
+}
+
+impl Op {
+    const ALL: [Op; 21] = [
+        Op::ClusterId,
+        Op::Subscribe,
+        Op::Join,
+        Op::Publish,
+        Op::Append,
+        Op::Read,
+        Op::Remove,
+        Op::DropLog,
+        Op::PresenceJoin,
+        Op::PresenceLeave,
+        Op::PresenceMembers,
+        Op::PresenceContains,
+        Op::Get,
+        Op::Put,
+        Op::Delete,
+        Op::Take,
+        Op::Add,
+        Op::Scan,
+        Op::RateLimit,
+        Op::Recall,
+        Op::Remember,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::ClusterId => "cluster_id",
+            Op::Subscribe => "subscribe",
+            Op::Join => "join",
+            Op::Publish => "publish",
+            Op::Append => "append",
+            Op::Read => "read",
+            Op::Remove => "remove",
+            Op::DropLog => "drop_log",
+            Op::PresenceJoin => "presence_join",
+            Op::PresenceLeave => "presence_leave",
+            Op::PresenceMembers => "presence_members",
+            Op::PresenceContains => "presence_contains",
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::Delete => "delete",
+            Op::Take => "take",
+            Op::Add => "add",
+            Op::Scan => "scan",
+            Op::RateLimit => "rate_limit",
+            Op::Recall => "recall",
+            Op::Remember => "remember",
+        }
+    }
+}
+
+/// The engine's metric handles, registered once (a lookup in the recorder's registry per
+/// operation would cost more than the record itself).
+struct EngineMetrics {
+    protocol: &'static str,
+    /// One histogram per [`Op`], in [`Op::ALL`] order.
+    durations: Vec<metrics::Histogram>,
+}
+
+impl EngineMetrics {
+    fn new(protocol: &'static str) -> Self {
+        let durations = Op::ALL
+            .iter()
+            .map(|op| {
+                metrics::histogram!(
+                    Engine::OPERATION_DURATION_METRIC,
+                    "protocol" => protocol,
+                    "operation" => op.name()
+                )
+            })
+            .collect();
+        Self {
+            protocol,
+            durations,
+        }
+    }
+
+    fn record(&self, op: Op, took: Duration, error: Option<&EngineError>) {
+        if let Some(histogram) = self.durations.get(op as usize) {
+            histogram.record(took.as_secs_f64());
+        }
+        if let Some(error) = error {
+            let kind = match error {
+                EngineError::Unavailable(_) => "unavailable",
+                EngineError::Full(_) => "full",
+                EngineError::Corrupt(_) => "corrupt",
+            };
+            // Errors are rare: a registry lookup each is fine.
+            metrics::counter!(
+                Engine::ERRORS_METRIC,
+                "protocol" => self.protocol,
+                "operation" => op.name(),
+                "error" => kind
+            )
+            .increment(1);
+        }
+    }
 }
 
 /// The state engine as protocols see it: cheap to clone, shared by every connection of a node.
@@ -262,7 +390,42 @@ impl Engine {
         Self(Arc::new(Inner {
             backend: Box::new(backend),
             hub,
+            metrics: OnceLock::new(),
         }))
+    }
+
+    /// Histogram of engine operation latencies in seconds, labelled `protocol` and `operation`
+    /// (`append`, `publish`, `read`, `presence_join`, `put`, `take`, ...).
+    pub const OPERATION_DURATION_METRIC: &'static str =
+        "switchboard_engine_operation_duration_seconds";
+
+    /// Counter of failed engine operations, labelled `protocol`, `operation` and `error`
+    /// (`unavailable`, `full`, `corrupt`).
+    pub const ERRORS_METRIC: &'static str = "switchboard_engine_errors_total";
+
+    /// Starts recording every operation's latency ([`Self::OPERATION_DURATION_METRIC`]) and
+    /// failures ([`Self::ERRORS_METRIC`]) through the `metrics` facade, labelled with
+    /// `protocol`. The runtime calls it when it serves a protocol on this engine; the first
+    /// call wins. Metric handles are taken from the recorder installed at that moment, so
+    /// install the recorder first. Until then operations are not timed at all.
+    pub fn instrument(&self, protocol: &'static str) {
+        let _ = self.0.metrics.get_or_init(|| EngineMetrics::new(protocol));
+    }
+
+    /// Runs `work`, timing it when the engine is instrumented: one clock read before and after
+    /// and one histogram record per operation.
+    async fn timed<T>(
+        &self,
+        op: Op,
+        work: impl Future<Output = EngineResult<T>>,
+    ) -> EngineResult<T> {
+        let Some(metrics) = self.0.metrics.get() else {
+            return work.await;
+        };
+        let started = Instant::now();
+        let result = work.await;
+        metrics.record(op, started.elapsed(), result.as_ref().err());
+        result
     }
 
     /// A single-node in-memory engine (the embedded default).
@@ -291,7 +454,7 @@ impl Engine {
 
     /// See [`StateEngine::cluster_id`].
     pub async fn cluster_id(&self) -> EngineResult<Uuid> {
-        self.0.backend.cluster_id().await
+        self.timed(Op::ClusterId, self.0.backend.cluster_id()).await
     }
 
     /// See [`StateEngine::ready`].
@@ -302,7 +465,12 @@ impl Engine {
     /// Subscribes `peer` to `topic`: every publication from now on reaches it.
     pub async fn subscribe(&self, topic: &str, peer: &Peer) -> EngineResult<()> {
         let ready = self.0.hub.add(topic, peer, false);
-        let result = ensure_ready(&ready, || self.0.backend.subscribe_node(topic)).await;
+        let result = self
+            .timed(
+                Op::Subscribe,
+                ensure_ready(&ready, || self.0.backend.subscribe_node(topic)),
+            )
+            .await;
         if result.is_err() {
             self.unsubscribe(topic, peer.id());
         }
@@ -324,7 +492,7 @@ impl Engine {
             ensure_ready(&ready, || self.0.backend.subscribe_node(topic)).await?;
             self.0.backend.read(topic, from, limit).await
         };
-        match read.await {
+        match self.timed(Op::Join, read).await {
             Ok(read) => Ok(Joining {
                 hub: self.0.hub.clone(),
                 topic: topic.into(),
@@ -352,7 +520,8 @@ impl Engine {
         frame: Frame,
         except: Option<ConnRef>,
     ) -> EngineResult<()> {
-        self.0.backend.publish(topic, frame, except).await
+        self.timed(Op::Publish, self.0.backend.publish(topic, frame, except))
+            .await
     }
 
     /// See [`StateEngine::append`] (no reply: [`Append::except`] gets nothing).
@@ -362,7 +531,11 @@ impl Engine {
         frame: Frame,
         options: Append,
     ) -> EngineResult<Appended> {
-        self.0.backend.append(topic, frame, options, None).await
+        self.timed(
+            Op::Append,
+            self.0.backend.append(topic, frame, options, None),
+        )
+        .await
     }
 
     /// Appends and publishes `frame` to `topic`; the connection named by `options.except` (the
@@ -375,25 +548,29 @@ impl Engine {
         options: Append,
         reply: Frame,
     ) -> EngineResult<Appended> {
-        self.0
-            .backend
-            .append(topic, frame, options, Some(reply))
-            .await
+        self.timed(
+            Op::Append,
+            self.0.backend.append(topic, frame, options, Some(reply)),
+        )
+        .await
     }
 
     /// See [`StateEngine::read`].
     pub async fn read(&self, topic: &str, from: ReadFrom, limit: usize) -> EngineResult<Read> {
-        self.0.backend.read(topic, from, limit).await
+        self.timed(Op::Read, self.0.backend.read(topic, from, limit))
+            .await
     }
 
     /// See [`StateEngine::remove`].
     pub async fn remove(&self, topic: &str, offset: u64) -> EngineResult<bool> {
-        self.0.backend.remove(topic, offset).await
+        self.timed(Op::Remove, self.0.backend.remove(topic, offset))
+            .await
     }
 
     /// See [`StateEngine::drop_log`].
     pub async fn drop_log(&self, topic: &str) -> EngineResult<()> {
-        self.0.backend.drop_log(topic).await
+        self.timed(Op::DropLog, self.0.backend.drop_log(topic))
+            .await
     }
 
     /// See [`StateEngine::presence_join`].
@@ -403,7 +580,11 @@ impl Engine {
         member: &str,
         conn: ConnRef,
     ) -> EngineResult<bool> {
-        self.0.backend.presence_join(room, member, conn).await
+        self.timed(
+            Op::PresenceJoin,
+            self.0.backend.presence_join(room, member, conn),
+        )
+        .await
     }
 
     /// See [`StateEngine::presence_leave`].
@@ -413,22 +594,31 @@ impl Engine {
         member: &str,
         conn: ConnRef,
     ) -> EngineResult<bool> {
-        self.0.backend.presence_leave(room, member, conn).await
+        self.timed(
+            Op::PresenceLeave,
+            self.0.backend.presence_leave(room, member, conn),
+        )
+        .await
     }
 
     /// See [`StateEngine::presence_members`].
     pub async fn presence_members(&self, room: &str) -> EngineResult<Vec<String>> {
-        self.0.backend.presence_members(room).await
+        self.timed(Op::PresenceMembers, self.0.backend.presence_members(room))
+            .await
     }
 
     /// See [`StateEngine::presence_contains`].
     pub async fn presence_contains(&self, room: &str, member: &str) -> EngineResult<bool> {
-        self.0.backend.presence_contains(room, member).await
+        self.timed(
+            Op::PresenceContains,
+            self.0.backend.presence_contains(room, member),
+        )
+        .await
     }
 
     /// See [`StateEngine::get`].
     pub async fn get(&self, key: &str) -> EngineResult<Option<Versioned>> {
-        self.0.backend.get(key).await
+        self.timed(Op::Get, self.0.backend.get(key)).await
     }
 
     /// See [`StateEngine::put`].
@@ -439,17 +629,19 @@ impl Engine {
         expect: Expect,
         ttl: Option<Duration>,
     ) -> EngineResult<Put> {
-        self.0.backend.put(key, value, expect, ttl).await
+        self.timed(Op::Put, self.0.backend.put(key, value, expect, ttl))
+            .await
     }
 
     /// See [`StateEngine::delete`].
     pub async fn delete(&self, key: &str, expect: Expect) -> EngineResult<bool> {
-        self.0.backend.delete(key, expect).await
+        self.timed(Op::Delete, self.0.backend.delete(key, expect))
+            .await
     }
 
     /// See [`StateEngine::take`].
     pub async fn take(&self, key: &str, expect: Expect) -> EngineResult<Option<Versioned>> {
-        self.0.backend.take(key, expect).await
+        self.timed(Op::Take, self.0.backend.take(key, expect)).await
     }
 
     /// See [`StateEngine::add`].
@@ -460,7 +652,8 @@ impl Engine {
         min: i64,
         max: i64,
     ) -> EngineResult<Result<i64, i64>> {
-        self.0.backend.add(key, delta, min, max).await
+        self.timed(Op::Add, self.0.backend.add(key, delta, min, max))
+            .await
     }
 
     /// See [`StateEngine::scan`].
@@ -470,7 +663,8 @@ impl Engine {
         after: Option<&str>,
         limit: usize,
     ) -> EngineResult<Vec<(String, Versioned)>> {
-        self.0.backend.scan(prefix, after, limit).await
+        self.timed(Op::Scan, self.0.backend.scan(prefix, after, limit))
+            .await
     }
 
     /// See [`StateEngine::rate_limit`].
@@ -480,13 +674,15 @@ impl Engine {
         limit: u32,
         window: Duration,
     ) -> EngineResult<RateDecision> {
-        self.0.backend.rate_limit(key, limit, window).await
+        self.timed(Op::RateLimit, self.0.backend.rate_limit(key, limit, window))
+            .await
     }
 
     /// The response stored for idempotency key `key`, if any (and not expired).
     pub async fn recall(&self, key: &str) -> EngineResult<Option<Bytes>> {
         let key = idempotency_key(key);
-        Ok(self.0.backend.get(&key).await?.map(|stored| stored.value))
+        let stored = self.timed(Op::Recall, self.0.backend.get(&key)).await?;
+        Ok(stored.map(|stored| stored.value))
     }
 
     /// Stores `response` under idempotency key `key` for `ttl`, unless a response is already
@@ -499,12 +695,15 @@ impl Engine {
         ttl: Duration,
     ) -> EngineResult<Option<Bytes>> {
         let key = idempotency_key(key);
-        match self
-            .0
-            .backend
-            .put(&key, response, Expect::Absent, Some(ttl))
-            .await?
-        {
+        let stored = self
+            .timed(
+                Op::Remember,
+                self.0
+                    .backend
+                    .put(&key, response, Expect::Absent, Some(ttl)),
+            )
+            .await?;
+        match stored {
             Put::Stored(_) => Ok(None),
             Put::Conflict(existing) => Ok(existing.map(|stored| stored.value)),
         }
