@@ -21,6 +21,7 @@
 //! limit, its default and its policy, and [`IpChat::worst_case_bytes`] is the formula given there.
 
 pub mod messages;
+pub mod telemetry;
 mod view;
 mod web;
 
@@ -684,10 +685,12 @@ impl IpChat {
         let limit = self.config.history_limit;
         if limit == 0 {
             // Nothing is kept: the message is only broadcast.
-            return engine
+            engine
                 .publish(HISTORY_TOPIC, frame, None)
                 .await
-                .map_err(refuse);
+                .map_err(refuse)?;
+            telemetry::message_accepted();
+            return Ok(());
         }
         let cap = self.config.max_history_bytes;
         if frame.len() > cap {
@@ -709,6 +712,8 @@ impl IpChat {
             )
             .await
             .map_err(refuse)?;
+        // Counted once the engine holds it (and ordered its broadcast), not before.
+        telemetry::message_accepted();
         if let Appended::Done(at) = appended {
             let mut view = lock(&self.view);
             view.appended(engine.node(), at, message.id, len, limit, cap);
@@ -863,7 +868,9 @@ impl IpChat {
             warn!(%error, "ip-chat: could not prune reaction records");
         }
         self.broadcast_update(engine, &key, &base, epoch, emoji, user, action)
-            .await
+            .await?;
+        telemetry::reaction_accepted(action);
+        Ok(())
     }
 
     /// Applies the toggle to the message's reaction record with compare-and-set, retrying when
@@ -1146,6 +1153,7 @@ impl IpChat {
         }
         history.go_live(self.replay(&entries, &records, top.epoch));
         updates.go_live(Vec::new());
+        telemetry::history_replayed();
         Ok(())
     }
 }
@@ -1205,6 +1213,7 @@ impl Protocol for IpChat {
             Err(_) => Err(Cow::Borrowed(errors::INVALID_FORMAT)),
         };
         if let Err(refusal) = result {
+            telemetry::refused(&refusal);
             let _ = cx.send(error_frame(&refusal));
         }
     }

@@ -573,3 +573,85 @@ mod signed_over_sockets {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics: the protocol's counters, seen by a recorder local to the test's thread
+
+mod metrics_in_process {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use switchboard_ip_chat::telemetry::{HISTORY_REPLAYS, MESSAGES, REACTIONS, REFUSALS};
+    use switchboard_ip_chat::{Config, IpChat};
+    use switchboard_testkit::{Driver, json};
+
+    /// The value of counter `name` with exactly `labels`, 0 if it was never incremented.
+    fn counter(
+        snapshot: &[(
+            metrics_util::CompositeKey,
+            Option<metrics::Unit>,
+            Option<metrics::SharedString>,
+            DebugValue,
+        )],
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> u64 {
+        snapshot
+            .iter()
+            .find(|(key, _, _, _)| {
+                let key = key.key();
+                key.name() == name
+                    && key.labels().count() == labels.len()
+                    && labels.iter().all(|(k, v)| {
+                        key.labels()
+                            .any(|label| label.key() == *k && label.value() == *v)
+                    })
+            })
+            .map_or(0, |(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                other => panic!("{name} is not a counter: {other:?}"),
+            })
+    }
+
+    /// The driver runs every hook on this task, so a recorder set for this thread sees each
+    /// event: joins, messages, reaction toggles and refusals by reason.
+    #[tokio::test]
+    async fn counters_follow_messages_reactions_refusals_and_replays() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
+
+        let driver = Driver::new(IpChat::new(Config {
+            rate_limit: 2,
+            ..Config::default()
+        }));
+        let mut alice = driver.open("/ws").await.unwrap();
+        alice
+            .json(&json!({"type": "send_message", "data": {"text": "hi"}}))
+            .await;
+        let id = alice.json_frames()[0]["data"]["id"].clone();
+        let react = json!({"type": "add_reaction", "data": {"message_id": id, "emoji": "👍"}});
+        alice.json(&react).await;
+        alice.json(&react).await;
+        alice
+            .json(&json!({"type": "send_message", "data": {"text": "  "}}))
+            .await;
+        alice.text("not json").await;
+        alice
+            .json(&json!({"type": "send_message", "data": {"text": "again"}}))
+            .await;
+        alice
+            .json(&json!({"type": "send_message", "data": {"text": "too many"}}))
+            .await;
+        let _bob = driver.open("/ws").await.unwrap();
+
+        let snapshot = snapshotter.snapshot().into_vec();
+        assert_eq!(counter(&snapshot, MESSAGES, &[]), 2);
+        assert_eq!(counter(&snapshot, REACTIONS, &[("action", "added")]), 1);
+        assert_eq!(counter(&snapshot, REACTIONS, &[("action", "removed")]), 1);
+        assert_eq!(counter(&snapshot, REFUSALS, &[("reason", "invalid")]), 2);
+        assert_eq!(
+            counter(&snapshot, REFUSALS, &[("reason", "rate_limited")]),
+            1
+        );
+        assert_eq!(counter(&snapshot, HISTORY_REPLAYS, &[]), 2);
+    }
+}
