@@ -20,6 +20,7 @@ use crate::state::{
 use crate::store::{
     ONLINE_ROOM, PRESENCE_LOG, QueueRefused, Store, presence_append, rate_key, user_topic,
 };
+use crate::telemetry::{self, MsgOutcome, Scope};
 use crate::{Conn, FastChat, WS_PATH, web};
 
 /// How often a `PRESENCE` delta is appended with compare-and-set before it is appended
@@ -89,16 +90,26 @@ impl FastChat {
     }
 
     fn error(peer: &Peer, code: ErrorCode, message: &str, details: Value) {
+        telemetry::error(code);
         Self::send(peer, messages::error_frame(code, message, details));
     }
 
     fn rate_limited(
         peer: &Peer,
+        kind: Kind,
         message: &str,
         limit: usize,
         per_client: bool,
         mut details: Value,
     ) {
+        telemetry::rate_limited(
+            kind,
+            if per_client {
+                Scope::Client
+            } else {
+                Scope::User
+            },
+        );
         details["limit"] = json!(limit);
         if per_client {
             details["window_secs"] = json!(60);
@@ -362,6 +373,7 @@ impl FastChat {
             let limit = usize::try_from(self.config.client_hello_per_minute).unwrap_or(usize::MAX);
             Self::rate_limited(
                 peer,
+                Kind::Hello,
                 "too many HELLOs from this client",
                 limit,
                 true,
@@ -400,7 +412,14 @@ impl FastChat {
         {
             let details = json!({"window_secs": self.config.rate_window.as_secs_f64()});
             let limit = self.config.hello_rate_limit;
-            Self::rate_limited(peer, "too many HELLOs for this user", limit, false, details);
+            Self::rate_limited(
+                peer,
+                Kind::Hello,
+                "too many HELLOs for this user",
+                limit,
+                false,
+                details,
+            );
             return Ok(());
         }
         let registered = match self
@@ -411,6 +430,7 @@ impl FastChat {
             Err(RegisterError::ClientShareFull) => {
                 Self::rate_limited(
                     peer,
+                    Kind::Hello,
                     "this client has created the most users allowed, and all are online",
                     self.config.max_users_per_client,
                     true,
@@ -439,6 +459,7 @@ impl FastChat {
             // A repeated HELLO: this socket already holds the list, so it gets a delta with its
             // own entry; everyone else hears of a rename.
             Self::send(peer, ack);
+            telemetry::hello();
             let me = PresenceUser {
                 user_id: id.clone(),
                 display_name: display_name.to_owned(),
@@ -516,6 +537,7 @@ impl FastChat {
         };
         conn.user = Some(user_id);
         Self::send(peer, ack);
+        telemetry::hello();
         deltas.go_live(vec![full]);
 
         // From here the socket is identified; what fails is logged, not answered.
@@ -696,17 +718,22 @@ impl FastChat {
                 &details,
             )
             .await;
-        if let Err(error) = sent {
-            warn!(%error, "MSG failed on the state engine");
-            let mut details = details;
-            details["message_id"] = json!(message_id);
-            Self::error(
-                peer,
-                ErrorCode::MessageFailed,
-                "the server cannot take messages now",
-                details,
-            );
-        }
+        let outcome = match sent {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                warn!(%error, "MSG failed on the state engine");
+                let mut details = details;
+                details["message_id"] = json!(message_id);
+                Self::error(
+                    peer,
+                    ErrorCode::MessageFailed,
+                    "the server cannot take messages now",
+                    details,
+                );
+                MsgOutcome::Refused(ErrorCode::MessageFailed)
+            }
+        };
+        telemetry::msg(outcome);
     }
 
     /// Answers a `MSG` whose id is already taken: the sender's own retry gets the current
@@ -717,7 +744,7 @@ impl FastChat {
         message_id: &str,
         record: &MessageRecord,
         details: &Value,
-    ) {
+    ) -> MsgOutcome {
         if record.from == me {
             Self::send(
                 peer,
@@ -729,6 +756,7 @@ impl FastChat {
                     },
                 ),
             );
+            MsgOutcome::Retried
         } else {
             let mut details = details.clone();
             details["field"] = json!("message_id");
@@ -738,6 +766,7 @@ impl FastChat {
                 "message_id: already used by another sender",
                 details,
             );
+            MsgOutcome::Refused(ErrorCode::Validation)
         }
     }
 
@@ -749,7 +778,7 @@ impl FastChat {
         content: &str,
         (client_id, message_id): (Option<String>, &str),
         details: &Value,
-    ) -> EngineResult<()> {
+    ) -> EngineResult<MsgOutcome> {
         let (peer, engine) = (cx.peer(), cx.engine());
         let store = self.store(engine);
         // The version of this sender's own `pending` record for this id: its first attempt was
@@ -762,29 +791,22 @@ impl FastChat {
             if record.status == Status::Pending && record.from == me && record.to == to {
                 resumed = Some(version);
             } else {
-                Self::answer_taken(peer, me, id, &record, details);
-                return Ok(());
+                return Ok(Self::answer_taken(peer, me, id, &record, details));
             }
         }
         // An open chat implies a known recipient (forgetting a user closes their chats), so the
         // hot path reads one small key.
         if !store.chat_open(me, to).await? {
-            if store.user(to).await?.is_none() {
-                Self::error(
-                    peer,
-                    ErrorCode::UserNotFound,
-                    "recipient not found",
-                    details.clone(),
-                );
+            let (code, message) = if store.user(to).await?.is_none() {
+                (ErrorCode::UserNotFound, "recipient not found")
             } else {
-                Self::error(
-                    peer,
+                (
                     ErrorCode::ChatNotOpened,
                     "open a chat with the recipient first",
-                    details.clone(),
-                );
-            }
-            return Ok(());
+                )
+            };
+            Self::error(peer, code, message, details.clone());
+            return Ok(MsgOutcome::Refused(code));
         }
         if !self
             .user_rate(engine, "msg", me, self.config.msg_rate_limit)
@@ -793,14 +815,14 @@ impl FastChat {
             let mut details = details.clone();
             details["window_secs"] = json!(self.config.rate_window.as_secs_f64());
             let limit = self.config.msg_rate_limit;
-            Self::rate_limited(peer, "too many messages", limit, false, details);
-            return Ok(());
+            Self::rate_limited(peer, Kind::Msg, "too many messages", limit, false, details);
+            return Ok(MsgOutcome::Refused(ErrorCode::RateLimited));
         }
         if !self.client_msg.check(&client) {
             let limit = usize::try_from(self.config.client_msg_per_minute).unwrap_or(usize::MAX);
             let message = "too many messages from this client";
-            Self::rate_limited(peer, message, limit, true, details.clone());
-            return Ok(());
+            Self::rate_limited(peer, Kind::Msg, message, limit, true, details.clone());
+            return Ok(MsgOutcome::Refused(ErrorCode::RateLimited));
         }
         let (me_s, to_s) = (me.to_string(), to.to_string());
         let timestamp = now_iso8601();
@@ -814,12 +836,13 @@ impl FastChat {
                 timestamp: &timestamp,
             },
         ) else {
-            return Ok(());
+            return Ok(MsgOutcome::Dropped);
         };
         let failed = |why: &str| {
             let mut details = details.clone();
             details["message_id"] = json!(message_id);
             Self::error(peer, ErrorCode::MessageFailed, why, details);
+            MsgOutcome::Refused(ErrorCode::MessageFailed)
         };
         // The record comes first: a message is only delivered once the server can remember it
         // (for retries and the delivered tick).
@@ -833,29 +856,27 @@ impl FastChat {
             // Of retries racing to resume it, the one whose compare-and-set lands sends it; the
             // others answer as retries. Its charge and age entry are the first attempt's.
             if !store.update_message(message_id, &record, version).await? {
-                if let Some((taken, _)) = store.message(message_id).await? {
-                    Self::answer_taken(peer, me, message_id, &taken, details);
-                }
-                return Ok(());
+                return Ok(match store.message(message_id).await? {
+                    Some((taken, _)) => Self::answer_taken(peer, me, message_id, &taken, details),
+                    None => MsgOutcome::Dropped,
+                });
             }
             None
         } else {
             match store.record(message_id, &record).await? {
                 Ok(order) => Some(order),
                 Err(Some(taken)) => {
-                    Self::answer_taken(peer, me, message_id, &taken, details);
-                    return Ok(());
+                    return Ok(Self::answer_taken(peer, me, message_id, &taken, details));
                 }
                 Err(None) => {
-                    failed("the server has no room to track another message");
-                    return Ok(());
+                    return Ok(failed("the server has no room to track another message"));
                 }
             }
         };
         let delivered = self.deliver(&store, client, to, incoming).await;
-        let refused = match delivered {
-            Ok(Ok(())) => None,
-            Ok(Err(refused)) => Some(refused),
+        let (refused, queued) = match delivered {
+            Ok(Ok(queued)) => (None, queued),
+            Ok(Err(refused)) => (Some(refused), false),
             Err(error) => {
                 if let Some(order) = order {
                     store.unrecord(message_id, order).await?;
@@ -868,15 +889,14 @@ impl FastChat {
             if let Some(order) = order {
                 store.unrecord(message_id, order).await?;
             }
-            failed(match refused {
+            return Ok(failed(match refused {
                 QueueRefused::User => "the recipient's offline queue is full",
                 QueueRefused::Server => "the server's offline queue is full",
                 QueueRefused::Client => {
                     "this client has the most messages waiting in offline queues allowed"
                 }
                 QueueRefused::NoMemory => "the server has no room to queue another message",
-            });
-            return Ok(());
+            }));
         }
         store.confirm_message(message_id).await?;
         // The account's counters returned their values as they changed: no read of it here.
@@ -891,20 +911,20 @@ impl FastChat {
                 },
             ),
         );
-        Ok(())
+        Ok(MsgOutcome::Sent { queued })
     }
 
     /// Delivers `frame` to `to`: appended to their inbox and published to their sockets on
     /// every node. It stays queued (charged to `client`) unless the recipient is online after
     /// the append, which means one of their sockets had it (see the ordering argument in the
-    /// docs).
+    /// docs). `Ok(true)` when it stays queued.
     async fn deliver(
         &self,
         store: &Store<'_>,
         client: ClientKey,
         to: Uuid,
         frame: Frame,
-    ) -> EngineResult<Result<(), QueueRefused>> {
+    ) -> EngineResult<Result<bool, QueueRefused>> {
         let len = frame.len();
         let client = client.to_string();
         let online_before = store.is_online(to).await?;
@@ -923,7 +943,7 @@ impl FastChat {
                 if charged {
                     store.release_queued(&client, len).await?;
                 }
-                return other.map(|refused| refused.map(|_| ()));
+                return other.map(|refused| refused.map(|_| false));
             }
         };
         if store.is_online(to).await? {
@@ -935,7 +955,7 @@ impl FastChat {
                 .engine
                 .remove(&user_topic(to), position.offset)
                 .await?;
-            return Ok(Ok(()));
+            return Ok(Ok(false));
         }
         if !charged {
             // The recipient went offline between the two checks: the message stays queued.
@@ -953,11 +973,11 @@ impl FastChat {
                     return Ok(Err(refused));
                 }
                 // Someone took it meanwhile: it was delivered after all.
-                return Ok(Ok(()));
+                return Ok(Ok(false));
             }
         }
         store.mark_queued(to, position, &client, len).await?;
-        Ok(Ok(()))
+        Ok(Ok(true))
     }
 
     async fn msg_ack(&self, me: Uuid, cx: &Context<'_>, message_id: &str) {
@@ -987,6 +1007,8 @@ impl FastChat {
                 return Ok(());
             };
             if store.update_message(message_id, &acked, version).await? {
+                // Delivered once the record says so; the tick to the sender may still fail.
+                telemetry::delivered();
                 let ack = frame(
                     "MSG_ACK",
                     &messages::MsgAck {
@@ -1010,7 +1032,14 @@ impl FastChat {
             Ok(false) => {
                 let details = json!({"window_secs": self.config.rate_window.as_secs_f64()});
                 let limit = self.config.typing_rate_limit;
-                Self::rate_limited(peer, "too many typing indicators", limit, false, details);
+                Self::rate_limited(
+                    peer,
+                    Kind::Typing,
+                    "too many typing indicators",
+                    limit,
+                    false,
+                    details,
+                );
                 return;
             }
             Err(error) => {
@@ -1021,7 +1050,7 @@ impl FastChat {
         if !self.client_typing.check(&client) {
             let limit = usize::try_from(self.config.client_typing_per_minute).unwrap_or(usize::MAX);
             let message = "too many typing indicators from this client";
-            Self::rate_limited(peer, message, limit, true, json!({}));
+            Self::rate_limited(peer, Kind::Typing, message, limit, true, json!({}));
             return;
         }
         let me_s = me.to_string();
@@ -1137,6 +1166,9 @@ impl Protocol for FastChat {
             }
         };
         if conn.user.is_none() && !kind.allowed_before_hello() {
+            if kind == Kind::Msg {
+                telemetry::msg_failed(ErrorCode::Unauthorized);
+            }
             Self::error(peer, ErrorCode::Unauthorized, "send HELLO first", json!({}));
             return;
         }
@@ -1146,10 +1178,11 @@ impl Protocol for FastChat {
                 let mut details = invalid
                     .field
                     .map_or_else(|| json!({}), |f| json!({"field": f}));
-                if kind == Kind::Msg
-                    && let Some(Value::String(id)) = data.get("message_id")
-                {
-                    details["message_id"] = json!(id);
+                if kind == Kind::Msg {
+                    telemetry::msg_failed(ErrorCode::Validation);
+                    if let Some(Value::String(id)) = data.get("message_id") {
+                        details["message_id"] = json!(id);
+                    }
                 }
                 Self::error(peer, ErrorCode::Validation, &invalid.message, details);
                 return;

@@ -43,6 +43,7 @@ pub mod messages;
 pub mod sanitize;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 mod web;
 
 use std::fmt;

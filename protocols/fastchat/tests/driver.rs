@@ -207,3 +207,105 @@ async fn a_subject_that_is_not_a_user_id_is_refused_at_the_upgrade() {
     open.json(&hello_frame(&new_id(), "Anyone")).await;
     assert_eq!(types(&open.json_frames()), ["HELLO_ACK", "PRESENCE"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics: the protocol's counters, seen by a recorder local to the test's thread.
+
+/// The value of counter `name` with exactly `labels` in `snapshot`, 0 if never incremented.
+fn counter(
+    snapshot: &[(
+        metrics_util::CompositeKey,
+        Option<metrics::Unit>,
+        Option<metrics::SharedString>,
+        metrics_util::debugging::DebugValue,
+    )],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> u64 {
+    snapshot
+        .iter()
+        .find(|(key, _, _, _)| {
+            let key = key.key();
+            key.name() == name
+                && key.labels().count() == labels.len()
+                && labels.iter().all(|(k, v)| {
+                    key.labels()
+                        .any(|label| label.key() == *k && label.value() == *v)
+                })
+        })
+        .map_or(0, |(_, _, _, value)| match value {
+            metrics_util::debugging::DebugValue::Counter(n) => *n,
+            other => panic!("{name} is not a counter: {other:?}"),
+        })
+}
+
+/// The driver runs every hook on this task, so a recorder set for this thread sees each
+/// event: HELLOs, a message sent, delivered, retried and queued, and refusals by code.
+#[tokio::test]
+async fn counters_follow_hellos_messages_and_refusals() {
+    use switchboard_fastchat::telemetry::{
+        ERRORS, HELLOS, MESSAGE_FAILURES, MESSAGES, RATE_LIMITED,
+    };
+
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let driver = Driver::new(FastChat::new(Config {
+        msg_rate_limit: 3,
+        ..Config::default()
+    }));
+    let (a, b) = (new_id(), new_id());
+    let mut alice = hello(&driver, &a, "Alice").await;
+    let mut bob = hello(&driver, &b, "Bob").await;
+    let mut stranger = driver.open("/ws").await.unwrap();
+    stranger
+        .json(&json!({"type": "MSG", "data": {"to": b, "content": "hi"}}))
+        .await;
+    alice
+        .json(&json!({"type": "OPEN_CHAT", "data": {"target_user_id": b}}))
+        .await;
+    let msg =
+        |id: &str| json!({"type": "MSG", "data": {"to": b, "content": "hi", "message_id": id}});
+    alice.json(&msg("m-1")).await;
+    bob.json(&json!({"type": "MSG_ACK", "data": {"message_id": "m-1"}}))
+        .await;
+    alice.json(&msg("m-1")).await;
+    alice
+        .json(&json!({"type": "MSG", "data": {"to": new_id(), "content": "hi"}}))
+        .await;
+    bob.close().await;
+    alice.json(&msg("m-2")).await;
+    alice.json(&msg("m-3")).await;
+    alice.json(&msg("m-4")).await;
+    let codes: Vec<Value> = alice
+        .json_frames()
+        .into_iter()
+        .filter(|f| f["type"] == "ERROR")
+        .map(|f| f["data"]["code"].clone())
+        .collect();
+    assert_eq!(codes, ["USER_NOT_FOUND", "RATE_LIMITED"]);
+
+    let snapshot = snapshotter.snapshot().into_vec();
+    assert_eq!(counter(&snapshot, HELLOS, &[]), 2);
+    assert_eq!(counter(&snapshot, MESSAGES, &[("outcome", "sent")]), 3);
+    assert_eq!(counter(&snapshot, MESSAGES, &[("outcome", "queued")]), 2);
+    assert_eq!(counter(&snapshot, MESSAGES, &[("outcome", "delivered")]), 1);
+    assert_eq!(counter(&snapshot, MESSAGES, &[("outcome", "retried")]), 1);
+    for (code, n) in [
+        ("UNAUTHORIZED", 1),
+        ("USER_NOT_FOUND", 1),
+        ("RATE_LIMITED", 1),
+    ] {
+        assert_eq!(counter(&snapshot, MESSAGE_FAILURES, &[("code", code)]), n);
+        assert_eq!(counter(&snapshot, ERRORS, &[("code", code)]), n);
+    }
+    assert_eq!(
+        counter(
+            &snapshot,
+            RATE_LIMITED,
+            &[("frame", "MSG"), ("scope", "user")]
+        ),
+        1
+    );
+}
