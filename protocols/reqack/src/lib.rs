@@ -62,6 +62,7 @@ mod messages;
 mod outbox;
 mod state;
 mod store;
+pub mod telemetry;
 mod web;
 
 use std::sync::{Arc, OnceLock};

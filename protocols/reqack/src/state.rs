@@ -39,6 +39,7 @@ use crate::messages::{
 };
 use crate::outbox;
 use crate::store::{self, Body, Evictions, OpenCall, Receipt, StoredMessage};
+use crate::telemetry::{self, Outcome};
 use crate::{Config, Conn};
 
 /// The presence room of every connected user (member = user id, one entry per socket).
@@ -929,6 +930,7 @@ impl Node {
                 }
             }
         }
+        self.observe_pending();
         debug!(settled, "checked the node's books against the outboxes");
     }
 
@@ -994,6 +996,7 @@ impl Node {
                         self.local().ledger.settle(done, id);
                     }
                     self.local().ledger.cancel(reservation);
+                    self.observe_pending();
                     return Err(match e {
                         EngineError::Full(_) => self.outbox_full(name, !unclaimed),
                         other => engine_error(&other),
@@ -1002,7 +1005,15 @@ impl Node {
             }
         }
         self.local().ledger.cancel(reservation);
+        telemetry::events(event, appended.len());
+        self.observe_pending();
         Ok(())
+    }
+
+    /// Sets the pending-event gauge from the node's books.
+    fn observe_pending(&self) {
+        let pending = self.local().ledger.pending();
+        telemetry::pending(pending);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1072,6 +1083,7 @@ impl Node {
                     self.cache_top(&user, last.offset);
                 }
                 conn.redelivery.sent(&entries, now);
+                telemetry::redelivered("connect", entries.len());
                 joining.go_live(entries.into_iter().map(|entry| entry.frame).collect());
                 conn.joined = true;
             }
@@ -1162,6 +1174,7 @@ impl Node {
             // The node's cache of the recipients' newest offsets is read and updated once per
             // slice of recipients, not locked twice per recipient; slices are short so that a
             // fan-out running at the same time over the same users rarely guesses stale.
+            let mut sent = 0usize;
             for slice in others.chunks(CACHE_SLICE) {
                 let guesses = self.cached_tops(slice);
                 let mut tops = Vec::with_capacity(slice.len());
@@ -1173,23 +1186,28 @@ impl Node {
                         tops.push((other.as_str(), id));
                     }
                 }
+                sent = sent.saturating_add(tops.len());
                 self.cache_tops(tops);
             }
+            telemetry::events(&event, sent);
             if round == 0 && online {
                 // The newcomer learns who is online now, after its redelivered events: one
                 // template, and each event's id is a guess from the one before.
                 match RosterTemplate::new(now_ms()) {
                     Ok(roster) => {
                         let mut top = self.cached_top(user).unwrap_or(0);
+                        let mut sent = 0usize;
                         for other in &others {
                             if let Some(id) = self
                                 .emit_ephemeral(engine, user, top, |id| roster.frame(id, other))
                                 .await
                             {
                                 top = id;
+                                sent = sent.saturating_add(1);
                             }
                         }
                         self.cache_top(user, top);
+                        telemetry::events(&event, sent);
                     }
                     Err(e) => warn!(error = %e, user, "could not encode the roster; not sent"),
                 }
@@ -1206,6 +1224,8 @@ impl Node {
         match engine.remove(&keys::outbox(user), id).await {
             Ok(true) => {
                 self.local().ledger.settle(user, id);
+                telemetry::acked();
+                self.observe_pending();
             }
             Ok(false) => {}
             Err(e) => warn!(error = %e, user, id, "ack not applied; the event will come again"),
@@ -1235,6 +1255,7 @@ impl Node {
             .overdue(&entries, now, self.config.redelivery_timeout);
         if !frames.is_empty() {
             debug!(user = %conn.user, count = frames.len(), "redelivering unacked events");
+            telemetry::redelivered("timeout", frames.len());
             let _ = peer.send_batch(frames);
         }
     }
@@ -1277,6 +1298,7 @@ impl Node {
             }
             debug!(user = %user, count, "dropped events that waited too long for a user that never connected");
         }
+        self.observe_pending();
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1298,24 +1320,46 @@ impl Node {
         payload: Value,
         now: Instant,
     ) -> Option<Frame> {
+        let (frame, outcome) = self
+            .answer(engine, user, client, id, payload_type, payload, now)
+            .await;
+        telemetry::request(payload_type, outcome);
+        frame
+    }
+
+    /// [`Self::request`], also saying how the request was answered (for its metric).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one request's parts, passed through"
+    )]
+    async fn answer(
+        &self,
+        engine: &Engine,
+        user: &str,
+        client: ClientKey,
+        id: &str,
+        payload_type: Option<&str>,
+        payload: Value,
+        now: Instant,
+    ) -> (Option<Frame>, Outcome) {
         let record = keys::request(user, id);
         match engine.recall(&record).await {
             Ok(Some(stored)) => {
                 if let Some(frame) = frame_of(&stored) {
                     debug!(user, id, "idempotent retry answered from the engine");
-                    return Some(frame);
+                    return (Some(frame), Outcome::Retry);
                 }
             }
             Ok(None) => {}
-            Err(e) => return respond(id, &Err(engine_error(&e))),
+            Err(e) => return failed(id, engine_error(&e)),
         }
         let claim = if Command::is_read_only(payload_type) {
             None
         } else {
             match self.claim(engine, &record, user, id).await {
                 Claim::Mine(key) => Some(key),
-                Claim::Answered(frame) => return Some(frame),
-                Claim::Refused(error) => return respond(id, &Err(error)),
+                Claim::Answered(frame) => return (Some(frame), Outcome::Retry),
+                Claim::Refused(error) => return failed(id, error),
             }
         };
         let answer = match self.rate_check(engine, user, client, now).await {
@@ -1326,6 +1370,10 @@ impl Node {
             Err(error) => Err(error),
         };
         let cache = answer.as_ref().is_ok_and(|a| a.cache);
+        let outcome = match &answer {
+            Ok(_) => Outcome::Ok,
+            Err(error) => Outcome::Failed(error.code),
+        };
         let frame = respond(id, &answer.map(|a| a.payload));
         let frame = match frame {
             Some(frame) if cache => Some(
@@ -1339,7 +1387,7 @@ impl Node {
         {
             debug!(error = %e, "a request claim stays until it expires");
         }
-        frame
+        (frame, outcome)
     }
 
     /// Claims request id `record` so only one socket answers it; a retry that finds it claimed
@@ -2051,6 +2099,7 @@ impl Node {
                 .await
             {
                 self.cache_top(&typing.chat_id, id);
+                telemetry::events(&event, 1);
             }
         }
         Ok(())
@@ -2094,6 +2143,12 @@ fn respond(id: &str, answer: &Result<Value, ApiError>) -> Option<Frame> {
 }
 
 /// A remembered response as a frame.
+/// The answer to request `id` refused with `error`, and its outcome.
+fn failed(id: &str, error: ApiError) -> (Option<Frame>, Outcome) {
+    let outcome = Outcome::Failed(error.code);
+    (respond(id, &Err(error)), outcome)
+}
+
 fn frame_of(stored: &[u8]) -> Option<Frame> {
     match std::str::from_utf8(stored) {
         Ok(text) => Some(Frame::text(text)),

@@ -992,3 +992,126 @@ mod signed_over_sockets {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics: the protocol's series, seen by a recorder local to the test's thread
+
+mod metrics_in_process {
+    use std::time::Duration;
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use serde_json::Value;
+    use switchboard_reqack::telemetry::{ACKS, EVENTS, PENDING_EVENTS, REDELIVERED, REQUESTS};
+    use switchboard_reqack::{Config, ReqAck};
+    use switchboard_testkit::{Driver, json};
+
+    type Snapshot = Vec<(
+        metrics_util::CompositeKey,
+        Option<metrics::Unit>,
+        Option<metrics::SharedString>,
+        DebugValue,
+    )>;
+
+    /// The value of series `name` with exactly `labels`, if it was recorded.
+    fn value<'a>(
+        snapshot: &'a Snapshot,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<&'a DebugValue> {
+        snapshot
+            .iter()
+            .find(|(key, _, _, _)| {
+                let key = key.key();
+                key.name() == name
+                    && key.labels().count() == labels.len()
+                    && labels.iter().all(|(k, v)| {
+                        key.labels()
+                            .any(|label| label.key() == *k && label.value() == *v)
+                    })
+            })
+            .map(|(_, _, _, value)| value)
+    }
+
+    /// The value of counter `name` with exactly `labels`, 0 if it was never incremented.
+    fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
+        match value(snapshot, name, labels) {
+            None => 0,
+            Some(DebugValue::Counter(n)) => *n,
+            Some(other) => panic!("{name} is not a counter: {other:?}"),
+        }
+    }
+
+    fn request(id: &str, payload_type: &str, payload: Value) -> Value {
+        json!({"type": "request", "timestamp": 0, "id": id, "payloadType": payload_type, "payload": payload})
+    }
+
+    /// The driver runs every hook on this task, so a recorder set for this thread sees each
+    /// event: requests by type and outcome, events, acks, both kinds of redelivery and the
+    /// pending gauge.
+    #[tokio::test]
+    async fn series_follow_requests_events_acks_and_redelivery() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
+
+        // A zero timeout: every tick resends what is unacked, so no time has to pass.
+        let driver = Driver::new(ReqAck::new(Config {
+            redelivery_timeout: Duration::ZERO,
+            ..Config::default()
+        }));
+        let mut bob = driver.open("/ws?userId=bob").await.unwrap();
+        let mut alice = driver.open("/ws?userId=alice").await.unwrap();
+        let hi = json!({"chatId": "bob", "message": "hi"});
+        alice.json(&request("r1", "new", hi.clone())).await;
+        alice.json(&request("r1", "new", hi.clone())).await;
+        alice.json(&request("r2", "bogus", json!({}))).await;
+        alice
+            .json(&request(
+                "r3",
+                "new",
+                json!({"chatId": "bob", "message": " "}),
+            ))
+            .await;
+        let new: Vec<Value> = bob
+            .json_frames()
+            .into_iter()
+            .filter(|frame| frame["eventType"] == "new")
+            .collect();
+        assert_eq!(new.len(), 1, "{new:?}");
+        bob.tick().await;
+        bob.json(&json!({"type": "ack", "id": new[0]["id"].to_string()}))
+            .await;
+        alice.json(&request("r4", "new", hi)).await;
+        // Bob's second socket gets the unacked event of r4 on connect.
+        let _again = driver.open("/ws?userId=bob").await.unwrap();
+
+        let snapshot = snapshotter.snapshot().into_vec();
+        let requests = |payload_type: &str, outcome: &str| {
+            counter(
+                &snapshot,
+                REQUESTS,
+                &[("payload_type", payload_type), ("outcome", outcome)],
+            )
+        };
+        assert_eq!(requests("new", "ok"), 2);
+        assert_eq!(requests("new", "retry"), 1);
+        assert_eq!(requests("new", "bad_request"), 1);
+        assert_eq!(requests("other", "unknown_payload_type"), 1);
+        assert_eq!(counter(&snapshot, EVENTS, &[("event_type", "new")]), 2);
+        // Alice's arrival told bob, and alice learnt bob is online.
+        assert_eq!(counter(&snapshot, EVENTS, &[("event_type", "online")]), 2);
+        assert_eq!(counter(&snapshot, ACKS, &[]), 1);
+        assert_eq!(
+            counter(&snapshot, REDELIVERED, &[("trigger", "timeout")]),
+            1
+        );
+        assert_eq!(
+            counter(&snapshot, REDELIVERED, &[("trigger", "connect")]),
+            1
+        );
+        match value(&snapshot, PENDING_EVENTS, &[]) {
+            Some(DebugValue::Gauge(pending)) => assert_eq!(pending.into_inner(), 1.0),
+            other => panic!("{PENDING_EVENTS}: {other:?}"),
+        }
+    }
+}
