@@ -169,6 +169,11 @@ pub(crate) struct RuntimeArgs {
     /// With signed identity: clock skew tolerated on the token's `exp` and `nbf`, e.g. 30s.
     #[arg(long, env = "SWITCHBOARD_AUTH_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
     pub(crate) auth_jwt_leeway: Duration,
+    /// Serve Prometheus metrics at `GET /metrics` on this separate address, e.g.
+    /// 127.0.0.1:9100 (default: off, so metrics are never public by accident). See
+    /// docs/operations.md.
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_name = "ADDR")]
+    pub(crate) metrics_listen: Option<SocketAddr>,
 }
 
 impl RuntimeArgs {
@@ -176,7 +181,14 @@ impl RuntimeArgs {
     /// durable in `--data-dir` when given (an unusable directory is an error: nothing is wiped
     /// to get past it), else in memory. Must run inside the tokio runtime: the Redis engine
     /// connects in the background from the start.
+    ///
+    /// With `--metrics-listen` it first installs the Prometheus recorder (before the engine and
+    /// the router register their metrics) and starts serving `/metrics` on that address for
+    /// the life of the process: scrapes keep working while the server drains.
     pub(crate) fn config(&self) -> Result<ServerConfig, CliError> {
+        if let Some(addr) = self.metrics_listen {
+            start_metrics(addr)?;
+        }
         let engine = match (&self.engine, &self.data_dir) {
             (Some(_), Some(_)) => return Err(CliError::EngineWithDataDir),
             (Some(url), None) => self.shared_engine(url)?,
@@ -274,6 +286,20 @@ impl RuntimeArgs {
         tracing::info!(cluster = %self.cluster_name, "state engine: redis (connecting in the background)");
         Ok(engine)
     }
+}
+
+/// Installs the recorder and serves `/metrics` on `addr` in the background.
+fn start_metrics(addr: SocketAddr) -> Result<(), CliError> {
+    let handle = switchboard_server::metrics::install()
+        .map_err(|error| CliError::Failed(format!("cannot record metrics: {error}")))?;
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|listener| {
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)
+        })
+        .map_err(|source| CliError::Bind { addr, source })?;
+    tokio::spawn(switchboard_server::metrics::serve(listener, handle));
+    Ok(())
 }
 
 /// Where and how to serve; `run` serves one protocol until SIGINT/SIGTERM.

@@ -580,3 +580,201 @@ fn unusable_auth_flags_exit_1_naming_the_problem() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// Observability: `--metrics-listen`, the access log.
+
+/// Spawns the binary with JSON logs and hands over every log line (like [`start_logging`],
+/// without waiting for anything).
+fn spawn_logging(args: &[&str]) -> (Child, mpsc::Receiver<serde_json::Value>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
+                let _ = tx.send(entry);
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The value of the exposition line `series` (name and labels exactly as rendered), if any.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_listen_serves_prometheus_and_sessions_and_refusals_are_access_log_lines() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+    let (mut child, logs) = spawn_logging(&[
+        "--protocol",
+        "echo",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--allowed-origins",
+        "http://good.example",
+    ]);
+    let metrics_line = wait_log(&logs, "serving metrics");
+    let metrics: SocketAddr = metrics_line["fields"]["metrics"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let listening = wait_log(&logs, "listening");
+    let addr: SocketAddr = listening["fields"]["local"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The main listener does not serve metrics; the metrics listener serves nothing else.
+    assert_eq!(
+        switchboard_testkit::http_request(addr, "GET", "/metrics", None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        switchboard_testkit::http_request(metrics, "GET", "/status", None)
+            .await
+            .status,
+        404
+    );
+
+    // A session: one message each way, closed by the client with 1000. The query string (it
+    // may hold a token) never reaches the log.
+    let mut client = Client::connect(&format!("ws://{addr}/ws?token=not-for-logs")).await;
+    client.send_text("hello").await;
+    assert_eq!(client.recv().await, Message::text("hello"));
+    let bye = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    };
+    client
+        .inner()
+        .send(Message::Close(Some(bye)))
+        .await
+        .unwrap();
+    let session = wait_log(&logs, "session closed");
+    assert_eq!(session["target"], "switchboard::access", "{session}");
+    assert_eq!(session["level"], "INFO", "{session}");
+    let fields = &session["fields"];
+    assert_eq!(fields["protocol"], "echo", "{session}");
+    assert_eq!(fields["path"], "/ws", "{session}");
+    assert_eq!(fields["client_ip"], "127.0.0.1", "{session}");
+    assert_eq!(fields["close_code"], 1000, "{session}");
+    assert_eq!(fields["close_reason"], "bye", "{session}");
+    assert_eq!(fields["closed_by"], "client", "{session}");
+    assert_eq!(fields["frames_in"], 1, "{session}");
+    assert_eq!(fields["frames_out"], 1, "{session}");
+    assert!(fields["bytes_in"].as_u64().unwrap() > 5, "{session}");
+    assert!(fields["bytes_out"].as_u64().unwrap() > 5, "{session}");
+    assert!(fields["duration_seconds"].as_f64().is_some(), "{session}");
+    assert!(fields["user"].is_null(), "no signed identity: {session}");
+    assert!(
+        fields["conn"].as_str().is_some_and(|c| !c.is_empty()),
+        "{session}"
+    );
+    assert!(!session.to_string().contains("not-for-logs"), "{session}");
+
+    // A refused upgrade.
+    let evil = switchboard_testkit::ConnectOptions {
+        origin: Some("http://evil.example".into()),
+        ..Default::default()
+    };
+    let url = format!("ws://{addr}/ws?token=not-for-logs-either");
+    assert_eq!(Client::refused_status(&url, evil).await, 403);
+    let refused = wait_log(&logs, "upgrade refused");
+    assert_eq!(refused["target"], "switchboard::access", "{refused}");
+    assert_eq!(refused["fields"]["status"], 403, "{refused}");
+    assert_eq!(refused["fields"]["reason"], "origin", "{refused}");
+    assert_eq!(refused["fields"]["path"], "/ws", "{refused}");
+    assert_eq!(refused["fields"]["client_ip"], "127.0.0.1", "{refused}");
+    assert!(!refused.to_string().contains("not-for-logs"), "{refused}");
+
+    // The scrape shows all of it.
+    let reply = switchboard_testkit::http_request(metrics, "GET", "/metrics", None).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .headers
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{}",
+        reply.headers
+    );
+    let text = reply.body;
+    for (series, at_least) in [
+        (
+            r#"switchboard_connections_accepted_total{protocol="echo"}"#,
+            1.0,
+        ),
+        (r#"switchboard_frames_in_total{protocol="echo"}"#, 1.0),
+        (r#"switchboard_frames_out_total{protocol="echo"}"#, 1.0),
+        (
+            r#"switchboard_connections_closed_total{protocol="echo",code="1000",reason="client"}"#,
+            1.0,
+        ),
+        (
+            r#"switchboard_connections_rejected_total{protocol="echo",reason="origin"}"#,
+            1.0,
+        ),
+        (
+            r#"switchboard_build_info{protocol="echo",version="0.0.0"}"#,
+            1.0,
+        ),
+        (r#"switchboard_process_open_fds{protocol="echo"}"#, 1.0),
+        (
+            r#"switchboard_process_resident_memory_bytes{protocol="echo"}"#,
+            1.0,
+        ),
+    ] {
+        let value = sample(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"));
+        assert!(value >= at_least, "{series} = {value}\n{text}");
+    }
+    // The gauge comes down as the session's task ends, just after its log line.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = switchboard_testkit::http_request(metrics, "GET", "/metrics", None)
+            .await
+            .body;
+        if sample(&text, r#"switchboard_connections_open{protocol="echo"}"#) == Some(0.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child), 0);
+}
+
+#[test]
+fn metrics_are_off_unless_asked_for() {
+    let (mut child, logs) = spawn_logging(&["--protocol", "echo"]);
+    let mut saw_metrics = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let entry = logs.recv_timeout(left).expect("the server starts");
+        let message = entry["fields"]["message"].as_str().unwrap_or_default();
+        saw_metrics |= message.starts_with("serving metrics");
+        if message == "listening" {
+            break;
+        }
+    }
+    assert!(!saw_metrics, "no metrics listener without --metrics-listen");
+    signal(&child, "TERM");
+    assert_eq!(wait_exit(&mut child), 0);
+}

@@ -751,3 +751,367 @@ mod tls {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// Metrics, the access log's counterparts in the exposition, and `/status`. The recorder is
+/// process-wide and other tests of this binary may record too, so assertions compare one
+/// protocol's series (`observed`, used only here) before and after, and counters only grow.
+mod observability {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use switchboard_core::engine::Expect;
+    use switchboard_testkit::jwt::Keys;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Echoes each text frame after storing it in the engine (one `put` per frame).
+    struct Observed;
+
+    impl Protocol for Observed {
+        type Conn = ();
+
+        fn name(&self) -> &'static str {
+            "observed"
+        }
+
+        fn admit(&self, handshake: &Handshake<'_>) -> Result<(), Reject> {
+            if handshake.path == "/ws" {
+                Ok(())
+            } else {
+                Err(Reject::NotFound)
+            }
+        }
+
+        async fn on_open(&self, _conn: &mut (), _cx: &Context<'_>) {}
+
+        async fn on_text(&self, _conn: &mut (), cx: &Context<'_>, text: &str) {
+            cx.engine()
+                .put("last", text.to_owned().into(), Expect::Any, None)
+                .await
+                .unwrap();
+            let _ = cx.send(Frame::text(text));
+        }
+
+        async fn on_close(&self, _conn: (), _cx: &Context<'_>) {}
+    }
+
+    /// One parsed sample of the text exposition format.
+    #[derive(Debug)]
+    struct Sample {
+        name: String,
+        labels: BTreeMap<String, String>,
+        value: f64,
+    }
+
+    /// A parser of the text format (version 0.0.4) for what the exporter writes: comments,
+    /// `name value` and `name{k="v",...} value`, label values with `\\`, `\"` and `\n` escapes.
+    fn parse(text: &str) -> Vec<Sample> {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, rest) = match line.find(['{', ' ']) {
+                Some(at) => line.split_at(at),
+                None => panic!("no value: {line}"),
+            };
+            let mut labels = BTreeMap::new();
+            let mut rest = rest;
+            if let Some(inner) = rest.strip_prefix('{') {
+                let mut chars = inner.char_indices();
+                let mut key = String::new();
+                let mut end = None;
+                while let Some((at, c)) = chars.next() {
+                    match c {
+                        '}' => {
+                            end = Some(at);
+                            break;
+                        }
+                        ',' => {}
+                        '=' => {
+                            assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
+                            let mut value = String::new();
+                            loop {
+                                match chars.next().map(|(_, c)| c) {
+                                    Some('\\') => match chars.next().map(|(_, c)| c) {
+                                        Some('n') => value.push('\n'),
+                                        Some(other) => value.push(other),
+                                        None => panic!("bad escape: {line}"),
+                                    },
+                                    Some('"') => break,
+                                    Some(other) => value.push(other),
+                                    None => panic!("unterminated value: {line}"),
+                                }
+                            }
+                            labels.insert(std::mem::take(&mut key), value);
+                        }
+                        c => key.push(c),
+                    }
+                }
+                rest = &inner[end.expect("closing brace") + 1..];
+            }
+            let value = rest.split_whitespace().next().expect("a value");
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("bad value: {line}")),
+            };
+            samples.push(Sample {
+                name: name.to_owned(),
+                labels,
+                value,
+            });
+        }
+        samples
+    }
+
+    /// The sum of the samples named `name` whose labels include `labels`.
+    fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        parse(text)
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
+    fn render() -> String {
+        let handle = switchboard_server::metrics::install().unwrap();
+        switchboard_server::metrics::render(&handle)
+    }
+
+    const P: (&str, &str) = ("protocol", "observed");
+
+    /// Waits (bounded) until `check` holds for a fresh exposition and returns that exposition.
+    async fn until(check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let text = render();
+            if check(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "metrics never got there:\n{text}"
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn series_exist_and_move_with_traffic_closes_refusals_and_engine_calls() {
+        switchboard_server::metrics::install().unwrap();
+        let config = ServerConfig {
+            max_frame_bytes: Some(1024),
+            allowed_origins: Some(vec!["http://good.example".into()]),
+            ..ServerConfig::default()
+        };
+        let server = TestServer::start(Observed, config).await;
+        let before = render();
+        let count = |text: &str, name: &str, labels: &[(&str, &str)]| {
+            let mut all = vec![P];
+            all.extend_from_slice(labels);
+            value(text, name, &all)
+        };
+
+        let mut client = server.connect("/ws").await;
+        client.send_text("hello").await;
+        assert_eq!(recv_text(&mut client).await, "hello");
+        let open = render();
+        assert!(
+            count(&open, "switchboard_connections_open", &[]) >= 1.0,
+            "{open}"
+        );
+
+        // A refused origin and a path the protocol does not serve.
+        let url = server.ws_url("/ws");
+        let evil = ConnectOptions {
+            origin: Some("http://evil.example".into()),
+            ..ConnectOptions::default()
+        };
+        assert_eq!(Client::refused_status(&url, evil).await, 403);
+        let nowhere = server.ws_url("/nowhere");
+        assert_eq!(
+            Client::refused_status(&nowhere, ConnectOptions::default()).await,
+            404
+        );
+
+        // An oversized message: closed with 1009.
+        client.send_text(&"x".repeat(1025)).await;
+        assert_eq!(client.expect_close().await.code, CloseCode::Size);
+        let closed = [("code", "1009"), ("reason", "oversized")];
+        let after = until(|text| {
+            count(text, "switchboard_connections_closed_total", &closed)
+                > count(&before, "switchboard_connections_closed_total", &closed)
+        })
+        .await;
+
+        let grew = |name: &str, labels: &[(&str, &str)]| {
+            let (was, now) = (count(&before, name, labels), count(&after, name, labels));
+            assert!(
+                now > was,
+                "{name}{labels:?} did not grow: {was} -> {now}\n{after}"
+            );
+        };
+        grew("switchboard_connections_accepted_total", &[]);
+        grew("switchboard_frames_in_total", &[]);
+        grew("switchboard_frames_out_total", &[]);
+        grew("switchboard_bytes_in_total", &[]);
+        grew("switchboard_bytes_out_total", &[]);
+        grew(
+            "switchboard_connections_rejected_total",
+            &[("reason", "origin")],
+        );
+        grew(
+            "switchboard_connections_rejected_total",
+            &[("reason", "protocol")],
+        );
+        grew(
+            "switchboard_engine_operation_duration_seconds_count",
+            &[("operation", "put")],
+        );
+        assert!(
+            count(&after, "switchboard_frames_in_total", &[])
+                - count(&before, "switchboard_frames_in_total", &[])
+                >= 1.0
+        );
+        // Histograms render as Prometheus histograms (buckets), not summaries.
+        assert!(
+            after.contains("# TYPE switchboard_engine_operation_duration_seconds histogram"),
+            "{after}"
+        );
+        assert!(
+            count(
+                &after,
+                "switchboard_engine_operation_duration_seconds_bucket",
+                &[("operation", "put"), ("le", "+Inf")]
+            ) >= 1.0
+        );
+        assert_eq!(count(&after, "switchboard_build_info", &[]), 1.0, "{after}");
+        for name in [
+            "switchboard_process_start_time_seconds",
+            "switchboard_process_resident_memory_bytes",
+            "switchboard_process_open_fds",
+            "switchboard_process_cpu_seconds_total",
+        ] {
+            assert!(
+                parse(&after).iter().any(|s| s.name == name),
+                "{name} missing\n{after}"
+            );
+        }
+        // No label ever holds a path, an address or a session.
+        for sample in parse(&after)
+            .iter()
+            .filter(|s| s.name.starts_with("switchboard_"))
+        {
+            for value in sample.labels.values() {
+                assert!(
+                    !value.contains("127.0.0.1") && !value.contains('/'),
+                    "{sample:?}"
+                );
+            }
+        }
+    }
+
+    /// GET `path` with an `Accept` header; the raw head and body.
+    async fn get_accepting(
+        addr: std::net::SocketAddr,
+        path: &str,
+        accept: &str,
+    ) -> (String, String) {
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).await.unwrap();
+            String::from_utf8(raw).unwrap()
+        };
+        let raw = timeout(TIMEOUT, exchange).await.expect("status in time");
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        (head.to_owned(), body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn status_reports_connections_engine_and_limits_as_json_or_html_without_secrets() {
+        let keys = Keys::hs256();
+        let config = ServerConfig {
+            max_connections: 321,
+            max_connections_per_ip: 7,
+            auth: Some(keys.verifier_with(Default::default())),
+            ..ServerConfig::default()
+        };
+        let server = TestServer::start(Observed, config).await;
+        let token = keys.token(&switchboard_testkit::jwt::claims("alice", 60));
+        let _client = Client::connect(&server.ws_url(&format!("/ws?token={token}"))).await;
+
+        let reply = server.http("GET", "/status", None).await;
+        assert_eq!(reply.status, 200);
+        let status = reply.json();
+        assert_eq!(status["protocol"], "observed", "{status}");
+        assert_eq!(status["connections"]["open"], 1, "{status}");
+        assert_eq!(status["engine"]["ready"], true, "{status}");
+        assert_eq!(status["limits"]["max_connections"], 321, "{status}");
+        assert_eq!(status["limits"]["max_connections_per_ip"], 7, "{status}");
+        assert_eq!(status["signed_identity"], "HS256", "{status}");
+        assert_eq!(status["tls"], false, "{status}");
+        assert!(status["uptime_seconds"].is_u64(), "{status}");
+        assert!(status["version"].is_string(), "{status}");
+        let secret = String::from_utf8_lossy(keys.verifying_key()).into_owned();
+        assert!(
+            !reply.body.contains(&secret),
+            "the secret leaked: {}",
+            reply.body
+        );
+        assert!(
+            !reply.body.contains(&token),
+            "a token leaked: {}",
+            reply.body
+        );
+
+        let (head, page) = get_accepting(server.addr(), "/status", "text/html,*/*;q=0.8").await;
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/html"),
+            "{head}"
+        );
+        assert!(
+            page.contains("<table>") && page.contains("max_connections"),
+            "{page}"
+        );
+        assert!(page.contains("321") && page.contains("observed"), "{page}");
+        assert!(!page.contains(&secret));
+    }
+
+    #[tokio::test]
+    async fn the_metrics_router_serves_the_text_format() {
+        let handle = switchboard_server::metrics::install().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(switchboard_server::metrics::serve(listener, handle));
+        let reply = switchboard_testkit::http_request(addr, "GET", "/metrics", None).await;
+        assert_eq!(reply.status, 200);
+        assert!(
+            reply
+                .headers
+                .to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{}",
+            reply.headers
+        );
+        assert!(
+            parse(&reply.body)
+                .iter()
+                .any(|s| s.name == "switchboard_process_start_time_seconds"),
+            "{}",
+            reply.body
+        );
+        served.abort();
+    }
+}
