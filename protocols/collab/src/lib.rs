@@ -38,6 +38,7 @@ mod messages;
 pub mod ot;
 mod sessions;
 mod store;
+pub mod telemetry;
 mod web;
 
 use std::collections::HashMap;
@@ -630,6 +631,7 @@ impl Protocol for Collab {
             Err(refused) => {
                 // Only when the session idled out between admission and open and could not be
                 // created again (a limit was reached meanwhile).
+                telemetry::error("open");
                 let _ = cx.send(error_frame(&refused.to_string()));
                 cx.close(CloseReason::new(
                     CloseReason::POLICY,
@@ -642,6 +644,7 @@ impl Protocol for Collab {
         match self.ensure_record(cx.engine(), &session).await {
             Ok(generation) => conn.generation = Some(generation),
             Err(error) => {
+                telemetry::error("open");
                 let _ = cx.send(error_frame(&format!(
                     "the session could not be opened ({error}); try again later"
                 )));
@@ -720,6 +723,7 @@ impl Collab {
         let message = match parse(text) {
             Ok(message) => message,
             Err(error) => {
+                telemetry::error(error.kind.unwrap_or("invalid"));
                 let _ = cx.send(error_frame(&error.message));
                 // A refused edit leaves the client's copy ahead of the server's: resync it.
                 if error.kind == Some("code-change") && conn.user.is_some() {
@@ -737,6 +741,7 @@ impl Collab {
             Instant::now(),
         ) {
             let kind = kind_of(&message);
+            telemetry::error(kind);
             let _ = cx.send(error_frame(&format!(
                 "{kind} refused: rate limit of {} frames a second (burst {}) reached; slow down",
                 self.config.relay_per_second, self.config.relay_burst
@@ -755,6 +760,7 @@ impl Collab {
             conn.generation.clone(),
             conn.user.clone(),
         ) else {
+            telemetry::error(kind_of(&message));
             let _ = cx.send(error_frame(&format!(
                 "Not joined: send join-session before {}",
                 kind_of(&message)
@@ -775,6 +781,7 @@ impl Collab {
                     .await
                 {
                     debug!(session = %session.id, user = %user.user_id, %refusal, "edit refused");
+                    telemetry::error("code-change");
                     let _ = cx.send(error_frame(&format!("code-change refused: {refusal}")));
                     self.resync(conn, cx).await;
                 }
@@ -801,6 +808,7 @@ impl Collab {
                             .await;
                     }
                     Err(refusal) => {
+                        telemetry::error("language-change");
                         let _ =
                             cx.send(error_frame(&format!("language-change refused: {refusal}")));
                     }
@@ -811,6 +819,7 @@ impl Collab {
                 if let Some(code) = &request.code
                     && code.len() > self.config.max_document_bytes
                 {
+                    telemetry::error("execute-code");
                     let _ = cx.send(error_frame(&format!(
                         "Invalid execute-code payload: \"code\" is {} bytes, over the document limit of {} bytes",
                         code.len(),
@@ -823,6 +832,7 @@ impl Collab {
                     None => match self.read_meta(engine, &session.id).await {
                         Ok(Some(meta)) => meta.language,
                         Ok(None) => {
+                            telemetry::error("execute-code");
                             let _ = cx.send(error_frame(&format!(
                                 "execute-code refused: {}",
                                 Refusal::Gone
@@ -830,6 +840,7 @@ impl Collab {
                             return;
                         }
                         Err(error) => {
+                            telemetry::error("execute-code");
                             let _ = cx.send(error_frame(&format!(
                                 "execute-code refused: {}",
                                 Refusal::Engine(error)
@@ -851,6 +862,7 @@ impl Collab {
                     .map(str::len)
                     .fold(0usize, usize::saturating_add);
                 if bytes > self.config.max_document_bytes {
+                    telemetry::error("execution-result");
                     let _ = cx.send(error_frame(&format!(
                         "Invalid execution-result payload: \"output\" and \"error\" are {bytes} bytes, over the limit of {} bytes",
                         self.config.max_document_bytes
@@ -869,11 +881,12 @@ impl Collab {
         &self,
         cx: &Context<'_>,
         topic: &str,
-        kind: &str,
+        kind: &'static str,
         frame: Frame,
         except: Option<ConnRef>,
     ) {
         if let Err(error) = cx.engine().publish(topic, frame, except).await {
+            telemetry::error(kind);
             let _ = cx.send(error_frame(&format!(
                 "{kind} refused: {}",
                 Refusal::Engine(error)
@@ -886,7 +899,7 @@ impl Collab {
         cx: &Context<'_>,
         topic: &str,
         user: &Identity,
-        kind: &str,
+        kind: &'static str,
         mut payload: Map<String, Value>,
     ) {
         payload.insert("userId".to_owned(), Value::String(user.user_id.clone()));
@@ -896,6 +909,7 @@ impl Collab {
 
     async fn join(&self, conn: &mut CollabConn, cx: &Context<'_>, join: Join) {
         if let Some(user) = &conn.user {
+            telemetry::error("join-session");
             let _ = cx.send(error_frame(&format!(
                 "Already joined as {:?}: a connection's identity cannot change",
                 user.user_id
@@ -905,6 +919,7 @@ impl Collab {
         if let Some(signed) = &conn.signed
             && join.user_id != *signed
         {
+            telemetry::error("join-session");
             let _ = cx.send(error_frame(
                 "join-session refused: \"userId\" must be the signed-in user (the token's sub)",
             ));
@@ -920,6 +935,7 @@ impl Collab {
         let first = match engine.presence_join(&topic, &user_id, cx.me()).await {
             Ok(first) => first,
             Err(error) => {
+                telemetry::error("join-session");
                 let _ = cx.send(error_frame(&self.join_refused(&error)));
                 return;
             }
@@ -941,12 +957,14 @@ impl Collab {
                     .is_some_and(|at| at < self.config.max_participants),
                 Err(error) => {
                     self.undo_join(cx, undo).await;
+                    telemetry::error("join-session");
                     let _ = cx.send(error_frame(&self.join_refused(&error)));
                     return;
                 }
             };
             if !admitted {
                 self.undo_join(cx, undo).await;
+                telemetry::error("join-session");
                 let _ = cx.send(error_frame(&format!(
                     "Session is full: at most {} participants",
                     self.config.max_participants
@@ -966,6 +984,7 @@ impl Collab {
             let limit = match refused {
                 budget::Refused::Server(limit) | budget::Refused::Client(limit) => limit,
             };
+            telemetry::error("join-session");
             let _ = cx.send(error_frame(&format!(
                 "{whose} ({limit} bytes); cannot join now, try again later"
             )));
@@ -988,6 +1007,7 @@ impl Collab {
                 .await
         {
             self.undo_join(cx, undo).await;
+            telemetry::error("join-session");
             let _ = cx.send(error_frame(&self.join_refused(&error)));
             return;
         }
@@ -998,6 +1018,7 @@ impl Collab {
         }
         if let Err(error) = self.send_state(cx, &session, &generation).await {
             self.undo_join(cx, undo).await;
+            telemetry::error("join-session");
             let _ = cx.send(error_frame(&self.join_refused(&error)));
             return;
         }
@@ -1018,6 +1039,7 @@ impl Collab {
             self.keep_alive(engine, &session, true).await;
         }
         debug!(session = %session.id, user = %user_id, conn = %cx.me(), "joined");
+        telemetry::joined();
         conn.user = Some(Identity { user_id });
     }
 
@@ -1162,7 +1184,16 @@ impl Collab {
             // another author reach this socket first.
             match engine.append_with_reply(&topic, update, append, ack).await {
                 Ok(Appended::Done(at)) => {
+                    // Operations that landed between the client's base and the version this
+                    // one was prepared on: what it was transformed against.
+                    let concurrent = match &change {
+                        Change::FullText(_) => 0,
+                        Change::Operation { base_version, .. } => {
+                            prepared.prepared_on().saturating_sub(*base_version)
+                        }
+                    };
                     session.commit(prepared, pos, at, planned, size);
+                    telemetry::operation_applied(matches!(change, Change::FullText(_)), concurrent);
                     return Ok(());
                 }
                 Ok(Appended::Conflict(_)) => continue,
@@ -1295,6 +1326,7 @@ impl Collab {
         {
             return true;
         }
+        telemetry::error("resync");
         let _ = cx.send(error_frame(
             "too many session-state resyncs (refused edits or joins); closing: reconnect and join again",
         ));
@@ -1313,10 +1345,14 @@ impl Collab {
             return false;
         };
         match self.send_state(cx, &session, &generation).await {
-            Ok(()) => true,
+            Ok(()) => {
+                telemetry::resynced();
+                true
+            }
             Err(error) => {
                 // The connection is no longer subscribed and its copy cannot be reset: it
                 // reconnects and joins again.
+                telemetry::error("resync");
                 let _ = cx.send(error_frame(&format!(
                     "the session's state could not be read ({error}); closing: reconnect and join again"
                 )));
@@ -1769,6 +1805,7 @@ impl Collab {
         match written {
             Ok(Put::Stored(_)) => {
                 session.adopt(&generation, true);
+                telemetry::session_created();
                 HttpResponse::json(201, &json!({ "sessionId": session.id }))
             }
             Ok(Put::Conflict(_)) => {

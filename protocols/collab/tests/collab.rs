@@ -1176,3 +1176,115 @@ mod signed_over_sockets {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics: the protocol's counters, seen by a recorder local to the test's thread
+
+mod metrics_in_process {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use serde_json::Value;
+    use switchboard_collab::ot::Operation;
+    use switchboard_collab::telemetry::{
+        ERRORS, JOINS, OPERATIONS, RESYNCS, SESSIONS_CREATED, TRANSFORMED,
+    };
+    use switchboard_collab::{Collab, Config};
+    use switchboard_core::{Caller, HttpRequest, Protocol};
+    use switchboard_testkit::{Driver, json};
+
+    /// The value of counter `name` with exactly `labels`, 0 if it was never incremented.
+    fn counter(
+        snapshot: &[(
+            metrics_util::CompositeKey,
+            Option<metrics::Unit>,
+            Option<metrics::SharedString>,
+            DebugValue,
+        )],
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> u64 {
+        snapshot
+            .iter()
+            .find(|(key, _, _, _)| {
+                let key = key.key();
+                key.name() == name
+                    && key.labels().count() == labels.len()
+                    && labels.iter().all(|(k, v)| {
+                        key.labels()
+                            .any(|label| label.key() == *k && label.value() == *v)
+                    })
+            })
+            .map_or(0, |(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                other => panic!("{name} is not a counter: {other:?}"),
+            })
+    }
+
+    fn op(base: u64, op: &Operation) -> Value {
+        json!({"type": "code-change", "payload": {"changes": {"baseVersion": base, "ops": op}}})
+    }
+
+    /// The driver runs every hook (and the REST handler) on this task, so a recorder set for
+    /// this thread sees each event: a session created, joins, edits applied and transformed,
+    /// a refused edit's resync and errors by frame.
+    #[tokio::test]
+    async fn counters_follow_sessions_joins_edits_resyncs_and_errors() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _local = metrics::set_default_local_recorder(&recorder);
+
+        let driver = Driver::new(Collab::new(Config::default()));
+        let created = driver
+            .protocol()
+            .http(
+                driver.engine(),
+                HttpRequest {
+                    method: "POST".to_owned(),
+                    path: "/api/sessions".to_owned(),
+                    query: None,
+                    body: bytes::Bytes::new(),
+                    host: Some("127.0.0.1".to_owned()),
+                    client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    caller: Caller::Open,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(created.status, 201);
+        let id: Value = serde_json::from_slice(&created.body).unwrap();
+        let path = format!("/ws/{}", id["sessionId"].as_str().unwrap());
+        let mut alice = driver.open(&path).await.unwrap();
+        let mut bob = driver.open(&path).await.unwrap();
+        for (session, user) in [(&mut alice, "alice"), (&mut bob, "bob")] {
+            session
+                .json(&json!({"type": "join-session", "payload": {"userId": user}}))
+                .await;
+        }
+        alice
+            .json(&json!({"type": "code-change", "payload": {"changes": "abc"}}))
+            .await;
+        alice
+            .json(&op(1, &Operation::new().insert("1").retain(3)))
+            .await;
+        // Bob, still at version 1, deletes "b": transformed against alice's operation.
+        bob.json(&op(1, &Operation::new().retain(1).delete(1).retain(1)))
+            .await;
+        // A version the server never had: refused, and bob gets a fresh session-state.
+        bob.json(&op(99, &Operation::new().retain(3))).await;
+        alice.json(&json!({"type": "nope"})).await;
+        let frames = bob.json_frames();
+        let last = frames.last().unwrap();
+        assert_eq!(last["type"], "session-state", "{frames:?}");
+
+        let snapshot = snapshotter.snapshot().into_vec();
+        assert_eq!(counter(&snapshot, SESSIONS_CREATED, &[]), 1);
+        assert_eq!(counter(&snapshot, JOINS, &[]), 2);
+        assert_eq!(counter(&snapshot, OPERATIONS, &[("kind", "full_text")]), 1);
+        assert_eq!(counter(&snapshot, OPERATIONS, &[("kind", "operation")]), 2);
+        assert_eq!(counter(&snapshot, TRANSFORMED, &[]), 1);
+        assert_eq!(counter(&snapshot, RESYNCS, &[]), 1);
+        assert_eq!(counter(&snapshot, ERRORS, &[("frame", "code-change")]), 1);
+        assert_eq!(counter(&snapshot, ERRORS, &[("frame", "invalid")]), 1);
+    }
+}
