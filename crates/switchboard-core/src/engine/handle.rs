@@ -768,3 +768,16 @@ impl Drop for Joining {
         self.finish(Vec::new());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The latency histograms are indexed by `op as usize` in `Op::ALL` order.
+    #[test]
+    fn every_operation_indexes_its_own_histogram() {
+        for (index, op) in Op::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, index, "{}", op.name());
+        }
+    }
+}
