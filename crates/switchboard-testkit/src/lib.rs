@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+mod capture;
 pub mod conformance;
 pub mod driver;
 pub mod jwt;
@@ -186,6 +187,8 @@ pub struct ConnectOptions {
 #[derive(Debug)]
 pub struct Client {
     ws: WebSocketStream<TcpStream>,
+    /// The WebSocket path (no query), under which received frames are captured.
+    path: String,
 }
 
 impl Client {
@@ -213,6 +216,7 @@ impl Client {
                 .headers_mut()
                 .append(name, HeaderValue::from_str(value).expect("header value"));
         }
+        let path = request.uri().path().to_owned();
         let host = request.uri().host().unwrap_or("127.0.0.1").to_owned();
         let port = request.uri().port_u16().unwrap_or(80);
         let target: SocketAddr = format!("{host}:{port}")
@@ -236,7 +240,7 @@ impl Client {
         let (ws, _response) = timeout(TIMEOUT, tokio_tungstenite::client_async(request, stream))
             .await
             .map_err(|_| timed_out())??;
-        Ok(Self { ws })
+        Ok(Self { ws, path })
     }
 
     /// The HTTP status with which connecting to `url` was refused; panics if it was accepted.
@@ -279,7 +283,10 @@ impl Client {
             loop {
                 match self.ws.next().await {
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(message)) => return message,
+                    Some(Ok(message)) => {
+                        self.captured(&message);
+                        return message;
+                    }
                     Some(Err(e)) => panic!("socket error while waiting for a frame: {e}"),
                     None => panic!("socket ended while waiting for a frame"),
                 }
@@ -338,7 +345,7 @@ impl Client {
                 match self.ws.next().await {
                     Some(Ok(Message::Close(Some(frame)))) => return frame,
                     Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
-                    Some(Ok(_)) => continue,
+                    Some(Ok(message)) => self.captured(&message),
                     Some(Err(e)) => panic!("socket error before a close frame: {e}"),
                     None => panic!("socket ended without a close frame"),
                 }
@@ -351,7 +358,11 @@ impl Client {
 
     /// Reads until the socket ends for any reason (close frame, reset, EOF); bounded.
     pub async fn expect_end(&mut self) {
-        let drain = async { while let Some(Ok(_)) = self.ws.next().await {} };
+        let drain = async {
+            while let Some(Ok(message)) = self.ws.next().await {
+                self.captured(&message);
+            }
+        };
         timeout(TIMEOUT, drain)
             .await
             .expect("socket did not end in time");
@@ -360,6 +371,13 @@ impl Client {
     /// Closes politely.
     pub async fn close(mut self) {
         let _ = timeout(TIMEOUT, self.ws.close(None)).await;
+    }
+
+    /// Hands a received text frame to the frame capture (a no-op unless it is turned on).
+    fn captured(&self, message: &Message) {
+        if let Message::Text(text) = message {
+            capture::record(&self.path, text);
+        }
     }
 
     /// The underlying stream, for tests that need raw control.
