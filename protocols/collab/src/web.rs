@@ -10,9 +10,17 @@ const ASSETS: &[Asset] = &[
     Asset::js("/ot.js", include_str!("../web/ot.js")),
     Asset::js("/runner.js", include_str!("../web/runner.js")),
     Asset::css("/style.css", include_str!("../web/style.css")),
+    // The protocol's AsyncAPI document, kept in docs/asyncapi/ (checked against real frames by
+    // e2e/tests/asyncapi.test.mjs).
+    Asset {
+        path: "/asyncapi.json",
+        content_type: "application/json",
+        body: include_str!("../../../docs/asyncapi/collab.json"),
+    },
 ];
 
-/// The page and its assets (405 for methods other than GET/HEAD); `None` for any other path.
+/// The page, its assets and `/asyncapi.json` (405 for methods other than GET/HEAD); `None`
+/// for any other path.
 pub(crate) fn serve(request: &HttpRequest) -> Option<HttpResponse> {
     serve_assets(request, ASSETS)
 }

@@ -7,9 +7,17 @@ const ASSETS: &[Asset] = &[
     Asset::html("/", include_str!("../web/index.html")),
     Asset::js("/app.js", include_str!("../web/app.js")),
     Asset::css("/style.css", include_str!("../web/style.css")),
+    // The protocol's AsyncAPI document, kept in docs/asyncapi/ (checked against real frames by
+    // e2e/tests/asyncapi.test.mjs).
+    Asset {
+        path: "/asyncapi.json",
+        content_type: "application/json",
+        body: include_str!("../../../docs/asyncapi/fastchat.json"),
+    },
 ];
 
-/// The page and its assets (405 for methods other than GET/HEAD); `None` for any other path.
+/// The page, its assets and `/asyncapi.json` (405 for methods other than GET/HEAD); `None`
+/// for any other path.
 pub(crate) fn serve(request: &HttpRequest) -> Option<HttpResponse> {
     serve_assets(request, ASSETS)
 }
