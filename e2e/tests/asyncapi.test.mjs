@@ -8,7 +8,7 @@
 //   SWITCHBOARD_CAPTURE_FRAMES=$PWD/target/frames cargo test -p switchboard-ip-chat ...
 //   node --test e2e/tests/asyncapi.test.mjs
 //
-// This reads $SWITCHBOARD_CAPTURE_FRAMES, or target/frames when it is not set. Without any
+// This reads $SWITCHBOARD_CAPTURE_FRAMES (relative: to the repository root), or target/frames. Without any
 // capture file the frame check is skipped loudly, and fails when $CI is set. No browser or
 // server is needed. See docs/asyncapi/README.md.
 import { test } from 'node:test';
@@ -21,7 +21,8 @@ import Ajv from 'ajv';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 const DOCS = join(ROOT, 'docs', 'asyncapi');
-const FRAMES = process.env.SWITCHBOARD_CAPTURE_FRAMES || join(ROOT, 'target', 'frames');
+// Relative to the repository root, as the testkit takes it.
+const FRAMES = resolve(ROOT, process.env.SWITCHBOARD_CAPTURE_FRAMES || join('target', 'frames'));
 
 // Capture file (the crate whose tests wrote it) -> document.
 const PACKAGES = {

@@ -1,7 +1,7 @@
 //! Frame capture for the AsyncAPI check (`docs/asyncapi/README.md`).
 //!
-//! When `SWITCHBOARD_CAPTURE_FRAMES` names a directory, every text frame a [`crate::Client`]
-//! receives is appended as one JSON line `{"path": "<ws path>", "frame": <frame>}` to
+//! When `SWITCHBOARD_CAPTURE_FRAMES` names a directory (relative: to the workspace root), every
+//! text frame a [`crate::Client`] receives is appended as one JSON line `{"path": "<ws path>", "frame": <frame>}` to
 //! `<dir>/<CARGO_PKG_NAME>.jsonl`; `e2e/tests/asyncapi.test.mjs` then validates each frame
 //! against the protocol's AsyncAPI document. Capture never fails a test: any error just drops
 //! the line. Off (the default) it costs one cached environment lookup per frame.
@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use serde_json::Value;
@@ -38,6 +38,15 @@ fn sink() -> Option<&'static Sink> {
     static SINK: OnceLock<Option<Sink>> = OnceLock::new();
     SINK.get_or_init(|| {
         let dir = PathBuf::from(std::env::var_os(DIR_ENV).filter(|d| !d.is_empty())?);
+        // Cargo runs each test binary in its crate's directory: a relative directory is taken
+        // from the workspace root instead, so `target/frames` means one place for every crate.
+        let dir = if dir.is_relative() {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(dir)
+        } else {
+            dir
+        };
         // Cargo sets this for the test binaries of a crate: one file per protocol crate.
         let package = std::env::var("CARGO_PKG_NAME").unwrap_or_else(|_| "unknown".to_owned());
         std::fs::create_dir_all(&dir).ok()?;
