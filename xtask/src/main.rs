@@ -8,6 +8,8 @@
 //!   sockets held by 5 nodes on one Redis (not part of CI); its block in `docs/performance.md`.
 //! - `cargo xtask autobahn [--debug]`: the Autobahn|Testsuite fuzzing client (cases 1-7, 9, 10) against
 //!   `switchboard serve --protocol echo`; fails unless every case passes.
+//! - `cargo xtask prometheus`: a real `prometheus` scrapes the release server's `--metrics-listen`
+//!   while `switchboard bench fanout` drives it; fails unless the key series exist and move.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -18,6 +20,7 @@ mod attack;
 mod autobahn;
 mod bench;
 mod cluster;
+mod prometheus;
 mod scale;
 
 use std::process::{Command, ExitCode};
@@ -31,9 +34,10 @@ fn main() -> ExitCode {
         "bench-scale" => scale::run(args),
         "autobahn" => autobahn::run(args.any(|a| a == "--debug")),
         "attack" => attack::run(),
+        "prometheus" => prometheus::run(),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask bench-scale [--nodes N] [--per-node N] [--no-write] | cargo xtask autobahn [--debug] | cargo xtask attack"
+                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask bench-scale [--nodes N] [--per-node N] [--no-write] | cargo xtask autobahn [--debug] | cargo xtask attack | cargo xtask prometheus"
             );
             ExitCode::from(2)
         }

@@ -6,7 +6,7 @@
 //
 //   rm -rf target/frames
 //   SWITCHBOARD_CAPTURE_FRAMES=$PWD/target/frames cargo test -p switchboard-ip-chat ...
-//   node --test e2e/tests/asyncapi.test.mjs
+//   npm run asyncapi --prefix e2e   (or: node --test e2e/contract/asyncapi.test.mjs)
 //
 // This reads $SWITCHBOARD_CAPTURE_FRAMES (relative: to the repository root), or target/frames. Without any
 // capture file the frame check is skipped loudly, and fails when $CI is set. No browser or
