@@ -186,20 +186,15 @@ fn wait_ready(web: SocketAddr) -> Result<(), String> {
 fn wait_positive(web: SocketAddr, query: &str) -> Result<f64, String> {
     let deadline = Instant::now() + QUERY_DEADLINE;
     let path = format!("/api/v1/query?query={}", encode(query));
-    let mut last = String::new();
     loop {
-        match http_get(web, &path) {
-            Ok((200, body)) => {
-                if let Some(value) = first_value(&body) {
-                    if value > 0.0 {
-                        return Ok(value);
-                    }
-                }
-                last = body;
-            }
-            Ok((status, body)) => last = format!("HTTP {status}: {body}"),
-            Err(error) => last = error,
-        }
+        let last = match http_get(web, &path) {
+            Ok((200, body)) => match first_value(&body) {
+                Some(value) if value > 0.0 => return Ok(value),
+                _ => body,
+            },
+            Ok((status, body)) => format!("HTTP {status}: {body}"),
+            Err(error) => error,
+        };
         if Instant::now() > deadline {
             return Err(format!(
                 "{query} did not go above 0 within 30 s; last answer: {last}"

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
-use tracing::{debug, info, trace};
+use tracing::{Instrument, debug, info, trace};
 
 use crate::metered::{Metered, Watch};
 use crate::wire::{self, Pending};
@@ -97,6 +97,14 @@ fn close_label(end: &End) -> (&'static str, bool) {
     (label, false)
 }
 
+/// The span a protocol hook runs in, so every line the protocol logs for this session carries
+/// its connection id, as the runtime's own lines do. Made per hook run rather than kept per
+/// connection: hooks run per inbound message, never per delivery, and an idle socket then holds
+/// no span (nor the subscriber's record of one); with `info` disabled it costs nothing.
+fn session_span(peer: &Peer) -> tracing::Span {
+    tracing::info_span!("session", conn = %peer.id())
+}
+
 /// How the read/write loop ended.
 enum End {
     /// We close: protocol request, slow consumer, idle, shutdown, oversized frame.
@@ -141,7 +149,12 @@ pub(crate) fn run<P: Protocol>(
         let cx = Context::new(&peer, &ctx.engine);
         // Not `hook()`: a close requested while opening is seen by `drive` at once, and nothing is
         // queued yet that would need writing while the open hook waits.
-        Box::pin(protocol.on_open(&mut conn, &cx)).await;
+        Box::pin(
+            protocol
+                .on_open(&mut conn, &cx)
+                .instrument(session_span(&peer)),
+        )
+        .await;
 
         let mut unfinished: Unfinished = None;
         let end = drive(
@@ -167,7 +180,7 @@ pub(crate) fn run<P: Protocol>(
         // Mark the peer closed first so broadcasts stop queueing to it while it shuts down.
         peer.close(reason.clone());
         debug!(conn = %peer.id(), remote = %peer.remote(), code = reason.code, reason = %reason.reason, "connection closing");
-        Box::pin(protocol.on_close(conn, &cx)).await;
+        Box::pin(protocol.on_close(conn, &cx).instrument(session_span(&peer))).await;
 
         if let End::Close(reason) = &end {
             let counter = match reason.code {
@@ -292,13 +305,17 @@ async fn drive<P: Protocol>(
                 }
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
-                        let work = protocol.on_text(conn, &cx, text.as_str());
+                        let work = protocol
+                            .on_text(conn, &cx, text.as_str())
+                            .instrument(session_span(peer));
                         if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
                             return end;
                         }
                     }
                     Some(Ok(Message::Binary(data))) => {
-                        let work = protocol.on_binary(conn, &cx, &data);
+                        let work = protocol
+                            .on_binary(conn, &cx, &data)
+                            .instrument(session_span(peer));
                         if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
                             return end;
                         }
@@ -334,7 +351,7 @@ async fn drive<P: Protocol>(
                 }
             }
             _ = tick_opt(&mut ticker) => {
-                let work = protocol.on_tick(conn, &cx);
+                let work = protocol.on_tick(conn, &cx).instrument(session_span(peer));
                 if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
                     return end;
                 }

@@ -351,6 +351,7 @@ mod signed_identity {
         }
 
         async fn on_text(&self, _conn: &mut String, cx: &Context<'_>, text: &str) {
+            tracing::info!(text, "whoami heard");
             let _ = cx.send(Frame::text(text));
         }
 
@@ -470,6 +471,59 @@ mod signed_identity {
         assert_eq!(
             status(&server, Some(&token("switchboard", "https://evil.example"))).await,
             401
+        );
+    }
+
+    /// A `MakeWriter` into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Self;
+
+        fn make_writer(&'a self) -> Self {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_protocols_log_lines_carry_the_sessions_connection_id() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(captured.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        // The test's runtime is single-threaded: the server's tasks log through this default.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let server = TestServer::start(Whoami, ServerConfig::default()).await;
+        let mut client = Client::connect(&server.ws_url("/ws")).await;
+        assert_eq!(recv_text(&mut client).await, "you are nobody");
+        client.send_text("hello").await;
+        assert_eq!(recv_text(&mut client).await, "hello");
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line = logs
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["fields"]["message"] == "whoami heard")
+            .unwrap_or_else(|| panic!("no protocol line in {logs}"));
+        assert_eq!(line["span"]["name"], "session", "{line}");
+        assert!(
+            line["span"]["conn"]
+                .as_str()
+                .is_some_and(|c| c.starts_with('c')),
+            "{line}"
         );
     }
 
