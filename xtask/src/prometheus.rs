@@ -125,6 +125,10 @@ fn check() -> Result<(), String> {
             .map_err(|e| format!("could not start prometheus: {e}"))?,
     );
     wait_ready(web)?;
+    // One scrape before any traffic, so every counter has a sample from before the load and
+    // `increase` sees it move (a series first scraped after the load shows no increase).
+    wait_positive(web, "sum(up{job=\"switchboard\"})")?;
+    println!("ok: prometheus scrapes the server before the load");
 
     // Traffic: 20 subscribers, 4 senders, 200 messages, through the real socket path.
     let url = format!("ws://{server}/ws");
