@@ -2,7 +2,7 @@
 //!
 //! When `SWITCHBOARD_CAPTURE_FRAMES` names a directory (relative: to the workspace root), every
 //! text frame a [`crate::Client`] receives is appended as one JSON line `{"path": "<ws path>", "frame": <frame>}` to
-//! `<dir>/<CARGO_PKG_NAME>.jsonl`; `e2e/tests/asyncapi.test.mjs` then validates each frame
+//! `<dir>/<CARGO_PKG_NAME>.jsonl`; `e2e/contract/asyncapi.test.mjs` then validates each frame
 //! against the protocol's AsyncAPI document. Capture never fails a test: any error just drops
 //! the line. Off (the default) it costs one cached environment lookup per frame.
 

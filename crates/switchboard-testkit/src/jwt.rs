@@ -77,6 +77,13 @@ impl Keys {
         }
     }
 
+    /// One RS256 key pair shared by every caller in this process: generating one takes a
+    /// while, and tests only need a key that is not the HS256 one.
+    pub fn rs256_shared() -> Self {
+        static KEYS: std::sync::OnceLock<Keys> = std::sync::OnceLock::new();
+        KEYS.get_or_init(Self::rs256).clone()
+    }
+
     /// A fresh P-256 key pair (ES256).
     pub fn es256() -> Self {
         let pair = rcgen::KeyPair::generate().expect("generate a P-256 key");

@@ -33,6 +33,7 @@ mod capture;
 pub mod conformance;
 pub mod driver;
 pub mod jwt;
+pub mod metrics;
 pub mod redis;
 pub mod tls;
 
@@ -158,6 +159,26 @@ impl TestServer {
             "/healthz"
         );
         (page, replies)
+    }
+
+    /// Checks that `GET /asyncapi.json` answers 200 with `application/json` and exactly
+    /// `document` (the protocol's file in docs/asyncapi/, which the e2e contract test checks
+    /// against captured frames), an AsyncAPI 3.0.0 document titled `title`.
+    pub async fn expect_asyncapi(&self, title: &str, document: &str) {
+        let reply = self.http("GET", "/asyncapi.json", None).await;
+        assert_eq!(reply.status, 200, "GET /asyncapi.json");
+        assert!(
+            reply
+                .headers
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{}",
+            reply.headers
+        );
+        let served = reply.json();
+        assert_eq!(served["asyncapi"], "3.0.0");
+        assert_eq!(served["info"]["title"], title);
+        assert_eq!(reply.body, document, "the served document is the file");
     }
 
     /// Starts a graceful shutdown and waits (bounded) for the server task to return.

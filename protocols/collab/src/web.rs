@@ -11,7 +11,7 @@ const ASSETS: &[Asset] = &[
     Asset::js("/runner.js", include_str!("../web/runner.js")),
     Asset::css("/style.css", include_str!("../web/style.css")),
     // The protocol's AsyncAPI document, kept in docs/asyncapi/ (checked against real frames by
-    // e2e/tests/asyncapi.test.mjs).
+    // e2e/contract/asyncapi.test.mjs).
     Asset {
         path: "/asyncapi.json",
         content_type: "application/json",

@@ -1046,19 +1046,12 @@ mod signed_in_process {
 // Signed identity over real sockets: the server verifies HS256 / RS256 tokens
 
 mod signed_over_sockets {
-    use std::sync::OnceLock;
 
     use serde_json::Value;
     use switchboard_collab::{Collab, Config};
     use switchboard_server::ServerConfig;
     use switchboard_testkit::jwt::{Keys, claims, now, refused_tokens};
     use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
-
-    /// One RSA key pair for the whole binary: generating one takes a while.
-    fn rs256() -> Keys {
-        static KEYS: OnceLock<Keys> = OnceLock::new();
-        KEYS.get_or_init(Keys::rs256).clone()
-    }
 
     async fn start_signed(keys: &Keys) -> TestServer {
         let config = ServerConfig {
@@ -1089,7 +1082,7 @@ mod signed_over_sockets {
 
     #[tokio::test]
     async fn signed_tokens_join_as_the_subject_within_the_sessions_claim() {
-        for keys in [Keys::hs256(), rs256()] {
+        for keys in [Keys::hs256(), Keys::rs256_shared()] {
             let server = start_signed(&keys).await;
             assert_eq!(status(&server, "/ws/room").await, 401, "no token");
             for (what, token) in refused_tokens(&keys, "alice") {
@@ -1139,7 +1132,7 @@ mod signed_over_sockets {
 
     #[tokio::test]
     async fn signed_rest_needs_a_token_and_the_sessions_claim() {
-        for keys in [Keys::hs256(), rs256()] {
+        for keys in [Keys::hs256(), Keys::rs256_shared()] {
             let server = start_signed(&keys).await;
             // The demo page stays public; the API needs a token.
             assert_eq!(server.http("GET", "/", None).await.status, 200);
@@ -1183,7 +1176,7 @@ mod signed_over_sockets {
 mod metrics_in_process {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebuggingRecorder;
     use serde_json::Value;
     use switchboard_collab::ot::Operation;
     use switchboard_collab::telemetry::{
@@ -1191,35 +1184,8 @@ mod metrics_in_process {
     };
     use switchboard_collab::{Collab, Config};
     use switchboard_core::{Caller, HttpRequest, Protocol};
+    use switchboard_testkit::metrics::counter;
     use switchboard_testkit::{Driver, json};
-
-    /// The value of counter `name` with exactly `labels`, 0 if it was never incremented.
-    fn counter(
-        snapshot: &[(
-            metrics_util::CompositeKey,
-            Option<metrics::Unit>,
-            Option<metrics::SharedString>,
-            DebugValue,
-        )],
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> u64 {
-        snapshot
-            .iter()
-            .find(|(key, _, _, _)| {
-                let key = key.key();
-                key.name() == name
-                    && key.labels().count() == labels.len()
-                    && labels.iter().all(|(k, v)| {
-                        key.labels()
-                            .any(|label| label.key() == *k && label.value() == *v)
-                    })
-            })
-            .map_or(0, |(_, _, _, value)| match value {
-                DebugValue::Counter(n) => *n,
-                other => panic!("{name} is not a counter: {other:?}"),
-            })
-    }
 
     fn op(base: u64, op: &Operation) -> Value {
         json!({"type": "code-change", "payload": {"changes": {"baseVersion": base, "ops": op}}})

@@ -838,7 +838,6 @@ async fn a_full_user_table_forgets_the_longest_offline_user() {
 // Signed identity over real sockets: the server verifies HS256 / RS256 tokens
 
 mod signed_over_sockets {
-    use std::sync::OnceLock;
 
     use switchboard_fastchat::{Config, FastChat};
     use switchboard_server::ServerConfig;
@@ -846,12 +845,6 @@ mod signed_over_sockets {
     use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
 
     use super::common::*;
-
-    /// One RSA key pair for the whole binary: generating one takes a while.
-    fn rs256() -> Keys {
-        static KEYS: OnceLock<Keys> = OnceLock::new();
-        KEYS.get_or_init(Keys::rs256).clone()
-    }
 
     async fn start_signed(keys: &Keys) -> TestServer {
         let config = ServerConfig {
@@ -877,7 +870,7 @@ mod signed_over_sockets {
 
     #[tokio::test]
     async fn signed_tokens_let_a_socket_say_hello_only_as_the_subject() {
-        for keys in [Keys::hs256(), rs256()] {
+        for keys in [Keys::hs256(), Keys::rs256_shared()] {
             let server = start_signed(&keys).await;
             let (a, b) = (new_id(), new_id());
             // No token: the server's 401. A subject that is no user id: 403.

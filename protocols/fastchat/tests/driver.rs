@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchboard_fastchat::{Config, FastChat};
+use switchboard_testkit::metrics::counter;
 use switchboard_testkit::{Driver, Session, json};
 use uuid::Uuid;
 
@@ -210,34 +211,6 @@ async fn a_subject_that_is_not_a_user_id_is_refused_at_the_upgrade() {
 
 // ---------------------------------------------------------------------------------------------
 // Metrics: the protocol's counters, seen by a recorder local to the test's thread.
-
-/// The value of counter `name` with exactly `labels` in `snapshot`, 0 if never incremented.
-fn counter(
-    snapshot: &[(
-        metrics_util::CompositeKey,
-        Option<metrics::Unit>,
-        Option<metrics::SharedString>,
-        metrics_util::debugging::DebugValue,
-    )],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> u64 {
-    snapshot
-        .iter()
-        .find(|(key, _, _, _)| {
-            let key = key.key();
-            key.name() == name
-                && key.labels().count() == labels.len()
-                && labels.iter().all(|(k, v)| {
-                    key.labels()
-                        .any(|label| label.key() == *k && label.value() == *v)
-                })
-        })
-        .map_or(0, |(_, _, _, value)| match value {
-            metrics_util::debugging::DebugValue::Counter(n) => *n,
-            other => panic!("{name} is not a counter: {other:?}"),
-        })
-}
 
 /// The driver runs every hook on this task, so a recorder set for this thread sees each
 /// event: HELLOs, a message sent, delivered, retried and queued, and refusals by code.

@@ -8,7 +8,7 @@ const ASSETS: &[Asset] = &[
     Asset::js("/app.js", include_str!("../web/app.js")),
     Asset::css("/style.css", include_str!("../web/style.css")),
     // The protocol's AsyncAPI document, kept in docs/asyncapi/ (checked against real frames by
-    // e2e/tests/asyncapi.test.mjs).
+    // e2e/contract/asyncapi.test.mjs).
     Asset {
         path: "/asyncapi.json",
         content_type: "application/json",

@@ -474,7 +474,7 @@ mod signed_in_process {
 // Signed identity over real sockets: the server verifies HS256 / RS256 tokens
 
 mod signed_over_sockets {
-    use std::sync::{Arc, OnceLock};
+    use std::sync::Arc;
 
     use switchboard_core::Engine;
     use switchboard_ip_chat::{Config, IpChat};
@@ -484,12 +484,6 @@ mod signed_over_sockets {
 
     use super::common::send;
     use super::expect_error;
-
-    /// One RSA key pair for the whole binary: generating one takes a while.
-    fn rs256() -> Keys {
-        static KEYS: OnceLock<Keys> = OnceLock::new();
-        KEYS.get_or_init(Keys::rs256).clone()
-    }
 
     async fn start_signed(keys: &Keys, config: Config) -> (Arc<IpChat>, Engine, TestServer) {
         let protocol = Arc::new(IpChat::new(config));
@@ -510,7 +504,7 @@ mod signed_over_sockets {
 
     #[tokio::test]
     async fn signed_tokens_make_the_author_the_subject_and_limit_each_subject() {
-        for keys in [Keys::hs256(), rs256()] {
+        for keys in [Keys::hs256(), Keys::rs256_shared()] {
             let config = Config {
                 rate_limit: 2,
                 ..Config::default()
@@ -578,38 +572,11 @@ mod signed_over_sockets {
 // Metrics: the protocol's counters, seen by a recorder local to the test's thread
 
 mod metrics_in_process {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebuggingRecorder;
     use switchboard_ip_chat::telemetry::{HISTORY_REPLAYS, MESSAGES, REACTIONS, REFUSALS};
     use switchboard_ip_chat::{Config, IpChat};
+    use switchboard_testkit::metrics::counter;
     use switchboard_testkit::{Driver, json};
-
-    /// The value of counter `name` with exactly `labels`, 0 if it was never incremented.
-    fn counter(
-        snapshot: &[(
-            metrics_util::CompositeKey,
-            Option<metrics::Unit>,
-            Option<metrics::SharedString>,
-            DebugValue,
-        )],
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> u64 {
-        snapshot
-            .iter()
-            .find(|(key, _, _, _)| {
-                let key = key.key();
-                key.name() == name
-                    && key.labels().count() == labels.len()
-                    && labels.iter().all(|(k, v)| {
-                        key.labels()
-                            .any(|label| label.key() == *k && label.value() == *v)
-                    })
-            })
-            .map_or(0, |(_, _, _, value)| match value {
-                DebugValue::Counter(n) => *n,
-                other => panic!("{name} is not a counter: {other:?}"),
-            })
-    }
 
     /// The driver runs every hook on this task, so a recorder set for this thread sees each
     /// event: joins, messages, reaction toggles and refusals by reason.

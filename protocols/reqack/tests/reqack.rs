@@ -926,7 +926,6 @@ mod signed_in_process {
 // Signed identity over real sockets: the server verifies HS256 / RS256 tokens
 
 mod signed_over_sockets {
-    use std::sync::OnceLock;
 
     use switchboard_reqack::{Config, ReqAck};
     use switchboard_server::ServerConfig;
@@ -934,12 +933,6 @@ mod signed_over_sockets {
     use switchboard_testkit::{Client, ConnectOptions, TestServer, json};
 
     use super::common::{User, user};
-
-    /// One RSA key pair for the whole binary: generating one takes a while.
-    fn rs256() -> Keys {
-        static KEYS: OnceLock<Keys> = OnceLock::new();
-        KEYS.get_or_init(Keys::rs256).clone()
-    }
 
     async fn start_signed(keys: &Keys) -> TestServer {
         let config = ServerConfig {
@@ -960,7 +953,7 @@ mod signed_over_sockets {
 
     #[tokio::test]
     async fn signed_tokens_make_the_subject_the_user_and_refuse_other_user_ids() {
-        for keys in [Keys::hs256(), rs256()] {
+        for keys in [Keys::hs256(), Keys::rs256_shared()] {
             let server = start_signed(&keys).await;
             // No token: the server's 401, userId or not.
             assert_eq!(status(&server, "/ws?userId=alice").await, 401);
@@ -1003,43 +996,8 @@ mod metrics_in_process {
     use serde_json::Value;
     use switchboard_reqack::telemetry::{ACKS, EVENTS, PENDING_EVENTS, REDELIVERED, REQUESTS};
     use switchboard_reqack::{Config, ReqAck};
+    use switchboard_testkit::metrics::{counter, value};
     use switchboard_testkit::{Driver, json};
-
-    type Snapshot = Vec<(
-        metrics_util::CompositeKey,
-        Option<metrics::Unit>,
-        Option<metrics::SharedString>,
-        DebugValue,
-    )>;
-
-    /// The value of series `name` with exactly `labels`, if it was recorded.
-    fn value<'a>(
-        snapshot: &'a Snapshot,
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> Option<&'a DebugValue> {
-        snapshot
-            .iter()
-            .find(|(key, _, _, _)| {
-                let key = key.key();
-                key.name() == name
-                    && key.labels().count() == labels.len()
-                    && labels.iter().all(|(k, v)| {
-                        key.labels()
-                            .any(|label| label.key() == *k && label.value() == *v)
-                    })
-            })
-            .map(|(_, _, _, value)| value)
-    }
-
-    /// The value of counter `name` with exactly `labels`, 0 if it was never incremented.
-    fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
-        match value(snapshot, name, labels) {
-            None => 0,
-            Some(DebugValue::Counter(n)) => *n,
-            Some(other) => panic!("{name} is not a counter: {other:?}"),
-        }
-    }
 
     fn request(id: &str, payload_type: &str, payload: Value) -> Value {
         json!({"type": "request", "timestamp": 0, "id": id, "payloadType": payload_type, "payload": payload})

@@ -32,7 +32,7 @@ async fn get_root_serves_the_dashboard_and_the_scorecard_still_works() {
 }
 
 /// `GET /asyncapi.json` is the protocol's AsyncAPI document, byte for byte the one in
-/// docs/asyncapi/ (which e2e/tests/asyncapi.test.mjs checks against captured frames).
+/// docs/asyncapi/ (which e2e/contract/asyncapi.test.mjs checks against captured frames).
 #[tokio::test]
 async fn get_asyncapi_json_serves_the_asyncapi_document() {
     let server = TestServer::start(
@@ -40,21 +40,10 @@ async fn get_asyncapi_json_serves_the_asyncapi_document() {
         ServerConfig::default(),
     )
     .await;
-    let reply = server.http("GET", "/asyncapi.json", None).await;
-    assert_eq!(reply.status, 200, "GET /asyncapi.json");
-    assert!(
-        reply
-            .headers
-            .to_ascii_lowercase()
-            .contains("content-type: application/json"),
-        "{}",
-        reply.headers
-    );
-    let document = reply.json();
-    assert_eq!(document["asyncapi"], "3.0.0");
-    assert_eq!(document["info"]["title"], "teambot-sim");
-    assert_eq!(
-        reply.body,
-        include_str!("../../../docs/asyncapi/teambot-sim.json")
-    );
+    server
+        .expect_asyncapi(
+            "teambot-sim",
+            include_str!("../../../docs/asyncapi/teambot-sim.json"),
+        )
+        .await;
 }
