@@ -1,4 +1,4 @@
-//! `cargo xtask attack`: every attack row against the release binary with default flags, and the
+//! `cargo xtask attack [--debug]`: every attack row against the release (or debug) binary with default flags, and the
 //! table they produce in `docs/hardening.md`.
 //!
 //! Each row gets a fresh `switchboard serve --protocol P --listen 127.0.0.1:<free port>` with no
@@ -246,13 +246,26 @@ fn run_row(release: &Path, row: u8, protocol: &'static str) -> Outcome {
     }
 }
 
-pub(crate) fn run() -> ExitCode {
+/// `debug`: attack the debug binary as `cargo test --workspace` builds it (in CI that build is
+/// already done, so this costs no compile) instead of building the release binary. The bounds
+/// are the same: memory is the same data in either build, and a debug server is only slower.
+pub(crate) fn run(debug: bool) -> ExitCode {
     let started = Instant::now();
-    if !crate::cargo(&["build", "--release", "-p", "switchboard-cli"]) {
+    let build: &[&str] = if debug {
+        // See `autobahn::run`: `cargo build -p switchboard-cli` would resolve features
+        // differently from the test build and rebuild.
+        &["test", "--workspace", "--no-run"]
+    } else {
+        &["build", "--release", "-p", "switchboard-cli"]
+    };
+    if !crate::cargo(build) {
         return ExitCode::FAILURE;
     }
     let built = started.elapsed();
-    let release = root().join("target/release");
+    let profile = if debug { "debug" } else { "release" };
+    let release = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), std::path::PathBuf::from)
+        .join(profile);
     let attacks_started = Instant::now();
     let mut outcomes = Vec::new();
     for &(row, protocol) in ROWS {
@@ -260,7 +273,7 @@ pub(crate) fn run() -> ExitCode {
         outcomes.push(run_row(&release, row, protocol));
     }
     let attack_time = attacks_started.elapsed();
-    let report = document(&outcomes, built, attack_time);
+    let report = document(&outcomes, built, attack_time, profile);
     let path = root().join("docs/hardening.md");
     if let Err(e) = std::fs::write(&path, report) {
         eprintln!("xtask attack: could not write {}: {e}", path.display());
@@ -300,13 +313,13 @@ fn cell(text: &str) -> String {
     text.replace('|', "\\|").replace('\n', " ")
 }
 
-fn document(outcomes: &[Outcome], built: Duration, attack_time: Duration) -> String {
+fn document(outcomes: &[Outcome], built: Duration, attack_time: Duration, profile: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Hardening: the attacks, measured\n");
     let _ = writeln!(
         out,
-        "Written by `cargo xtask attack` on {}: {} rows in {:.0} s (after a {:.0} s release build).\n\
-         Each row starts a fresh `target/release/switchboard serve --protocol P --listen 127.0.0.1:<port>`\n\
+        "Written by `cargo xtask attack` on {}: {} rows in {:.0} s (after a {:.0} s {profile} build).\n\
+         Each row starts a fresh `target/{profile}/switchboard serve --protocol P --listen 127.0.0.1:<port>`\n\
          with **default flags** (`RUST_LOG=warn`), runs `switchboard bench attack --row N --pid <server>`\n\
          against it over loopback, and stops it. The load generator shares the 2 cores with the server.\n\
          One row against a server you started: `switchboard bench attack --row N [--protocol P] \

@@ -33,11 +33,11 @@ fn main() -> ExitCode {
         "bench" => bench::run(args.any(|a| a == "--quick")),
         "bench-scale" => scale::run(args),
         "autobahn" => autobahn::run(args.any(|a| a == "--debug")),
-        "attack" => attack::run(),
-        "prometheus" => prometheus::run(),
+        "attack" => attack::run(args.any(|a| a == "--debug")),
+        "prometheus" => prometheus::run(args.any(|a| a == "--debug")),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask bench-scale [--nodes N] [--per-node N] [--no-write] | cargo xtask autobahn [--debug] | cargo xtask attack | cargo xtask prometheus"
+                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask bench-scale [--nodes N] [--per-node N] [--no-write] | cargo xtask autobahn [--debug] | cargo xtask attack [--debug] | cargo xtask prometheus [--debug]"
             );
             ExitCode::from(2)
         }

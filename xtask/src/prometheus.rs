@@ -61,8 +61,10 @@ impl Drop for Running {
     }
 }
 
-pub(crate) fn run() -> ExitCode {
-    match check() {
+/// `debug`: check the debug binary as `cargo test --workspace` builds it (no compile in CI)
+/// instead of building the release binary.
+pub(crate) fn run(debug: bool) -> ExitCode {
+    match check(debug) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("xtask prometheus: {error}");
@@ -71,15 +73,24 @@ pub(crate) fn run() -> ExitCode {
     }
 }
 
-fn check() -> Result<(), String> {
+fn check(debug: bool) -> Result<(), String> {
     let prometheus = which("prometheus").ok_or(
         "`prometheus` is not installed (Debian: apt-get install --no-install-recommends \
          prometheus); this check needs a real one",
     )?;
-    if !crate::cargo(&["build", "--release", "-p", "switchboard-cli"]) {
-        return Err("the release build failed".into());
+    let build: &[&str] = if debug {
+        &["test", "--workspace", "--no-run"]
+    } else {
+        &["build", "--release", "-p", "switchboard-cli"]
+    };
+    if !crate::cargo(build) {
+        return Err("the build failed".into());
     }
-    let release = release_dir();
+    let release = if debug {
+        release_dir().with_file_name("debug")
+    } else {
+        release_dir()
+    };
     let work = root().join("target/prometheus-check");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
