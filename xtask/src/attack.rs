@@ -246,26 +246,16 @@ fn run_row(release: &Path, row: u8, protocol: &'static str) -> Outcome {
     }
 }
 
-/// `debug`: attack the debug binary as `cargo test --workspace` builds it (in CI that build is
-/// already done, so this costs no compile) instead of building the release binary. The bounds
-/// are the same: memory is the same data in either build, and a debug server is only slower.
-pub(crate) fn run(debug: bool) -> ExitCode {
+/// Every row against the `profile` build. The bounds are the same for each: memory is the same
+/// data in every build; a slower build only makes the latency bounds harder to meet.
+pub(crate) fn run(profile: crate::Profile) -> ExitCode {
     let started = Instant::now();
-    let build: &[&str] = if debug {
-        // See `autobahn::run`: `cargo build -p switchboard-cli` would resolve features
-        // differently from the test build and rebuild.
-        &["test", "--workspace", "--no-run"]
-    } else {
-        &["build", "--release", "-p", "switchboard-cli"]
-    };
-    if !crate::cargo(build) {
+    if !profile.build() {
         return ExitCode::FAILURE;
     }
     let built = started.elapsed();
-    let profile = if debug { "debug" } else { "release" };
-    let release = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root().join("target"), std::path::PathBuf::from)
-        .join(profile);
+    let release = profile.bin_dir();
+    let profile = profile.dir();
     let attacks_started = Instant::now();
     let mut outcomes = Vec::new();
     for &(row, protocol) in ROWS {

@@ -33,11 +33,9 @@ impl Drop for Server {
     }
 }
 
-/// `debug`: test the debug `switchboard` binary as `cargo test --workspace` builds it (in CI
-/// that build is already done, so this costs no compile) instead of building the release
-/// binary.
-pub(crate) fn run(debug: bool) -> ExitCode {
-    match autobahn(debug) {
+/// Runs the suite against the `profile` build of `switchboard`.
+pub(crate) fn run(profile: crate::Profile) -> ExitCode {
+    match autobahn(profile) {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS
@@ -49,18 +47,9 @@ pub(crate) fn run(debug: bool) -> ExitCode {
     }
 }
 
-fn autobahn(debug: bool) -> Result<String, String> {
-    let profile = if debug { "debug" } else { "release" };
-    let build: &[&str] = if debug {
-        // Not `cargo build -p switchboard-cli`: that resolves features without the workspace's
-        // dev-dependencies (tokio's `test-util`), so after `cargo test --workspace` it would
-        // rebuild every crate above tokio (about two minutes of CI).
-        &["test", "--workspace", "--no-run"]
-    } else {
-        &["build", "--release", "-p", "switchboard-cli"]
-    };
-    if !crate::cargo(build) {
-        return Err(format!("the {profile} build failed"));
+fn autobahn(profile: crate::Profile) -> Result<String, String> {
+    if !profile.build() {
+        return Err(format!("the {} build failed", profile.dir()));
     }
     let root = crate::bench::root();
     let work = root.join("target/autobahn");
@@ -69,10 +58,7 @@ fn autobahn(debug: bool) -> Result<String, String> {
 
     let port = crate::bench::free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let binary = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join(profile)
-        .join("switchboard");
+    let binary = profile.bin_dir().join("switchboard");
     let child = Command::new(binary)
         .args(["serve", "--protocol", "echo", "--listen", &addr.to_string()])
         .env("RUST_LOG", "warn")

@@ -32,15 +32,59 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "bench" => bench::run(args.any(|a| a == "--quick")),
         "bench-scale" => scale::run(args),
-        "autobahn" => autobahn::run(args.any(|a| a == "--debug")),
-        "attack" => attack::run(args.any(|a| a == "--debug")),
-        "prometheus" => prometheus::run(args.any(|a| a == "--debug")),
+        "autobahn" => autobahn::run(Profile::from_args(args)),
+        "attack" => attack::run(Profile::from_args(args)),
+        "prometheus" => prometheus::run(Profile::from_args(args)),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask bench-scale [--nodes N] [--per-node N] [--no-write] | cargo xtask autobahn [--debug] | cargo xtask attack [--debug] | cargo xtask prometheus [--debug]"
+                "usage: cargo xtask ci | cargo xtask bench [--quick] | cargo xtask bench-scale [--nodes N] [--per-node N] [--no-write] | cargo xtask autobahn|attack|prometheus [--debug]"
             );
             ExitCode::from(2)
         }
+    }
+}
+
+/// Which build of `switchboard` the server-running commands (attack, autobahn, prometheus) use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Profile {
+    /// `cargo build --release`: the shipped build (the default).
+    Release,
+    /// `--debug`: the binary `cargo test --workspace` builds (no compile after the tests; too
+    /// slow for the attacks' latency bounds).
+    Debug,
+}
+
+impl Profile {
+    fn from_args(mut args: impl Iterator<Item = String>) -> Self {
+        if args.any(|a| a == "--debug") {
+            Self::Debug
+        } else {
+            Self::Release
+        }
+    }
+
+    /// The target subdirectory the binary lands in.
+    pub(crate) fn dir(self) -> &'static str {
+        match self {
+            Self::Release => "release",
+            Self::Debug => "debug",
+        }
+    }
+
+    /// Builds the binary (a no-op when it is up to date); false if the build failed.
+    pub(crate) fn build(self) -> bool {
+        match self {
+            Self::Release => cargo(&["build", "--release", "-p", "switchboard-cli"]),
+            // Not `cargo build -p switchboard-cli`: that resolves features without the
+            // workspace's dev-dependencies (tokio's `test-util`) and would rebuild every crate
+            // above tokio after `cargo test --workspace`.
+            Self::Debug => cargo(&["test", "--workspace", "--no-run"]),
+        }
+    }
+
+    /// Where the binary is: `$CARGO_TARGET_DIR` (or `target`) joined with [`Profile::dir`].
+    pub(crate) fn bin_dir(self) -> std::path::PathBuf {
+        bench::release_dir().with_file_name(self.dir())
     }
 }
 

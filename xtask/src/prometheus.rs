@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::bench::{free_port, release_dir, root, stop, wait_listening};
+use crate::bench::{free_port, root, stop, wait_listening};
 
 /// How long each query may take to show the series moving.
 const QUERY_DEADLINE: Duration = Duration::from_secs(30);
@@ -61,10 +61,9 @@ impl Drop for Running {
     }
 }
 
-/// `debug`: check the debug binary as `cargo test --workspace` builds it (no compile in CI)
-/// instead of building the release binary.
-pub(crate) fn run(debug: bool) -> ExitCode {
-    match check(debug) {
+/// Runs the check against the `profile` build of `switchboard`.
+pub(crate) fn run(profile: crate::Profile) -> ExitCode {
+    match check(profile) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("xtask prometheus: {error}");
@@ -73,24 +72,15 @@ pub(crate) fn run(debug: bool) -> ExitCode {
     }
 }
 
-fn check(debug: bool) -> Result<(), String> {
+fn check(profile: crate::Profile) -> Result<(), String> {
     let prometheus = which("prometheus").ok_or(
         "`prometheus` is not installed (Debian: apt-get install --no-install-recommends \
          prometheus); this check needs a real one",
     )?;
-    let build: &[&str] = if debug {
-        &["test", "--workspace", "--no-run"]
-    } else {
-        &["build", "--release", "-p", "switchboard-cli"]
-    };
-    if !crate::cargo(build) {
-        return Err("the build failed".into());
+    if !profile.build() {
+        return Err(format!("the {} build failed", profile.dir()));
     }
-    let release = if debug {
-        release_dir().with_file_name("debug")
-    } else {
-        release_dir()
-    };
+    let release = profile.bin_dir();
     let work = root().join("target/prometheus-check");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
