@@ -337,23 +337,7 @@ fn start_logging(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (Child, SocketAddr, mpsc::Receiver<serde_json::Value>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn switchboard");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
-                let _ = tx.send(entry);
-            }
-        }
-    });
+    let (child, rx) = spawn_logging(args, envs);
     let listening = wait_log(&rx, "listening");
     let addr = listening["fields"]["local"]
         .as_str()
@@ -583,12 +567,16 @@ fn unusable_auth_flags_exit_1_naming_the_problem() {
 
 // Observability: `--metrics-listen`, the access log.
 
-/// Spawns the binary with JSON logs and hands over every log line (like [`start_logging`],
-/// without waiting for anything).
-fn spawn_logging(args: &[&str]) -> (Child, mpsc::Receiver<serde_json::Value>) {
+/// Spawns the binary with JSON logs and hands over every log line without waiting for anything
+/// ([`start_logging`] waits for it to listen).
+fn spawn_logging(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Child, mpsc::Receiver<serde_json::Value>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
         .args(args)
+        .envs(envs.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -618,14 +606,17 @@ async fn metrics_listen_serves_prometheus_and_sessions_and_refusals_are_access_l
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-    let (mut child, logs) = spawn_logging(&[
-        "--protocol",
-        "echo",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--allowed-origins",
-        "http://good.example",
-    ]);
+    let (mut child, logs) = spawn_logging(
+        &[
+            "--protocol",
+            "echo",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--allowed-origins",
+            "http://good.example",
+        ],
+        &[],
+    );
     let metrics_line = wait_log(&logs, "serving metrics");
     let metrics: SocketAddr = metrics_line["fields"]["metrics"]
         .as_str()
@@ -762,7 +753,7 @@ async fn metrics_listen_serves_prometheus_and_sessions_and_refusals_are_access_l
 
 #[test]
 fn metrics_are_off_unless_asked_for() {
-    let (mut child, logs) = spawn_logging(&["--protocol", "echo"]);
+    let (mut child, logs) = spawn_logging(&["--protocol", "echo"], &[]);
     let mut saw_metrics = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
