@@ -1134,6 +1134,7 @@ impl Collab {
     ) -> Result<(), Refusal> {
         let engine = cx.engine();
         let topic = store::topic(&session.id, generation);
+        let _turn = session.edit_turn.lock().await;
         for _ in 0..MAX_EDIT_ATTEMPTS {
             self.sync_replica(engine, session, generation, &topic)
                 .await?;

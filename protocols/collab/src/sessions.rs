@@ -57,6 +57,12 @@ pub(crate) struct Session {
     budgets: Budgets,
     limits: DocumentLimits,
     pub(crate) state: Mutex<SessionState>,
+    /// Taken by each edit from its first read of the log to its append, so this node's editors
+    /// of one session take turns (first come, first served) instead of racing each other's
+    /// compare-and-set: a writer that kept losing the race to a faster one was refused as busy.
+    /// Only other nodes' edits can still land in between. Each connection applies one message
+    /// at a time, so at most one waiter per participant.
+    pub(crate) edit_turn: tokio::sync::Mutex<()>,
 }
 
 /// This node's copy of a session's document, and the log position it reflects.
@@ -637,6 +643,7 @@ impl Registry {
             creator,
             budgets,
             limits: self.limits,
+            edit_turn: tokio::sync::Mutex::new(()),
             state: Mutex::new(SessionState {
                 generation: None,
                 // The copy matches the session only once its record is written from it (see
