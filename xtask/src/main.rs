@@ -110,12 +110,30 @@ fn ci() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Runs `cargo <args>` without the variables `cargo run` set for this xtask process
+/// (`CARGO_PKG_NAME=xtask`, `CARGO_MANIFEST_DIR`, ...): build scripts such as ring's ask to rerun
+/// when those change, so a nested build that inherited them rebuilt ring and everything above it
+/// (about 3 minutes, of a release build CI had already made).
 fn cargo(args: &[&str]) -> bool {
     eprintln!("$ cargo {}", args.join(" "));
-    let ok = Command::new(env!("CARGO"))
-        .args(args)
-        .status()
-        .is_ok_and(|s| s.success());
+    let mut command = Command::new(env!("CARGO"));
+    for (name, _) in std::env::vars_os() {
+        let set_by_cargo_run = name.to_str().is_some_and(|name| {
+            [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_BIN_",
+                "CARGO_CRATE_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        });
+        if set_by_cargo_run {
+            command.env_remove(name);
+        }
+    }
+    let ok = command.args(args).status().is_ok_and(|s| s.success());
     if !ok {
         eprintln!("xtask: `cargo {}` failed", args.join(" "));
     }
