@@ -40,6 +40,17 @@ impl Asset {
             body,
         }
     }
+
+    /// The protocol's AsyncAPI document, served at `/asyncapi.json` (every protocol keeps its
+    /// document in the repository's `docs/asyncapi/` and `include_str!`s it, so the file is the
+    /// only copy).
+    pub const fn asyncapi(body: &'static str) -> Self {
+        Self {
+            path: "/asyncapi.json",
+            content_type: "application/json",
+            body,
+        }
+    }
 }
 
 /// Answers a request for one of `assets` (`/index.html` is another name for `/`): 200 for `GET`

@@ -9,11 +9,7 @@ const ASSETS: &[Asset] = &[
     Asset::css("/style.css", include_str!("../../web/style.css")),
     // The protocol's AsyncAPI document, kept in docs/asyncapi/ (checked against real frames by
     // e2e/contract/asyncapi.test.mjs).
-    Asset {
-        path: "/asyncapi.json",
-        content_type: "application/json",
-        body: include_str!("../../../../docs/asyncapi/teambot-sim.json"),
-    },
+    Asset::asyncapi(include_str!("../../../../docs/asyncapi/teambot-sim.json")),
 ];
 
 /// The page, its assets and `/asyncapi.json` (405 for methods other than GET/HEAD); `None`
