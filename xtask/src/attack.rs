@@ -1,5 +1,5 @@
-//! `cargo xtask attack [--debug]`: every attack row against the release (or debug) binary with default flags, and the
-//! table they produce in `docs/hardening.md`.
+//! `cargo xtask attack [--debug]`: every attack row against the release (or debug) binary with
+//! default flags, and the table they produce in `docs/hardening.md`.
 //!
 //! Each row gets a fresh `switchboard serve --protocol P --listen 127.0.0.1:<free port>` with no
 //! other flag (`RUST_LOG=warn`), runs `switchboard bench attack --row N --pid <server>`, and

@@ -3,8 +3,7 @@
 //! Also the pieces `cargo xtask bench-scale` starts its cluster with.
 
 use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::bench::{
-    close_codes, free_port, group, load, median_by_throughput, num, ratio, stop, wait_listening,
+    close_codes, free_port, group, http_get, load, median_by_throughput, num, ratio, stop,
+    wait_listening,
 };
 
 /// How Redis persists, stated in the doc next to the figures.
@@ -154,14 +154,7 @@ impl Drop for Node {
 
 /// The status code of `GET /readyz`, or `None` when nothing answers.
 fn readyz(addr: SocketAddr) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream
-        .write_all(b"GET /readyz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).ok()?;
-    std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()
+    http_get(addr, "/readyz").ok().map(|(status, _)| status)
 }
 
 /// A fresh cluster name for every cluster started on the one Redis of a bench run, so no run

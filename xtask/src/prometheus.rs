@@ -7,15 +7,14 @@
 //! histogram, and a close counted by code. Fails (exit 1) otherwise, and when `prometheus` is
 //! not installed.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::bench::{free_port, root, stop, wait_listening};
+use crate::bench::{free_port, http_get, root, stop, wait_listening};
 
 /// How long each query may take to show the series moving.
 const QUERY_DEADLINE: Duration = Duration::from_secs(30);
@@ -228,55 +227,6 @@ fn encode(text: &str) -> String {
         .collect()
 }
 
-/// A plain HTTP/1.1 GET: status and body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).map_err(|e| e.to_string())?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Ok((
-        status,
-        if chunked {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        },
-    ))
-}
-
-/// The payload of a chunked body (sizes in hex, each chunk followed by CRLF).
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +240,5 @@ mod tests {
             first_value(r#"{"status":"success","data":{"result":[]}}"#),
             None
         );
-        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
     }
 }
