@@ -279,14 +279,44 @@ struct Scenario {
     timeout_secs: Option<u64>,
 }
 
-/// Runs a fan-out scenario `RUNS` times, each on a fresh server, and keeps the median run by
-/// throughput: a single sub-second run on a shared 2-core machine is too noisy to compare.
-fn fanout(release: &Path, server: Server, scenario: Scenario) -> Result<Value, String> {
-    const RUNS: usize = 3;
-    let runs = (0..RUNS)
-        .map(|_| fanout_once(release, server, scenario))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(median_by_throughput(runs))
+/// Fresh-server runs of each fan-out row per server: a single sub-second run on a shared 2-core
+/// machine is too noisy to compare, and the median of five holds still where three did not.
+const FANOUT_RUNS: usize = 5;
+
+/// Runs each fan-out contestant (a server and its scenario) [`FANOUT_RUNS`] times, each on a
+/// fresh server and the contestants taking turns, and keeps each one's median run by throughput,
+/// in the order given.
+fn fanout(release: &Path, contestants: &[(Server, Scenario)]) -> Result<Vec<Value>, String> {
+    let runs = interleaved(contestants, FANOUT_RUNS, |(server, scenario)| {
+        fanout_once(release, server, scenario)
+    })?;
+    Ok(runs.into_iter().map(median_by_throughput).collect())
+}
+
+/// Every ip-chat server with the same `scenario`, in [`IP_CHAT`] order.
+fn on_each_server(scenario: Scenario) -> [(Server, Scenario); 3] {
+    IP_CHAT.map(|server| (server, scenario))
+}
+
+/// Runs `f` `rounds` times for each of `contestants`, taking turns (round `r` starts with
+/// contestant `r mod n`), and returns each contestant's results in the order given.
+///
+/// Taking turns matters on a shared machine: its speed drifts over minutes (neighbours, clock),
+/// and running one server's rounds after another's would hand that drift to the comparison.
+fn interleaved<K: Copy, T>(
+    contestants: &[K],
+    rounds: usize,
+    mut f: impl FnMut(K) -> Result<T, String>,
+) -> Result<Vec<Vec<T>>, String> {
+    let n = contestants.len();
+    let mut results: Vec<Vec<T>> = contestants.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds.max(1) {
+        for turn in 0..n {
+            let index = (round + turn) % n;
+            results[index].push(f(contestants[index])?);
+        }
+    }
+    Ok(results)
 }
 
 /// The median run by deliveries/s, with every run's throughput in its `samples` field.
@@ -391,19 +421,27 @@ impl CpuPair {
     }
 }
 
-/// `pairs` × (the long burst, then the short one), each on a fresh server with default flags.
-fn burst(
+/// `pairs` × (the long burst, then the short one) on every ip-chat server, each run on a fresh
+/// server with default flags, the servers taking turns pair by pair.
+fn bursts(
     release: &Path,
-    server: Server,
     long: Scenario,
     short: Scenario,
     pairs: usize,
-) -> Result<Burst, String> {
-    let mut runs = Vec::with_capacity(pairs);
-    let mut cpu = Vec::with_capacity(pairs);
-    for _ in 0..pairs.max(1) {
+) -> Result<Vec<Burst>, String> {
+    let pairs = interleaved(&IP_CHAT, pairs, |server| {
         let long_run = fanout_once(release, server, long)?;
         let short_run = fanout_once(release, server, short)?;
+        Ok((long_run, short_run))
+    })?;
+    Ok(pairs.into_iter().map(burst).collect())
+}
+
+/// One server's burst pairs reduced to its row and CPU per delivery.
+fn burst(pairs: Vec<(Value, Value)>) -> Burst {
+    let mut runs = Vec::with_capacity(pairs.len());
+    let mut cpu = Vec::with_capacity(pairs.len());
+    for (long_run, short_run) in pairs {
         cpu.push(CpuPair::of(&long_run, &short_run));
         runs.push(long_run);
     }
@@ -412,11 +450,11 @@ fn burst(
         .iter()
         .map(|c| format!("{:.0}", c.ns_per_delivery()))
         .collect();
-    Ok(Burst {
+    Burst {
         run: median_by_throughput(runs),
         cpu: cpu[cpu.len() / 2],
         samples: samples.join(" / "),
-    })
+    }
 }
 
 fn idle(
@@ -485,19 +523,18 @@ fn durable_fanout_row(
         flags,
         timeout_secs: None,
     };
-    let memory = fanout(
+    let switchboard = Server::Switchboard("ip-chat");
+    let runs = fanout(
         release,
-        Server::Switchboard("ip-chat"),
-        scenario(Flags::Roomy),
+        &[
+            (switchboard, scenario(Flags::Roomy)),
+            (switchboard, scenario(Flags::Durable)),
+        ],
     )?;
-    let durable = fanout(
-        release,
-        Server::Switchboard("ip-chat"),
-        scenario(Flags::Durable),
-    )?;
-    let ours = num(&durable, &["deliveries_per_sec"]);
-    let theirs = num(&memory, &["deliveries_per_sec"]);
-    for (engine, r) in [("in memory", &memory), ("durable", &durable)] {
+    let (memory, durable) = (&runs[0], &runs[1]);
+    let ours = num(durable, &["deliveries_per_sec"]);
+    let theirs = num(memory, &["deliveries_per_sec"]);
+    for (engine, r) in [("in memory", memory), ("durable", durable)] {
         let verdict = match (engine, senders) {
             ("durable", Some(_)) => judged(ours, theirs, Target::AtLeast(0.8)),
             ("durable", None) => format!("{} (no target)", ratio(ours, theirs)),
@@ -524,7 +561,8 @@ fn durable_section(out: &mut String, release: &Path, quick: bool) -> Result<(), 
         out,
         "The same loads on Switchboard with the in-memory engine and with the durable engine in a\n\
          fresh data directory, which acknowledges and delivers a write only after it is on disk\n\
-         (one `fsync` per batch of concurrent writes). Fan-out rows: median of three fresh servers.\n\
+         (one `fsync` per batch of concurrent writes). Fan-out rows: median of {FANOUT_RUNS} fresh\n\
+         servers, the two engines taking turns.\n\
          A chat message is broadcast only once it is durable, and a socket's next message is read\n\
          after its previous one is stored, so one sender sends at most one message per `fsync`:\n\
          with 100 senders at once (the target row) their messages share `fsync`s and the fan-out\n\
@@ -717,7 +755,7 @@ fn matrix(release: &Path, quick: bool) -> Result<String, String> {
     let (idle_sizes, big_fanout, pairs) = if quick {
         (vec![1_000], 200, 1)
     } else {
-        (vec![10_000, 15_000], 1_000, 3)
+        (vec![10_000, 15_000], 1_000, 5)
     };
     let mut out = String::new();
     let _ = writeln!(out, "# Performance\n");
@@ -850,8 +888,8 @@ fn fanout_section(
     let _ = writeln!(out, "## ip-chat fan-out\n");
     let _ = writeln!(
         out,
-        "Each fan-out row is the median of three runs on fresh servers (all three throughputs in the\n\
-         last column).\n"
+        "Each fan-out row is the median of {FANOUT_RUNS} runs on fresh servers, the three servers \
+         taking turns run by run (every run's throughput in the last column).\n"
     );
     let _ = writeln!(
         out,
@@ -886,7 +924,9 @@ fn fanout_section(
             flags: Flags::Roomy,
             timeout_secs: None,
         };
-        let runs = each_server(|server| fanout(release, server, scenario))?;
+        let runs: [Value; 3] = fanout(release, &on_each_server(scenario))?
+            .try_into()
+            .map_err(|_| "one median run per server".to_owned())?;
         for (server, r) in IP_CHAT.iter().zip(&runs) {
             let _ = writeln!(
                 out,
@@ -942,10 +982,7 @@ fn burst_section(out: &mut String, release: &Path, pairs: usize) -> Result<Vec<B
         timeout_secs: Some(30),
     };
     let (long, short) = (scenario(BURST_LONG_EACH), scenario(BURST_SHORT_EACH));
-    let bursts = IP_CHAT
-        .iter()
-        .map(|server| burst(release, *server, long, short, pairs))
-        .collect::<Result<Vec<_>, _>>()?;
+    let bursts = bursts(release, long, short, pairs)?;
 
     let _ = writeln!(out, "\n## Burst at the limit\n");
     let _ = writeln!(
@@ -959,7 +996,7 @@ fn burst_section(out: &mut String, release: &Path, pairs: usize) -> Result<Vec<B
         group(BURST_SUBSCRIBERS),
         group(long.messages * (BURST_SUBSCRIBERS + BURST_SENDERS)),
         if pairs > 1 {
-            format!("{pairs} runs")
+            format!("{pairs} runs, the servers taking turns")
         } else {
             "One run".to_owned()
         }
