@@ -21,7 +21,6 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{Instrument, debug, info, trace};
 
 use crate::metered::{Metered, Watch};
@@ -42,7 +41,6 @@ pub(crate) struct ConnectionContext {
     pub(crate) write_timeout: Duration,
     pub(crate) message_timeout: Duration,
     pub(crate) watch: Arc<Watch>,
-    pub(crate) shutdown: CancellationToken,
     pub(crate) engine: Engine,
     /// When the connection's signed token expires (it is then closed with 4401).
     pub(crate) expires_at: Option<Instant>,
@@ -266,10 +264,6 @@ async fn drive<P: Protocol>(
     // read arm) sees it without a wake-up of its own.
     let deadline = sleep_until(last_heard + keepalive.idle_timeout);
     tokio::pin!(deadline);
-    // Created once: re-creating a cancellation future every iteration would register and
-    // deregister a waiter on each wake-up, the hottest path of a broadcast.
-    let shutdown = ctx.shutdown.cancelled();
-    tokio::pin!(shutdown);
     let mut pinger = keepalive.ping_interval.map(|every| {
         let mut timer = interval_at(Instant::now() + every, every);
         timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -284,12 +278,12 @@ async fn drive<P: Protocol>(
     loop {
         tokio::select! {
             biased;
-            () = &mut shutdown => return End::Close(CloseReason::shutdown()),
+            // A shutdown arrives here too, as a close request (see `OpenPeers`).
             // Local work before remote work: drain what we owe the peer before reading more.
             event = link.next_event() => match event {
                 LinkEvent::Close(reason) => return End::Close(reason),
                 LinkEvent::Send(item) => {
-                    match write_batch(socket, link, unfinished, peer, item, shutdown.as_mut(), ctx).await {
+                    match write_batch(socket, link, unfinished, peer, item, ctx).await {
                         WriteOutcome::Written => {}
                         WriteOutcome::Interrupted(reason) => return End::Close(reason),
                         WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
@@ -308,7 +302,7 @@ async fn drive<P: Protocol>(
                         let work = protocol
                             .on_text(conn, &cx, text.as_str())
                             .instrument(session_span(peer));
-                        if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
+                        if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, ctx)).await {
                             return end;
                         }
                     }
@@ -316,7 +310,7 @@ async fn drive<P: Protocol>(
                         let work = protocol
                             .on_binary(conn, &cx, &data)
                             .instrument(session_span(peer));
-                        if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
+                        if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, ctx)).await {
                             return end;
                         }
                     }
@@ -344,7 +338,7 @@ async fn drive<P: Protocol>(
                 // A socket gone quiet still reports its last traffic within a ping interval.
                 ctx.flush_if_due(socket);
                 socket.get_mut().queue_control(&wire::encode(wire::Opcode::Ping, &[]), false);
-                match Box::pin(guarded(send_control(socket), peer, shutdown.as_mut(), ctx)).await {
+                match Box::pin(guarded(send_control(socket), peer, ctx)).await {
                     WriteOutcome::Written => {}
                     WriteOutcome::Interrupted(reason) => return End::Close(reason),
                     WriteOutcome::Failed(error) => return End::Gone(error.to_string()),
@@ -352,7 +346,7 @@ async fn drive<P: Protocol>(
             }
             _ = tick_opt(&mut ticker) => {
                 let work = protocol.on_tick(conn, &cx).instrument(session_span(peer));
-                if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, shutdown.as_mut(), ctx)).await {
+                if let Some(end) = Box::pin(hook(work, socket, link, unfinished, peer, ctx)).await {
                     return end;
                 }
             }
@@ -372,7 +366,6 @@ async fn hook(
     link: &mut PeerLink,
     unfinished: &mut Unfinished,
     peer: &Peer,
-    mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
 ) -> Option<End> {
     tokio::pin!(work);
@@ -383,17 +376,13 @@ async fn hook(
         tokio::select! {
             biased;
             () = &mut work => return None,
-            () = shutdown.as_mut() => {
-                let _ = timeout(grace, work.as_mut()).await;
-                return Some(End::Close(CloseReason::shutdown()));
-            }
             event = link.next_event() => match event {
                 LinkEvent::Close(reason) => {
                     let _ = timeout(grace, work.as_mut()).await;
                     return Some(End::Close(reason));
                 }
                 LinkEvent::Send(item) => {
-                    match write_batch(socket, link, unfinished, peer, item, shutdown.as_mut(), ctx).await {
+                    match write_batch(socket, link, unfinished, peer, item, ctx).await {
                         WriteOutcome::Written => {}
                         WriteOutcome::Interrupted(reason) => {
                             let _ = timeout(grace, work.as_mut()).await;
@@ -465,7 +454,6 @@ async fn write_batch(
     unfinished: &mut Unfinished,
     peer: &Peer,
     first: Outgoing,
-    shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
 ) -> WriteOutcome {
     let mut pending = take_batch(link, first);
@@ -492,10 +480,7 @@ async fn write_batch(
         std::task::Poll::Ready(Ok(())) => WriteOutcome::Written,
         std::task::Poll::Ready(Err(error)) => WriteOutcome::Failed(error),
         std::task::Poll::Pending => {
-            Box::pin(finish_write(
-                socket, pending, unfinished, peer, shutdown, ctx,
-            ))
-            .await
+            Box::pin(finish_write(socket, pending, unfinished, peer, ctx)).await
         }
     }
 }
@@ -507,10 +492,9 @@ async fn finish_write(
     mut pending: Pending,
     unfinished: &mut Unfinished,
     peer: &Peer,
-    shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
 ) -> WriteOutcome {
-    let outcome = guarded(write_pending(socket, &mut pending), peer, shutdown, ctx).await;
+    let outcome = guarded(write_pending(socket, &mut pending), peer, ctx).await;
     if matches!(outcome, WriteOutcome::Interrupted(_)) && !pending.is_done() {
         *unfinished = Some(pending);
     }
@@ -633,13 +617,13 @@ fn send_control(socket: &mut Socket) -> impl Future<Output = std::io::Result<()>
     std::future::poll_fn(move |cx| socket.get_mut().poll_send_control(cx))
 }
 
-/// Runs a socket write unless a close request, shutdown or the write timeout interrupts it (a
-/// peer that stopped reading would otherwise hold the write, and its memory, forever). The
-/// write is polled first, so a write that completes at once never registers a waiter or timer.
+/// Runs a socket write unless a close request (a shutdown is one) or the write timeout
+/// interrupts it (a peer that stopped reading would otherwise hold the write, and its memory,
+/// forever). The write is polled first, so a write that completes at once never registers a
+/// waiter or timer.
 async fn guarded(
     write: impl Future<Output = std::io::Result<()>>,
     peer: &Peer,
-    shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     ctx: &ConnectionContext,
 ) -> WriteOutcome {
     let outcome = tokio::select! {
@@ -649,7 +633,6 @@ async fn guarded(
             Err(error) => WriteOutcome::Failed(error),
         },
         reason = peer.closing() => WriteOutcome::Interrupted(reason),
-        () = shutdown => WriteOutcome::Interrupted(CloseReason::shutdown()),
         () = stalled(&ctx.watch, ctx.write_timeout) => WriteOutcome::Interrupted(CloseReason::write_timeout()),
     };
     ctx.watch.end_write();

@@ -29,6 +29,7 @@ mod connection;
 mod edge;
 mod metered;
 pub mod metrics;
+mod peers;
 mod status;
 pub mod tls;
 mod upgrade;
@@ -182,6 +183,8 @@ pub const ACCESS_TARGET: &str = "switchboard::access";
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
     shutdown: CancellationToken,
+    /// Every open WebSocket peer: a shutdown closes each one (the token serves the rest).
+    open: Arc<peers::OpenPeers>,
     tracker: TaskTracker,
     active: Arc<AtomicUsize>,
     counters: Arc<Counters>,
@@ -195,6 +198,7 @@ impl ServerHandle {
     fn new(config: &ServerConfig, protocol: &'static str) -> Self {
         Self {
             shutdown: CancellationToken::new(),
+            open: Arc::default(),
             tracker: TaskTracker::new(),
             active: Arc::default(),
             counters: Arc::new(Counters::new(protocol)),
@@ -238,6 +242,7 @@ impl ServerHandle {
     /// Starts a graceful shutdown: stop accepting, close every socket with 1001.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+        self.open.close_all();
     }
 
     /// Whether shutdown has started.

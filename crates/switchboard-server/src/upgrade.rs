@@ -446,6 +446,7 @@ fn open_connection<P: Protocol>(
         metrics.accepted.increment(1);
         metrics.open.increment(1.0);
         let _open = OpenGauge(metrics.open.clone());
+        let _registered = app.handle.open.add(&peer);
         let ctx = ConnectionContext {
             counters: app.handle.counters.clone(),
             keepalive: app.keepalive,
@@ -453,7 +454,6 @@ fn open_connection<P: Protocol>(
             write_timeout: app.config.write_timeout,
             message_timeout: app.config.message_timeout,
             watch,
-            shutdown: app.handle.shutdown.clone(),
             engine: app.config.engine.clone(),
             expires_at: expires_in.map(|left| tokio::time::Instant::now() + left),
             access,
