@@ -9,9 +9,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 
-use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use crate::frame::{BODY_OVERHEAD, Body};
@@ -162,6 +161,10 @@ struct Queue {
     bytes: usize,
     /// Set when the runtime's end is gone; later pushes report `Delivery::Closed`.
     detached: bool,
+    /// The runtime's end, waiting for the queue to go from empty to non-empty or for a close
+    /// request. Kept under the queue's own lock rather than in an atomic waker beside it: the
+    /// push that must wake it holds the lock already, and a wake-up then touches no other line.
+    waiter: Option<Waker>,
 }
 
 struct PeerInner {
@@ -170,10 +173,6 @@ struct PeerInner {
     capacity: usize,
     max_bytes: usize,
     queue: Mutex<Queue>,
-    /// Wakes the runtime's end when the queue goes from empty to non-empty or a close is
-    /// requested. One waiter, lock-free: the waiter registers, then looks at the queue again, so
-    /// no push is missed (a `Notify` here took a second lock on every wake-up of a fan-out).
-    ready: AtomicWaker,
     close_reason: OnceLock<CloseReason>,
     close_signal: Notify,
 }
@@ -236,9 +235,10 @@ impl Peer {
         let was_empty = queue.items.is_empty();
         queue.bytes = queue.bytes.saturating_add(cost);
         queue.items.push_back(item.into_slot());
+        let waiter = if was_empty { queue.waiter.take() } else { None };
         drop(queue);
-        if was_empty {
-            self.0.ready.wake();
+        if let Some(waiter) = waiter {
+            waiter.wake();
         }
         Delivery::Queued
     }
@@ -247,8 +247,12 @@ impl Peer {
     pub fn close(&self, reason: CloseReason) {
         if self.0.close_reason.set(reason).is_ok() {
             self.0.close_signal.notify_waiters();
-            // The runtime waits on `ready` for its next event; a close is one.
-            self.0.ready.wake();
+            // The runtime's end waits for its next event; a close is one. The reason is set
+            // before the lock is taken, so a waiter registered after this looks sees it.
+            let waiter = lock(&self.0.queue).waiter.take();
+            if let Some(waiter) = waiter {
+                waiter.wake();
+            }
         }
     }
 
@@ -306,16 +310,11 @@ impl PeerLink {
     /// pattern like a channel receiver.
     pub async fn recv(&mut self) -> Option<Outgoing> {
         std::future::poll_fn(|cx| {
-            if let Some(item) = self.try_recv() {
-                return Poll::Ready(Some(item));
-            }
-            // Register, then look again: a push between the first look and the registration
-            // is seen by the second look, and one after it wakes this waker.
-            self.peer.0.ready.register(cx.waker());
-            match self.try_recv() {
-                Some(item) => Poll::Ready(Some(item)),
-                None => Poll::Pending,
-            }
+            self.poll_next(cx.waker(), false).map(|event| match event {
+                LinkEvent::Send(item) => Some(item),
+                // Not asked for: `poll_next` with `false` only ever yields items.
+                LinkEvent::Close(_) => None,
+            })
         })
         .await
     }
@@ -323,38 +322,38 @@ impl PeerLink {
     /// Waits for the next thing to do: a close request wins over queued frames. One wait serves
     /// both, so the runtime's loop registers a single waiter per idle period.
     pub async fn next_event(&mut self) -> LinkEvent {
-        std::future::poll_fn(|cx| {
-            if let Some(event) = self.ready_event() {
-                return Poll::Ready(event);
-            }
-            self.peer.0.ready.register(cx.waker());
-            match self.ready_event() {
-                Some(event) => Poll::Ready(event),
-                None => Poll::Pending,
-            }
-        })
-        .await
+        std::future::poll_fn(|cx| self.poll_next(cx.waker(), true)).await
     }
 
-    fn ready_event(&mut self) -> Option<LinkEvent> {
-        if let Some(reason) = self.peer.close_reason() {
-            return Some(LinkEvent::Close(reason.clone()));
+    /// The next item (or, with `closes`, a close request first), else registers `waker` for
+    /// the next push or close, under the same lock that looked, so neither can be missed.
+    fn poll_next(&mut self, waker: &Waker, closes: bool) -> Poll<LinkEvent> {
+        let close = |peer: &Peer| {
+            peer.close_reason()
+                .filter(|_| closes)
+                .map(|reason| LinkEvent::Close(reason.clone()))
+        };
+        if let Some(event) = close(&self.peer) {
+            return Poll::Ready(event);
         }
-        self.try_recv().map(LinkEvent::Send)
+        let mut queue = lock(&self.peer.0.queue);
+        if let Some(item) = pop(&mut queue) {
+            return Poll::Ready(LinkEvent::Send(item));
+        }
+        if !queue.waiter.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            queue.waiter = Some(waker.clone());
+        }
+        drop(queue);
+        // A close requested before the registration found no waiter to wake: look again.
+        match close(&self.peer) {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
+        }
     }
 
     /// A queued item if one is ready.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        let mut queue = lock(&self.peer.0.queue);
-        let slot = queue.items.pop_front();
-        if let Some(slot) = &slot {
-            queue.bytes = queue.bytes.saturating_sub(slot_cost(slot));
-        }
-        if queue.items.is_empty() && queue.items.capacity() > RETAINED_QUEUE_CAPACITY {
-            queue.items.shrink_to(RETAINED_QUEUE_CAPACITY);
-        }
-        drop(queue);
-        slot.map(Outgoing::from_slot)
+        pop(&mut lock(&self.peer.0.queue))
     }
 
     /// Moves up to `max` queued items into `out` under one lock (a burst costs one lock per
@@ -392,7 +391,18 @@ impl Drop for PeerLink {
         queue.detached = true;
         queue.items = VecDeque::new();
         queue.bytes = 0;
+        queue.waiter = None;
     }
+}
+
+/// Takes the first item off `queue`, giving back a drained burst's memory.
+fn pop(queue: &mut Queue) -> Option<Outgoing> {
+    let slot = queue.items.pop_front()?;
+    queue.bytes = queue.bytes.saturating_sub(slot_cost(&slot));
+    if queue.items.is_empty() && queue.items.capacity() > RETAINED_QUEUE_CAPACITY {
+        queue.items.shrink_to(RETAINED_QUEUE_CAPACITY);
+    }
+    Some(Outgoing::from_slot(slot))
 }
 
 /// Creates a peer with an outbound queue of `capacity` items (at least 1) and no byte bound.
@@ -414,7 +424,6 @@ pub fn peer_channel_bounded(
         capacity: capacity.max(1),
         max_bytes,
         queue: Mutex::new(Queue::default()),
-        ready: AtomicWaker::new(),
         close_reason: OnceLock::new(),
         close_signal: Notify::new(),
     }));
