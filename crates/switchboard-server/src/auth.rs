@@ -148,11 +148,12 @@ impl JwtVerifier {
         ))
     }
 
-    /// HS256 with the secret in `path`. Surrounding whitespace (a trailing newline) is not part
-    /// of the secret.
+    /// HS256 with the secret in `path`. One trailing line ending (`\n` or `\r\n`, as editors
+    /// and `echo` write) is not part of the secret; every other byte is, whitespace included, so
+    /// a random binary secret is read exactly as written.
     pub fn hs256_file(path: &Path, options: JwtOptions) -> Result<Self, AuthConfigError> {
         let bytes = read(path)?;
-        Self::hs256(bytes.trim_ascii(), options)
+        Self::hs256(without_line_ending(&bytes), options)
     }
 
     /// RS256 for an RSA public key, ES256 for a P-256 EC public key, in PEM.
@@ -263,9 +264,26 @@ pub(crate) fn token_from(authorization: Option<&str>, query: Option<&str>) -> Op
     switchboard_core::query::param(query?, "token").filter(|token| !token.is_empty())
 }
 
+/// `bytes` without one trailing `\n` or `\r\n`.
+fn without_line_ending(bytes: &[u8]) -> &[u8] {
+    match bytes.strip_suffix(b"\n") {
+        Some(line) => line.strip_suffix(b"\r").unwrap_or(line),
+        None => bytes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_file_loses_one_line_ending_and_nothing_else() {
+        assert_eq!(without_line_ending(b" key \n"), b" key ");
+        assert_eq!(without_line_ending(b"key\r\n"), b"key");
+        assert_eq!(without_line_ending(b"key\n\n"), b"key\n");
+        assert_eq!(without_line_ending(b"\tkey"), b"\tkey");
+        assert_eq!(without_line_ending(b""), b"");
+    }
 
     #[test]
     fn the_header_wins_over_the_query() {

@@ -57,8 +57,16 @@ pub(crate) fn spawn_listening(mut command: Command) -> (Child, SocketAddr) {
         .expect("spawn switchboard");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    // What the server said before it listened, for the panic message if it never does.
+    let early = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let said = early.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(mut said) = said.lock()
+                && said.len() < 50
+            {
+                said.push(line.clone());
+            }
             let Ok(entry) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };
@@ -74,8 +82,13 @@ pub(crate) fn spawn_listening(mut command: Command) -> (Child, SocketAddr) {
         }
     });
     let Ok(addr) = rx.recv_timeout(WAIT) else {
+        let status = child.try_wait();
         let _ = child.kill();
-        panic!("the server did not report its address");
+        let said = early
+            .lock()
+            .map(|lines| lines.join("\n"))
+            .unwrap_or_default();
+        panic!("the server did not report its address (exit: {status:?}); it said:\n{said}");
     };
     (child, addr)
 }
