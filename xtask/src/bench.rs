@@ -284,13 +284,27 @@ struct Scenario {
 const FANOUT_RUNS: usize = 5;
 
 /// Runs each fan-out contestant (a server and its scenario) [`FANOUT_RUNS`] times, each on a
-/// fresh server and the contestants taking turns, and keeps each one's median run by throughput,
-/// in the order given.
+/// fresh server and the contestants taking turns, and keeps each one's median run, in the order
+/// given: by throughput, or for a paced scenario by p99 latency.
 fn fanout(release: &Path, contestants: &[(Server, Scenario)]) -> Result<Vec<Value>, String> {
     let runs = interleaved(contestants, FANOUT_RUNS, |(server, scenario)| {
         fanout_once(release, server, scenario)
     })?;
-    Ok(runs.into_iter().map(median_by_throughput).collect())
+    Ok(runs
+        .into_iter()
+        .zip(contestants)
+        .map(|(runs, (_, scenario))| {
+            // A paced run's throughput is the pace: its latency is what tells runs apart.
+            median_by(
+                runs,
+                if scenario.rate.is_some() {
+                    P99
+                } else {
+                    THROUGHPUT
+                },
+            )
+        })
+        .collect())
 }
 
 /// Every ip-chat server with the same `scenario`, in [`IP_CHAT`] order.
@@ -320,13 +334,22 @@ fn interleaved<K: Copy, T>(
 }
 
 /// The median run by deliveries/s, with every run's throughput in its `samples` field.
-pub(crate) fn median_by_throughput(mut runs: Vec<Value>) -> Value {
-    runs.sort_by(|a, b| {
-        num(a, &["deliveries_per_sec"]).total_cmp(&num(b, &["deliveries_per_sec"]))
-    });
+pub(crate) fn median_by_throughput(runs: Vec<Value>) -> Value {
+    median_by(runs, THROUGHPUT)
+}
+
+/// A report's deliveries/s.
+const THROUGHPUT: &[&str] = &["deliveries_per_sec"];
+/// A report's p99 latency in µs.
+const P99: &[&str] = &["latency_us", "p99"];
+
+/// The median run by `figure` (a path into the report), with every run's figure in its
+/// `samples` field.
+fn median_by(mut runs: Vec<Value>, figure: &[&str]) -> Value {
+    runs.sort_by(|a, b| num(a, figure).total_cmp(&num(b, figure)));
     let samples: Vec<String> = runs
         .iter()
-        .map(|r| format!("{:.0}", num(r, &["deliveries_per_sec"])))
+        .map(|r| format!("{:.0}", num(r, figure)))
         .collect();
     let middle = runs.len() / 2;
     let mut median = runs.swap_remove(middle);
@@ -889,11 +912,13 @@ fn fanout_section(
     let _ = writeln!(
         out,
         "Each fan-out row is the median of {FANOUT_RUNS} runs on fresh servers, the three servers \
-         taking turns run by run (every run's throughput in the last column).\n"
+         taking turns run by run: the median by throughput, with every run's throughput in the \
+         last column, except in the paced row, whose throughput is the pace itself: there it is \
+         the median by p99 latency, with every run's p99 (µs) in the last column.\n"
     );
     let _ = writeln!(
         out,
-        "| run | server | deliveries/s | p50 µs | p99 µs | max µs | CPU µs/delivery | complete | runs (deliveries/s) |"
+        "| run | server | deliveries/s | p50 µs | p99 µs | max µs | CPU µs/delivery | complete | runs (deliveries/s; paced: p99 µs) |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
@@ -996,7 +1021,7 @@ fn burst_section(out: &mut String, release: &Path, pairs: usize) -> Result<Vec<B
         group(BURST_SUBSCRIBERS),
         group(long.messages * (BURST_SUBSCRIBERS + BURST_SENDERS)),
         if pairs > 1 {
-            format!("{pairs} runs, the servers taking turns")
+            format!("{pairs} runs (the servers taking turns)")
         } else {
             "One run".to_owned()
         }
