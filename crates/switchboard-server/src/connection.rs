@@ -264,11 +264,8 @@ async fn drive<P: Protocol>(
     // read arm) sees it without a wake-up of its own.
     let deadline = sleep_until(last_heard + keepalive.idle_timeout);
     tokio::pin!(deadline);
-    let mut pinger = keepalive.ping_interval.map(|every| {
-        let mut timer = interval_at(Instant::now() + every, every);
-        timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        timer
-    });
+    // The keepalive ping shares that timer: a second one would be polled on every wake-up too.
+    let mut next_ping = keepalive.ping_interval.map(|every| Instant::now() + every);
     let mut ticker = tick_every.map(|every| {
         let mut timer = interval_at(Instant::now() + every, every);
         timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -330,10 +327,12 @@ async fn drive<P: Protocol>(
                     None => return End::Gone("connection ended".into()),
                 }
             }
-            expired = inbound_deadline(deadline.as_mut(), &ctx.watch, last_heard, keepalive.idle_timeout, ctx.message_timeout, ctx.expires_at) => {
-                return End::Close(expired);
-            }
-            _ = tick_opt(&mut pinger) => {
+            due = next_due(deadline.as_mut(), &ctx.watch, last_heard, keepalive.idle_timeout, ctx.message_timeout, ctx.expires_at, next_ping) => {
+                if let Due::Close(expired) = due {
+                    return End::Close(expired);
+                }
+                // The next one an interval after this one was sent (no catching up).
+                next_ping = keepalive.ping_interval.map(|every| Instant::now() + every);
                 trace!(conn = %peer.id(), "ping");
                 // A socket gone quiet still reports its last traffic within a ping interval.
                 ctx.flush_if_due(socket);
@@ -399,23 +398,32 @@ async fn hook(
     }
 }
 
-/// Resolves with the close reason when a deadline passes: the reassembly budget refused this
+/// What the connection's one timer found due.
+enum Due {
+    /// A deadline passed: close for this reason.
+    Close(CloseReason),
+    /// Time to send a keepalive ping.
+    Ping,
+}
+
+/// Resolves when something timed is due: a close when the reassembly budget refused this
 /// socket, a message is unfinished after `message_timeout`, nothing was heard for
-/// `idle_timeout`, or the connection's signed token expired. Re-evaluated on every poll of the
-/// connection's task.
-fn inbound_deadline<'a>(
+/// `idle_timeout`, or the connection's signed token expired; else a ping at `next_ping`.
+/// Re-evaluated on every poll of the connection's task.
+fn next_due<'a>(
     mut timer: Pin<&'a mut tokio::time::Sleep>,
     watch: &'a Watch,
     last_heard: Instant,
     idle_timeout: Duration,
     message_timeout: Duration,
     expires_at: Option<Instant>,
-) -> impl Future<Output = CloseReason> + 'a {
+    next_ping: Option<Instant>,
+) -> impl Future<Output = Due> + 'a {
     // Polled on every pass of the connection loop, so it reads no clock: the timer is moved to
     // the earliest deadline when that changes, and its firing says the deadline passed.
     std::future::poll_fn(move |cx| {
         if watch.over_budget() {
-            return std::task::Poll::Ready(CloseReason::try_again_later());
+            return std::task::Poll::Ready(Due::Close(CloseReason::try_again_later()));
         }
         let idle_at = last_heard + idle_timeout;
         let message_at = watch
@@ -431,10 +439,15 @@ fn inbound_deadline<'a>(
             Some(expires_at) if expires_at <= at => (expires_at, CloseReason::token_expired()),
             _ => (at, reason),
         };
+        // A close due at the same time as a ping wins.
+        let (at, due) = match next_ping {
+            Some(ping_at) if ping_at < at => (ping_at, Due::Ping),
+            _ => (at, Due::Close(reason)),
+        };
         if timer.deadline() != at {
             timer.as_mut().reset(at);
         }
-        timer.as_mut().poll(cx).map(|()| reason)
+        timer.as_mut().poll(cx).map(|()| due)
     })
 }
 
