@@ -280,7 +280,7 @@ struct Scenario {
 }
 
 /// Fresh-server runs of each fan-out row per server: a single sub-second run on a shared 2-core
-/// machine is too noisy to compare, and the median of five holds still where three did not.
+/// machine is too noisy to compare (runs of one server spread by about ±15% here).
 const FANOUT_RUNS: usize = 5;
 
 /// Runs each fan-out contestant (a server and its scenario) [`FANOUT_RUNS`] times, each on a

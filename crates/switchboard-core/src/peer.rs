@@ -73,7 +73,10 @@ impl Outgoing {
         match self {
             Self::Frame(frame) => frame.len().saturating_add(ITEM_OVERHEAD),
             Self::Binary(data) => data.len().saturating_add(ITEM_OVERHEAD),
-            Self::Batch(frames) => batch_cost(frames),
+            Self::Batch(frames) => frames.iter().fold(ITEM_OVERHEAD, |sum, frame| {
+                sum.saturating_add(frame.len())
+                    .saturating_add(std::mem::size_of::<Frame>())
+            }),
         }
     }
 
@@ -102,22 +105,6 @@ impl Outgoing {
                 },
             },
         }
-    }
-}
-
-fn batch_cost(frames: &[Frame]) -> usize {
-    frames.iter().fold(ITEM_OVERHEAD, |sum, frame| {
-        sum.saturating_add(frame.len())
-            .saturating_add(std::mem::size_of::<Frame>())
-    })
-}
-
-/// [`Outgoing::cost`] of the item a queue slot holds.
-fn slot_cost(slot: &Frame) -> usize {
-    match slot.body() {
-        Body::Text(text) => text.len().saturating_add(ITEM_OVERHEAD),
-        Body::Binary(data) => data.len().saturating_add(ITEM_OVERHEAD),
-        Body::Batch(frames) => batch_cost(frames),
     }
 }
 
@@ -397,12 +384,12 @@ impl Drop for PeerLink {
 
 /// Takes the first item off `queue`, giving back a drained burst's memory.
 fn pop(queue: &mut Queue) -> Option<Outgoing> {
-    let slot = queue.items.pop_front()?;
-    queue.bytes = queue.bytes.saturating_sub(slot_cost(&slot));
+    let item = Outgoing::from_slot(queue.items.pop_front()?);
+    queue.bytes = queue.bytes.saturating_sub(item.cost());
     if queue.items.is_empty() && queue.items.capacity() > RETAINED_QUEUE_CAPACITY {
         queue.items.shrink_to(RETAINED_QUEUE_CAPACITY);
     }
-    Some(Outgoing::from_slot(slot))
+    Some(item)
 }
 
 /// Creates a peer with an outbound queue of `capacity` items (at least 1) and no byte bound.
