@@ -550,6 +550,9 @@ mod tests {
                     per_node[node].fetch_add(1, Ordering::SeqCst);
                     let relay = relay.clone();
                     tokio::spawn(async move {
+                        // Subscribed before the handshake answers: a client that sees its
+                        // 101 may send at once, and every socket open by then must get it.
+                        let mut inbox = relay.subscribe();
                         let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
                         if accepted <= close_first {
                             let close = CloseFrame {
@@ -559,7 +562,6 @@ mod tests {
                             let _ = ws.close(Some(close)).await;
                             return;
                         }
-                        let mut inbox = relay.subscribe();
                         loop {
                             tokio::select! {
                                 Ok(text) = inbox.recv() => {
