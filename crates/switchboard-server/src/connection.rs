@@ -254,18 +254,25 @@ async fn drive<P: Protocol>(
     ctx: &ConnectionContext,
 ) -> End {
     let tick_every = protocol.tick_interval();
-    let gate = ReadGate::new();
+    // The read side and the timer wake the task through the watch, which records it: a pass
+    // woken only for the queue polls neither (see `read_side`).
+    let side_waker = std::task::Waker::from(ctx.watch.clone());
     let keepalive = ctx.keepalive;
     let cx = Context::new(peer, &ctx.engine);
-    let mut last_heard = Instant::now();
     // One timer for every inbound deadline: the idle timeout, and the message timeout of a
     // message being received. The wrapper under tungstenite notices a message start while the
-    // read future is pending, in this same task poll, so the deadline arm (polled after the
-    // read arm) sees it without a wake-up of its own.
-    let deadline = sleep_until(last_heard + keepalive.idle_timeout);
-    tokio::pin!(deadline);
-    // The keepalive ping shares that timer: a second one would be polled on every wake-up too.
-    let mut next_ping = keepalive.ping_interval.map(|every| Instant::now() + every);
+    // read side is polled, and the timer is looked at right after it in the same pass.
+    let mut deadlines = Deadlines {
+        last_heard: Instant::now(),
+        // The keepalive ping shares that timer: a second one would cost every wake-up too.
+        next_ping: keepalive.ping_interval.map(|every| Instant::now() + every),
+    };
+    let timer = sleep_until(deadlines.last_heard + keepalive.idle_timeout);
+    tokio::pin!(timer);
+    // Set by the read branch when the watch says the read side or the timer woke the task,
+    // for the timer branch right after it in the same pass (atomic only because the task
+    // must be `Send`; one task touches it).
+    let timer_due = std::sync::atomic::AtomicBool::new(false);
     let mut ticker = tick_every.map(|every| {
         let mut timer = interval_at(Instant::now() + every, every);
         timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -287,8 +294,8 @@ async fn drive<P: Protocol>(
                     }
                 }
             },
-            incoming = gate.read(socket) => {
-                last_heard = Instant::now();
+            incoming = read_side(socket, &ctx.watch, &side_waker, &timer_due) => {
+                deadlines.last_heard = Instant::now();
                 if let Some(Ok(Message::Text(_) | Message::Binary(_))) = &incoming {
                     let traffic = &mut socket.get_mut().traffic;
                     traffic.frames_in = traffic.frames_in.saturating_add(1);
@@ -327,12 +334,14 @@ async fn drive<P: Protocol>(
                     None => return End::Gone("connection ended".into()),
                 }
             }
-            due = next_due(deadline.as_mut(), &ctx.watch, last_heard, keepalive.idle_timeout, ctx.message_timeout, ctx.expires_at, next_ping) => {
+            due = timer_side(timer.as_mut(), ctx, &deadlines, &side_waker, &timer_due) => {
                 if let Due::Close(expired) = due {
                     return End::Close(expired);
                 }
                 // The next one an interval after this one was sent (no catching up).
-                next_ping = keepalive.ping_interval.map(|every| Instant::now() + every);
+                deadlines.next_ping = keepalive.ping_interval.map(|every| Instant::now() + every);
+                // The timer fired: it must be moved to the new deadline on the next pass.
+                ctx.watch.look_again();
                 trace!(conn = %peer.id(), "ping");
                 // A socket gone quiet still reports its last traffic within a ping interval.
                 ctx.flush_if_due(socket);
@@ -406,49 +415,110 @@ enum Due {
     Ping,
 }
 
-/// Resolves when something timed is due: a close when the reassembly budget refused this
-/// socket, a message is unfinished after `message_timeout`, nothing was heard for
-/// `idle_timeout`, or the connection's signed token expired; else a ping at `next_ping`.
-/// Re-evaluated on every poll of the connection's task.
-fn next_due<'a>(
-    mut timer: Pin<&'a mut tokio::time::Sleep>,
-    watch: &'a Watch,
+/// The inputs of the connection's one timer that change (the others are in the
+/// [`ConnectionContext`]).
+struct Deadlines {
+    /// When the peer last sent anything.
     last_heard: Instant,
-    idle_timeout: Duration,
-    message_timeout: Duration,
-    expires_at: Option<Instant>,
+    /// When the next keepalive ping is due.
     next_ping: Option<Instant>,
-) -> impl Future<Output = Due> + 'a {
-    // Polled on every pass of the connection loop, so it reads no clock: the timer is moved to
-    // the earliest deadline when that changes, and its firing says the deadline passed.
+}
+
+/// Resolves with what the socket's read side gives.
+///
+/// The connection task wakes for its queue far more often than for its socket or its timer (a
+/// subscriber mostly receives), and `select!` polls every branch on every wake-up. Polling
+/// tungstenite for input that has not arrived is not free (its waker proxies, a 1 KiB buffer
+/// cleared for the read, a `recv` readiness check: measured at a steady fan-out, once the
+/// largest user-space cost of a delivery), nor is polling the timer (its waker registration,
+/// on memory nothing else in the wake-up touches). So both are polled with the watch's
+/// waker, which records that one of them woke the task, and both are skipped while neither
+/// did: this branch takes the record and passes it on to [`timer_side`] in `timer_due`. Every
+/// change of a deadline happens in a pass that polls them (after a read, or asking for one
+/// with [`Watch::look_again`]), so the timer is never left at an old deadline.
+fn read_side<'a>(
+    socket: &'a mut Socket,
+    watch: &'a Watch,
+    side_waker: &'a std::task::Waker,
+    timer_due: &'a std::sync::atomic::AtomicBool,
+) -> impl Future<Output = Option<Result<Message, WsError>>> + 'a {
     std::future::poll_fn(move |cx| {
-        if watch.over_budget() {
-            return std::task::Poll::Ready(Due::Close(CloseReason::try_again_later()));
+        // Control replies waiting to be sent are sent either way.
+        if socket.get_ref().has_control()
+            && let std::task::Poll::Ready(Err(error)) = socket.get_mut().poll_send_control(cx)
+        {
+            return std::task::Poll::Ready(Some(Err(WsError::Io(error))));
         }
-        let idle_at = last_heard + idle_timeout;
-        let message_at = watch
-            .message_started()
-            .map(|started| started + message_timeout);
-        let (at, reason) = match message_at {
-            Some(message_at) if message_at < idle_at => {
-                (message_at, CloseReason::message_timeout())
-            }
-            _ => (idle_at, CloseReason::idle_timeout()),
-        };
-        let (at, reason) = match expires_at {
-            Some(expires_at) if expires_at <= at => (expires_at, CloseReason::token_expired()),
-            _ => (at, reason),
-        };
-        // A close due at the same time as a ping wins.
-        let (at, due) = match next_ping {
-            Some(ping_at) if ping_at < at => (ping_at, Due::Ping),
-            _ => (at, Due::Close(reason)),
-        };
-        if timer.deadline() != at {
-            timer.as_mut().reset(at);
+        if !watch.take_woken(cx.waker()) {
+            return std::task::Poll::Pending;
         }
-        timer.as_mut().poll(cx).map(|()| due)
+        let mut side_cx = std::task::Context::from_waker(side_waker);
+        let read = poll_read(socket, &mut side_cx, cx);
+        if read.is_ready() {
+            // tungstenite may hold more frames already read, or a reply to send on its next
+            // read; and the deadlines move: look again on the next pass.
+            watch.look_again();
+        } else {
+            timer_due.store(true, Ordering::Relaxed);
+        }
+        read
     })
+}
+
+/// Resolves with what the timer finds due, looked at only in a pass where [`read_side`] found
+/// the watch's record set (it then sets `timer_due`).
+fn timer_side<'a>(
+    mut timer: Pin<&'a mut tokio::time::Sleep>,
+    ctx: &'a ConnectionContext,
+    deadlines: &'a Deadlines,
+    side_waker: &'a std::task::Waker,
+    timer_due: &'a std::sync::atomic::AtomicBool,
+) -> impl Future<Output = Due> + 'a {
+    std::future::poll_fn(move |_| {
+        if !timer_due.swap(false, Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        let mut side_cx = std::task::Context::from_waker(side_waker);
+        poll_due(timer.as_mut(), ctx, deadlines, &mut side_cx)
+    })
+}
+
+/// Whether something timed is due: a close when the reassembly budget refused this socket, a
+/// message is unfinished after `message_timeout`, nothing was heard for `idle_timeout`, or the
+/// connection's signed token expired; else a ping at `next_ping`. Moves the timer to the
+/// earliest deadline when that changed; its firing says the deadline passed, so no clock is
+/// read.
+fn poll_due(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    ctx: &ConnectionContext,
+    deadlines: &Deadlines,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<Due> {
+    let watch = &ctx.watch;
+    if watch.over_budget() {
+        return std::task::Poll::Ready(Due::Close(CloseReason::try_again_later()));
+    }
+    let idle_at = deadlines.last_heard + ctx.keepalive.idle_timeout;
+    let message_at = watch
+        .message_started()
+        .map(|started| started + ctx.message_timeout);
+    let (at, reason) = match message_at {
+        Some(message_at) if message_at < idle_at => (message_at, CloseReason::message_timeout()),
+        _ => (idle_at, CloseReason::idle_timeout()),
+    };
+    let (at, reason) = match ctx.expires_at {
+        Some(expires_at) if expires_at <= at => (expires_at, CloseReason::token_expired()),
+        _ => (at, reason),
+    };
+    // A close due at the same time as a ping wins.
+    let (at, due) = match deadlines.next_ping {
+        Some(ping_at) if ping_at < at => (ping_at, Due::Ping),
+        _ => (at, Due::Close(reason)),
+    };
+    if timer.deadline() != at {
+        timer.as_mut().reset(at);
+    }
+    timer.as_mut().poll(cx).map(|()| due)
 }
 
 async fn tick_opt(timer: &mut Option<tokio::time::Interval>) -> Instant {
@@ -512,74 +582,6 @@ async fn finish_write(
         *unfinished = Some(pending);
     }
     outcome
-}
-
-/// Remembers whether the socket's read side has anything new since it was last polled.
-///
-/// The connection task wakes for its queue far more often than for its socket (a subscriber
-/// mostly receives), and `select!` re-polls every arm on every wake-up. Polling tungstenite
-/// for input that has not arrived is not free (its waker proxies, a 1 KiB buffer cleared for
-/// the read, a `recv` readiness check): measured at a steady fan-out, the read side was the
-/// largest user-space cost of a delivery. So the read side is polled with a waker of its
-/// own, which records that the socket woke it, and is skipped while nothing did.
-struct ReadGate {
-    state: Arc<ReadWoken>,
-    waker: std::task::Waker,
-}
-
-#[derive(Default)]
-struct ReadWoken {
-    /// Set when the socket's read side woke the task, or may have more to give at once.
-    woken: std::sync::atomic::AtomicBool,
-    /// The connection task, woken in turn.
-    task: futures::task::AtomicWaker,
-}
-
-impl std::task::Wake for ReadWoken {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl ReadGate {
-    fn new() -> Self {
-        let state = Arc::new(ReadWoken::default());
-        // The first poll must reach the socket, to register for its readiness.
-        state.woken.store(true, Ordering::Relaxed);
-        let waker = std::task::Waker::from(state.clone());
-        Self { state, waker }
-    }
-
-    /// [`poll_read`], skipped while the socket has not woken the task since its last
-    /// `Pending`. Control replies waiting to be sent are sent either way.
-    fn read<'a>(
-        &'a self,
-        socket: &'a mut Socket,
-    ) -> impl Future<Output = Option<Result<Message, WsError>>> + 'a {
-        std::future::poll_fn(move |cx| {
-            if socket.get_ref().has_control()
-                && let std::task::Poll::Ready(Err(error)) = socket.get_mut().poll_send_control(cx)
-            {
-                return std::task::Poll::Ready(Some(Err(WsError::Io(error))));
-            }
-            self.state.task.register(cx.waker());
-            if !self.state.woken.swap(false, Ordering::AcqRel) {
-                return std::task::Poll::Pending;
-            }
-            let read = poll_read(socket, &mut std::task::Context::from_waker(&self.waker), cx);
-            if read.is_ready() {
-                // tungstenite may hold more frames already read, or a reply to send on its
-                // next read: look again on the next pass.
-                self.state.woken.store(true, Ordering::Release);
-            }
-            read
-        })
-    }
 }
 
 /// Polls the socket for the next message with `read_cx` (whose waker hears the read side),
