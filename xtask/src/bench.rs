@@ -274,6 +274,8 @@ struct Scenario {
     /// Messages in total (with `senders`, split evenly among them).
     messages: usize,
     rate: Option<f64>,
+    /// With `rate`: the senders send at the same instants (bursts), not in turn.
+    in_phase: bool,
     flags: Flags,
     /// Bound on waiting for deliveries after the last send (`None`: the load tool's 60 s).
     timeout_secs: Option<u64>,
@@ -390,6 +392,9 @@ fn fanout_once(release: &Path, server: Server, scenario: Scenario) -> Result<Val
     }
     if let Some(rate) = scenario.rate {
         args.extend(["--rate".into(), rate.to_string()]);
+        if scenario.in_phase {
+            args.push("--in-phase".into());
+        }
     }
     if let Some(secs) = scenario.timeout_secs {
         args.extend(["--timeout".into(), format!("{secs}s")]);
@@ -543,6 +548,7 @@ fn durable_fanout_row(
         senders,
         messages: 500,
         rate: None,
+        in_phase: false,
         flags,
         timeout_secs: None,
     };
@@ -913,8 +919,14 @@ fn fanout_section(
         out,
         "Each fan-out row is the median of {FANOUT_RUNS} runs on fresh servers, the three servers \
          taking turns run by run: the median by throughput, with every run's throughput in the \
-         last column, except in the paced row, whose throughput is the pace itself: there it is \
-         the median by p99 latency, with every run's p99 (µs) in the last column.\n"
+         last column, except in the paced rows, whose throughput is the pace itself: there it is \
+         the median by p99 latency, with every run's p99 (µs) in the last column.\n\n\
+         The two paced rows send the same 400 messages at 40 per second. In the steady row the \
+         senders take turns, a message every 25 ms, so each broadcast goes out alone: a `send` \
+         per delivery, which is why CPU per delivery is highest there. In the micro-burst row \
+         8 senders send at the same instants, 8 messages at once every 200 ms: how many frames \
+         a server gathers per `send` while a burst arrives then decides its CPU and its tail \
+         latency. The micro-burst row has no target; it shows how a server batches.\n"
     );
     let _ = writeln!(
         out,
@@ -922,13 +934,25 @@ fn fanout_section(
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for (label, subscribers, messages, rate) in [
-        ("100 subs × 500 msgs".to_owned(), 100, 500, None),
+    // The micro-burst row: the steady row's 400 messages at 40 msgs/s from 8 senders in phase,
+    // so every 200 ms brings 8 messages at once.
+    const IN_PHASE_SENDERS: usize = 8;
+    for (label, subscribers, senders, messages, rate, in_phase) in [
+        (
+            "100 subs × 500 msgs".to_owned(),
+            100,
+            None,
+            500,
+            None,
+            false,
+        ),
         (
             format!("{} subs × 500 msgs", group(big_fanout)),
             big_fanout,
+            None,
             500,
             None,
+            false,
         ),
         (
             format!(
@@ -937,15 +961,29 @@ fn fanout_section(
                 group(40 * big_fanout)
             ),
             big_fanout,
+            None,
             400,
             Some(40.0),
+            false,
+        ),
+        (
+            format!(
+                "{} subs, 40 msgs/s as bursts of {IN_PHASE_SENDERS} every 200 ms",
+                group(big_fanout),
+            ),
+            big_fanout,
+            Some(IN_PHASE_SENDERS),
+            400,
+            Some(40.0),
+            true,
         ),
     ] {
         let scenario = Scenario {
             subscribers,
-            senders: None,
+            senders,
             messages,
             rate,
+            in_phase,
             flags: Flags::Roomy,
             timeout_secs: None,
         };
@@ -969,6 +1007,7 @@ fn fanout_section(
         rows.push(FanoutRow {
             label,
             paced: rate.is_some(),
+            in_phase,
             runs,
         });
     }
@@ -980,6 +1019,8 @@ fn fanout_section(
 struct FanoutRow {
     label: String,
     paced: bool,
+    /// Paced senders in phase (micro-bursts): reported, without a target.
+    in_phase: bool,
     runs: [Value; 3],
 }
 
@@ -1001,6 +1042,7 @@ fn burst_section(out: &mut String, release: &Path, pairs: usize) -> Result<Vec<B
         senders: Some(BURST_SENDERS),
         messages: BURST_SENDERS * each,
         rate: None,
+        in_phase: false,
         flags: Flags::Defaults,
         // A server that drops frames (the baseline's queue holds 1,024) leaves subscribers
         // waiting for the rest; 30 s after the last send is ample for the ones that arrive.
@@ -1207,7 +1249,16 @@ fn targets_section(out: &mut String, m: &Measured) {
         pre,
         Target::AtLeast(0.95),
     );
-    for FanoutRow { label, paced, runs } in &m.fanout {
+    for FanoutRow {
+        label,
+        paced,
+        in_phase,
+        runs,
+    } in &m.fanout
+    {
+        if *in_phase {
+            continue;
+        }
         let figure = |path: &[&str]| {
             [
                 num(&runs[0], path),

@@ -357,8 +357,8 @@ fn fanout_rows(
          to memory; so each sender's messages, and the broadcasts with them, come at a fraction of\n\
          the one-node rate (the latency is mostly messages waiting in their sender's socket). They\n\
          also reach the nodes spread out rather than in one burst, so each node writes few frames\n\
-         per `send` to a socket: CPU per delivery is then that of the one-node steady-rate row\n\
-         above, not of a burst (Redis's share is in its own column)."
+         per `send` to a socket: CPU per delivery is then near that of the one-node micro-burst\n\
+         row above (a few frames per `send`), not of a burst (Redis's share is in its own column)."
     );
     Ok(())
 }

@@ -43,8 +43,13 @@ pub struct FanoutOptions {
     /// Messages in total, shared among the senders (listen-only: messages each subscriber
     /// waits for).
     pub messages: usize,
-    /// Messages per second across all senders; `None` sends as fast as possible.
+    /// Messages per second across all senders; `None` sends as fast as possible. The senders
+    /// take turns, so the server sees a steady stream at this rate (see `senders_in_phase`).
     pub rate: Option<f64>,
+    /// With `rate`: every sender sends at the same instants instead of taking turns, so the
+    /// server gets a burst of one message per sender each `senders / rate` seconds (a
+    /// micro-burst, where how a server batches its writes shows).
+    pub senders_in_phase: bool,
     /// The server processes' pids (every node, and e.g. the Redis they share), to measure
     /// their CPU time per delivery, summed.
     pub server_pids: Vec<u32>,
@@ -81,6 +86,7 @@ impl FanoutOptions {
             senders: 5,
             messages: 500,
             rate: None,
+            senders_in_phase: false,
             server_pids: Vec::new(),
             timeout: Duration::from_secs(60),
             connect_concurrency: 256,
@@ -367,12 +373,17 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
         .rate
         .map(|rate| Duration::from_secs_f64(options.senders.max(1) as f64 / rate.max(0.001)));
     let mut send_tasks = Vec::with_capacity(senders.len());
+    let sender_count = senders.len();
     for (j, mut write) in senders.into_iter().enumerate() {
         let count = options.messages / options.senders
             + usize::from(j < options.messages % options.senders);
         let marker = marker.clone();
+        let first_send = per_sender_interval
+            .map(|every| pacing_start(started, every, sender_count, j, options.senders_in_phase));
         send_tasks.push(tokio::spawn(async move {
-            let mut pacing = per_sender_interval.map(tokio::time::interval);
+            let mut pacing = per_sender_interval
+                .zip(first_send)
+                .map(|(every, start)| tokio::time::interval_at(start, every));
             for seq in 0..count {
                 if let Some(timer) = pacing.as_mut() {
                     timer.tick().await;
@@ -520,6 +531,25 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
     })
 }
 
+/// When paced sender `sender` (of `senders`, each sending every `every`) sends first: the
+/// senders take turns, sender j starting j/senders of an interval late, so a paced run is a
+/// steady stream rather than a burst of one message per sender each interval; unless
+/// `in_phase`, which asks for those bursts.
+fn pacing_start(
+    started: Instant,
+    every: Duration,
+    senders: usize,
+    sender: usize,
+    in_phase: bool,
+) -> Instant {
+    if in_phase {
+        return started;
+    }
+    let senders = u32::try_from(senders.max(1)).unwrap_or(u32::MAX);
+    let turn = u32::try_from(sender).unwrap_or(u32::MAX);
+    started + (every / senders).saturating_mul(turn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,6 +614,22 @@ mod tests {
 
     async fn relay(close_first: usize) -> Target {
         relays(1, close_first).await.0.remove(0)
+    }
+
+    #[test]
+    fn paced_senders_take_turns_unless_in_phase() {
+        let start = Instant::now();
+        let every = Duration::from_millis(200);
+        let starts: Vec<_> = (0..4)
+            .map(|j| pacing_start(start, every, 4, j, false) - start)
+            .collect();
+        assert_eq!(
+            starts,
+            [0, 50, 100, 150].map(Duration::from_millis).to_vec()
+        );
+        assert!((0..4).all(|j| pacing_start(start, every, 4, j, true) == start));
+        // No senders to share the interval with: no division by zero.
+        assert_eq!(pacing_start(start, every, 0, 0, false), start);
     }
 
     fn options(target: Target, timeout: Duration) -> FanoutOptions {

@@ -67,9 +67,14 @@ pub(crate) struct FanoutArgs {
     /// `--senders 100 --messages-per-sender 50` for a 5,000-message burst).
     #[arg(long, conflicts_with = "messages", requires = "senders")]
     messages_per_sender: Option<usize>,
-    /// Messages per second across all senders (default: as fast as possible).
+    /// Messages per second across all senders (default: as fast as possible). The senders take
+    /// turns: the server sees a steady stream.
     #[arg(long)]
     rate: Option<f64>,
+    /// With --rate: every sender sends at the same instants, so the server gets a burst of one
+    /// message per sender every senders/rate seconds.
+    #[arg(long, requires = "rate")]
+    in_phase: bool,
     /// Server pid, to measure its CPU per delivery (nanoseconds from /proc schedstat). Repeat
     /// it for every process that serves the run (each node, the Redis they share): their CPU
     /// is summed.
@@ -171,6 +176,7 @@ pub(crate) async fn run(command: BenchCommand) -> Result<(), CliError> {
                 senders,
                 messages,
                 rate: args.rate,
+                senders_in_phase: args.in_phase,
                 server_pids: args.pids,
                 timeout: args.timeout,
                 connect_concurrency: 256,
