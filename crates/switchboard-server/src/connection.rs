@@ -613,7 +613,7 @@ fn read_next(socket: &mut Socket) -> impl Future<Output = Option<Result<Message,
 
 /// `first` and up to `MAX_BATCH - 1` more items ready in the queue, as one write.
 fn take_batch(link: &mut PeerLink, first: Outgoing) -> Pending {
-    let mut rest = Vec::new();
+    let mut rest = wire::spare_items();
     link.take_into(&mut rest, MAX_BATCH - 1);
     Pending::new(first, rest)
 }

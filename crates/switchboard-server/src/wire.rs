@@ -88,6 +88,21 @@ fn frame_at(item: &Outgoing, index: usize) -> Option<(Opcode, &[u8])> {
     }
 }
 
+thread_local! {
+    /// The item vector of the last batch written on this thread, emptied, for the next batch
+    /// to fill: a batch of more than one item would otherwise allocate and free one per write.
+    /// One per runtime thread, of at most twice [`FRAMES_PER_WRITE`] items' capacity.
+    static SPARE_ITEMS: std::cell::Cell<Vec<Outgoing>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An empty vector for a batch's items, with the capacity a previous batch on this thread
+/// left (see [`Pending`]'s `Drop`).
+pub(crate) fn spare_items() -> Vec<Outgoing> {
+    SPARE_ITEMS
+        .try_with(std::cell::Cell::take)
+        .unwrap_or_default()
+}
+
 /// Queue items taken for writing and how far their wire bytes have been written.
 #[derive(Debug)]
 pub(crate) struct Pending {
@@ -257,6 +272,19 @@ impl Pending {
     }
 }
 
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut rest = std::mem::take(&mut self.rest);
+        // Kept only at a batch's size: a larger one (never made by the connection) is freed.
+        if rest.capacity() == 0 || rest.capacity() > 2 * FRAMES_PER_WRITE {
+            return;
+        }
+        rest.clear();
+        // A thread being torn down has no spare to keep: the vector is then simply freed.
+        let _ = SPARE_ITEMS.try_with(|spare| spare.replace(rest));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,6 +386,25 @@ mod tests {
                 "chunk {chunk}"
             );
         }
+    }
+
+    #[test]
+    fn a_written_batch_leaves_its_item_vector_empty_for_the_next() {
+        let mut rest = spare_items();
+        rest.extend((0..10).map(|i| Outgoing::Frame(Frame::text(i.to_string()))));
+        let capacity = rest.capacity();
+        drop(Pending::new(Outgoing::Frame(Frame::text("a")), rest));
+        let again = spare_items();
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), capacity);
+        // Taken: the next caller on this thread starts from nothing.
+        assert_eq!(spare_items().capacity(), 0);
+        // Too large to keep.
+        drop(Pending::new(
+            Outgoing::Frame(Frame::text("a")),
+            Vec::with_capacity(4 * FRAMES_PER_WRITE),
+        ));
+        assert_eq!(spare_items().capacity(), 0);
     }
 
     #[test]
