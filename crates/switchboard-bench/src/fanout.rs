@@ -373,13 +373,13 @@ pub async fn run(options: FanoutOptions) -> Result<FanoutReport, BenchError> {
         .rate
         .map(|rate| Duration::from_secs_f64(options.senders.max(1) as f64 / rate.max(0.001)));
     let mut send_tasks = Vec::with_capacity(senders.len());
-    let sender_count = senders.len();
     for (j, mut write) in senders.into_iter().enumerate() {
         let count = options.messages / options.senders
             + usize::from(j < options.messages % options.senders);
         let marker = marker.clone();
-        let first_send = per_sender_interval
-            .map(|every| pacing_start(started, every, sender_count, j, options.senders_in_phase));
+        let first_send = per_sender_interval.map(|every| {
+            pacing_start(started, every, options.senders, j, options.senders_in_phase)
+        });
         send_tasks.push(tokio::spawn(async move {
             let mut pacing = per_sender_interval
                 .zip(first_send)
