@@ -95,8 +95,9 @@ pub(crate) async fn run(args: TeambotArgs) -> Result<(), CliError> {
     let handle = bot.handle();
     let stopper = handle.clone();
     // SIGINT/SIGTERM close every socket cleanly, like goodbye; both exit 0.
+    let signal = wait_for_signal();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signal.await;
         stopper.shutdown();
     });
     let end = bot
@@ -111,13 +112,17 @@ pub(crate) async fn run(args: TeambotArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    match switchboard_server::stop_signal().await {
-        switchboard_server::StopSignal::Interrupt => {
-            tracing::info!("SIGINT received: closing every socket");
-        }
-        switchboard_server::StopSignal::Terminate => {
-            tracing::info!("SIGTERM received: closing every socket");
+/// Installs the handlers now (see [`switchboard_server::stop_signal`]) and logs the signal.
+fn wait_for_signal() -> impl Future<Output = ()> {
+    let signal = switchboard_server::stop_signal();
+    async move {
+        match signal.await {
+            switchboard_server::StopSignal::Interrupt => {
+                tracing::info!("SIGINT received: closing every socket");
+            }
+            switchboard_server::StopSignal::Terminate => {
+                tracing::info!("SIGTERM received: closing every socket");
+            }
         }
     }
 }

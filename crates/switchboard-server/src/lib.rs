@@ -452,34 +452,59 @@ pub enum StopSignal {
 }
 
 /// Resolves on the first SIGINT or SIGTERM. Used by the server and by clients (teambot) alike.
-pub async fn stop_signal() -> StopSignal {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+///
+/// The handlers are installed by the call itself, not on the first poll: a signal that arrives
+/// after `stop_signal()` returns is caught even if the future is spawned and has not run yet
+/// (otherwise a `kill` right after "listening" could find the default action and kill the
+/// process). Must be called inside a tokio runtime.
+pub fn stop_signal() -> impl Future<Output = StopSignal> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            let interrupt = wait_unix(interrupt);
+            let terminate = wait_unix(terminate);
+            tokio::select! {
+                () = interrupt => StopSignal::Interrupt,
+                () = terminate => StopSignal::Terminate,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => StopSignal::Interrupt,
-        () = terminate => StopSignal::Terminate,
+    {
+        async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            StopSignal::Interrupt
+        }
     }
 }
 
-/// Starts `handle`'s shutdown on SIGINT or SIGTERM.
-pub async fn shutdown_on_signal(handle: ServerHandle) {
-    match stop_signal().await {
-        StopSignal::Interrupt => info!("SIGINT received"),
-        StopSignal::Terminate => info!("SIGTERM received"),
+/// Waits for the next delivery of a watched signal; forever if it could not be watched.
+#[cfg(unix)]
+async fn wait_unix(signal: Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(mut signal) => {
+            if signal.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
-    handle.shutdown();
+}
+
+/// Starts `handle`'s shutdown on SIGINT or SIGTERM. Like [`stop_signal`], the handlers are
+/// installed by the call, so spawn it before the server says it is listening.
+pub fn shutdown_on_signal(handle: ServerHandle) -> impl Future<Output = ()> + Send + 'static {
+    let signal = stop_signal();
+    async move {
+        match signal.await {
+            StopSignal::Interrupt => info!("SIGINT received"),
+            StopSignal::Terminate => info!("SIGTERM received"),
+        }
+        handle.shutdown();
+    }
 }

@@ -178,35 +178,43 @@ impl TlsConfig {
 /// Reloads `tls` on every `SIGHUP` until `handle` shuts down, logging each outcome: info with
 /// the files on success, error with the reason on failure (the previous certificate stays in
 /// use). On platforms without `SIGHUP`, or if the signal cannot be watched, it waits for the
-/// shutdown and does nothing.
-pub async fn reload_on_sighup(tls: TlsConfig, handle: ServerHandle) {
+/// shutdown and does nothing. The `SIGHUP` handler is installed by the call, not on the first
+/// poll, so a hangup sent once the server is listening never finds the default action (which
+/// would end the process). Must be called inside a tokio runtime.
+pub fn reload_on_sighup(
+    tls: TlsConfig,
+    handle: ServerHandle,
+) -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(error) => {
-                error!(%error, "cannot watch SIGHUP: the TLS certificate will not be reloaded");
-                handle.shutdown_requested().await;
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                () = handle.shutdown_requested() => return,
-                received = hangups.recv() => {
-                    if received.is_none() {
-                        return;
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let mut hangups = match hangups {
+                Ok(hangups) => hangups,
+                Err(error) => {
+                    error!(%error, "cannot watch SIGHUP: the TLS certificate will not be reloaded");
+                    handle.shutdown_requested().await;
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    () = handle.shutdown_requested() => return,
+                    received = hangups.recv() => {
+                        if received.is_none() {
+                            return;
+                        }
                     }
                 }
+                reload_and_log(&tls);
             }
-            reload_and_log(&tls);
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tls;
-        handle.shutdown_requested().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tls;
+            handle.shutdown_requested().await;
+        }
     }
 }
 
