@@ -285,11 +285,21 @@ struct Scenario {
 /// machine is too noisy to compare (runs of one server spread by about ±15% here).
 const FANOUT_RUNS: usize = 5;
 
-/// Runs each fan-out contestant (a server and its scenario) [`FANOUT_RUNS`] times, each on a
-/// fresh server and the contestants taking turns, and keeps each one's median run, in the order
+/// Runs per server of the two unpaced fan-out rows, which last 40 ms (100 subscribers) and
+/// 0.3 s (1,000). Runs of one server there spread by ±25%, so the medians of 5 moved by up to
+/// a tenth between bench runs of the same two servers: too much for a 0.95× target. 15 runs
+/// take about two minutes more.
+const UNPACED_FANOUT_RUNS: usize = 15;
+
+/// Runs each fan-out contestant (a server and its scenario) `rounds` times, each on a fresh
+/// server and the contestants taking turns, and keeps each one's median run, in the order
 /// given: by throughput, or for a paced scenario by p99 latency.
-fn fanout(release: &Path, contestants: &[(Server, Scenario)]) -> Result<Vec<Value>, String> {
-    let runs = interleaved(contestants, FANOUT_RUNS, |(server, scenario)| {
+fn fanout(
+    release: &Path,
+    contestants: &[(Server, Scenario)],
+    rounds: usize,
+) -> Result<Vec<Value>, String> {
+    let runs = interleaved(contestants, rounds, |(server, scenario)| {
         fanout_once(release, server, scenario)
     })?;
     Ok(runs
@@ -559,6 +569,7 @@ fn durable_fanout_row(
             (switchboard, scenario(Flags::Roomy)),
             (switchboard, scenario(Flags::Durable)),
         ],
+        FANOUT_RUNS,
     )?;
     let (memory, durable) = (&runs[0], &runs[1]);
     let ours = num(durable, &["deliveries_per_sec"]);
@@ -917,10 +928,12 @@ fn fanout_section(
     let _ = writeln!(out, "## ip-chat fan-out\n");
     let _ = writeln!(
         out,
-        "Each fan-out row is the median of {FANOUT_RUNS} runs on fresh servers, the three servers \
-         taking turns run by run: the median by throughput, with every run's throughput in the \
-         last column, except in the paced rows, whose throughput is the pace itself: there it is \
-         the median by p99 latency, with every run's p99 (µs) in the last column.\n\n\
+        "Each fan-out row is the median of several runs on fresh servers, the three servers \
+         taking turns run by run: the median by throughput of {UNPACED_FANOUT_RUNS} runs, with \
+         every run's throughput in the last column, except in the paced rows, whose throughput \
+         is the pace itself: there it is the median by p99 latency of {FANOUT_RUNS} runs, with \
+         every run's p99 (µs) in the last column. The unpaced rows last 40 ms and 0.3 s, and one \
+         server's runs of them spread by ±25% on this machine, hence the more runs.\n\n\
          The two paced rows send the same 400 messages at 40 per second. In the steady row the \
          senders take turns, a message every 25 ms, so each broadcast goes out alone: a `send` \
          per delivery, which is why CPU per delivery is highest there. In the micro-burst row \
@@ -987,7 +1000,12 @@ fn fanout_section(
             flags: Flags::Roomy,
             timeout_secs: None,
         };
-        let runs: [Value; 3] = fanout(release, &on_each_server(scenario))?
+        let rounds = if rate.is_some() {
+            FANOUT_RUNS
+        } else {
+            UNPACED_FANOUT_RUNS
+        };
+        let runs: [Value; 3] = fanout(release, &on_each_server(scenario), rounds)?
             .try_into()
             .map_err(|_| "one median run per server".to_owned())?;
         for (server, r) in IP_CHAT.iter().zip(&runs) {
