@@ -453,10 +453,11 @@ pub enum StopSignal {
 
 /// Resolves on the first SIGINT or SIGTERM. Used by the server and by clients (teambot) alike.
 ///
-/// The handlers are installed by the call itself, not on the first poll: a signal that arrives
-/// after `stop_signal()` returns is caught even if the future is spawned and has not run yet
-/// (otherwise a `kill` right after "listening" could find the default action and kill the
-/// process). Must be called inside a tokio runtime.
+/// On Unix the handlers are installed by the call itself, not on the first poll: a signal that
+/// arrives after `stop_signal()` returns is caught even if the future is spawned and has not
+/// run yet (otherwise a `kill` right after "listening" could find the default action and kill
+/// the process). Elsewhere only Ctrl-C is watched, from the first poll. Must be called inside
+/// a tokio runtime.
 pub fn stop_signal() -> impl Future<Output = StopSignal> + Send + 'static {
     #[cfg(unix)]
     {
