@@ -46,6 +46,14 @@ const PORT_ATTEMPTS: usize = 3;
 /// Makes data directories unique within this process.
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
+/// The lowest port handed to a test's Redis. Ports come from below the kernel's ephemeral range
+/// (read from `/proc/sys/net/ipv4/ip_local_port_range`), so a server bound to `127.0.0.1:0` or
+/// an outgoing connection never takes one while its Redis is stopped for a restart.
+const PORT_FLOOR: u16 = 12_000;
+
+/// Counts the ports handed out in this process, so concurrent tests never pick the same one.
+static NEXT_PORT: AtomicU64 = AtomicU64::new(0);
+
 /// Evaluates to a started [`RedisServer`], or returns from the enclosing function (a test
 /// returning `()`) when `redis-server` is not installed; see [`RedisServer::start`].
 ///
@@ -111,7 +119,7 @@ impl RedisServer {
         };
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
-            server.port = free_port();
+            server.port = pick_port();
             match server.spawn_and_wait().await {
                 Ok(()) => return Some(server),
                 Err(error) => failures.push(format!("port {}: {error}", server.port)),
@@ -240,8 +248,27 @@ impl RedisServer {
             if let Ok(Reply::Status(pong)) = command(self.port, &["PING"], POLL * 10).await
                 && pong == "PONG"
             {
-                self.child = Some(child);
-                return Ok(());
+                // A PONG proves only that *a* Redis listens there: if ours could not bind the
+                // port, another test's would answer, and two tests would share (and stop) one
+                // server. Only our own process id makes it ours.
+                match command(self.port, &["INFO", "server"], POLL * 10).await {
+                    Ok(Reply::Bulk(Some(info))) if info_pid(&info) == Some(child.id()) => {
+                        self.child = Some(child);
+                        return Ok(());
+                    }
+                    Ok(Reply::Bulk(Some(info))) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(format!(
+                            "port {} answers for another redis-server (process {:?}, ours {})",
+                            self.port,
+                            info_pid(&info),
+                            child.id()
+                        ));
+                    }
+                    // Not loaded yet, or a connection hiccup: look again.
+                    _ => {}
+                }
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -418,12 +445,44 @@ fn find_redis_server() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// A port nothing listens on right now (the kernel's pick for `127.0.0.1:0`).
-fn free_port() -> u16 {
+/// A port for a new Redis that nothing listens on right now: the next one this process has not
+/// handed out, below the ephemeral range (see [`PORT_FLOOR`]), starting at an offset taken from
+/// the process id so that test binaries running side by side start apart. Falls back to the
+/// kernel's pick for `127.0.0.1:0` where the ephemeral range cannot be read or leaves no room.
+fn pick_port() -> u16 {
+    let ceiling = ephemeral_floor().unwrap_or(PORT_FLOOR);
+    let span = u64::from(ceiling.saturating_sub(PORT_FLOOR));
+    if span >= 1_000 {
+        let start = u64::from(std::process::id()).wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+            let offset = start.wrapping_add(n) % span;
+            let Ok(port) = u16::try_from(u64::from(PORT_FLOOR) + offset) else {
+                continue;
+            };
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// The lowest port of the kernel's ephemeral range, on Linux.
+fn ephemeral_floor() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// The `process_id:` field of an `INFO server` reply.
+fn info_pid(info: &[u8]) -> Option<u32> {
+    String::from_utf8_lossy(info)
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 /// Polls `child` until it exits or `bound` passes; the exit status, or `None` on timeout.
@@ -442,7 +501,14 @@ async fn wait_exit(child: &mut Child, bound: Duration) -> Option<std::process::E
 
 #[cfg(test)]
 mod tests {
-    use super::{Reply, encode, parse};
+    use super::{Reply, encode, info_pid, parse};
+
+    #[test]
+    fn reads_the_process_id_from_info_server() {
+        let info = b"# Server\r\nredis_version:7.0.15\r\nprocess_id:4242\r\ntcp_port:1\r\n";
+        assert_eq!(info_pid(info), Some(4242));
+        assert_eq!(info_pid(b"# Server\r\n"), None);
+    }
 
     #[test]
     fn encodes_commands_as_bulk_string_arrays() {
