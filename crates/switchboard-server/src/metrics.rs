@@ -247,10 +247,17 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Serves [`router`] on `listener` (HTTP/1.1, a header-read timeout, a few connections at
 /// once) and runs the recorder's upkeep, until the task is dropped. Accept errors are logged
 /// and retried.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+///
+/// The "serving metrics" line is logged by this call, not when the future is first polled, so
+/// a server that calls this before it starts its main listener logs the two in that order.
+pub fn serve(listener: TcpListener, handle: PrometheusHandle) -> impl Future<Output = ()> {
     if let Ok(local) = listener.local_addr() {
         info!(metrics = %local, "serving metrics at /metrics");
     }
+    serve_scrapes(listener, handle)
+}
+
+async fn serve_scrapes(listener: TcpListener, handle: PrometheusHandle) {
     let upkeep_handle = handle.clone();
     let upkeep = tokio::spawn(async move {
         let mut every = tokio::time::interval(UPKEEP_INTERVAL);
