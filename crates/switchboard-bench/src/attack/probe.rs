@@ -84,6 +84,36 @@ impl Probe {
         }
     }
 
+    /// Reads what the server sent a WebSocket bystander until it has seen `want` distinct
+    /// values of `key` (from the frames `key` picks one out of) or `wait` has passed; returns
+    /// how many it saw. A `/healthz` bystander reads nothing and returns 0.
+    pub(crate) async fn read_until_seen(
+        &mut self,
+        want: usize,
+        wait: Duration,
+        key: impl Fn(&Value) -> Option<String>,
+    ) -> usize {
+        let Self::Ws {
+            ws, largest_other, ..
+        } = self
+        else {
+            return 0;
+        };
+        let deadline = Instant::now() + wait;
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some(frame)) = ws.next_frame(left).await else {
+                break;
+            };
+            *largest_other = (*largest_other).max(frame.payload.len());
+            if let Some(k) = frame.json().as_ref().and_then(&key) {
+                seen.insert(k);
+            }
+        }
+        seen.len()
+    }
+
     /// One round trip.
     pub(crate) async fn round_trip(&mut self) -> Result<Duration, String> {
         let started = Instant::now();
