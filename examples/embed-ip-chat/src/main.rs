@@ -34,6 +34,9 @@ async fn main() -> std::io::Result<()> {
 
     // The chat needs each client's address: serve with connect info.
     let listener = switchboard_server::bind(listen, config.accept_backlog)?;
+    // SIGINT and SIGTERM, watched from here on: a signal right after the line below stops the
+    // server gracefully instead of killing it.
+    let stop = switchboard_server::stop_signal();
     tracing::info!(%listen, "embedded ip-chat at /chat/ws");
     let shutdown = chat_handle.clone();
     axum::serve(
@@ -41,7 +44,7 @@ async fn main() -> std::io::Result<()> {
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        stop.await;
         // Close every chat socket with 1001, then let axum stop accepting.
         shutdown.shutdown();
     })
