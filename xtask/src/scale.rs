@@ -102,7 +102,7 @@ pub(crate) fn run(args: impl Iterator<Item = String>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// CPU time in ns summed over every thread of `pid` (/proc/<pid>/task/*/schedstat).
+/// CPU time in ns summed over every thread of `pid` (`/proc/<pid>/task/*/schedstat`).
 fn cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;

@@ -14,7 +14,7 @@ pub struct ProcessSample {
 }
 
 /// CPU time of every thread of `pid` in nanoseconds, from `/proc/<pid>/task/*/schedstat`
-/// (utime/stime in /proc/<pid>/stat only count 10 ms ticks, too coarse for sub-second runs).
+/// (utime/stime in `/proc/<pid>/stat` only count 10 ms ticks, too coarse for sub-second runs).
 /// A thread that exits between listing and reading is skipped rather than failing the whole
 /// sum: its time is lost either way, and falling back to ticks would lose far more resolution.
 fn schedstat_cpu(pid: u32) -> Option<Duration> {

@@ -88,7 +88,7 @@ pub(crate) struct FanoutArgs {
     /// fresh one): give a sending run and listen-only runs the same id.
     #[arg(long, value_parser = parse_run_id)]
     run_id: Option<String>,
-    /// Subscribers connect from 127.<pool>.x.y (senders use pool 2, idle 3, reqack 4):
+    /// Subscribers connect from `127.<pool>.x.y` (senders use pool 2, idle 3, reqack 4):
     /// processes that each hold many sockets on the same node need different pools.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     source_pool: u8,

@@ -9,7 +9,7 @@
 //! switchboard_testkit::engine_conformance!(MyHarness::start().await);
 //! ```
 //!
-//! Every wait is bounded by [`TIMEOUT`](crate::TIMEOUT); deliveries are awaited, never slept
+//! Every wait is bounded by [`TIMEOUT`]; deliveries are awaited, never slept
 //! for, so the suite holds for engines whose publications travel over a network.
 
 use std::collections::BTreeSet;

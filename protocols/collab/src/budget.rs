@@ -167,7 +167,7 @@ impl Drop for Charge {
 }
 
 /// Bookkeeping the state engine keeps per log entry besides its frame (offset, frame handle,
-/// queue slot): an over-estimate, charged with every entry of [`EngineBytes`].
+/// queue slot): an over-estimate, charged for every entry a session keeps in the engine.
 pub const ENGINE_ENTRY_BYTES: usize = 128;
 
 /// What one session keeps in the state engine, as this node knows it, charged to the session's
