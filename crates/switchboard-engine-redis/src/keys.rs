@@ -1,5 +1,6 @@
 //! Every key and channel of one cluster, under its name. The part in braces is the Redis Cluster
-//! hash tag: all keys of one topic, room or key share it, so every script touches one slot.
+//! hash tag: all keys of one topic, room or key share it, so every script touches one slot,
+//! except that the keyed-state writes and the index janitor also touch the one key index.
 
 use switchboard_core::engine::NodeId;
 

@@ -6,8 +6,10 @@
 //! it delivered per topic and fills any gap from the stream (after a reconnect, or when an offset
 //! jumps). Presence lives in per-room hashes, sorted sets and per-node sets; nodes send heartbeats,
 //! and a live node removes the presence of a node whose heartbeat went stale. Every key of one
-//! topic, room or key carries the same `{hash tag}`, so each script touches one slot and the
-//! layout also works on Redis Cluster.
+//! topic, room or key carries the same `{hash tag}`, so each script touches one slot, with one
+//! exception: a keyed-state write indexes its key (for prefix scans) in the same script, and the
+//! index janitor checks a key and drops its entry in one script, so no interleaving can leave a
+//! stored key out of the index. Those scripts also touch the cluster's one key index.
 //!
 //! Durability is Redis's own: with `appendonly yes` and `appendfsync always`, an acknowledged
 //! write survives a Redis crash; with `everysec`, at most the last second may be lost.
@@ -527,21 +529,16 @@ impl Inner {
             .map(|(key, _)| key)
             .collect();
         if !gone.is_empty() {
-            self.command::<()>(redis::cmd("ZREM").arg(self.keys.kv_index()).arg(gone))
-                .await?;
+            // Looked at again inside the script: a key written since the EXISTS above (its
+            // index entry already there, so its write added none) must keep its entry.
+            let mut invocation = scripts::UNINDEX_GONE.prepare_invoke();
+            invocation.key(self.keys.kv_index());
+            for key in &gone {
+                invocation.key(self.keys.kv(key)).arg(key.as_str());
+            }
+            self.script(&invocation).await?;
         }
         Ok(())
-    }
-
-    async fn index(&self, key: &str) -> EngineResult<()> {
-        self.command::<()>(
-            redis::cmd("ZADD")
-                .arg(self.keys.kv_index())
-                .arg("NX")
-                .arg(0)
-                .arg(key),
-        )
-        .await
     }
 }
 
@@ -946,11 +943,10 @@ impl StateEngine for RedisEngine {
             .arg(value.as_ref())
             .arg(kind)
             .arg(version)
-            .arg(ttl.map_or(0, millis));
-        // The index is written first and both go out together: it always names every key.
-        let (indexed, reply) = tokio::join!(inner.index(key), inner.script(&invocation));
-        indexed?;
-        let reply = reply?;
+            .arg(ttl.map_or(0, millis))
+            .key(inner.keys.kv_index())
+            .arg(key);
+        let reply = inner.script(&invocation).await?;
         let items = array(&reply).ok_or_else(|| corrupt("put"))?;
         let status = items
             .first()
@@ -1009,10 +1005,10 @@ impl StateEngine for RedisEngine {
             .key(inner.keys.kv(key))
             .arg(delta)
             .arg(min)
-            .arg(max);
-        let (indexed, reply) = tokio::join!(inner.index(key), inner.script(&invocation));
-        indexed?;
-        let reply = reply?;
+            .arg(max)
+            .key(inner.keys.kv_index())
+            .arg(key);
+        let reply = inner.script(&invocation).await?;
         let items = array(&reply).ok_or_else(|| corrupt("add"))?;
         let status = items
             .first()

@@ -1,5 +1,6 @@
 //! The Lua scripts that make each operation atomic. Each touches the keys of one topic, room or
-//! key only (one `{hash tag}`, one Redis Cluster slot). Numbers that are stored go through
+//! key only (one `{hash tag}`, one Redis Cluster slot), except [`PUT`], [`ADD`] and
+//! [`UNINDEX_GONE`], which also touch the key index. Numbers that are stored go through
 //! `string.format('%d')`: Lua's own number-to-text would write large ones in exponent form.
 
 use std::sync::LazyLock;
@@ -108,17 +109,23 @@ return 1
     )
 });
 
-/// Write keyed state. KEYS: the key's hash. ARGV: value, expect ('any', 'absent', 'version'),
-/// version, ttl_ms (0: none). Returns {1, version} or {0, current version (0: absent), value}.
+/// Write keyed state. KEYS: the key's hash, the key index. ARGV: value, expect ('any',
+/// 'absent', 'version'), version, ttl_ms (0: none), the key's name. Returns {1, version} or
+/// {0, current version (0: absent), value}.
+///
+/// The key is indexed in the same step as it is written (and again whenever it is found to
+/// exist), so no janitor pass can fall between the two and leave a stored key unindexed.
 pub(crate) static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local cur = redis.call('HMGET', KEYS[1], 'v', 'd')
 local v = tonumber(cur[1] or '0')
+if cur[1] then redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[5]) end
 if (ARGV[2] == 'absent' and cur[1]) or (ARGV[2] == 'version' and v ~= tonumber(ARGV[3])) then
   return {0, v, cur[2]}
 end
 v = v + 1
+redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[5])
 redis.call('HSET', KEYS[1], 'v', string.format('%d', v), 'd', ARGV[1])
 if ARGV[4] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) else redis.call('PERSIST', KEYS[1]) end
 return {1, v}
@@ -140,13 +147,15 @@ return {tonumber(cur[1]), cur[2]}
     )
 });
 
-/// Add to a counter. KEYS: the key's hash. ARGV: delta, min, max. Returns {1, new}, {0, current}
-/// or {-1, 0} when the key holds something else than a number.
+/// Add to a counter. KEYS: the key's hash, the key index. ARGV: delta, min, max, the key's
+/// name. Returns {1, new}, {0, current} or {-1, 0} when the key holds something else than a
+/// number. Indexes the key in the same step, like [`PUT`].
 pub(crate) static ADD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local cur = redis.call('HMGET', KEYS[1], 'v', 'd')
 local n = 0
+if cur[1] then redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[4]) end
 if cur[1] then
   n = tonumber(cur[2])
   if not n or not string.match(cur[2], '^-?%d+$') then return {-1, 0} end
@@ -157,9 +166,28 @@ if nxt == 0 then
   redis.call('DEL', KEYS[1])
   return {1, 0}
 end
+redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[4])
 redis.call('HSET', KEYS[1], 'v', string.format('%d', tonumber(cur[1] or '0') + 1), 'd', string.format('%d', nxt))
 redis.call('PERSIST', KEYS[1])
 return {1, nxt}
+",
+    )
+});
+
+/// Drops key-index entries whose keys do not exist, each checked at the moment it is dropped
+/// (a key written since the caller looked keeps its entry). KEYS: the index, then the
+/// candidates' hashes. ARGV: the candidates' names, in the same order. Returns how many were
+/// dropped.
+pub(crate) static UNINDEX_GONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local dropped = 0
+for i, name in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    dropped = dropped + redis.call('ZREM', KEYS[1], name)
+  end
+end
+return dropped
 ",
     )
 });

@@ -235,3 +235,90 @@ async fn a_presence_leave_during_an_outage_lands_when_redis_is_back() {
         vec!["bob"]
     );
 }
+
+/// Prefix scans see every key written while the key-index janitor runs. The race this guards:
+/// an index entry whose key does not exist (yet) is the janitor's to drop; when the index write
+/// and the store were two commands, a janitor pass that saw the key absent could drop the entry
+/// after a write's index command (a no-op, the entry being there) and before its store, and the
+/// key stayed out of every scan after. Now a write indexes its key in the script that stores
+/// it, and the janitor re-checks each key in the script that drops its entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_see_every_key_written_while_the_janitor_runs() {
+    const KEYS: usize = 1_500;
+    const GHOSTS: usize = 300;
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut config = RedisConfig::new(redis.url(), "janitor");
+    // The janitor checks a page of the index on every heartbeat: keep it sweeping.
+    config.heartbeat = Duration::from_millis(5);
+    let engine = RedisEngine::engine(config).unwrap();
+    let key = |i: usize| format!("scan:k{i:05}");
+    // Index entries ahead of their keys (the state a write leaves between its two commands,
+    // and the janitor's candidates), and entries of keys that never come (its real work).
+    let mut seed = vec!["ZADD".to_owned(), "janitor:kv-index".to_owned()];
+    for i in 0..KEYS {
+        seed.extend(["0".to_owned(), key(i)]);
+    }
+    for i in 0..GHOSTS {
+        seed.extend(["0".to_owned(), format!("scan:ghost{i:05}")]);
+    }
+    let seed: Vec<&str> = seed.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&seed).await, (KEYS + GHOSTS).to_string());
+
+    let mut writers = tokio::task::JoinSet::new();
+    for lane in 0..16 {
+        let engine = engine.clone();
+        writers.spawn(async move {
+            for i in (lane..KEYS).step_by(16) {
+                engine
+                    .put(
+                        &key(i),
+                        bytes::Bytes::from_static(b"v"),
+                        switchboard_core::engine::Expect::Any,
+                        None,
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    timeout(Duration::from_secs(30), async {
+        while let Some(done) = writers.join_next().await {
+            done.unwrap();
+        }
+    })
+    .await
+    .expect("the writes finished within 30 s");
+
+    // The janitor drops the ghosts' entries (bounded wait)...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = redis
+            .cli(&[
+                "ZLEXCOUNT",
+                "janitor:kv-index",
+                "[scan:ghost",
+                "[scan:ghost\u{ff}",
+            ])
+            .await;
+        if left == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} ghost entries left after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and never the entry of a key that was written.
+    let scanned = engine.scan("scan:", None, KEYS + GHOSTS).await.unwrap();
+    let found: std::collections::BTreeSet<String> = scanned.into_iter().map(|(k, _)| k).collect();
+    let missing: Vec<String> = (0..KEYS).map(key).filter(|k| !found.contains(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {KEYS} written keys missing from the scan, e.g. {:?}",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+}
