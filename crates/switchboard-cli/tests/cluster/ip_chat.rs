@@ -472,6 +472,10 @@ async fn messages_sent_right_after_the_subscribers_are_dropped_still_reach_every
     const ROUNDS: usize = 3;
     const BURST: usize = 15;
     for round in 0..ROUNDS {
+        // The last round's kills leave the nodes reconnecting with backoff (up to a second),
+        // and its messages can all arrive through the log before they are back: wait until
+        // every node is subscribed again, so this round's first kill cuts all three.
+        await_pubsub_clients(&redis, 3, round).await;
         let killed = redis.kill_pubsub().await;
         assert!(
             killed >= 3,
@@ -518,6 +522,23 @@ async fn messages_sent_right_after_the_subscribers_are_dropped_still_reach_every
     let history = messages(&mut late, 1 + ROUNDS * BURST).await;
     assert_eq!(history[0]["text"], "baseline");
     late.expect_silence(QUIET).await;
+}
+
+/// Waits (bounded by [`WAIT`]) until Redis has at least `want` subscriber connections.
+async fn await_pubsub_clients(redis: &RedisServer, want: usize, round: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let list = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]).await;
+        let have = list.lines().filter(|line| !line.trim().is_empty()).count();
+        if have >= want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "round {round}: {have} subscriber connections after {WAIT:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// One connection to Redis kept open for the whole test, for commands that must get through
