@@ -113,19 +113,20 @@ return 1
 /// 'absent', 'version'), version, ttl_ms (0: none), the key's name. Returns {1, version} or
 /// {0, current version (0: absent), value}.
 ///
-/// The key is indexed in the same step as it is written (and again whenever it is found to
-/// exist), so no janitor pass can fall between the two and leave a stored key unindexed.
+/// The key is indexed first, in the same step as it is written, so no janitor pass can fall
+/// between the two and leave a stored key unindexed. Like every write before this script did,
+/// it indexes the key even when the write is refused: the entry is then the janitor's to drop
+/// if the key does not exist.
 pub(crate) static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[5])
 local cur = redis.call('HMGET', KEYS[1], 'v', 'd')
 local v = tonumber(cur[1] or '0')
-if cur[1] then redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[5]) end
 if (ARGV[2] == 'absent' and cur[1]) or (ARGV[2] == 'version' and v ~= tonumber(ARGV[3])) then
   return {0, v, cur[2]}
 end
 v = v + 1
-redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[5])
 redis.call('HSET', KEYS[1], 'v', string.format('%d', v), 'd', ARGV[1])
 if ARGV[4] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) else redis.call('PERSIST', KEYS[1]) end
 return {1, v}
@@ -153,9 +154,9 @@ return {tonumber(cur[1]), cur[2]}
 pub(crate) static ADD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[4])
 local cur = redis.call('HMGET', KEYS[1], 'v', 'd')
 local n = 0
-if cur[1] then redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[4]) end
 if cur[1] then
   n = tonumber(cur[2])
   if not n or not string.match(cur[2], '^-?%d+$') then return {-1, 0} end
@@ -166,7 +167,6 @@ if nxt == 0 then
   redis.call('DEL', KEYS[1])
   return {1, 0}
 end
-redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[4])
 redis.call('HSET', KEYS[1], 'v', string.format('%d', tonumber(cur[1] or '0') + 1), 'd', string.format('%d', nxt))
 redis.call('PERSIST', KEYS[1])
 return {1, nxt}
